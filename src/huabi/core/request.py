@@ -1,0 +1,105 @@
+"""What the user asked for: one frozen, validated dataclass.
+
+Interfaces (CLI, API, web UI, infotext) build a ``GenerationRequest``; every
+field is checked at construction so a bad value fails before any model loads,
+with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+from huabi.core.names import (
+    SAMPLER_NAMES,
+    SCHEDULE_NAMES,
+    canonical_sampler_name,
+    canonical_schedule_name,
+)
+from huabi.errors import HuabiError
+
+MAX_SEED = 2**32 - 1  # A1111 draws random seeds below 2**32; larger ones still load from infotext
+MAX_SIDE_PX = 8192
+MAX_STEPS = 1000
+MAX_BATCH_SIZE = 64
+MAX_CLIP_SKIP = 12
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Automatic"
+    seed: int = -1  # -1: pick a random seed at run time (and record it)
+    width_px: int | None = None  # None: the model's native size
+    height_px: int | None = None
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 1
+    model: str | None = None  # path, name or hash; None: the built-in model
+    vae: str | None = None
+    # Infotext keys huabi does not act on, kept so a round trip loses nothing.
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise HuabiError("prompt: must be text")
+        sampler = canonical_sampler_name(self.sampler)
+        if sampler is None:
+            raise HuabiError(
+                f"sampler: unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLER_NAMES)}"
+            )
+        object.__setattr__(self, "sampler", sampler)
+        schedule = canonical_schedule_name(self.schedule)
+        if schedule is None:
+            raise HuabiError(
+                f"schedule: unknown schedule type {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}"
+            )
+        object.__setattr__(self, "schedule", schedule)
+        _check_int_range("steps", self.steps, 1, MAX_STEPS)
+        _check_int_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int_range("batch_count", self.batch_count, 1, 10_000)
+        _check_int_range("clip_skip", self.clip_skip, 1, MAX_CLIP_SKIP)
+        if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 100:
+            raise HuabiError(f"cfg_scale: must be a number from 0 to 100, got {self.cfg_scale!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise HuabiError(f"seed: must be an integer, got {self.seed!r}")
+        if self.seed != -1 and not 0 <= self.seed <= 2**63 - 1 - self.batch_size * self.batch_count:
+            raise HuabiError(f"seed: must be -1 (random) or a non-negative integer, got {self.seed}")
+        for name in ("width_px", "height_px"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_int_range(name, value, 8, MAX_SIDE_PX)
+            if value % 8:
+                raise HuabiError(f"{name}: must be a multiple of 8, got {value}")
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+    def with_resolved_seed(self, rng: random.Random | None = None) -> "GenerationRequest":
+        """Replace seed -1 by a concrete random seed, so it can be recorded."""
+        if self.seed != -1:
+            return self
+        rng = rng or random.Random()
+        return self.replace(seed=rng.randrange(MAX_SEED))
+
+    def image_seeds(self) -> list[list[int]]:
+        """Seeds of every image, per batch: image i of the request uses seed + i (A1111's rule)."""
+        if self.seed == -1:
+            raise HuabiError("seed: resolve -1 to a concrete seed before running")
+        return [
+            [self.seed + batch * self.batch_size + i for i in range(self.batch_size)]
+            for batch in range(self.batch_count)
+        ]
+
+
+def _check_int_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HuabiError(f"{name}: must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise HuabiError(f"{name}: must be from {low} to {high}, got {value}")

@@ -1,0 +1,39 @@
+"""Shared test set-up: no network, deterministic torch, small thread count."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+class NetworkAccessError(RuntimeError):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise NetworkAccessError(f"test tried to open a network connection: {args[:2]!r}")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a connection to anything but a local socket pair."""
+    original_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        if self.family == socket.AF_UNIX:
+            return original_connect(self, address)
+        host = address[0] if isinstance(address, tuple) else address
+        if host in ("127.0.0.1", "::1", "localhost"):
+            return original_connect(self, address)
+        _refuse(address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: _refuse(address))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: _refuse(host) if host not in ("127.0.0.1", "::1", "localhost") else [])
+    yield
