@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sets huabi up on a fresh machine (Python 3.11 with pip; apt when run as root):
+#   bash setup.sh          runtime: a venv in .venv with huabi and its pinned dependencies
+#   bash setup.sh --dev    also the test tools and the Debian data packages the tests and training read
+# Safe to re-run: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODE="run"
+case "${1:-}" in
+  "") ;;
+  --dev) MODE="dev" ;;
+  --train) MODE="train" ;;
+  *) echo "usage: bash setup.sh [--dev|--train]" >&2; exit 2 ;;
+esac
+
+# Data for the built-in model's dataset (issue 3) and the tests that build a slice of it.
+APT_PACKAGES="fonts-noto-color-emoji unicode-data unicode-cldr-core openclipart-png openclipart-svg"
+PYTHON="${PYTHON:-python3}"
+
+if [ "$MODE" != "run" ]; then
+  missing=""
+  for pkg in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "setup: installing Debian packages:$missing" >&2
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    else
+      echo "setup: please install these Debian packages (as root): apt-get install$missing" >&2
+      exit 1
+    fi
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/pip"
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0" >&2
+  "$PIP" install -q --disable-pip-version-check "torch==2.13.0"
+fi
+EXTRAS=""
+[ "$MODE" = "dev" ] && EXTRAS="[dev]"
+[ "$MODE" = "train" ] && EXTRAS="[train]"
+STAMP=".venv/.huabi-installed$EXTRAS"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: installing huabi$EXTRAS and its dependencies" >&2
+  "$PIP" install -q --disable-pip-version-check -e ".$EXTRAS"
+  touch "$STAMP"
+fi
+
+# Until the built-in model ships, generate with an untrained stand-in (the CLI says so plainly).
+.venv/bin/huabi make-placeholder >/dev/null
+echo "setup: ready ($MODE)" >&2
