@@ -1,0 +1,370 @@
+"""Reading and writing weight files: safetensors, pickled checkpoints, diffusers folders.
+
+Every reader returns ``(tensors, metadata)``: a flat ``{name: Tensor}`` dict in
+the *original* (A1111 / LDM single-file) key layout, and the file's string
+metadata. A diffusers folder is converted to that same layout on read, so the
+rest of huabi (detection, loading) has one layout to understand.
+
+Safety: pickled checkpoints are only ever opened with ``torch.load(...,
+weights_only=True)``. A pickle that needs anything beyond tensors and plain
+containers is refused; huabi never runs code found in a model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from huabi.errors import HuabiError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Largest JSON header we accept; real files are well under 1 MB. Guards
+# against reading gigabytes of garbage as a "header".
+_MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+
+# Marker for diffusers folders whose model is huabi's own (see detect.py):
+# a small JSON file holding the huabi.* marker values.
+HUABI_FOLDER_MARKERS_FILE = "huabi.json"
+
+# safetensors dtype names -> bytes per element (used to validate the header).
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint file or diffusers folder into ``(tensors, metadata)``.
+
+    Tensors come back on the CPU in the file's own dtype. Raises ``HuabiError``
+    naming the file for anything missing, truncated, unsafe or unrecognised.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HuabiError(f"{path}: model file not found")
+    if path.is_dir():
+        return read_diffusers_folder(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return read_pickle_checkpoint(path), {}
+    raise HuabiError(
+        f"{path.name}: unsupported model file type {suffix or '(no extension)'!r}; "
+        f"expected .safetensors, .ckpt, .pt, .pth, .bin or a diffusers folder"
+    )
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and validate the JSON header of a safetensors file.
+
+    Checks the length prefix, the JSON, each tensor's dtype/shape/offsets, and
+    that the data region is exactly as long as the header promises (a
+    truncated download fails here, not deep inside a load).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise HuabiError(f"{path.name}: file is empty (0 bytes)")
+    if size < 8:
+        raise HuabiError(f"{path.name}: not a safetensors file: only {size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > min(_MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+            raise HuabiError(
+                f"{path.name}: not a safetensors file or truncated: header length {header_len} "
+                f"does not fit in a {size}-byte file"
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HuabiError(f"{path.name}: not a safetensors file: header is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise HuabiError(f"{path.name}: not a safetensors file: header is not a JSON object")
+    data_len = size - 8 - header_len
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_bytes = _SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
+            start, end = (int(v) for v in entry["data_offsets"])
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= int(dim)
+        except (KeyError, TypeError, ValueError):
+            raise HuabiError(f"{path.name}: not a safetensors file: bad header entry for tensor {name!r}") from None
+        if end - start != numel * dtype_bytes or start < 0:
+            raise HuabiError(f"{path.name}: corrupt safetensors header: tensor {name!r} offsets do not match its shape")
+        data_end = max(data_end, end)
+    if data_end > data_len:
+        raise HuabiError(
+            f"{path.name}: truncated safetensors file: tensor data needs {data_end} bytes "
+            f"but only {data_len} are present (incomplete download?)"
+        )
+    return header
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header = read_safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise HuabiError(f"{path.name}: cannot read safetensors file: {str(exc).splitlines()[0]}") from None
+    return dict(tensors), {str(k): str(v) for k, v in metadata.items()}
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+class _InertPickledObject:
+    """Stand-in for training-time objects some old .ckpt files carry.
+
+    Original SD 1.x checkpoints pickle a PyTorch Lightning ``ModelCheckpoint``
+    callback next to the weights. Only the *name* is allow-listed here and it
+    maps to this class, which stores state and runs nothing, so the weights
+    can be read without importing (or executing) anything from the file.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+# (stand-in, fully qualified name in the pickle). Data-only: no code runs.
+_INERT_PICKLE_GLOBALS = [
+    (_InertPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalar/dtype reconstructors that some checkpoints use for step counters."""
+    try:
+        import numpy as np
+    except ImportError:  # numpy is a dependency, but keep reading possible without it
+        return []
+    found: list = [np.dtype]
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    found.append(scalar)
+    found.append((scalar, "numpy.core.multiarray.scalar"))
+    found.extend(type(np.dtype(name)) for name in ("float32", "float64", "int32", "int64"))
+    return found
+
+
+def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a ``.ckpt``/``.pt``/``.pth``/``.bin`` with ``weights_only=True``, unwrapping ``state_dict``."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise HuabiError(f"{path.name}: file is empty (0 bytes)")
+    try:
+        with torch.serialization.safe_globals(_INERT_PICKLE_GLOBALS + _numpy_safe_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+            raise HuabiError(
+                f"{path.name}: this checkpoint needs code execution to load (it pickles Python objects, "
+                f"not just tensors) and huabi never executes code from a model file; "
+                f"convert it to .safetensors with a tool you trust"
+            ) from None
+        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    # Training checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}.
+    while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise HuabiError(f"{path.name}: not a model checkpoint: it holds a {type(loaded).__name__}, not a dict of tensors")
+    tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise HuabiError(f"{path.name}: not a model checkpoint: it contains no tensors")
+    return tensors
+
+
+# --------------------------------------------------------------------------- diffusers folders
+
+
+def _read_component_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
+    """Weights of one diffusers/transformers component folder (safetensors preferred)."""
+    for name in (
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "pytorch_model.bin",
+    ):
+        candidate = folder / name
+        if candidate.exists():
+            if candidate.suffix == ".safetensors":
+                return read_safetensors(candidate)[0]
+            return read_pickle_checkpoint(candidate)
+    raise HuabiError(f"{folder}: no weights file for {what} (expected diffusion_pytorch_model.safetensors, model.safetensors or a .bin)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise HuabiError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise HuabiError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise HuabiError(f"{path}: expected a JSON object")
+    return data
+
+
+def diffusers_folder_weights_file(folder: Path) -> Path:
+    """The file whose hash identifies a diffusers folder: its UNet weights."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        candidate = folder / "unet" / name
+        if candidate.exists():
+            return candidate
+    raise HuabiError(f"{folder}: diffusers folder has no unet/diffusion_pytorch_model.safetensors")
+
+
+def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a diffusers pipeline folder into the original single-file layout.
+
+    UNet and VAE weights are read directly and converted with huabi's tables;
+    text encoders are instantiated with transformers (local files only) and
+    converted back by ``huabi.models.text_encoders``. The scheduler's
+    ``prediction_type`` is reported as ``modelspec.prediction_type`` metadata,
+    and a ``huabi.json`` file (huabi's own model) becomes the ``huabi.*`` marker
+    tensors, so detection treats folders and single files alike.
+    """
+    from huabi.models.convert import unet_to_original, vae_to_original
+    from huabi.models.family import ModelFamily
+
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.exists():
+        raise HuabiError(f"{folder}: directory is not a diffusers model folder (no model_index.json)")
+    index = _read_json(index_path)
+
+    def present(component: str) -> bool:
+        entry = index.get(component)
+        return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (folder / component).is_dir()
+
+    for component in ("unet", "vae"):
+        if not present(component):
+            raise HuabiError(f"{folder}: diffusers folder has no {component}/ component")
+
+    tensors: dict[str, torch.Tensor] = {}
+    unet_config = _read_json(folder / "unet" / "config.json")
+    for key, value in unet_to_original(_read_component_weights(folder / "unet", "unet"), unet_config).items():
+        tensors["model.diffusion_model." + key] = value
+    for key, value in vae_to_original(_read_component_weights(folder / "vae", "vae")).items():
+        tensors["first_stage_model." + key] = value
+
+    metadata: dict[str, str] = {"huabi.source_format": "diffusers"}
+    markers_path = folder / HUABI_FOLDER_MARKERS_FILE
+    if markers_path.exists():
+        for name, value in _read_json(markers_path).items():
+            if not name.startswith("huabi.") or not isinstance(value, (int, float)):
+                raise HuabiError(f"{markers_path}: marker {name!r} must be a huabi.* name with a number value")
+            dtype = torch.float32 if isinstance(value, float) else torch.int64
+            tensors[name] = torch.tensor(value, dtype=dtype)
+
+    scheduler_config_path = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_config_path.exists():
+        prediction_type = _read_json(scheduler_config_path).get("prediction_type")
+        if prediction_type in ("v_prediction", "epsilon"):
+            metadata["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
+
+    # Which text encoders the folder has decides the family's encoder layout.
+    has_te1, has_te2 = present("text_encoder"), present("text_encoder_2")
+    if has_te1 and has_te2:
+        family = ModelFamily.SDXL
+    elif has_te2:
+        family = ModelFamily.SDXL_REFINER
+    elif has_te1:
+        # SD1 and SD2 share the folder shape; SD2's UNet uses linear projections.
+        family = ModelFamily.SD2 if unet_config.get("use_linear_projection") else ModelFamily.SD1
+        if "huabi.version" in tensors:
+            family = ModelFamily.HUABI_MINI
+    else:
+        raise HuabiError(f"{folder}: diffusers folder has no text_encoder/ component")
+    encoders = [_load_text_encoder(folder, name) for name in ("text_encoder", "text_encoder_2") if present(name)]
+    from huabi.models.text_encoders import text_encoders_to_original
+
+    tensors.update(text_encoders_to_original(encoders, family))
+    return tensors, metadata
+
+
+def _load_text_encoder(folder: Path, component: str) -> torch.nn.Module:
+    import transformers
+
+    config = _read_json(folder / component / "config.json")
+    class_name = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if class_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise HuabiError(f"{folder / component}: unsupported text encoder class {class_name!r}")
+    model_class = getattr(transformers, class_name)
+    try:
+        return model_class.from_pretrained(str(folder / component), local_files_only=True)
+    except OSError as exc:
+        raise HuabiError(f"{folder / component}: cannot load text encoder ({str(exc).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_safetensors_atomic(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` to ``path`` via a temp file in the same folder + ``os.replace``.
+
+    A crash or error leaves any existing file untouched and no partial file behind.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise HuabiError(f"{path.name}: safetensors metadata must map str to str; got {key!r}: {type(value).__name__}")
+    # safetensors refuses shared/non-contiguous storage; give each tensor its own.
+    prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(_unshare(prepared), tmp_name, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that share storage with an earlier one (safetensors requires disjoint storage)."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
+        if pointer in seen:
+            tensor = tensor.clone()
+        elif pointer != -1:
+            seen.add(pointer)
+        result[name] = tensor
+    return result
