@@ -24,6 +24,8 @@ Known differences from A1111, chosen on purpose:
 - An old combined sampler name such as "DPM++ 2M Karras" is split into sampler
   "DPM++ 2M" and schedule "Karras"; A1111 turns the schedule into "Automatic"
   when it is that sampler's default, which huabi cannot know at this layer.
+- Lines of the prompt are read back stripped, as A1111 reads them, so only
+  prompts without outer spaces on a line round-trip byte for byte.
 - A prompt-only last line is told apart from a parameters line more strictly
   (every segment must be ``Key: value``), so prompts with ``(word:1.2)``
   weights are never mistaken for parameters.
