@@ -461,3 +461,31 @@ def test_bad_request_extra_and_seed_are_named():
         fmt(GenerationRequest("p"), seed=-1)
     with pytest.raises(HuabiError, match=r"^infotext: width_px must be a positive integer, got 0$"):
         fmt(GenerationRequest("p", seed=1), size=(0, 8))
+
+
+# --- what A1111 reads from our text --------------------------------------------------------------
+
+
+def a1111_reading(text):
+    """A1111's reading rules: last line is parameters if its pair pattern finds >= 3 pairs
+    (found anywhere, the rest skipped); a value in double quotes is JSON-decoded."""
+    import json
+
+    from huabi.core.infotext import _A1111_PAIR_RE
+
+    *lines, last = text.strip().split("\n")
+    found = _A1111_PAIR_RE.findall(last)
+    if len(found) < 3:
+        return {}
+    params = {}
+    for key, value in found:
+        if value[:1] == '"' and value[-1:] == '"':
+            value = json.loads(value)
+        params[key] = value
+    return params
+
+
+@pytest.mark.parametrize("req", ROUND_TRIP_REQUESTS)
+def test_a1111_reads_our_parameters_the_same(req):
+    text = fmt(req, size=(req.width_px, req.height_px), model=("my model", "0123456789"))
+    assert a1111_reading(text) == parse_infotext(text).params

@@ -114,8 +114,12 @@ _RUN_KEYS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version"})
 # A1111's key grammar: a word character, then word characters, spaces, '-' or '/'.
 _KEY_RE = re.compile(r"\w[\w \-/]*")
 _SPACES_RE = re.compile(r"[ \t]*")
-# A1111's own pair regex, used only as a lenient fallback for odd lines.
-_A1111_PAIR_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# How A1111 reads a pair (found anywhere in the line, unmatched text skipped):
+# key of 2+ key characters, ':', then a JSON-style quoted string or text up to
+# the next comma. Used only as a lenient fallback for odd lines.
+_A1111_PAIR_RE = re.compile(
+    r"""\s*(\w[\w /-]+):\s*("(?:[^"\\]|\\.)+"|[^,]*)(?:,|$)"""
+)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 _JSON = json.JSONDecoder()
 
