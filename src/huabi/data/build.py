@@ -348,7 +348,8 @@ def build_dataset(
     for source in dict.fromkeys(sources):  # keep order, drop repeats
         tasks, skipped = _plan(source, limit, seed, list(backgrounds))
         report.skipped += skipped
-        chunks = [(out_dir, size_px, tasks[i : i + _CHUNK]) for i in range(0, len(tasks), _CHUNK)]
+        chunk_len = max(1, min(_CHUNK, -(-len(tasks) // (4 * workers))))  # small builds still spread over workers
+        chunks = [(out_dir, size_px, tasks[i : i + chunk_len]) for i in range(0, len(tasks), chunk_len)]
         done = 0
         last_print = 0.0
         if workers > 1 and len(chunks) > 1:
