@@ -286,9 +286,15 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
 
     scheduler_config_path = folder / "scheduler" / "scheduler_config.json"
     if scheduler_config_path.exists():
-        prediction_type = _read_json(scheduler_config_path).get("prediction_type")
+        scheduler_config = _read_json(scheduler_config_path)
+        prediction_type = scheduler_config.get("prediction_type")
         if prediction_type in ("v_prediction", "epsilon"):
             metadata["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
+        trained_betas = scheduler_config.get("trained_betas")
+        if isinstance(trained_betas, list) and len(trained_betas) == 1000:
+            # A custom training schedule: carried as alphas_cumprod, as single files do.
+            betas = torch.tensor(trained_betas, dtype=torch.float64)
+            tensors["alphas_cumprod"] = torch.cumprod(1.0 - betas, dim=0)
 
     # Which text encoders the folder has decides the family's encoder layout.
     has_te1, has_te2 = present("text_encoder"), present("text_encoder_2")
