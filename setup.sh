@@ -15,7 +15,7 @@ case "${1:-}" in
 esac
 
 # Data for the built-in model's dataset (issue 3) and the tests that build a slice of it.
-APT_PACKAGES="fonts-noto-color-emoji unicode-data unicode-cldr-core openclipart-png openclipart-svg"
+APT_PACKAGES="fonts-noto-color-emoji unicode-data unicode-cldr-core openclipart-png openclipart-svg libcairo2"
 PYTHON="${PYTHON:-python3}"
 
 if [ "$MODE" != "run" ]; then
