@@ -180,13 +180,17 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_INERT_PICKLE_GLOBALS + _numpy_safe_globals()):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        # torch reports both "needs a Python global/callable" and plain garbage as
+        # UnpicklingError; only the first is about code execution.
+        reason = str(exc).lower()
+        if "unsupported global" in reason or "reduce" in reason or "global" in reason.split("weightsunpickler error:")[-1]:
             raise HuabiError(
                 f"{path.name}: this checkpoint needs code execution to load (it pickles Python objects, "
                 f"not just tensors) and huabi never executes code from a model file; "
                 f"convert it to .safetensors with a tool you trust"
             ) from None
-        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(exc).strip() else "bad pickle"
+        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     # Training checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}.
