@@ -137,7 +137,7 @@ def test_hf_layout_matches_diffusers(family, index):
 # ---------------------------------------------------------------- against an OpenCLIP forward
 
 
-def open_clip_forward(sd: dict, prefix: str, ids: torch.Tensor, layers: int):
+def open_clip_forward(sd: dict, prefix: str, ids: torch.Tensor, layers: int, heads: int | None = None):
     """The OpenCLIP text transformer written with torch.nn.MultiheadAttention, as open_clip builds it."""
     hidden = sd[prefix + "token_embedding.weight"].shape[1]
     x = F.embedding(ids, sd[prefix + "token_embedding.weight"]) + sd[prefix + "positional_embedding"][: ids.shape[1]]
@@ -145,7 +145,7 @@ def open_clip_forward(sd: dict, prefix: str, ids: torch.Tensor, layers: int):
     states = [x]
     for i in range(layers):
         b = f"{prefix}transformer.resblocks.{i}."
-        attn = torch.nn.MultiheadAttention(hidden, hidden // 64, batch_first=True)
+        attn = torch.nn.MultiheadAttention(hidden, heads or hidden // 64, batch_first=True)
         attn.load_state_dict({
             "in_proj_weight": sd[b + "attn.in_proj_weight"], "in_proj_bias": sd[b + "attn.in_proj_bias"],
             "out_proj.weight": sd[b + "attn.out_proj.weight"], "out_proj.bias": sd[b + "attn.out_proj.bias"],
@@ -175,6 +175,23 @@ def test_open_clip_semantics_match_reference_forward():
     for ours, ref in zip(out.hidden_states, ref_states, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.text_embeds, ref_pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_heads_override():
+    """A custom tower with 32-wide heads loads correctly only with the explicit head count."""
+    prefix = "cond_stage_model.model."
+    sd = open_clip_state_dict(prefix, hidden=128, layers=1, proj=16, seed=4)
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [0] * 73])
+    (model,) = text_encoders_from_original(sd, ModelFamily.SD2, attention_heads=[4])
+    assert model.config.num_attention_heads == 4
+    with torch.no_grad():
+        ref_states, _ = open_clip_forward(sd, prefix, ids, layers=1, heads=4)
+        torch.testing.assert_close(model(input_ids=ids, output_hidden_states=True).hidden_states[-1], ref_states[-1],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(HuabiError, match=r"attention_heads=3 does not divide the hidden size 128 of 'cond_stage_model\.model\.'"):
+        text_encoders_from_original(sd, ModelFamily.SD2, attention_heads=[3])
+    with pytest.raises(HuabiError, match=r"attention_heads needs 1 value\(s\) for sd2, got 2"):
+        text_encoders_from_original(sd, ModelFamily.SD2, attention_heads=[2, 2])
 
 
 # ---------------------------------------------------------------- round trips and shapes
@@ -337,6 +354,18 @@ def test_error_wrong_encoder_count_and_type():
         text_encoders_to_original([torch.nn.Linear(1, 1)], ModelFamily.SD1)
     with pytest.raises(HuabiError, match=r"must not have a text projection"):
         text_encoders_to_original([encoders[1]], ModelFamily.SD1)
+
+
+def test_family_given_as_string():
+    sd = original_checkpoint(ModelFamily.SD1)
+    assert set(text_encoders_to_original(text_encoders_from_original(sd, "sd1"), "sd1")) == set(
+        _without_ignored(sd, ModelFamily.SD1))
+
+
+def test_load_tokenizers_reexported():
+    from huabi.models import text_encoders, tokenizer
+
+    assert text_encoders.load_tokenizers is tokenizer.load_tokenizers
 
 
 def test_error_unknown_family():

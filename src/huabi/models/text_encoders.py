@@ -18,6 +18,8 @@ Two layouts occur in single-file checkpoints (A1111/civitai/Stability files):
 Dimensions come from tensor shapes.  The number of attention heads is not
 visible in the weights: it is taken as ``hidden // 64`` (at least 1), which is
 right for every released CLIP text tower (L: 768/12, H: 1024/16, bigG: 1280/20).
+A model trained with another head width (e.g. a custom small encoder) must pass
+``attention_heads`` explicitly, or it loads without error but computes wrongly.
 
 Round trip: ``text_encoders_to_original(text_encoders_from_original(sd, f), f)``
 returns every converted tensor bit-identical under the same key, in the
@@ -42,6 +44,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
+from huabi.models.tokenizer import load_tokenizers  # re-exported: callers find both halves here
+
+__all__ = [
+    "TEXT_ENCODER_PREFIXES",
+    "load_tokenizers",
+    "text_encoders_from_original",
+    "text_encoders_to_original",
+    "tiny_text_encoder_configs",
+    "unconverted_text_encoder_keys",
+]
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -116,13 +128,14 @@ def _clip_config(
     activation: str,
     projection_dim: int | None,
     pad_id: int,
+    heads: int | None = None,
 ) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // HEAD_DIM),
+        num_attention_heads=heads if heads is not None else max(1, hidden // HEAD_DIM),
         max_position_embeddings=positions,
         hidden_act=activation,
         layer_norm_eps=1e-5,
@@ -167,7 +180,11 @@ def _slots(family: ModelFamily) -> tuple[_EncoderSlot, ...]:
 
 
 def text_encoders_from_original(
-    state_dict: Mapping[str, Tensor], family: ModelFamily, *, dtype: torch.dtype = torch.float32
+    state_dict: Mapping[str, Tensor],
+    family: ModelFamily,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attention_heads: Sequence[int] | None = None,
 ) -> list[torch.nn.Module]:
     """Build ``family``'s text encoder(s) from a whole original-layout checkpoint.
 
@@ -176,9 +193,14 @@ def text_encoders_from_original(
     tensors are cast to ``dtype``; tensors already in ``dtype`` are used without a
     copy (the modules share their memory with ``state_dict``).  Raises
     ``HuabiError`` naming the key for a missing, unexpected or mis-shaped tensor.
+    ``attention_heads`` (one per encoder) overrides the ``hidden // 64`` rule.
     """
+    slots = _slots(family)
+    family = ModelFamily(family)
+    if attention_heads is not None and len(attention_heads) != len(slots):
+        raise HuabiError(f"attention_heads needs {len(slots)} value(s) for {family.value}, got {len(attention_heads)}")
     encoders: list[torch.nn.Module] = []
-    for slot in _slots(family):
+    for n, slot in enumerate(slots):
         section = {k[len(slot.prefix) :]: v for k, v in state_dict.items() if k.startswith(slot.prefix)}
         if not section:
             raise HuabiError(f"checkpoint has no text encoder weights under '{slot.prefix}' (needed for {family.value})")
@@ -186,7 +208,8 @@ def text_encoders_from_original(
             hf_dict, projection = _hf_section(section, slot.prefix)
         else:
             hf_dict, projection = _open_clip_section(section, slot.prefix)
-        encoders.append(_build(hf_dict, projection, slot, dtype))
+        heads = None if attention_heads is None else attention_heads[n]
+        encoders.append(_build(hf_dict, projection, slot, dtype, heads))
     return encoders
 
 
@@ -241,7 +264,9 @@ def _open_clip_section(section: dict[str, Tensor], prefix: str) -> tuple[dict[st
     return out, projection
 
 
-def _config_from_shapes(hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot) -> CLIPTextConfig:
+def _config_from_shapes(
+    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot, heads: int | None
+) -> CLIPTextConfig:
     def need(key: str) -> Tensor:
         if key not in hf_dict:
             raise HuabiError(f"text encoder weights under '{slot.prefix}' lack '{key}'")
@@ -258,6 +283,8 @@ def _config_from_shapes(hf_dict: dict[str, Tensor], projection: Tensor | None, s
     if not layer_ids or sorted(layer_ids) != list(range(len(layer_ids))):
         raise HuabiError(f"text encoder under '{slot.prefix}' has layers {sorted(layer_ids)}, expected 0..N-1")
     intermediate = need("encoder.layers.0.mlp.fc1.weight").shape[0]
+    if heads is not None and (heads < 1 or hidden % heads != 0):
+        raise HuabiError(f"attention_heads={heads} does not divide the hidden size {hidden} of '{slot.prefix}'")
     return _clip_config(
         hidden=int(hidden),
         layers=len(layer_ids),
@@ -267,11 +294,14 @@ def _config_from_shapes(hf_dict: dict[str, Tensor], projection: Tensor | None, s
         activation=slot.activation,
         projection_dim=int(projection.shape[0]) if projection is not None else None,
         pad_id=EOS_ID if slot.layout == HF else 0,
+        heads=heads,
     )
 
 
-def _build(hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot, dtype: torch.dtype) -> torch.nn.Module:
-    config = _config_from_shapes(hf_dict, projection, slot)
+def _build(
+    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot, dtype: torch.dtype, heads: int | None
+) -> torch.nn.Module:
+    config = _config_from_shapes(hf_dict, projection, slot, heads)
     # Build on the meta device: random initialisation of a 700M-parameter bigG
     # would cost seconds and be thrown away.
     with torch.device("meta"):
@@ -330,6 +360,7 @@ def text_encoders_to_original(encoders: Sequence[torch.nn.Module], family: Model
     Tensors are detached and contiguous in the modules' own dtype.
     """
     slots = _slots(family)
+    family = ModelFamily(family)
     if len(encoders) != len(slots):
         raise HuabiError(f"{family.value} has {len(slots)} text encoder(s), got {len(encoders)}")
     out: dict[str, Tensor] = {}
