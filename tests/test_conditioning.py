@@ -17,6 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from huabi.core.conditioning import (
     Conditioning,
+    encode_negative_prompts,
     encode_prompts,
     encode_weighted_prompts,
     pad_to_same_length,
@@ -242,6 +243,40 @@ def test_pad_without_empty_chunk_repeats_last_state():
 def test_pad_width_mismatch_error():
     with pytest.raises(HuabiError, match=r"conditionings differ in width \(64 vs 128\)"):
         pad_to_same_length(encode(ModelFamily.SD1, ["a"]), encode(ModelFamily.SDXL, ["a"]))
+
+
+@pytest.mark.parametrize("family", [ModelFamily.SDXL, ModelFamily.SDXL_REFINER])
+def test_sdxl_empty_negative_is_zero(family):
+    enc, toks = encoders(family), tokenizers(family)
+    with torch.no_grad():
+        zero = encode_negative_prompts(enc, toks, family, ["", ""])
+        text = encode_negative_prompts(enc, toks, family, ["", "blurry"])
+        space = encode_negative_prompts(enc, toks, family, [" "])
+    assert zero.context.shape == (2, 77, zero.context.shape[-1]) and not zero.context.any() and not zero.pooled.any()
+    assert torch.equal(zero.empty_chunk, encode(family, [""]).empty_chunk)
+    assert torch.equal(text.context, encode(family, ["", "blurry"]).context)  # only an all-empty batch is zeroed
+    assert space.context.any()
+
+
+def test_sdxl_empty_negative_matches_diffusers():
+    from diffusers import StableDiffusionXLPipeline
+
+    family = ModelFamily.SDXL
+    e1, e2 = encoders(family)
+    t1, t2 = tokenizers(family)
+    pipe = StableDiffusionXLPipeline(
+        vae=None, text_encoder=e1, text_encoder_2=e2, tokenizer=t1, tokenizer_2=t2, unet=None, scheduler=None
+    )
+    with torch.no_grad():
+        _, negative, _, negative_pooled = pipe.encode_prompt(["a cat"], device="cpu")
+        ours = encode_negative_prompts([e1, e2], [t1, t2], family, [""])
+    assert torch.equal(ours.context, negative) and torch.equal(ours.pooled, negative_pooled)
+
+
+def test_sd1_empty_negative_is_encoded():
+    with torch.no_grad():
+        neg = encode_negative_prompts(encoders(ModelFamily.SD1), tokenizers(ModelFamily.SD1), ModelFamily.SD1, [""])
+    assert torch.equal(neg.context, encode(ModelFamily.SD1, [""]).context)
 
 
 # ---------------------------------------------------------------- comma backtracking

@@ -321,6 +321,31 @@ def encode_prompts(
     )
 
 
+def encode_negative_prompts(
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence,
+    family: ModelFamily,
+    prompts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    min_chunks: int = 1,
+) -> Conditioning:
+    """Encode negative prompts, with SDXL's empty-negative rule.
+
+    For SDXL and its refiner, a batch whose negative prompts are all exactly
+    ``""`` is conditioned on zeros (context and pooled), as A1111 (via sgm's
+    ``force_zero_embeddings``) and diffusers (``force_zeros_for_empty_prompt``)
+    do; the size/aesthetic ids are not affected.  Other families encode ``""``
+    normally.  ``empty_chunk`` stays the real empty-chunk encoding, which is
+    what A1111 pads with.
+    """
+    cond = encode_prompts(text_encoders, tokenizers, family, prompts, clip_skip=clip_skip, min_chunks=min_chunks)
+    if ModelFamily(family) in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) and all(p == "" for p in prompts):
+        pooled = torch.zeros_like(cond.pooled) if cond.pooled is not None else None
+        return Conditioning(torch.zeros_like(cond.context), pooled, cond.empty_chunk)
+    return cond
+
+
 # ---------------------------------------------------------------- cond/uncond helpers
 
 
@@ -343,7 +368,13 @@ def pad_to_same_length(a: Conditioning, b: Conditioning) -> tuple[Conditioning, 
     """Give two conditionings (e.g. prompt and negative prompt) the same token length.
 
     The shorter is extended with encoded empty chunks, which equals encoding it
-    with ``min_chunks`` set to the longer one's chunk count.
+    with ``min_chunks`` set to the longer one's chunk count (A1111's "pad
+    prompt/negative prompt" option).  Padding changes the image: extra keys
+    enter the cross-attention softmax.  A1111's default instead runs the UNet
+    separately for cond and uncond when their lengths differ; a pipeline that
+    wants A1111's default images must do the same and call this only to
+    batch equal-meaning inputs.  Without ``empty_chunk`` the last token state is
+    repeated (A1111's older variant of that option).
     """
     if a.context.shape[-1] != b.context.shape[-1]:
         raise HuabiError(
