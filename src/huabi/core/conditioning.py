@@ -255,11 +255,13 @@ def encode_weighted_prompts(
     # 2. encode every chunk of every prompt in one forward per encoder, plus one empty chunk.
     contexts, empties, pooled = [], [], None
     out_dtype: torch.dtype | None = None
+    out_device: torch.device | None = None  # the first encoder's; SDXL's second may sit elsewhere (offload)
     for (rule, want_pooled), encoder, tokenizer, chunked in zip(
         rules, text_encoders, tokenizers, per_encoder_chunks, strict=True
     ):
         device, dtype = _encoder_device_dtype(encoder)
         out_dtype = out_dtype or dtype
+        out_device = out_device or device
         ids_rows: list[list[int]] = []
         weight_rows: list[list[float]] = []
         for chunks in chunked:
@@ -278,11 +280,11 @@ def encode_weighted_prompts(
         states, pooled_rows = _run_encoder(encoder, input_ids, rule, clip_skip, want_pooled)
         states = _apply_weights(states, weights)
         width = states.shape[-1]
-        contexts.append(states[:-1].reshape(batch, n_chunks * (CHUNK_TOKENS + 2), width).to(out_dtype))
-        empties.append(states[-1:].to(out_dtype))
+        contexts.append(states[:-1].reshape(batch, n_chunks * (CHUNK_TOKENS + 2), width).to(out_device, out_dtype))
+        empties.append(states[-1:].to(out_device, out_dtype))
         if pooled_rows is not None:
             # The first chunk's pooled output, as A1111 and sgm take it.
-            pooled = pooled_rows[:-1].reshape(batch, n_chunks, -1)[:, 0].to(out_dtype)
+            pooled = pooled_rows[:-1].reshape(batch, n_chunks, -1)[:, 0].to(out_device, out_dtype)
 
     return Conditioning(
         context=torch.cat(contexts, dim=-1),
@@ -304,7 +306,7 @@ def encode_prompts(
 
     ``text_encoders``/``tokenizers`` are in the family's order (SDXL: CLIP-L,
     bigG).  Runs on whatever device/dtype the encoders are on; the result has
-    the first encoder's dtype.
+    the first encoder's device and dtype.
     """
     if isinstance(prompts, str):
         raise HuabiError("prompts must be a list of strings, not one string")
