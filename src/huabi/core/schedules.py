@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from huabi.core.names import SCHEDULE_NAMES, canonical_schedule_name
+from huabi.core.samplers import get_sampler
 from huabi.errors import HuabiError
 
 
@@ -177,8 +178,6 @@ def sigmas_ddim_uniform(n: int, schedule: DiscreteSchedule) -> Tensor:
 
 def default_schedule_for(sampler_name: str) -> str:
     """The schedule A1111 uses for ``sampler_name`` when the user picks "Automatic"."""
-    from huabi.core.samplers import get_sampler  # the registry is the one source of defaults
-
     return get_sampler(sampler_name).default_schedule
 
 
@@ -190,8 +189,6 @@ def compute_sigmas(schedule_name: str, sampler_name: str, steps: int, schedule: 
     the next-to-last dropped, as A1111 does, so they still take ``steps`` steps
     but skip the tiny step just above zero.
     """
-    from huabi.core.samplers import get_sampler
-
     spec = get_sampler(sampler_name)
     name = canonical_schedule_name(schedule_name) if isinstance(schedule_name, str) else None
     if name is None:
