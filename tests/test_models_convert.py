@@ -180,3 +180,41 @@ def test_full_size_sd1_original_key_names():
         assert key in state_dict, key
     assert tuple(state_dict["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (320, 768)
     assert len([k for k in state_dict if k.startswith("model.diffusion_model.")]) == 686
+
+
+@pytest.mark.parametrize(
+    ("family", "prediction"),
+    [(ModelFamily.SD1, Prediction.EPSILON), (ModelFamily.SD2, Prediction.V), (ModelFamily.SDXL, Prediction.EPSILON), (ModelFamily.SDXL_REFINER, Prediction.EPSILON)],
+    ids=lambda v: v.value,
+)
+def test_reference_configs_build_a_detectable_full_size_checkpoint(family, prediction):
+    """reference_configs -> meta modules -> original layout (with engineer C's text converters) -> detect/infer back."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from huabi.models.configs import reference_configs
+    from huabi.models.text_encoders import text_encoders_to_original
+
+    configs = reference_configs(family, prediction)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        encoders = [
+            (CLIPTextModelWithProjection if configs[name]["hidden_act"] == "gelu" else CLIPTextModel)(CLIPTextConfig(**configs[name]))
+            for name in ("text_encoder", "text_encoder_2") if name in configs
+        ]
+    state_dict = {"model.diffusion_model." + k: v for k, v in unet_to_original(unet.state_dict(), configs["unet"]).items()}
+    state_dict.update({"first_stage_model." + k: v for k, v in vae_to_original(vae.state_dict()).items()})
+    state_dict.update(text_encoders_to_original(encoders, family))
+    if prediction is Prediction.V:
+        state_dict["v_pred"] = torch.empty(0, device="meta")
+    detected = detect(state_dict)
+    assert (detected.family, detected.prediction) == (family, prediction)
+    assert unet_config_from_original(state_dict, detected) == configs["unet"]
+
+
+def test_mini_has_no_reference_config():
+    from huabi.models.configs import reference_configs
+
+    with pytest.raises(HuabiError, match=r"huabi_mini: no full-size reference config"):
+        reference_configs(ModelFamily.HUABI_MINI)

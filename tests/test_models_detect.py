@@ -132,3 +132,17 @@ def test_marker_on_wrong_layout():
 def test_marker_must_be_int_scalar(sd1_state_dict):
     with pytest.raises(HuabiError, match=r"huabi\.version must be an int64 scalar"):
         detect({**sd1_state_dict, "huabi.version": torch.tensor(1.0)})
+
+
+def test_detect_file_reads_only_the_header(tiny_model_factory):
+    from huabi.models.detect import describe_model_file, detect_file
+    from huabi.models.formats import read_state_dict_shapes
+
+    path = tiny_model_factory(ModelFamily.HUABI_MINI)
+    shapes, _ = read_state_dict_shapes(path)
+    assert shapes["model.diffusion_model.out.2.weight"].is_meta
+    assert shapes["huabi.version"].item() == 1  # markers are read for real
+    assert detect_file(path) == detect(*read_state_dict(path)[:1])
+    assert describe_model_file(path) == "huabi_mini base epsilon"
+    assert describe_model_file(tiny_model_factory(ModelFamily.SD2)) == "sd2 base prediction decided at load"
+    assert describe_model_file(tiny_model_factory(ModelFamily.SDXL, layout="diffusers")) == "sdxl base epsilon"

@@ -307,3 +307,46 @@ def vae_config_from_vae(
         "sample_size": sample_size,
         "scaling_factor": scaling_factor,
     }
+
+
+# Full-size text encoder configs (transformers ``CLIPTextConfig`` kwargs) in the
+# layout huabi's converters produce: OpenCLIP towers keep all their layers and
+# a text projection (SD2: 24 layers, of which conditioning reads the penultimate).
+_CLIP_L = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+_OPENCLIP_H = {
+    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1024,
+}
+_OPENCLIP_BIGG = {
+    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280,
+}
+
+
+def reference_configs(family: ModelFamily, prediction: Prediction = Prediction.EPSILON) -> dict[str, dict[str, Any]]:
+    """Full-size configs of ``family``: ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``.
+
+    Component names follow diffusers folders (the refiner has only ``text_encoder_2``).
+    huabi-mini has no fixed size: it is read from its file.
+    """
+    family = ModelFamily(family)
+    if family is ModelFamily.SD1:
+        return {"unet": dict(REFERENCE_UNET_CONFIGS["sd1"]), "vae": dict(REFERENCE_VAE_CONFIGS["sd1"]), "text_encoder": dict(_CLIP_L)}
+    if family is ModelFamily.SD2:
+        v = prediction is Prediction.V
+        return {
+            "unet": dict(REFERENCE_UNET_CONFIGS["sd2_v" if v else "sd2_eps"]),
+            "vae": dict(REFERENCE_VAE_CONFIGS["sd2_v" if v else "sd1"]),
+            "text_encoder": dict(_OPENCLIP_H),
+        }
+    if family is ModelFamily.SDXL:
+        return {
+            "unet": dict(REFERENCE_UNET_CONFIGS["sdxl"]), "vae": dict(REFERENCE_VAE_CONFIGS["sdxl"]),
+            "text_encoder": dict(_CLIP_L), "text_encoder_2": dict(_OPENCLIP_BIGG),
+        }
+    if family is ModelFamily.SDXL_REFINER:
+        return {"unet": dict(REFERENCE_UNET_CONFIGS["sdxl_refiner"]), "vae": dict(REFERENCE_VAE_CONFIGS["sdxl"]), "text_encoder_2": dict(_OPENCLIP_BIGG)}
+    raise HuabiError(f"{family.value}: no full-size reference config (huabi-mini's size is read from its file)")

@@ -1,6 +1,6 @@
 """The closed set of model families huabi knows.
 
-Detection (``detect_family``) looks at tensor names and shapes only; a file
+Detection (``huabi.models.detect.detect``) looks at tensor names and shapes only; a file
 that matches none of these is an error, never a guess.
 """
 

@@ -207,11 +207,13 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- diffusers folders
 
 
-def _read_component_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
+def read_component_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
     """Weights of one diffusers/transformers component folder (safetensors preferred)."""
     for name in (
         "diffusion_pytorch_model.safetensors",
         "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",  # diffusers' "fp16 variant" downloads
+        "model.fp16.safetensors",
         "diffusion_pytorch_model.bin",
         "pytorch_model.bin",
     ):
@@ -238,7 +240,7 @@ def _read_json(path: Path) -> dict:
 
 def diffusers_folder_weights_file(folder: Path) -> Path:
     """The file whose hash identifies a diffusers folder: its UNet weights."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"):
         candidate = folder / "unet" / name
         if candidate.exists():
             return candidate
@@ -274,9 +276,9 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
 
     tensors: dict[str, torch.Tensor] = {}
     unet_config = _read_json(folder / "unet" / "config.json")
-    for key, value in unet_to_original(_read_component_weights(folder / "unet", "unet"), unet_config).items():
+    for key, value in unet_to_original(read_component_weights(folder / "unet", "unet"), unet_config).items():
         tensors["model.diffusion_model." + key] = value
-    for key, value in vae_to_original(_read_component_weights(folder / "vae", "vae")).items():
+    for key, value in vae_to_original(read_component_weights(folder / "vae", "vae")).items():
         tensors["first_stage_model." + key] = value
 
     metadata: dict[str, str] = {"huabi.source_format": "diffusers"}
@@ -378,3 +380,38 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(pointer)
         result[name] = tensor
     return result
+
+
+# --------------------------------------------------------------------------- shapes only
+
+
+def read_state_dict_shapes(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Like ``read_state_dict`` but, for ``.safetensors``, without reading the weights.
+
+    Tensors come back on the ``meta`` device (names, shapes, dtypes only),
+    except the small ``huabi.*`` markers and ``v_pred``, which are read for
+    real. Enough for ``detect``; used to list and describe model files fast.
+    Other formats are read fully.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        header = read_safetensors_header(path)
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                if name.startswith("huabi.") or name == "v_pred":
+                    tensors[name] = handle.get_tensor(name)
+                else:
+                    tensor_slice = handle.get_slice(name)
+                    tensors[name] = torch.empty(tensor_slice.get_shape(), dtype=_SAFETENSORS_TORCH_DTYPES.get(header[name]["dtype"], torch.uint8), device="meta")
+        metadata = header.get("__metadata__") or {}
+        return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return read_state_dict(path)
+
+
+_SAFETENSORS_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}

@@ -118,11 +118,11 @@ def read_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A standalone VAE as original-layout keys (``encoder.*``...), from a file or diffusers vae folder."""
     path = Path(path)
     if path.is_dir():
-        from huabi.models.formats import _read_component_weights
+        from huabi.models.formats import read_component_weights
 
         if (path / "vae").is_dir():  # a whole pipeline folder: take its VAE
             path = path / "vae"
-        tensors = _read_component_weights(path, "VAE")
+        tensors = read_component_weights(path, "VAE")
     else:
         tensors, _ = read_state_dict(path)
     if any(k.startswith(VAE_PREFIX) for k in tensors):
