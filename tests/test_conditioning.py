@@ -26,7 +26,12 @@ from huabi.core.conditioning import (
 )
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
-from huabi.models.text_encoders import tiny_text_encoder_configs
+from huabi.models.text_encoders import (
+    sd2_diffusers_text_encoder,
+    text_encoders_from_original,
+    text_encoders_to_original,
+    tiny_text_encoder_configs,
+)
 from huabi.models.tokenizer import load_tokenizers
 
 ATOL = 1e-5
@@ -127,6 +132,19 @@ def test_sd2_matches_diffusers_penultimate():
     close(encode(family, prompts).context, theirs)
     # A1111 ignores clip skip for SD2.
     assert torch.equal(encode(family, prompts, clip_skip=2).context, encode(family, prompts).context)
+
+
+def test_sd2_diffusers_form_conditions_the_same():
+    """A diffusers-folder SD2 encoder (cut tower, no projection), also after a trip through the original layout."""
+    family = ModelFamily.SD2
+    (full,) = encoders(family)
+    cut = sd2_diffusers_text_encoder(full)
+    (via_file,) = text_encoders_from_original(text_encoders_to_original([cut], family), family)
+    prompts = ["a photo of a cat", "cat " * 90]
+    reference = encode(family, prompts).context
+    for encoder in (cut, via_file):
+        with torch.no_grad():
+            close(encode_prompts([encoder], tokenizers(family), family, prompts).context, reference)
 
 
 def test_sdxl_matches_diffusers():

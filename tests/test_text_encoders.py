@@ -16,6 +16,7 @@ from huabi.models.text_encoders import (
     TEXT_ENCODER_PREFIXES,
     text_encoders_from_original,
     text_encoders_to_original,
+    sd2_diffusers_text_encoder,
     tiny_text_encoder_configs,
     unconverted_text_encoder_keys,
 )
@@ -132,6 +133,25 @@ def test_hf_layout_matches_diffusers(family, index):
     assert set(our_sd) == set(theirs)
     for key, tensor in theirs.items():
         assert torch.equal(our_sd[key], tensor), key
+
+
+def test_sd2_diffusers_form_matches_diffusers():
+    """With SD2's real 24 layers, diffusers drops resblocks.23 and the projection; so does our helper."""
+    prefix = "cond_stage_model.model."
+    sd = open_clip_state_dict(prefix, hidden=64, layers=24, proj=64, seed=5)
+    (full,) = text_encoders_from_original(sd, ModelFamily.SD2)
+    cut = sd2_diffusers_text_encoder(full)
+    assert type(cut) is CLIPTextModel and cut.config.num_hidden_layers == 23
+    theirs = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(full, sd, prefix=prefix).items()}
+    ours = cut.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [0] * 73])
+    with torch.no_grad():
+        penultimate = full.text_model.final_layer_norm(full(input_ids=ids, output_hidden_states=True).hidden_states[-2])
+        torch.testing.assert_close(cut(input_ids=ids).last_hidden_state, penultimate, atol=1e-5, rtol=1e-5)
+    with pytest.raises(HuabiError, match=r"expected the full SD2 tower \(CLIPTextModelWithProjection\), got CLIPTextModel"):
+        sd2_diffusers_text_encoder(cut)
 
 
 # ---------------------------------------------------------------- against an OpenCLIP forward

@@ -19,7 +19,11 @@ Behaviour follows A1111 WebUI, so its infotexts reproduce:
     norm; ``clip_skip=n`` -> ``hidden_states[-n]`` through the final layer norm.
   - SD2: the penultimate layer through the final layer norm (what SD2 was
     trained with: ldm's OpenCLIP embedder with ``layer="penultimate"``).
-    ``clip_skip`` is ignored, as in A1111.
+    ``clip_skip`` is ignored, as in A1111.  Two shapes of SD2 encoder exist
+    and both work: the full OpenCLIP tower with its projection
+    (``CLIPTextModelWithProjection``, what huabi builds from single files) is
+    read at ``hidden_states[-2]``; diffusers' SD2 ``CLIPTextModel`` already
+    lacks the last layer and is read at ``last_hidden_state``.
   - SDXL: CLIP-L's and bigG's penultimate layers, *without* final layer norm,
     concatenated (768 + 1280 = 2048 wide for the real models).  ``clip_skip``
     is ignored, as in A1111 (its default "sdxl_clip_l_skip" off).
@@ -188,7 +192,10 @@ def _run_encoder(
     if rule == _LAST_OR_SKIP_LN:
         states = out.last_hidden_state if clip_skip == 1 else _final_layer_norm(encoder)(out.hidden_states[-clip_skip])
     elif rule == _PENULTIMATE_LN:
-        states = _final_layer_norm(encoder)(out.hidden_states[-2])
+        if hasattr(encoder, "text_projection"):
+            states = _final_layer_norm(encoder)(out.hidden_states[-2])
+        else:  # diffusers-style SD2 tower: its last layer was removed, so its last state is the one
+            states = out.last_hidden_state
     else:
         states = out.hidden_states[-2]
     pooled = None

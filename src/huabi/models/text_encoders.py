@@ -29,7 +29,12 @@ nothing the encoder uses and are not part of the modules; a saver that wants
 to keep them copies them from the source file.
 
 SD2 keeps its last transformer layer and ``text_projection`` (so the round trip
-is exact) although conditioning reads the penultimate layer.
+is exact) although conditioning reads the penultimate layer.  diffusers instead
+stores SD2's text encoder as a ``CLIPTextModel`` without the last layer and
+without projection; :func:`sd2_diffusers_text_encoder` makes that form.  An SD2
+state dict without ``text_projection`` is taken to be such a cut tower (it
+comes from a diffusers folder): it is built as given, as a ``CLIPTextModel``,
+and ``huabi.core.conditioning`` reads its last state.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from huabi.models.tokenizer import load_tokenizers  # re-exported: callers find 
 __all__ = [
     "TEXT_ENCODER_PREFIXES",
     "load_tokenizers",
+    "sd2_diffusers_text_encoder",
     "text_encoders_from_original",
     "text_encoders_to_original",
     "tiny_text_encoder_configs",
@@ -349,6 +355,28 @@ def _original_name(hf_key: str, slot: _EncoderSlot) -> str:
         kind = "weight" if rest.endswith("weight") else "bias"
         return f"{slot.prefix}transformer.resblocks.{match.group(1)}.attn.in_proj_{kind}"
     return slot.prefix + key
+
+
+def sd2_diffusers_text_encoder(encoder: torch.nn.Module) -> CLIPTextModel:
+    """diffusers' form of an SD2 text encoder: the tower without its last layer and projection.
+
+    Its ``last_hidden_state`` equals the full tower's penultimate state through
+    the final layer norm, which is what SD2 conditions on.  Weights are shared,
+    not copied.
+    """
+    if not isinstance(encoder, CLIPTextModelWithProjection):
+        raise HuabiError(f"expected the full SD2 tower (CLIPTextModelWithProjection), got {type(encoder).__name__}")
+    config = CLIPTextConfig(**{**encoder.config.to_dict(), "num_hidden_layers": encoder.config.num_hidden_layers - 1})
+    if config.num_hidden_layers < 1:
+        raise HuabiError("an SD2 text encoder with one layer has no penultimate layer to keep")
+    last = f"encoder.layers.{config.num_hidden_layers}."
+    kept = {k: v for k, v in encoder.text_model.state_dict().items() if not k.startswith(last) and not k.endswith("position_ids")}
+    with torch.device("meta"):
+        cut = CLIPTextModel(config)
+    cut.load_state_dict(kept, strict=True, assign=True)
+    device = cut.embeddings.position_embedding.weight.device
+    cut.embeddings.position_ids = torch.arange(config.max_position_embeddings, device=device).expand((1, -1))
+    return cut.eval()
 
 
 # ---------------------------------------------------------------- modules -> original
