@@ -1,0 +1,80 @@
+"""``python -m huabi.train mini [--data DIR] [--state DIR] [--out FILE] [--stage STAGE]``.
+
+Runs (or resumes) the huabi-mini recipe; safe to re-run at any time. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from huabi.errors import HuabiError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from huabi.train.recipe import DEFAULT_DATA_DIR, DEFAULT_STATE_DIR, STAGES
+
+    parser = argparse.ArgumentParser(prog="python -m huabi.train", description="huabi's training recipes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mini = sub.add_parser("mini", help="train (or resume) the built-in huabi-mini model")
+    mini.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help=f"captioned image folder (default {DEFAULT_DATA_DIR})")
+    mini.add_argument("--state", type=Path, default=DEFAULT_STATE_DIR, help=f"state dir outside the repo (default {DEFAULT_STATE_DIR})")
+    mini.add_argument("--out", type=Path, default=None, help="exported checkpoint (default src/huabi/assets/models/huabi-mini.safetensors)")
+    mini.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    mini.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    mini.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    mini.add_argument("--repo-log", type=Path, default=None, help="copy train.log here when a stage finishes")
+    mini.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
+    mini.add_argument(
+        "--steps", action="append", default=[], metavar="STAGE=N",
+        help="override a stage's step count (e.g. unet=200 for a trial run in a scratch state dir)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from huabi.train.recipe import STAGES, MiniRecipe, RecipeRun, clip_out_path_for, default_out_path, run_recipe
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        recipe = MiniRecipe()
+        overrides: dict[str, dict] = {}
+        for item in args.steps:
+            stage, _, count = item.partition("=")
+            if stage not in ("vae", "clip", "unet") or not count.isdigit() or int(count) < 1:
+                raise HuabiError(f"--steps expects vae=N, clip=N or unet=N with N >= 1, got {item!r}")
+            overrides[stage] = {"steps": int(count)}
+        if overrides:
+            recipe = recipe.with_overrides(**overrides)
+        out = args.out if args.out is not None else default_out_path()
+        run = RecipeRun(
+            data_dir=args.data,
+            state_dir=args.state,
+            out_path=out,
+            clip_out_path=clip_out_path_for(out),
+            device=torch.device(args.device),
+            repo_log=args.repo_log,
+        )
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        try:
+            run_recipe(run, recipe, stages, force_export=args.force_export)
+        except BaseException as exc:
+            run.log(f"[recipe] stopped: {type(exc).__name__}: {exc}")
+            raise
+    except HuabiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

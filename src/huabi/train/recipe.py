@@ -1,0 +1,303 @@
+"""The huabi-mini recipe: stages, seeds, hyper-parameters, export.
+
+Stages run in order and each is skipped once its ``done.json`` exists::
+
+    vae     AutoencoderKL on random 64 px crops of the 128 px images
+    clip    contrastive text + image towers (the text tower becomes the text encoder)
+    cache   VAE latent means of every image + text embeddings of every caption variant
+    unet    UNet on the cache: eps prediction, caption dropout, Min-SNR, EMA
+    export  huabi-mini.safetensors (fp16, SD1 single-file layout, huabi.* markers)
+            and huabi-mini-clip.safetensors (both CLIP towers, for evaluation)
+
+Everything lives in the state dir (default ``~/.cache/huabi/train/huabi-mini``):
+``<stage>/state.pt`` (resumable loop state), ``<stage>/final.pt`` (weights + model
+config), ``<stage>/done.json``, ``data/`` (decoded pixels, token ids), ``cache/``,
+``train.log``. Step counts below were set from measured step times (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from huabi.errors import HuabiError
+from huabi.train.cache import build_cache, load_cache
+from huabi.train.clip import CLIPModelConfig, CLIPTrainConfig, train_clip
+from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, load_torch_file
+from huabi.train.data import TrainingImages, default_tokenizer, load_training_images, tokenize_captions
+from huabi.train.unet import UNetModelConfig, UNetTrainConfig, scaled_linear_alphas_cumprod, train_unet
+from huabi.train.vae import VAEModelConfig, VAETrainConfig, train_vae
+
+STAGES = ("vae", "clip", "cache", "unet", "export")
+DEFAULT_STATE_DIR = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini"
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "huabi" / "data" / "huabi-mini-128"
+
+
+def default_out_path() -> Path:
+    import huabi
+
+    return Path(huabi.__file__).parent / "assets" / "models" / "huabi-mini.safetensors"
+
+
+@dataclass(frozen=True)
+class MiniRecipe:
+    """Every number that defines huabi-mini. Changing one needs a fresh state dir for that stage."""
+
+    size_px: int = 128
+    seed: int = 20251122
+    vae_model: VAEModelConfig = VAEModelConfig()
+    vae: VAETrainConfig = VAETrainConfig(
+        steps=3000, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
+    )
+    clip_model: CLIPModelConfig = CLIPModelConfig()
+    clip: CLIPTrainConfig = CLIPTrainConfig(
+        steps=2000, batch_size=128, lr=5e-4, warmup_steps=200, lr_schedule="cosine", weight_decay=0.1, seed=20251123
+    )
+    unet_model: UNetModelConfig = UNetModelConfig()
+    unet: UNetTrainConfig = UNetTrainConfig(
+        steps=6000, batch_size=32, lr=3e-4, warmup_steps=300, lr_schedule="cosine", seed=20251124
+    )
+    cache_batch_size: int = 64
+
+    def with_overrides(self, **stage_fields: dict) -> "MiniRecipe":
+        """A copy with fields of stage configs replaced, e.g. ``unet={"steps": 10}``."""
+        import dataclasses
+
+        changes = {}
+        for name, fields in stage_fields.items():
+            if not hasattr(self, name):
+                raise HuabiError(f"recipe has no part {name!r}")
+            changes[name] = dataclasses.replace(getattr(self, name), **fields)
+        return dataclasses.replace(self, **changes)
+
+
+def tiny_recipe(seed: int = 0) -> MiniRecipe:
+    """A miniature recipe for tests: tiny models, a few steps of each stage, 32 px images."""
+    return MiniRecipe(
+        size_px=32,
+        seed=seed,
+        vae_model=VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1),
+        vae=VAETrainConfig(steps=3, batch_size=4, lr=1e-3, crop_px=16, seed=seed, log_every_steps=1),
+        clip_model=CLIPModelConfig(text_width=64, text_layers=1, vision_width=64, vision_layers=1, image_px=16, patch_px=8, projection_dim=32),
+        clip=CLIPTrainConfig(steps=3, batch_size=4, lr=1e-3, seed=seed, log_every_steps=1),
+        unet_model=UNetModelConfig(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(False, True), head_dim=32, cross_attention_dim=64, sample_size=16),
+        unet=UNetTrainConfig(steps=3, batch_size=4, lr=1e-3, seed=seed, log_every_steps=1, ema_decay=0.9),
+        cache_batch_size=8,
+    )
+
+
+@dataclass
+class RecipeRun:
+    """Where a recipe run reads and writes."""
+
+    data_dir: Path
+    state_dir: Path
+    out_path: Path
+    clip_out_path: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    repo_log: Path | None = None  # a copy of train.log refreshed when a stage finishes
+    log: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.data_dir, self.state_dir = Path(self.data_dir), Path(self.state_dir)
+        self.out_path, self.clip_out_path = Path(self.out_path), Path(self.clip_out_path)
+        self.device = torch.device(self.device)
+        if self.log is None:
+            self.log = TrainLog(self.state_dir / "train.log")
+
+
+def clip_out_path_for(out_path: Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + "-clip" + out_path.suffix)
+
+
+# ---------------------------------------------------------------- stage bookkeeping
+
+
+def is_done(state_dir: Path, stage: str) -> bool:
+    return (Path(state_dir) / stage / "done.json").exists()
+
+
+def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
+    atomic_write_text(run.state_dir / stage / "done.json", json.dumps(summary, indent=1))
+    run.log(f"[{stage}] done: {json.dumps(summary)}")
+    _refresh_repo_log(run)
+
+
+def _refresh_repo_log(run: RecipeRun) -> None:
+    source = run.state_dir / "train.log"
+    if run.repo_log is not None and source.exists():
+        run.repo_log.parent.mkdir(parents=True, exist_ok=True)
+        tmp = run.repo_log.with_name("." + run.repo_log.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(run.repo_log)
+
+
+def _save_final(path: Path, model: torch.nn.Module, model_config, extra: dict | None = None) -> None:
+    atomic_torch_save({"model_config": config_dict(model_config), "state_dict": model.state_dict(), **(extra or {})}, path)
+
+
+def _load_final(run: RecipeRun, stage: str) -> dict:
+    path = run.state_dir / stage / "final.pt"
+    if not is_done(run.state_dir, stage):
+        raise HuabiError(f"stage {stage!r} has not finished in {run.state_dir}; run it first (--stage {stage})")
+    return load_torch_file(path, what=f"{stage} weights")
+
+
+def _images(run: RecipeRun, recipe: MiniRecipe) -> TrainingImages:
+    return load_training_images(run.data_dir, recipe.size_px, run.state_dir / "data", log=run.log)
+
+
+def _token_ids(run: RecipeRun, images: TrainingImages, tokenizer) -> torch.Tensor:
+    path = run.state_dir / "data" / "tokens.pt"
+    if path.exists():
+        saved = load_torch_file(path, what="token cache")
+        if saved.get("captions") == images.captions:
+            return saved["ids"]
+    ids = tokenize_captions(tokenizer, images.captions)
+    atomic_torch_save({"captions": images.captions, "ids": ids}, path)
+    return ids
+
+
+def _params_m(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_vae(run: RecipeRun, recipe: MiniRecipe) -> None:
+    images = _images(run, recipe)
+    started = time.time()
+    vae_model = recipe.vae_model.build(seed=recipe.vae.seed)
+    run.log(f"[vae] {len(images)} images at {images.size_px} px; AutoencoderKL {_params_m(vae_model):.2f}M params; {recipe.vae}")
+    vae = train_vae(recipe.vae, images, model_config=recipe.vae_model, vae=vae_model, state_path=run.state_dir / "vae" / "state.pt", device=run.device, log=run.log)
+    _save_final(run.state_dir / "vae" / "final.pt", vae, recipe.vae_model)
+    _mark_done(run, "vae", {"steps": recipe.vae.steps, "wall_s_this_session": round(time.time() - started)})
+
+
+def stage_clip(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
+    images = _images(run, recipe)
+    token_ids = _token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
+    started = time.time()
+    model = recipe.clip_model.build(seed=recipe.clip.seed)
+    run.log(
+        f"[clip] {len(images)} images, {len(images.captions) - 1} unique captions; text {_params_m(model.text_model):.2f}M, "
+        f"vision {_params_m(model.vision_model):.2f}M params; {recipe.clip}"
+    )
+    model = train_clip(recipe.clip, images, token_ids, model_config=recipe.clip_model, model=model, state_path=run.state_dir / "clip" / "state.pt", device=run.device, log=run.log)
+    _save_final(run.state_dir / "clip" / "final.pt", model, recipe.clip_model)
+    _mark_done(run, "clip", {"steps": recipe.clip.steps, "wall_s_this_session": round(time.time() - started)})
+
+
+def _load_vae(run: RecipeRun, recipe: MiniRecipe):
+    final = _load_final(run, "vae")
+    vae = VAEModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in final["model_config"].items()}).build()
+    vae.load_state_dict(final["state_dict"])
+    return vae.eval()
+
+
+def _load_clip(run: RecipeRun, recipe: MiniRecipe):
+    final = _load_final(run, "clip")
+    model = CLIPModelConfig(**final["model_config"]).build()
+    model.load_state_dict(final["state_dict"])
+    return model.eval()
+
+
+def stage_cache(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
+    images = _images(run, recipe)
+    token_ids = _token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
+    started = time.time()
+    vae = _load_vae(run, recipe).to(run.device)
+    text_encoder = _load_clip(run, recipe).text_model.to(run.device)
+    cache = build_cache(vae, text_encoder, images, token_ids, run.state_dir / "cache", batch_size=recipe.cache_batch_size, device=run.device, log=run.log)
+    _mark_done(run, "cache", {"scaling_factor": cache.scaling_factor, "latents": len(cache), "captions": int(cache.text.shape[0]), "wall_s": round(time.time() - started)})
+
+
+def stage_unet(run: RecipeRun, recipe: MiniRecipe) -> None:
+    if not is_done(run.state_dir, "cache"):
+        raise HuabiError(f"stage 'cache' has not finished in {run.state_dir}; run it first (--stage cache)")
+    cache = load_cache(run.state_dir / "cache")
+    started = time.time()
+    unet_model = recipe.unet_model.build(seed=recipe.unet.seed)
+    run.log(f"[unet] {len(cache)} latents {list(cache.latents.shape[1:])}, scaling factor {cache.scaling_factor:.5f}; UNet {_params_m(unet_model):.2f}M params; {recipe.unet}")
+    unet, ema = train_unet(recipe.unet, cache, model_config=recipe.unet_model, unet=unet_model, state_path=run.state_dir / "unet" / "state.pt", device=run.device, log=run.log)
+    if ema is not None:
+        ema.copy_to(unet)  # ship the averaged weights
+    _save_final(run.state_dir / "unet" / "final.pt", unet, recipe.unet_model, {"ema": ema is not None})
+    _mark_done(run, "unet", {"steps": recipe.unet.steps, "ema": ema is not None, "wall_s_this_session": round(time.time() - started)})
+
+
+def build_mini_parts(run: RecipeRun, recipe: MiniRecipe):
+    """The finished model as ``huabi.models.save.ModelParts`` (fp32, CPU) plus the CLIP model."""
+    from huabi.models.family import ModelFamily, Prediction
+    from huabi.models.save import ModelParts
+
+    cache_meta = json.loads((run.state_dir / "cache" / "meta.json").read_text(encoding="utf-8"))
+    vae = _load_vae(run, recipe)
+    vae.register_to_config(scaling_factor=float(cache_meta["scaling_factor"]), sample_size=recipe.size_px)
+    clip = _load_clip(run, recipe)
+    final = _load_final(run, "unet")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in final["model_config"].items()}
+    unet = UNetModelConfig(**fields).build()
+    unet.load_state_dict(final["state_dict"])
+    parts = ModelParts(
+        family=ModelFamily.HUABI_MINI,
+        unet=unet.eval(),
+        vae=vae,
+        text_encoders=[clip.text_model],
+        prediction=Prediction.EPSILON,
+        native_size_px=recipe.size_px,
+        alphas_cumprod=scaled_linear_alphas_cumprod(recipe.unet.num_train_timesteps, recipe.unet.beta_start, recipe.unet.beta_end),
+    )
+    return parts, clip
+
+
+def stage_export(run: RecipeRun, recipe: MiniRecipe) -> None:
+    from huabi.models.formats import write_safetensors_atomic
+    from huabi.models.save import save_single_file
+
+    parts, clip = build_mini_parts(run, recipe)
+    metadata = {
+        "huabi.recipe": json.dumps(config_dict(recipe), default=str),
+        "huabi.trained_by": "huabi.train mini",
+        "modelspec.architecture": "huabi-mini",
+        "modelspec.resolution": f"{recipe.size_px}x{recipe.size_px}",
+    }
+    path = save_single_file(parts, run.out_path, dtype=torch.float16, metadata=metadata)
+    clip_tensors = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in clip.state_dict().items()}
+    clip_metadata = {"huabi.clip_config": json.dumps(clip.config.to_dict(), default=str), "huabi.format": "transformers CLIPModel state dict"}
+    write_safetensors_atomic(run.clip_out_path, clip_tensors, clip_metadata)
+    size_mb = path.stat().st_size / 1e6
+    _mark_done(run, "export", {"out": str(path), "size_mb": round(size_mb, 2), "clip_out": str(run.clip_out_path), "clip_size_mb": round(run.clip_out_path.stat().st_size / 1e6, 2)})
+
+
+def run_recipe(run: RecipeRun, recipe: MiniRecipe = MiniRecipe(), stages: Sequence[str] = STAGES, *, tokenizer=None, force_export: bool = False) -> None:
+    """Run ``stages`` in recipe order, skipping finished ones (export re-runs with ``force_export``)."""
+    for stage in stages:
+        if stage not in STAGES:
+            raise HuabiError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)} or all")
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        if is_done(run.state_dir, stage) and not (stage == "export" and force_export):
+            run.log(f"[{stage}] already done, skipping")
+            continue
+        run.log(f"[{stage}] starting on {run.device}")
+        if stage == "vae":
+            stage_vae(run, recipe)
+        elif stage == "clip":
+            stage_clip(run, recipe, tokenizer)
+        elif stage == "cache":
+            stage_cache(run, recipe, tokenizer)
+        elif stage == "unet":
+            stage_unet(run, recipe)
+        else:
+            stage_export(run, recipe)
+    _refresh_repo_log(run)
