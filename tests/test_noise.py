@@ -101,6 +101,15 @@ def test_brownian_noise_is_a_normalised_path_increment():
     assert torch.allclose(whole, parts, atol=1e-5)
 
 
+def test_brownian_for_sigmas_uses_the_positive_range():
+    x = torch.zeros(1, *SHAPE)
+    sigmas = torch.tensor([14.6, 3.0, 0.5, 0.0])
+    sampler = BrownianNoiseSampler.for_sigmas(x, sigmas, [9])
+    assert (sampler.sigma_min, sampler.sigma_max) == (float(sigmas[2]), float(sigmas[0]))
+    with pytest.raises(HuabiError, match="sigmas: need at least one positive noise level for a Brownian tree"):
+        BrownianNoiseSampler.for_sigmas(x, torch.zeros(2), [9])
+
+
 def test_brownian_returns_x_dtype():
     x = torch.zeros(1, *SHAPE, dtype=torch.float64)
     assert BrownianNoiseSampler(x, 0.1, 10.0, [1])(torch.tensor(5.0), torch.tensor(1.0)).dtype == torch.float64

@@ -423,8 +423,7 @@ def test_every_sampler_with_every_schedule_runs_on_the_unet(unet, context, sampl
     seeds = [11, 12]
     x = initial_noise(seeds, LATENT_SHAPE) * sigmas[0]
     if spec.brownian:
-        positive = sigmas[sigmas > 0]
-        noise = BrownianNoiseSampler(x, positive.min().item(), positive.max().item(), seeds)
+        noise = BrownianNoiseSampler.for_sigmas(x, sigmas, seeds)
     else:
         noise = SeededNoiseSampler(seeds, LATENT_SHAPE)
     out = spec.fn(_unet_denoiser(unet, context, schedule), x, sigmas, noise=noise)

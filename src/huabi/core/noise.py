@@ -136,6 +136,14 @@ class BrownianNoiseSampler:
             for seed in self.seeds
         ]
 
+    @classmethod
+    def for_sigmas(cls, x: Tensor, sigmas: Tensor, seeds: Sequence[int]) -> "BrownianNoiseSampler":
+        """The tree k-diffusion/A1111 build for a run: from the smallest positive sigma to the largest."""
+        positive = sigmas[sigmas > 0]
+        if positive.numel() == 0:
+            raise HuabiError("sigmas: need at least one positive noise level for a Brownian tree")
+        return cls(x, positive.min().item(), positive.max().item(), seeds)
+
     def __call__(self, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
         # Query times are kept in the caller's precision: the SDE samplers pass
         # float32 tensors exactly as k-diffusion computes them, and a Brownian
