@@ -1,0 +1,216 @@
+"""The ``huabi`` command line: parse arguments into requests, hand them to the engine, print results.
+
+No business logic here: every decision about models, sizes and seeds lives in
+the service and core layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from huabi import __version__
+from huabi.errors import HuabiError
+
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="huabi", description="huabi (画笔): a local, offline AI painting studio."
+    )
+    parser.add_argument("--version", action="version", version=f"huabi {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="text to image")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file / --from)")
+    gen.add_argument("-n", "--negative", dest="negative_prompt", help="negative prompt")
+    gen.add_argument("--prompt-file", type=Path, help="generate once per non-empty line of this file")
+    gen.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
+                     help="reuse the parameters in IMAGE's infotext; other flags override them")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
+    gen.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
+    gen.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
+    gen.add_argument("--seed", type=int, help="-1 for random (the chosen seed is recorded)")
+    gen.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--batch-count", type=int)
+    gen.add_argument("--clip-skip", type=int)
+    _add_model_options(gen)
+    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = commands.add_parser("info", help="print the generation parameters stored in an image")
+    info.add_argument("image", type=Path)
+
+    models = commands.add_parser("models", help="list the models huabi can find")
+    models.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
+
+    placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
+    placeholder.add_argument("--force", action="store_true")
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint path, or a name/hash in the models folder (default: built-in)")
+    parser.add_argument("--vae", help="a separate VAE file that replaces the checkpoint's")
+    parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise HuabiError(f"size: expected WIDTHxHEIGHT such as 512x768, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def requests_from_args(args: argparse.Namespace) -> list:
+    """Build one GenerationRequest per prompt from the flags (and --from / --prompt-file)."""
+    from huabi.core.infotext import request_from_infotext
+    from huabi.core.request import GenerationRequest
+    from huabi.service.pngio import read_infotext
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
+                     "batch_size", "batch_count", "clip_skip", "model", "vae")
+        if getattr(args, name) is not None
+    }
+    if args.size is not None:
+        overrides["width_px"], overrides["height_px"] = parse_size(args.size)
+
+    prompts: list[str | None]
+    if args.prompt_file is not None:
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise HuabiError(f"prompt file: {args.prompt_file}: {err.strerror or err}") from err
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise HuabiError(f"prompt file: {args.prompt_file} has no prompts (it is empty)")
+    elif args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.from_image is not None:
+        prompts = [None]
+    else:
+        raise HuabiError("prompt: give a prompt, --prompt-file FILE or --from IMAGE")
+
+    requests = []
+    for prompt in prompts:
+        fields = dict(overrides)
+        if prompt is not None:
+            fields["prompt"] = prompt
+        if args.from_image is not None:
+            requests.append(request_from_infotext(read_infotext(args.from_image), **fields))
+        else:
+            requests.append(GenerationRequest(**fields))
+    return requests
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from huabi.service.engine import Engine
+
+    requests = requests_from_args(args)
+    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir)
+    for request in requests:
+        bundle = engine.load(request.model, request.vae)
+        if engine.is_placeholder(bundle):
+            print(
+                "huabi: note: the built-in model huabi-mini is not installed yet; generating with an "
+                "UNTRAINED placeholder model, so images are noise. Pass --model PATH for a real checkpoint.",
+                file=sys.stderr,
+            )
+        progress = _ProgressBar(enabled=not args.quiet)
+        try:
+            results = engine.generate(request, out_dir=args.out, on_progress=progress.update)
+        finally:
+            progress.close()
+        for result in results:
+            print(result.path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from huabi.service.pngio import read_infotext
+
+    print(read_infotext(args.image))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from huabi.models.detect import describe_model_file
+    from huabi.models.hashes import model_short_hash
+    from huabi.service.engine import Engine
+
+    engine = Engine(device="cpu", dtype="fp32", models_dir=args.models_dir)
+    entries = list(engine.iter_models())
+    if not entries:
+        print(f"no models in {engine.models_dir}", file=sys.stderr)
+        return 0
+    for entry in entries:
+        try:
+            family = describe_model_file(entry.path)
+        except HuabiError as err:
+            family = f"unrecognised ({err})"
+        short_hash = model_short_hash(entry.path) if entry.path.is_file() else "-"
+        print(f"{entry.name}\t{family}\t{short_hash}\t{entry.path}")
+    return 0
+
+
+def cmd_make_placeholder(args: argparse.Namespace) -> int:
+    from huabi.service.placeholder import write_placeholder_model
+
+    print(write_placeholder_model(force=args.force))
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, created lazily so --quiet costs nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "models": cmd_models,
+    "make-placeholder": cmd_make_placeholder,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HuabiError as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"huabi: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("huabi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

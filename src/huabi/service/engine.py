@@ -1,0 +1,260 @@
+"""The engine: the one place that owns loaded models and runs generation jobs.
+
+Interfaces (CLI, API, web UI) build a ``GenerationRequest`` and hand it here.
+The engine resolves which model file a request means, keeps the most recently
+used model loaded (loading is the slow part), runs the pipeline batch by
+batch, and writes PNGs with infotext.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from huabi import __version__
+from huabi.core.infotext import format_infotext
+from huabi.core.request import GenerationRequest
+from huabi.errors import HuabiError
+from huabi.models.bundle import ModelBundle
+from huabi.models.hashes import model_short_hash
+from huabi.models.load import load_model
+from huabi.pipelines.txt2img import txt2img
+from huabi.service.pngio import next_image_path, save_png
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
+BUILTIN_MODEL_NAME = "huabi-mini"
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    infotext: str
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+
+
+ProgressCallback = Callable[[int, int], None]  # (steps done in the whole job, total steps)
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("HUABI_MODELS_DIR", Path.home() / "huabi" / "models"))
+
+
+def builtin_model_path() -> Path:
+    return Path(str(resources.files("huabi") / "assets" / "models" / f"{BUILTIN_MODEL_NAME}.safetensors"))
+
+
+def placeholder_model_path() -> Path:
+    """Where set-up writes an untrained stand-in while the built-in model is not shipped yet."""
+    cache = Path(os.environ.get("HUABI_CACHE_DIR", Path.home() / ".cache" / "huabi"))
+    return cache / "placeholder" / "huabi-placeholder-untrained.safetensors"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise HuabiError(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HuabiError(f"device: {name} requested but no CUDA device is available")
+    return device
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp16 on CUDA and fp32 on the CPU (bf16 on CPU is opt-in: faster, ~1% error)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise HuabiError(f"dtype: unknown dtype {name!r}; valid: auto, fp32, fp16, bf16")
+    dtype = _DTYPES[name]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise HuabiError("dtype: fp16 is not supported on the CPU; use fp32 or bf16")
+    return dtype
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 2**30  # unknown platform: assume a typical desktop
+
+
+def estimate_peak_bytes(bundle: ModelBundle, width_px: int, height_px: int, batch_size: int, dtype: torch.dtype) -> int:
+    """A deliberately rough upper bound on activation memory for one batch.
+
+    The VAE decoder's full-resolution blocks dominate at large sizes (decoded one
+    image at a time); self-attention at the first UNet level grows with the
+    square of the latent token count when the attention kernel materialises it.
+    """
+    element = torch.finfo(dtype).bits // 8
+    pixels = width_px * height_px
+    decoder_channels = int(bundle.vae.config.block_out_channels[0])
+    vae_bytes = pixels * decoder_channels * element * 6
+    tokens = pixels // bundle.vae_scale_factor**2
+    unet_bytes = 2 * batch_size * tokens * int(bundle.unet.config.block_out_channels[0]) * element * 40
+    return vae_bytes + unet_bytes
+
+
+class Engine:
+    """Owns device, dtype, the models folder and the currently loaded model."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        models_dir: Path | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.models_dir = models_dir or default_models_dir()
+        self._loaded: tuple[tuple, ModelBundle] | None = None
+
+    # -- models -------------------------------------------------------------------
+
+    def iter_models(self) -> Iterator[ModelEntry]:
+        """Checkpoint files and diffusers folders under the models folder, sorted by path."""
+        builtin = builtin_model_path()
+        if builtin.exists():
+            yield ModelEntry(BUILTIN_MODEL_NAME, builtin)
+        if not self.models_dir.is_dir():
+            return
+        for path in sorted(self.models_dir.rglob("*")):
+            if path.is_file() and path.suffix in MODEL_SUFFIXES:
+                yield ModelEntry(path.stem, path)
+            elif path.is_dir() and (path / "model_index.json").exists():
+                yield ModelEntry(path.name, path)
+
+    def resolve_model_path(self, ref: str | None) -> Path:
+        """A path, a name in the models folder, or an A1111 short hash; None is the built-in model."""
+        if ref is None or ref == BUILTIN_MODEL_NAME:
+            builtin = builtin_model_path()
+            if builtin.exists():
+                return builtin
+            placeholder = placeholder_model_path()
+            if placeholder.exists():
+                return placeholder
+            raise HuabiError(
+                "model: the built-in model is not installed and no placeholder exists; "
+                "run `bash setup.sh` or pass --model PATH"
+            )
+        path = Path(ref).expanduser()
+        if path.exists():
+            return path
+        if path.suffix in MODEL_SUFFIXES or os.sep in ref:
+            raise HuabiError(f"model: {ref}: no such file")
+        entries = list(self.iter_models())
+        for entry in entries:
+            if entry.name == ref or entry.path.name == ref:
+                return entry.path
+        wanted = ref.lower()
+        if all(c in "0123456789abcdef" for c in wanted) and len(wanted) >= 8:
+            for entry in entries:
+                if entry.path.is_file() and model_short_hash(entry.path).startswith(wanted[:10]):
+                    return entry.path
+        raise HuabiError(
+            f"model: no model named or hashed {ref!r} in {self.models_dir}; pass --model PATH"
+        )
+
+    def load(self, model: str | None, vae: str | None = None) -> ModelBundle:
+        path = self.resolve_model_path(model)
+        vae_path = Path(vae).expanduser() if vae else None
+        if vae_path is not None and not vae_path.exists():
+            raise HuabiError(f"vae: {vae}: no such file")
+        key = (str(path.resolve()), str(vae_path.resolve()) if vae_path else None, self.device, self.dtype)
+        if self._loaded is not None and self._loaded[0] == key:
+            return self._loaded[1]
+        self._loaded = None  # free the previous model before loading the next
+        bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype)
+        self._loaded = (key, bundle)
+        return bundle
+
+    def is_placeholder(self, bundle: ModelBundle) -> bool:
+        return bundle.path is not None and bundle.path.resolve() == placeholder_model_path().resolve()
+
+    # -- generation -----------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        out_dir: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        rng: random.Random | None = None,
+    ) -> list[GeneratedImage]:
+        """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
+        request = request.with_resolved_seed(rng)
+        bundle = self.load(request.model, request.vae)
+        width_px = request.width_px or bundle.native_size_px
+        height_px = request.height_px or bundle.native_size_px
+        self.check_memory(bundle, width_px, height_px, request.batch_size)
+        batches = request.image_seeds()
+        total_steps = request.steps * len(batches)
+        results: list[GeneratedImage] = []
+        for batch_index, seeds in enumerate(batches):
+            def on_step(done: int, _total: int, _base=batch_index * request.steps) -> None:
+                if on_progress is not None:
+                    on_progress(_base + min(done, request.steps), total_steps)
+
+            result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step)
+            for image, seed in zip(result.images, result.seeds):
+                infotext = format_infotext(
+                    request,
+                    seed=seed,
+                    width_px=result.width_px,
+                    height_px=result.height_px,
+                    model_name=bundle.name,
+                    model_hash=bundle.short_hash,
+                    extra=self._extra_infotext(bundle),
+                    version=f"huabi {__version__}",
+                )
+                path = None
+                if out_dir is not None:
+                    path = save_png(image, next_image_path(out_dir, seed), infotext)
+                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+        return results
+
+    def check_memory(self, bundle: ModelBundle, width_px: int, height_px: int, batch_size: int) -> None:
+        needed = estimate_peak_bytes(bundle, width_px, height_px, batch_size, self.dtype)
+        available = available_memory_bytes(self.device)
+        if needed > available:
+            raise HuabiError(
+                f"size: {width_px}x{height_px} with batch size {batch_size} needs about "
+                f"{needed / 2**30:.1f} GiB but {self.device} has {available / 2**30:.1f} GiB free; "
+                "use a smaller size or batch"
+            )
+
+    @staticmethod
+    def _extra_infotext(bundle: ModelBundle) -> dict[str, str]:
+        extra: dict[str, str] = {}
+        if bundle.vae_name:
+            if bundle.vae_short_hash:
+                extra["VAE hash"] = bundle.vae_short_hash
+            extra["VAE"] = bundle.vae_name
+        return extra
