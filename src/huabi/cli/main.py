@@ -162,9 +162,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_make_placeholder(args: argparse.Namespace) -> int:
-    from huabi.service.placeholder import write_placeholder_model
+    from huabi.service.engine import builtin_model_path, placeholder_model_path
+    from huabi.train.placeholder import write_placeholder_model
 
-    print(write_placeholder_model(force=args.force))
+    if builtin_model_path().exists() and not args.force:
+        print(builtin_model_path())  # the real model is installed: no stand-in needed
+        return 0
+    print(write_placeholder_model(placeholder_model_path(), force=args.force))
     return 0
 
 
