@@ -16,9 +16,11 @@ Builders (seeded, well under a second each once torch/transformers are imported)
 * ``build_tiny_parts(...) -> TinyParts`` the modules themselves.
 
 pytest fixtures (import them in ``conftest.py``:
-``from tiny_models import tiny_model_factory, tiny_sd1_file, tiny_sd2_file,
-tiny_sdxl_file, tiny_mini_file, tiny_sd1_folder  # noqa: F401``):
-session-scoped paths, built once per test session.
+``from tiny_models import isolated_huabi_cache, tiny_model_factory, tiny_sd1_file,
+tiny_sd2_file, tiny_sdxl_file, tiny_mini_file, tiny_sd1_folder  # noqa: F401``):
+session-scoped paths, built once per test session; ``isolated_huabi_cache`` is
+autouse and points ``HUABI_CACHE_DIR`` (model hash cache) at a temp folder so
+tests never write to ``~/.cache/huabi``.
 """
 
 from __future__ import annotations
@@ -268,6 +270,20 @@ def write_tiny_diffusers_folder(
 
 
 # --------------------------------------------------------------------------- pytest fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_huabi_cache(tmp_path_factory):
+    """Keep huabi's hash cache out of the user's home during tests."""
+    import os
+
+    previous = os.environ.get("HUABI_CACHE_DIR")
+    os.environ["HUABI_CACHE_DIR"] = str(tmp_path_factory.mktemp("huabi_cache"))
+    yield Path(os.environ["HUABI_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("HUABI_CACHE_DIR", None)
+    else:
+        os.environ["HUABI_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
