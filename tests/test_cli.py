@@ -49,6 +49,7 @@ def test_generate_writes_pngs_with_infotext(capsys, sd1_file, tmp_path):
     assert parsed.negative_prompt == "blurry"
     assert parsed.params["Seed"] == "1235"
     assert parsed.params["Sampler"] == "Euler a"
+    assert parsed.params["Schedule type"] == "Normal"  # "Automatic" is recorded as what it resolved to
     assert parsed.params["CFG scale"] == "5"
     assert parsed.params["Size"] == "64x64"
     assert parsed.params["Model"] == sd1_file.stem

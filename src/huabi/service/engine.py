@@ -21,6 +21,7 @@ from PIL import Image
 from huabi import __version__
 from huabi.core.infotext import format_infotext
 from huabi.core.request import GenerationRequest
+from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.hashes import model_short_hash
@@ -143,6 +144,8 @@ class Engine:
         builtin = builtin_model_path()
         if builtin.exists():
             yield ModelEntry(BUILTIN_MODEL_NAME, builtin)
+        elif placeholder_model_path().exists():
+            yield ModelEntry(placeholder_model_path().stem, placeholder_model_path())
         if not self.models_dir.is_dir():
             return
         for path in sorted(self.models_dir.rglob("*")):
@@ -214,6 +217,11 @@ class Engine:
         width_px = request.width_px or bundle.native_size_px
         height_px = request.height_px or bundle.native_size_px
         self.check_memory(bundle, width_px, height_px, request.batch_size)
+        # Record the schedule "Automatic" resolved to, so the infotext stays exact even if
+        # a later huabi changes a sampler's default.
+        recorded = request
+        if request.schedule == "Automatic":
+            recorded = request.replace(schedule=default_schedule_for(request.sampler))
         batches = request.image_seeds()
         total_steps = request.steps * len(batches)
         results: list[GeneratedImage] = []
@@ -225,7 +233,7 @@ class Engine:
             result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step)
             for image, seed in zip(result.images, result.seeds):
                 infotext = format_infotext(
-                    request,
+                    recorded,
                     seed=seed,
                     width_px=result.width_px,
                     height_px=result.height_px,
