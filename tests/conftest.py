@@ -37,3 +37,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: _refuse(address))
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: _refuse(host) if host not in ("127.0.0.1", "::1", "localhost") else [])
     yield
+
+
+# Tiny random-weight models of every family, shared by all test modules; the autouse
+# isolated_huabi_cache keeps hash caches out of the user's ~/.cache.
+from tiny_models import (  # noqa: E402,F401
+    isolated_huabi_cache,
+    tiny_mini_file,
+    tiny_model_factory,
+    tiny_sd1_file,
+    tiny_sd1_folder,
+    tiny_sd2_file,
+    tiny_sdxl_file,
+)

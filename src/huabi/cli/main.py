@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models huabi can find")
     models.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
 
+    # Sub-tools with their own argument parsers: everything after the word is passed through.
+    data = commands.add_parser("data", help="build the offline captioned dataset (huabi data build --help)",
+                               add_help=False)
+    data.add_argument("rest", nargs=argparse.REMAINDER)
+    train = commands.add_parser("train", help="train models, e.g. the built-in huabi-mini (huabi train mini --help)",
+                                add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
     return parser
@@ -194,17 +202,41 @@ class _ProgressBar:
             self._bar.close()
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from huabi.data.build import main as data_main
+
+    rest = list(args.rest)
+    if not rest or rest[0] != "build":
+        raise HuabiError("data: the only data command is `huabi data build --out DIR [...]`")
+    return data_main(rest[1:])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from huabi.train.__main__ import main as train_main
+
+    return train_main(list(args.rest))
+
+
+PASS_THROUGH = ("data", "train")
+
 COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
     "models": cmd_models,
+    "data": cmd_data,
+    "train": cmd_train,
     "make-placeholder": cmd_make_placeholder,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        # Sub-tools parse their own arguments (argparse cannot pass a leading --help through).
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except HuabiError as err:
