@@ -79,51 +79,69 @@ def load_training_images(
     size_px: int,
     cache_dir: Path | None,
     *,
+    frozen: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> TrainingImages:
-    """Read ``data_dir`` (decoding once into ``cache_dir`` when given)."""
+    """Read ``data_dir`` (decoding once into ``cache_dir`` when given).
+
+    With ``frozen`` a complete cache in ``cache_dir`` is used as is, even if the
+    folder changed since: a long multi-stage run keeps one training set (and can
+    resume) while the dataset folder is being rebuilt.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
+    if cache_dir is not None and frozen:
+        cached = _read_cache(cache_dir, size_px, signature=None)
+        if cached is not None:
+            return cached
     from huabi.data.folder import CaptionedFolder
 
     folder = CaptionedFolder(Path(data_dir))
     names = [item.path.relative_to(folder.root).as_posix() for item in folder.items]
     per_image = [list(item.captions) for item in folder.items]
     signature = _folder_signature(names, per_image, size_px)
-
-    pixels: np.ndarray | None = None
     if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        array_path = cache_dir / f"pixels-{size_px}.npy"
-        meta_path = cache_dir / f"pixels-{size_px}.json"
-        if array_path.exists() and meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                meta = {}
-            if meta.get("signature") == signature:
-                pixels = np.load(array_path, mmap_mode="r")
-                if pixels.shape != (len(names), size_px, size_px, 3):
-                    pixels = None
-    if pixels is None:
-        log(f"[data] decoding {len(names)} images from {data_dir} at {size_px} px")
-        pixels = np.empty((len(names), size_px, size_px, 3), dtype=np.uint8)
-        for i in range(len(names)):
-            pixels[i] = np.asarray(folder.load_image(i, size_px), dtype=np.uint8)
-            if (i + 1) % 2000 == 0:
-                log(f"[data] decoded {i + 1}/{len(names)}")
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_dir / f".pixels-{size_px}.tmp.npy"
-            np.save(tmp, pixels)
-            tmp.replace(cache_dir / f"pixels-{size_px}.npy")
-            atomic_write_text(cache_dir / f"pixels-{size_px}.json", json.dumps({"signature": signature, "count": len(names)}))
+        cached = _read_cache(cache_dir, size_px, signature=signature)
+        if cached is not None:
+            return cached
+    log(f"[data] decoding {len(names)} images from {data_dir} at {size_px} px")
+    pixels = np.empty((len(names), size_px, size_px, 3), dtype=np.uint8)
+    for i in range(len(names)):
+        pixels[i] = np.asarray(folder.load_image(i, size_px), dtype=np.uint8)
+        if (i + 1) % 2000 == 0:
+            log(f"[data] decoded {i + 1}/{len(names)}")
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".pixels-{size_px}.tmp.npy"
+        np.save(tmp, pixels)
+        tmp.replace(cache_dir / f"pixels-{size_px}.npy")
+        meta = {"signature": signature, "data_dir": str(data_dir), "names": names, "captions": per_image}
+        atomic_write_text(cache_dir / f"pixels-{size_px}.json", json.dumps(meta))
+    return _assemble(pixels, names, per_image)
 
+
+def _read_cache(cache_dir: Path, size_px: int, *, signature: str | None) -> TrainingImages | None:
+    array_path = cache_dir / f"pixels-{size_px}.npy"
+    meta_path = cache_dir / f"pixels-{size_px}.json"
+    if not (array_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        names, per_image = list(meta["names"]), [list(c) for c in meta["captions"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if signature is not None and meta.get("signature") != signature:
+        return None
+    pixels = np.load(array_path, mmap_mode="r")
+    if pixels.shape != (len(names), size_px, size_px, 3):
+        return None
+    return _assemble(pixels, names, per_image)
+
+
+def _assemble(pixels: np.ndarray, names: list[str], per_image: list[list[str]]) -> TrainingImages:
     unique: dict[str, int] = {"": 0}
     caption_ids: list[list[int]] = []
     for caps in per_image:
-        ids = []
-        for caption in caps:
-            ids.append(unique.setdefault(caption, len(unique)))
-        caption_ids.append(ids)
+        caption_ids.append([unique.setdefault(caption, len(unique)) for caption in caps])
     return TrainingImages(pixels=pixels, captions=list(unique), caption_ids=caption_ids, names=names)
 
 

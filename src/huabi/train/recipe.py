@@ -53,11 +53,11 @@ class MiniRecipe:
     seed: int = 20251122
     vae_model: VAEModelConfig = VAEModelConfig()
     vae: VAETrainConfig = VAETrainConfig(
-        steps=3000, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
+        steps=2500, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
     )
     clip_model: CLIPModelConfig = CLIPModelConfig()
     clip: CLIPTrainConfig = CLIPTrainConfig(
-        steps=2000, batch_size=128, lr=5e-4, warmup_steps=200, lr_schedule="cosine", weight_decay=0.1, seed=20251123
+        steps=1200, batch_size=128, lr=5e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1, seed=20251123
     )
     unet_model: UNetModelConfig = UNetModelConfig()
     unet: UNetTrainConfig = UNetTrainConfig(
@@ -151,7 +151,7 @@ def _load_final(run: RecipeRun, stage: str) -> dict:
 
 
 def _images(run: RecipeRun, recipe: MiniRecipe) -> TrainingImages:
-    return load_training_images(run.data_dir, recipe.size_px, run.state_dir / "data", log=run.log)
+    return load_training_images(run.data_dir, recipe.size_px, run.state_dir / "data", frozen=True, log=run.log)
 
 
 def _token_ids(run: RecipeRun, images: TrainingImages, tokenizer) -> torch.Tensor:

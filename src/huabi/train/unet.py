@@ -47,8 +47,10 @@ def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
 @dataclass(frozen=True)
 class UNetModelConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 256)
-    layers_per_block: int = 2
-    attention_levels: tuple[bool, ...] = (True, True, False)  # cross-attention per level (SD1: on all but the last)
+    layers_per_block: int = 1
+    # cross-attention per level; at 16x16 latents every level is small enough to attend
+    # (SD1 skips its 8x8 level; ours are 16/8/4 plus the mid block)
+    attention_levels: tuple[bool, ...] = (True, True, True)
     head_dim: int = 32  # channels per attention head (heads per level = width // head_dim)
     cross_attention_dim: int = 256  # the text encoder's width
     latent_channels: int = 4
@@ -87,7 +89,7 @@ class UNetModelConfig:
 class UNetTrainConfig(LoopConfig):
     caption_dropout: float = 0.1  # share of samples trained on the empty caption (for CFG)
     min_snr_gamma: float = 5.0  # 0 disables Min-SNR weighting
-    ema_decay: float = 0.9995  # 0 disables the EMA
+    ema_decay: float = 0.999  # 0 disables the EMA
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012

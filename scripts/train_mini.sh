@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train (or resume) huabi-mini: the whole recipe, niced, appending to the state dir's log.
+# Safe to re-run at any time: finished stages are skipped, a running stage resumes from
+# its last save (saved every 5 minutes). Usage:
+#   setsid nohup bash scripts/train_mini.sh > ~/.cache/huabi/train/launcher.out 2>&1 < /dev/null &
+# Environment overrides: HUABI_TRAIN_STATE, HUABI_TRAIN_DATA, HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini}"
+DATA="${HUABI_TRAIN_DATA:-$HOME/.cache/huabi/data/huabi-mini-128}"
+THREADS="${HUABI_TRAIN_THREADS:-2}"
+DEVICE="${HUABI_TRAIN_DEVICE:-cpu}"
+PYTHON="${HUABI_PYTHON:-$REPO/.venv/bin/python}"
+mkdir -p "$STATE"
+LOCK="$STATE/.launcher.lock"
+exec 9>"$LOCK"
+if ! flock -n 9; then
+    echo "another train_mini.sh is already running on $STATE" >&2
+    exit 1
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+echo "$(date '+%F %T') [launcher] pid $$ start: data $DATA state $STATE threads $THREADS device $DEVICE" >> "$STATE/train.log"
+cd "$REPO"
+set +e
+nice -n 10 "$PYTHON" -m huabi.train mini \
+    --data "$DATA" --state "$STATE" --device "$DEVICE" --threads "$THREADS" \
+    --repo-log "$REPO/docs/huabi-mini-training-log.txt" "$@"
+status=$?
+echo "$(date '+%F %T') [launcher] exit status $status" >> "$STATE/train.log"
+exit $status
