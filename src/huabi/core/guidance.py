@@ -20,23 +20,31 @@ class UNetInputs:
 
     context: torch.Tensor  # [B, tokens, D] cross-attention states
     added: dict[str, torch.Tensor] | None = None  # SDXL: {"text_embeds": [B, P], "time_ids": [B, 6|5]}
+    # Extra UNet input channels appended to the scaled latent (inpainting: mask + masked-image
+    # latent, [B, 5, h, w]; instruct-pix2pix: image latent, [B, 4, h, w]).
+    channels: torch.Tensor | None = None
 
     @staticmethod
     def concat(parts: list["UNetInputs"]) -> "UNetInputs":
         context = torch.cat([p.context for p in parts])
-        if parts[0].added is None:
-            return UNetInputs(context)
-        added = {key: torch.cat([p.added[key] for p in parts]) for key in parts[0].added}
-        return UNetInputs(context, added)
+        added = None
+        if parts[0].added is not None:
+            added = {key: torch.cat([p.added[key] for p in parts]) for key in parts[0].added}
+        channels = None if parts[0].channels is None else torch.cat([p.channels for p in parts])
+        return UNetInputs(context, added, channels)
 
     def repeat_to(self, batch: int) -> "UNetInputs":
-        """Broadcast a single conditioning row to ``batch`` rows (no-op when sizes match)."""
-        if self.context.shape[0] == batch:
-            return self
-        if self.context.shape[0] != 1:
-            raise ValueError(f"cannot broadcast conditioning of batch {self.context.shape[0]} to {batch}")
-        added = None if self.added is None else {k: v.expand(batch, *v.shape[1:]) for k, v in self.added.items()}
-        return UNetInputs(self.context.expand(batch, *self.context.shape[1:]), added)
+        """Broadcast single-row conditioning to ``batch`` rows (rows already at ``batch`` stay)."""
+
+        def expand(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or tensor.shape[0] == batch:
+                return tensor
+            if tensor.shape[0] != 1:
+                raise ValueError(f"cannot broadcast conditioning of batch {tensor.shape[0]} to {batch}")
+            return tensor.expand(batch, *tensor.shape[1:])
+
+        added = None if self.added is None else {k: expand(v) for k, v in self.added.items()}
+        return UNetInputs(expand(self.context), added, expand(self.channels))
 
 
 class PredictionDenoiser:
@@ -62,8 +70,11 @@ class PredictionDenoiser:
         added = None
         if inputs.added is not None:
             added = {k: v.to(device=x.device, dtype=unet_dtype) for k, v in inputs.added.items()}
+        unet_input = x * c_in
+        if inputs.channels is not None:
+            unet_input = torch.cat([unet_input, inputs.channels.to(device=x.device, dtype=unet_input.dtype)], dim=1)
         out = self.unet(
-            (x * c_in).to(unet_dtype),
+            unet_input.to(unet_dtype),
             timestep,
             encoder_hidden_states=inputs.context.to(device=x.device, dtype=unet_dtype),
             added_cond_kwargs=added,

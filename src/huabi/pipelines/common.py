@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_n
 from huabi.core.samplers import get_sampler
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import ModelFamily
+from huabi.models.family import ModelFamily, UNetVariant
 
 # A1111's defaults for the SDXL refiner's aesthetic-score conditioning.
 REFINER_AESTHETIC_SCORE = 6.0
@@ -73,6 +73,27 @@ def encode_guidance(
     return GuidanceInputs(UNetInputs(cond.context), UNetInputs(uncond.context))
 
 
+def txt2img_image_channels(bundle: ModelBundle, batch: int, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
+    """Extra UNet inputs that text-to-image gives models whose UNet expects an image.
+
+    Inpainting models get A1111's choice: everything masked (mask 1) over the
+    latent of a flat mid-grey image, so they generate freely. Instruct-pix2pix
+    models get a zero image latent (they are meant for editing; see ``huabi edit``).
+    """
+    if bundle.variant is UNetVariant.BASE:
+        return None
+    _channels, latent_h, latent_w = shape
+    if bundle.variant is UNetVariant.INSTRUCT_PIX2PIX:
+        return torch.zeros(batch, bundle.latent_channels, latent_h, latent_w, device=device)
+    factor = bundle.vae_scale_factor
+    vae_dtype = next(bundle.vae.parameters()).dtype
+    grey = torch.zeros(1, 3, latent_h * factor, latent_w * factor, device=device, dtype=vae_dtype)  # 0 is mid-grey in [-1, 1]
+    with torch.inference_mode():
+        grey_latent = bundle.vae.encode(grey).latent_dist.mode().float() * bundle.latent_scaling_factor
+    mask = torch.ones(1, 1, latent_h, latent_w, device=device)
+    return torch.cat([mask, grey_latent], dim=1).expand(batch, -1, -1, -1)
+
+
 def latent_shape(bundle: ModelBundle, width_px: int, height_px: int) -> tuple[int, int, int]:
     factor = bundle.vae_scale_factor
     if width_px % factor or height_px % factor:
@@ -107,10 +128,11 @@ def denoise(
         noise_sampler = BrownianNoiseSampler.for_sigmas(x, sigmas, seeds)
     else:
         noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=torch.float32)
+    channels = txt2img_image_channels(bundle, len(seeds), shape, device)
     denoiser = CFGDenoiser(
         PredictionDenoiser(bundle.unet, schedule, bundle.prediction),
-        guidance.cond,
-        guidance.uncond,
+        replace(guidance.cond, channels=channels),
+        replace(guidance.uncond, channels=channels),
         cfg_scale,
     )
     total = len(sigmas) - 1
