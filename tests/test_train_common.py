@@ -149,3 +149,21 @@ def test_corrupt_or_foreign_state_files_are_named(tmp_path):
     atomic_torch_save({"something": 1}, bad)
     with pytest.raises(HuabiError, match=r"is not a huabi state file \(format 1\)$"):
         load_loop_state(bad, _parts(0)[0], {})
+
+
+def test_resuming_with_more_steps_keeps_state_and_uses_the_new_lr_curve(tmp_path):
+    parts, config = _parts(0)
+    path = tmp_path / "state.pt"
+    for _ in range(3):
+        parts.optimizer.step()
+        parts.scheduler.step()
+    save_loop_state(path, parts, 3, {"lr": 1e-2, "steps": 4})
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    longer = LoopConfig(steps=10, batch_size=2, lr=1e-2, warmup_steps=2, lr_schedule="cosine")
+    optimizer, scheduler = make_optimizer(module.parameters(), longer)
+    fresh = LoopParts({"m": module}, optimizer, scheduler)
+    assert load_loop_state(path, fresh, {"lr": 1e-2, "steps": 10}) == 3
+    fresh.scheduler.step()
+    expected = 1e-2 * LRShape("cosine", 2, 10, 0.1)(4)
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)

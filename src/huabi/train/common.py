@@ -341,15 +341,22 @@ def load_loop_state(path: Path, parts: LoopParts, config: Mapping[str, Any]) -> 
     for name, module in parts.modules.items():
         module.load_state_dict(state["modules"][name])
     parts.optimizer.load_state_dict(state["optimizer"])
+    # keep this run's LR curve (its total may differ when ``steps`` was changed to extend/shorten a run)
+    # (LambdaLR.load_state_dict overwrites the lambdas' attributes in place, so put ours back)
+    shapes = [dict(vars(fn)) for fn in parts.scheduler.lr_lambdas]
     parts.scheduler.load_state_dict(state["scheduler"])
+    for fn, attributes in zip(parts.scheduler.lr_lambdas, shapes):
+        vars(fn).update(attributes)
     if parts.ema is not None and state["ema"] is not None:
         parts.ema.load_state_dict(state["ema"])
     _set_rng_state(state["rng"])
     return int(state["step"])
 
 
-# Settings that may differ between the interrupted and the resumed run without changing the result.
-_RESUMABLE_CHANGES = frozenset({"save_every_s", "save_every_steps", "log_every_steps"})
+# Settings that may differ between the interrupted and the resumed run. The intervals do not
+# change the result; a changed ``steps`` extends or shortens the run (the LR curve is
+# recomputed for the new total from the resumed step on).
+_RESUMABLE_CHANGES = frozenset({"save_every_s", "save_every_steps", "log_every_steps", "steps"})
 
 
 def run_loop(
