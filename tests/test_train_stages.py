@@ -279,3 +279,17 @@ def test_later_stage_without_earlier_one_is_named(folder, tmp_path):
     run = RecipeRun(data_dir=folder, state_dir=tmp_path, out_path=tmp_path / "m.safetensors", clip_out_path=tmp_path / "c.safetensors", log=lambda m: None)
     with pytest.raises(HuabiError, match=r"^stage 'cache' has not finished in .*; run it first \(--stage cache\)$"):
         run_recipe(run, tiny_recipe(), ["unet"])
+
+
+def test_trimming_padding_keeps_the_contrastive_loss(images, token_ids):
+    from huabi.train.clip import contrastive_loss, images_for_vision, trim_padding
+
+    recipe = tiny_recipe()
+    model = recipe.clip_model.build(seed=0)
+    ids = token_ids[1:9]
+    trimmed = trim_padding(ids)
+    assert trimmed.shape[1] < 77 and torch.equal(trimmed, ids[:, : trimmed.shape[1]])
+    pixels = images_for_vision(images.batch_pixels(torch.arange(8)), recipe.clip_model.image_px)
+    full, _ = contrastive_loss(model, ids, pixels)
+    short, _ = contrastive_loss(model, trimmed, pixels)
+    assert torch.allclose(full, short, rtol=0, atol=1e-5)  # causal tower, pooled at the first EOS

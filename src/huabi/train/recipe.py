@@ -53,7 +53,7 @@ class MiniRecipe:
     seed: int = 20251122
     vae_model: VAEModelConfig = VAEModelConfig()
     vae: VAETrainConfig = VAETrainConfig(
-        steps=2500, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
+        steps=1300, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
     )
     clip_model: CLIPModelConfig = CLIPModelConfig()
     clip: CLIPTrainConfig = CLIPTrainConfig(
