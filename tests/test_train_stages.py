@@ -293,3 +293,23 @@ def test_trimming_padding_keeps_the_contrastive_loss(images, token_ids):
     full, _ = contrastive_loss(model, ids, pixels)
     short, _ = contrastive_loss(model, trimmed, pixels)
     assert torch.allclose(full, short, rtol=0, atol=1e-5)  # causal tower, pooled at the first EOS
+
+
+def test_polite_stop_saves_and_resume_matches(images, tmp_path):
+    from huabi.train.common import TrainingStopped
+
+    recipe = tiny_recipe()
+    config = _vae_config(steps=5, save_every_s=0)
+    straight = train_vae(config, images, model_config=recipe.vae_model, validation_count=0)
+    calls = {"n": 0}
+
+    def after_two() -> bool:  # e.g. a SIGTERM handler's flag
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    with pytest.raises(TrainingStopped, match="^vae stopped at step 2; state saved, re-run to resume$"):
+        train_vae(config, images, model_config=recipe.vae_model, state_path=tmp_path / "s.pt", validation_count=0, should_stop=after_two)
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 2
+    resumed = train_vae(config, images, model_config=recipe.vae_model, state_path=tmp_path / "s.pt", validation_count=0)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
+        from huabi.train.common import TrainingStopped
         from huabi.train.recipe import STAGES, MiniRecipe, RecipeRun, clip_out_path_for, default_out_path, run_recipe
 
         if args.threads:
@@ -56,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overrides:
             recipe = recipe.with_overrides(**overrides)
         out = args.out if args.out is not None else default_out_path()
+        stop = {"requested": False}
+
+        def request_stop(signum, frame) -> None:  # finish the current step, save, exit
+            stop["requested"] = True
+
+        signal.signal(signal.SIGTERM, request_stop)
         run = RecipeRun(
             data_dir=args.data,
             state_dir=args.state,
@@ -63,10 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             clip_out_path=clip_out_path_for(out),
             device=torch.device(args.device),
             repo_log=args.repo_log,
+            should_stop=lambda: stop["requested"],
         )
         stages = STAGES if args.stage == "all" else (args.stage,)
         try:
             run_recipe(run, recipe, stages, force_export=args.force_export)
+        except TrainingStopped as exc:
+            run.log(f"[recipe] {exc}")
+            return 143
         except BaseException as exc:
             run.log(f"[recipe] stopped: {type(exc).__name__}: {exc}")
             raise

@@ -163,6 +163,7 @@ def train_clip(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda message: None,
     on_step: HookFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """Contrastively train text + image towers on (image, one caption variant) pairs.
 
@@ -213,6 +214,7 @@ def train_clip(
         step_fn=step_fn,
         state_path=state_path,
         log=log,
+        should_stop=should_stop,
         on_step=on_step_with_clamp,
     )
     return model

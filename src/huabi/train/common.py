@@ -291,6 +291,14 @@ class LoopParts:
     ema_of: str | None = None  # name in ``modules`` the EMA tracks
 
 
+class TrainingStopped(Exception):
+    """Raised by ``run_loop`` after it saved its state because ``should_stop()`` said so."""
+
+    def __init__(self, name: str, step: int) -> None:
+        super().__init__(f"{name} stopped at step {step}; state saved, re-run to resume")
+        self.step = step
+
+
 StepFn = Callable[[int], dict[str, float]]  # does forward + backward for step k, returns metrics
 HookFn = Callable[[int, dict[str, float]], None]
 
@@ -370,13 +378,16 @@ def run_loop(
     log: Callable[[str], None],
     on_step: HookFn | None = None,
     on_save: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Train ``parts`` for ``config.steps`` steps, resuming from ``state_path`` if it exists.
 
     ``step_fn(k)`` computes the loss of step ``k`` and calls ``backward``; the loop clips
     gradients, steps the optimizer and scheduler, updates the EMA, logs, and saves.
     ``on_step`` runs after each finished step (tests use it to simulate a crash);
-    ``on_save`` runs after each save (e.g. validation). Returns the final step.
+    ``on_save`` runs after each save (e.g. validation). ``should_stop`` is polled between
+    steps (e.g. set by a SIGTERM handler): when true the state is saved and
+    ``TrainingStopped`` raised, so a polite stop loses nothing. Returns the final step.
     """
     step = 0
     if state_path is not None and Path(state_path).exists():
@@ -418,6 +429,11 @@ def run_loop(
             last_save = time.monotonic()
             if on_save is not None:
                 on_save(step)
+        if should_stop is not None and should_stop() and step < config.steps:
+            if state_path is not None:
+                save_loop_state(Path(state_path), parts, step, config_record)
+            log(f"[{name}] stop requested: state saved at step {step}/{config.steps}")
+            raise TrainingStopped(name, step)
     for module in parts.modules.values():
         module.eval()
     return step

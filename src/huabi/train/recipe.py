@@ -103,6 +103,7 @@ class RecipeRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     repo_log: Path | None = None  # a copy of train.log refreshed when a stage finishes
     log: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None  # polled between steps (SIGTERM -> save and stop)
 
     def __post_init__(self) -> None:
         self.data_dir, self.state_dir = Path(self.data_dir), Path(self.state_dir)
@@ -177,7 +178,7 @@ def stage_vae(run: RecipeRun, recipe: MiniRecipe) -> None:
     started = time.time()
     vae_model = recipe.vae_model.build(seed=recipe.vae.seed)
     run.log(f"[vae] {len(images)} images at {images.size_px} px; AutoencoderKL {_params_m(vae_model):.2f}M params; {recipe.vae}")
-    vae = train_vae(recipe.vae, images, model_config=recipe.vae_model, vae=vae_model, state_path=run.state_dir / "vae" / "state.pt", device=run.device, log=run.log)
+    vae = train_vae(recipe.vae, images, model_config=recipe.vae_model, vae=vae_model, state_path=run.state_dir / "vae" / "state.pt", device=run.device, log=run.log, should_stop=run.should_stop)
     _save_final(run.state_dir / "vae" / "final.pt", vae, recipe.vae_model)
     _mark_done(run, "vae", {"steps": recipe.vae.steps, "wall_s_this_session": round(time.time() - started)})
 
@@ -191,7 +192,7 @@ def stage_clip(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
         f"[clip] {len(images)} images, {len(images.captions) - 1} unique captions; text {_params_m(model.text_model):.2f}M, "
         f"vision {_params_m(model.vision_model):.2f}M params; {recipe.clip}"
     )
-    model = train_clip(recipe.clip, images, token_ids, model_config=recipe.clip_model, model=model, state_path=run.state_dir / "clip" / "state.pt", device=run.device, log=run.log)
+    model = train_clip(recipe.clip, images, token_ids, model_config=recipe.clip_model, model=model, state_path=run.state_dir / "clip" / "state.pt", device=run.device, log=run.log, should_stop=run.should_stop)
     _save_final(run.state_dir / "clip" / "final.pt", model, recipe.clip_model)
     _mark_done(run, "clip", {"steps": recipe.clip.steps, "wall_s_this_session": round(time.time() - started)})
 
@@ -227,7 +228,7 @@ def stage_unet(run: RecipeRun, recipe: MiniRecipe) -> None:
     started = time.time()
     unet_model = recipe.unet_model.build(seed=recipe.unet.seed)
     run.log(f"[unet] {len(cache)} latents {list(cache.latents.shape[1:])}, scaling factor {cache.scaling_factor:.5f}; UNet {_params_m(unet_model):.2f}M params; {recipe.unet}")
-    unet, ema = train_unet(recipe.unet, cache, model_config=recipe.unet_model, unet=unet_model, state_path=run.state_dir / "unet" / "state.pt", device=run.device, log=run.log)
+    unet, ema = train_unet(recipe.unet, cache, model_config=recipe.unet_model, unet=unet_model, state_path=run.state_dir / "unet" / "state.pt", device=run.device, log=run.log, should_stop=run.should_stop)
     if ema is not None:
         ema.copy_to(unet)  # ship the averaged weights
     _save_final(run.state_dir / "unet" / "final.pt", unet, recipe.unet_model, {"ema": ema is not None})

@@ -157,6 +157,7 @@ def train_unet(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda message: None,
     on_step: HookFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """Train a UNet (new from ``model_config``, or ``unet`` to fine-tune) on ``cache``.
 
@@ -192,6 +193,7 @@ def train_unet(
         step_fn=step_fn,
         state_path=state_path,
         log=log,
+        should_stop=should_stop,
         on_step=on_step,
     )
     return unet, ema

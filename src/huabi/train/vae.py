@@ -129,6 +129,7 @@ def train_vae(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda message: None,
     on_step: HookFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
     validation_count: int = 16,
 ):
     """Train an ``AutoencoderKL`` (a new one from ``model_config``, or ``vae`` to fine-tune).
@@ -165,6 +166,7 @@ def train_vae(
         step_fn=step_fn,
         state_path=state_path,
         log=log,
+        should_stop=should_stop,
         on_step=on_step,
         on_save=on_save if validation_count > 0 else None,
     )
