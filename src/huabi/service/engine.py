@@ -195,6 +195,10 @@ class Engine:
             return self._loaded[1]
         self._loaded = None  # free the previous model before loading the next
         bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            # oneDNN's convolutions are faster on NHWC: measured 15% per UNet step on huabi-mini.
+            bundle.unet.to(memory_format=torch.channels_last)
+            bundle.vae.to(memory_format=torch.channels_last)
         self._loaded = (key, bundle)
         return bundle
 

@@ -48,9 +48,10 @@ def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
 class UNetModelConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 256)
     layers_per_block: int = 1
-    # cross-attention per level; at 16x16 latents every level is small enough to attend
-    # (SD1 skips its 8x8 level; ours are 16/8/4 plus the mid block)
-    attention_levels: tuple[bool, ...] = (True, True, True)
+    # Attention per level, as SDXL does: none at the highest-resolution level (16x16 here).
+    # Measured on 2 CPU cores, a CFG step (batch 8) takes 165 ms this way against 253 ms
+    # with attention everywhere: what brings 4 images x 20 steps near the 3 s target.
+    attention_levels: tuple[bool, ...] = (False, True, True)
     head_dim: int = 32  # channels per attention head (heads per level = width // head_dim)
     cross_attention_dim: int = 256  # the text encoder's width
     latent_channels: int = 4
