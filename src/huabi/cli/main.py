@@ -7,7 +7,9 @@ the service and core layers.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from huabi import __version__
@@ -38,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--tile", action="store_true", default=None,
+                     help="seamless tileable image (also: --tile at the end of the prompt)")
+    gen.add_argument("--mj", action="store_true",
+                     help="Midjourney-style output: batch of 4 and a 2x2 grid (on by itself when the prompt "
+                          "ends in parameters such as --ar 3:2, --no, --chaos)")
+    gen.add_argument("--style", dest="styles", action="append", default=[], metavar="NAME",
+                     help="apply a style from the styles file (repeatable, applied in order)")
+    gen.add_argument("--styles-file", type=Path, metavar="PATH",
+                     help="A1111 styles.csv (default: $HUABI_HOME/styles.csv or ~/huabi/styles.csv)")
+    gen.add_argument("--wildcards", dest="wildcards_dir", type=Path, metavar="DIR",
+                     help="wildcards folder for __name__ (default: $HUABI_HOME/wildcards or ~/huabi/wildcards)")
+    gen.add_argument("--combinatorial", action="store_true",
+                     help="one request per combination of the prompt's {a|b} choices and wildcards")
     _add_model_options(gen)
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,17 +91,53 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def default_styles_file() -> Path:
+    home = os.environ.get("HUABI_HOME")
+    return (Path(home) if home else Path.home() / "huabi") / "styles.csv"
+
+
+def read_styles(path: Path) -> dict:
+    from huabi.core.styles import parse_styles_csv
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HuabiError(f"styles: {path}: no such file (--style needs a styles.csv; pass --styles-file PATH)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise HuabiError(f"styles: {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from err
+    return parse_styles_csv(text, source=str(path))
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One prompt's request plus its Midjourney parameters (applied once the model's native size is known)."""
+
+    request: object  # GenerationRequest
+    mj: object  # MJParams
+    grid: bool  # Midjourney-style: save a grid of the results
+
+
 def requests_from_args(args: argparse.Namespace) -> list:
-    """Build one GenerationRequest per prompt from the flags (and --from / --prompt-file)."""
+    """Build one GenerationRequest per prompt from the flags (and --from / --prompt-file).
+
+    Midjourney parameters are split off the prompt but not applied; see ``jobs_from_args``.
+    """
+    return [job.request for job in jobs_from_args(args)]
+
+
+def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
+    """One job per prompt: styles applied, Midjourney parameters parsed off the prompt."""
     from huabi.core.infotext import request_from_infotext
+    from huabi.core.midjourney import MJ_BATCH_SIZE, MJParams, parse_midjourney
     from huabi.core.request import GenerationRequest
+    from huabi.core.styles import apply_styles
     from huabi.service.pngio import read_infotext
 
     overrides = {
         name: getattr(args, name)
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
-                     "batch_size", "batch_count", "clip_skip", "model", "vae")
-        if getattr(args, name) is not None
+                     "batch_size", "batch_count", "clip_skip", "model", "vae", "tile")
+        if getattr(args, name, None) is not None
     }
     if args.size is not None:
         overrides["width_px"], overrides["height_px"] = parse_size(args.size)
@@ -107,38 +158,79 @@ def requests_from_args(args: argparse.Namespace) -> list:
     else:
         raise HuabiError("prompt: give a prompt, --prompt-file FILE or --from IMAGE")
 
-    requests = []
+    style_names = list(getattr(args, "styles", None) or [])
+    styles = None
+    if style_names:
+        styles_file = getattr(args, "styles_file", None) or default_styles_file()
+        styles = read_styles(styles_file)
+
+    jobs = []
     for prompt in prompts:
         fields = dict(overrides)
+        mj = MJParams()
         if prompt is not None:
-            fields["prompt"] = prompt
+            fields["prompt"], mj = parse_midjourney(prompt)
+        grid = bool(getattr(args, "mj", False)) or mj.used
+        if grid and "batch_size" not in fields:
+            fields["batch_size"] = MJ_BATCH_SIZE
         if args.from_image is not None:
-            requests.append(request_from_infotext(read_infotext(args.from_image), **fields))
+            request = request_from_infotext(read_infotext(args.from_image), **fields)
         else:
-            requests.append(GenerationRequest(**fields))
-    return requests
+            request = GenerationRequest(**fields)
+        if styles is not None:
+            prompt_text, negative = apply_styles(
+                request.prompt, request.negative_prompt, styles, style_names, source=str(styles_file)
+            )
+            request = request.replace(prompt=prompt_text, negative_prompt=negative)
+        jobs.append(GenerateJob(request, mj, grid))
+    return jobs
+
+
+def expand_job(job: GenerateJob, native_size_px: int, args: argparse.Namespace) -> list:
+    """The concrete requests of one job: MJ parameters applied, seed resolved, wildcards and chaos expanded."""
+    from huabi.core.midjourney import apply_to_request, chaos_requests
+    from huabi.service.wildcards import default_wildcards_dir, expand_request
+
+    request = apply_to_request(job.request, job.mj, native_size_px).with_resolved_seed()
+    wildcards_dir = getattr(args, "wildcards_dir", None) or default_wildcards_dir()
+    expanded = expand_request(request, wildcards_dir=wildcards_dir, combinatorial=bool(getattr(args, "combinatorial", False)))
+    if job.mj.chaos:
+        expanded = [varied for each in expanded for varied in chaos_requests(each, job.mj.chaos)]
+    return expanded
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from huabi.service.engine import Engine
+    from huabi.service.engine import Engine, save_grid
 
-    requests = requests_from_args(args)
+    jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir)
-    for request in requests:
-        bundle = engine.load(request.model, request.vae)
+    for job in jobs:
+        bundle = engine.load(job.request.model, job.request.vae)
         if engine.is_placeholder(bundle):
             print(
                 "huabi: note: the built-in model huabi-mini is not installed yet; generating with an "
                 "UNTRAINED placeholder model, so images are noise. Pass --model PATH for a real checkpoint.",
                 file=sys.stderr,
             )
-        progress = _ProgressBar(enabled=not args.quiet)
-        try:
-            results = engine.generate(request, out_dir=args.out, on_progress=progress.update)
-        finally:
-            progress.close()
-        for result in results:
-            print(result.path)
+        if job.mj.ignored:
+            print(
+                f"huabi: note: ignored {', '.join(job.mj.ignored)} (they pick Midjourney's own models; "
+                "huabi uses the model you load)",
+                file=sys.stderr,
+            )
+        requests = expand_job(job, bundle.native_size_px, args)
+        job_results = []
+        for request in requests:
+            progress = _ProgressBar(enabled=not args.quiet)
+            try:
+                results = engine.generate(request, out_dir=args.out, on_progress=progress.update)
+            finally:
+                progress.close()
+            for result in results:
+                print(result.path)
+            job_results.extend(results)
+        if job.grid and len(job_results) > 1:
+            print(save_grid(job_results, args.out))
     return 0
 
 

@@ -104,7 +104,8 @@ _TAIL_KEYS: tuple[str, ...] = ("Version", "User")
 
 # Keys written from GenerationRequest fields; they may not also come as extras.
 _FIELD_KEYS = frozenset(
-    {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip"}
+    {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip",
+     "Tiling"}
 )
 # Keys describing what was actually loaded and which program wrote the text.
 # They are written from format_infotext's arguments only; copies that a parsed
@@ -234,6 +235,7 @@ def format_infotext(
         "Model hash": model_hash,
         "Model": model_name,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "Tiling": True if request.tile else None,
         "Version": version,
     }
     rank = {key: (_rank_of(key), 0) for key in params}
@@ -398,7 +400,7 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
 
     Mapped keys: Steps, Sampler (an old "DPM++ 2M Karras" is split), Schedule
     type, CFG scale, Seed, Size -> width_px/height_px, Clip skip (missing: 1),
-    VAE -> vae (by name). "Model hash" goes into ``model`` when present, else
+    VAE -> vae (by name), Tiling -> tile. "Model hash" goes into ``model`` when present, else
     "Model"; the service resolves a hash or name to a file. Every other key,
     and the records "Model", "Model hash", "VAE hash" and "Version", is kept in
     ``extra`` in its original order; ``format_infotext`` re-emits the former
@@ -439,8 +441,13 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
         fields["model"] = model
     if params.get("VAE"):
         fields["vae"] = params["VAE"]
+    if "Tiling" in params:
+        tiling = params["Tiling"].strip()
+        if tiling not in ("True", "False"):
+            raise HuabiError(f"infotext: Tiling: expected True or False, got {tiling!r}")
+        fields["tile"] = tiling == "True"
 
-    mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE"}
+    mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling"}
     dropped: set[str] = set()
     if "model" in overrides:
         dropped |= {"Model", "Model hash"}

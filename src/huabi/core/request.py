@@ -42,6 +42,7 @@ class GenerationRequest:
     clip_skip: int = 1
     model: str | None = None  # path, name or hash; None: the built-in model
     vae: str | None = None
+    tile: bool = False  # seamless tiling: circular padding in the UNet and VAE decoder
     # Infotext keys huabi does not act on, kept so a round trip loses nothing.
     extra: tuple[tuple[str, str], ...] = field(default=())
 
@@ -70,6 +71,8 @@ class GenerationRequest:
             raise HuabiError(f"seed: must be an integer, got {self.seed!r}")
         if self.seed != -1 and not 0 <= self.seed <= 2**63 - 1 - self.batch_size * self.batch_count:
             raise HuabiError(f"seed: must be -1 (random) or a non-negative integer, got {self.seed}")
+        if not isinstance(self.tile, bool):
+            raise HuabiError(f"tile: must be True or False, got {self.tile!r}")
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if value is None:

@@ -8,9 +8,11 @@ batch, and writes PNGs with infotext.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,7 @@ from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.pngio import next_image_path, save_png
+from huabi.service.tiling import circular_padding
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_MODEL_NAME = "huabi-mini"
@@ -234,7 +237,10 @@ class Engine:
                 if on_progress is not None:
                     on_progress(_base + min(done, request.steps), total_steps)
 
-            result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step)
+            # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
+            tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
+            with tiling:
+                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step)
             for image, seed in zip(result.images, result.seeds):
                 infotext = format_infotext(
                     recorded,
@@ -270,3 +276,39 @@ class Engine:
                 extra["VAE hash"] = bundle.vae_short_hash
             extra["VAE"] = bundle.vae_name
         return extra
+
+
+def image_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """The images side by side in rows, ceil(sqrt(n)) columns (4 images: 2x2, as Midjourney shows them)."""
+    if not images:
+        raise HuabiError("grid: no images to put in a grid")
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % cols) * cell_w, (index // cols) * cell_h))
+    return grid
+
+
+def next_grid_path(out_dir: Path) -> Path:
+    """The next free ``grid-NNNN.png`` in ``out_dir`` (A1111's grid names)."""
+    highest = -1
+    if out_dir.is_dir():
+        for entry in out_dir.iterdir():
+            stem = entry.name[len("grid-"):].split(".")[0].split("-")[0]
+            if entry.name.startswith("grid-") and stem.isdigit():
+                highest = max(highest, int(stem))
+    number = highest + 1
+    while (out_dir / f"grid-{number:04d}.png").exists():
+        number += 1
+    return out_dir / f"grid-{number:04d}.png"
+
+
+def save_grid(results: Sequence[GeneratedImage], out_dir: Path) -> Path:
+    """Save the results as one grid PNG carrying the first image's infotext (as A1111 does)."""
+    if not results:
+        raise HuabiError("grid: no images to put in a grid")
+    grid = image_grid([result.image for result in results])
+    return save_png(grid, next_grid_path(out_dir), results[0].infotext)
