@@ -36,7 +36,10 @@ Prompt weights: :func:`encode_weighted_prompts` takes already parsed
 its weight.  States are scaled per token and rescaled to keep their mean
 (A1111's "Original" emphasis, with the mean taken per prompt and chunk rather
 than over the whole batch so a prompt's result does not depend on its batch).
-The parser for ``(word:1.2)`` / ``BREAK`` lives elsewhere.
+The run ``("BREAK", -1.0)`` ends the current chunk (padding it), as A1111's
+``tokenize_line`` does; a trailing BREAK adds no empty chunk.  The parser for
+``(word:1.2)`` / ``BREAK`` is :mod:`huabi.core.prompt_parser`;
+:func:`encode_a1111_prompts` applies it.
 
 No gradients are disabled here (training code may need them); callers that
 only sample wrap the call in ``torch.inference_mode()``.
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from huabi.core.prompt_parser import is_break, parse_prompt_attention
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
 
@@ -156,6 +160,23 @@ def _tokenize_runs(tokenizer, runs: Sequence[PromptRun]) -> tuple[list[int], lis
     return ids, weights
 
 
+def _chunk_prompt(tokenizer, runs: Sequence[PromptRun], comma_id: int | None) -> list[tuple[list[int], list[float]]]:
+    """Tokenize and chunk one prompt's runs; each BREAK run starts a new chunk."""
+    segments: list[list[PromptRun]] = [[]]
+    for run in runs:
+        if is_break(run):
+            segments.append([])
+        else:
+            segments[-1].append(run)
+    chunks: list[tuple[list[int], list[float]]] = []
+    for index, segment in enumerate(segments):
+        ids, weights = _tokenize_runs(tokenizer, segment)
+        if not ids and index > 0 and index == len(segments) - 1:
+            break  # "a BREAK": A1111 closes the chunk and opens no new one
+        chunks += split_into_chunks(ids, weights, comma_id=comma_id)
+    return chunks
+
+
 def _chunk_rows(
     chunks: list[tuple[list[int], list[float]]], *, bos_id: int, eos_id: int, pad_id: int
 ) -> tuple[list[list[int]], list[list[float]]]:
@@ -249,9 +270,7 @@ def encode_weighted_prompts(
         comma_id = tokenizer.convert_tokens_to_ids(COMMA_TOKEN)
         if comma_id == tokenizer.unk_token_id:
             comma_id = None  # a vocabulary without CLIP's comma token: no backtracking
-        chunked = [
-            split_into_chunks(*_tokenize_runs(tokenizer, runs), comma_id=comma_id) for runs in prompts
-        ]
+        chunked = [_chunk_prompt(tokenizer, runs, comma_id) for runs in prompts]
         per_encoder_chunks.append(chunked)
     counts = [[len(c) for c in chunked] for chunked in per_encoder_chunks]
     if any(c != counts[0] for c in counts):
@@ -349,10 +368,49 @@ def encode_negative_prompts(
     what A1111 pads with.
     """
     cond = encode_prompts(text_encoders, tokenizers, family, prompts, clip_skip=clip_skip, min_chunks=min_chunks)
+    return _zero_empty_negative(cond, family, prompts)
+
+
+def _zero_empty_negative(cond: Conditioning, family: ModelFamily, prompts: Sequence[str]) -> Conditioning:
     if ModelFamily(family) in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) and all(p == "" for p in prompts):
         pooled = torch.zeros_like(cond.pooled) if cond.pooled is not None else None
         return Conditioning(torch.zeros_like(cond.context), pooled, cond.empty_chunk)
     return cond
+
+
+def encode_a1111_prompts(
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence,
+    family: ModelFamily,
+    prompts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    min_chunks: int = 1,
+    negative: bool = False,
+) -> Conditioning:
+    """Encode prompts written with A1111's emphasis syntax: ``(a)``, ``[a]``, ``(a:1.3)``, ``BREAK``.
+
+    Prompt editing, alternation, ``AND`` and extra-network tags must already be
+    resolved (see :mod:`huabi.core.prompt_parser`): the texts given here are the
+    ones in force at one step.  With ``negative=True`` SDXL's empty-negative rule
+    of :func:`encode_negative_prompts` applies (to the text as given, before
+    emphasis parsing, as in A1111).  A prompt without emphasis syntax encodes
+    exactly as :func:`encode_prompts` would.
+    """
+    if isinstance(prompts, str):
+        raise HuabiError("prompts must be a list of strings, not one string")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise HuabiError(f"prompts[{i}] is a {type(prompt).__name__}, not a string")
+    cond = encode_weighted_prompts(
+        text_encoders,
+        tokenizers,
+        family,
+        [parse_prompt_attention(prompt) for prompt in prompts],
+        clip_skip=clip_skip,
+        min_chunks=min_chunks,
+    )
+    return _zero_empty_negative(cond, family, prompts) if negative else cond
 
 
 # ---------------------------------------------------------------- cond/uncond helpers

@@ -7,10 +7,13 @@ classifier-free guidance live here, as wrappers, so no sampler knows of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+from huabi.core.prompt_parser import schedule_entry_index
+from huabi.errors import HuabiError
 from huabi.models.family import Prediction
 
 
@@ -45,6 +48,38 @@ class UNetInputs:
 
         added = None if self.added is None else {k: expand(v) for k, v in self.added.items()}
         return UNetInputs(expand(self.context), added, expand(self.channels))
+
+
+@dataclass(frozen=True)
+class ScheduledInputs:
+    """UNet inputs that change during sampling (A1111 prompt editing and alternation).
+
+    ``entries`` are ``(last_step, inputs)`` in ascending ``last_step``, from
+    :func:`huabi.core.prompt_parser.prompt_schedule`.  :meth:`at` takes A1111's
+    step count -- the number of denoiser calls made so far, from 0 -- and returns
+    the first entry whose ``last_step`` is >= it (the last entry past the end).
+    """
+
+    entries: tuple[tuple[int, UNetInputs], ...]
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise HuabiError("scheduled conditioning needs at least one entry")
+
+    @staticmethod
+    def constant(inputs: UNetInputs) -> "ScheduledInputs":
+        return ScheduledInputs(((0, inputs),))
+
+    def at(self, step: int) -> UNetInputs:
+        index = schedule_entry_index([last for last, _ in self.entries], step)
+        return self.entries[index][1]
+
+    def with_channels(self, channels: torch.Tensor | None) -> "ScheduledInputs":
+        return ScheduledInputs(tuple((last, replace(inputs, channels=channels)) for last, inputs in self.entries))
+
+
+def as_scheduled(cond: "UNetInputs | ScheduledInputs") -> ScheduledInputs:
+    return cond if isinstance(cond, ScheduledInputs) else ScheduledInputs.constant(cond)
 
 
 class PredictionDenoiser:
@@ -90,39 +125,68 @@ class PredictionDenoiser:
 
 
 class CFGDenoiser:
-    """Classifier-free guidance: uncond + scale * (cond - uncond), one batched UNet call.
+    """Classifier-free guidance, with A1111's composable (AND) prompts and prompt editing.
 
-    With no negative conditioning or scale 1 the unconditional pass is skipped,
-    which is exact: uncond + 1 * (cond - uncond) = cond.
+    ``cond`` is one conditioning or a list of ``(conditioning, weight)`` AND
+    sub-prompts; each conditioning may be a :class:`ScheduledInputs`.  As in
+    A1111's CFGDenoiser:
+    ``denoised = uncond + sum_i (cond_i - uncond) * (weight_i * scale)``, and the
+    schedule step is the number of calls made so far (``self.step``, from 0), so a
+    second-order sampler advances it twice per step -- A1111 therefore schedules
+    those samplers over twice the steps.
+
+    With one sub-prompt of weight 1 and no negative conditioning or scale 1 the
+    unconditional pass is skipped, which is exact: uncond + 1 * (cond - uncond) = cond.
+    All inputs of equal token length go through the UNet in one batch; otherwise
+    each goes separately, as A1111 does unless padding is enabled.
     """
 
     def __init__(
         self,
         model: PredictionDenoiser,
-        cond: UNetInputs,
-        uncond: UNetInputs | None,
+        cond: "UNetInputs | ScheduledInputs | Sequence[tuple[UNetInputs | ScheduledInputs, float]]",
+        uncond: "UNetInputs | ScheduledInputs | None",
         scale: float,
     ) -> None:
         self.model = model
-        self.cond = cond
-        self.uncond = uncond
+        if isinstance(cond, (UNetInputs, ScheduledInputs)):
+            cond = [(cond, 1.0)]
+        self.conds: list[tuple[ScheduledInputs, float]] = [(as_scheduled(c), float(w)) for c, w in cond]
+        if not self.conds:
+            raise HuabiError("cond: at least one conditioning is needed")
+        self.uncond = None if uncond is None else as_scheduled(uncond)
         self.scale = float(scale)
+        self.step = 0  # denoiser calls so far: A1111's prompt-schedule clock
+
+    @property
+    def cond(self) -> UNetInputs:
+        """The first sub-prompt's conditioning at the current step."""
+        return self.conds[0][0].at(self.step)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        step = self.step
+        self.step += 1
         batch = x.shape[0]
-        cond = self.cond.repeat_to(batch)
-        if self.uncond is None or self.scale == 1.0:
-            return self.model(x, sigma, cond)
-        uncond = self.uncond.repeat_to(batch)
+        conds = [(c.at(step).repeat_to(batch), w) for c, w in self.conds]
+        single = len(conds) == 1 and conds[0][1] == 1.0
+        if single and (self.uncond is None or self.scale == 1.0):
+            return self.model(x, sigma, conds[0][0])
+        if self.uncond is None:
+            raise HuabiError("uncond: composable (AND) prompts need an unconditional conditioning")
+        uncond = self.uncond.at(step).repeat_to(batch)
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(batch)
-        if uncond.context.shape[1] == cond.context.shape[1]:
-            both = self.model(
-                torch.cat([x, x]), torch.cat([sigma, sigma]), UNetInputs.concat([uncond, cond])
-            )
-            denoised_uncond, denoised_cond = both.chunk(2)
-        else:  # different prompt lengths: two calls, as A1111 does unless padding is enabled
-            denoised_uncond = self.model(x, sigma, uncond)
-            denoised_cond = self.model(x, sigma, cond)
-        return denoised_uncond + (denoised_cond - denoised_uncond) * self.scale
+        inputs = [uncond] + [c for c, _ in conds]
+        if all(i.context.shape[1] == uncond.context.shape[1] for i in inputs):
+            n = len(inputs)
+            outputs = self.model(torch.cat([x] * n), torch.cat([sigma] * n), UNetInputs.concat(inputs)).chunk(n)
+        else:  # different prompt lengths: separate calls, as A1111 does unless padding is enabled
+            outputs = [self.model(x, sigma, i) for i in inputs]
+        denoised_uncond = outputs[0]
+        if single:
+            return denoised_uncond + (outputs[1] - denoised_uncond) * self.scale
+        denoised = denoised_uncond.clone()
+        for out, (_, weight) in zip(outputs[1:], conds, strict=True):
+            denoised += (out - denoised_uncond) * (weight * self.scale)
+        return denoised

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from huabi.core.conditioning import encode_negative_prompts, encode_prompts, sdxl_add_time_ids
-from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, UNetInputs
+from huabi.core.conditioning import encode_a1111_prompts, sdxl_add_time_ids
+from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs, UNetInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
+from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
 from huabi.core.samplers import get_sampler
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
@@ -22,12 +23,43 @@ REFINER_AESTHETIC_SCORE = 6.0
 REFINER_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
+TextEncoder = Callable[[str, bool], UNetInputs]  # (text in force at a step, is negative) -> UNet inputs
+
+
+def schedule_steps(sampler_name: str, steps: int) -> int:
+    """The step count prompt editing is scheduled over: A1111 counts denoiser calls,
+    so second-order samplers (two calls per step) get twice the steps."""
+    return steps * 2 if get_sampler(sampler_name).second_order else steps
 
 
 @dataclass(frozen=True)
 class GuidanceInputs:
-    cond: UNetInputs
-    uncond: UNetInputs
+    """The prompt and negative prompt in A1111's syntax, parsed, with their encoder.
+
+    ``subprompts`` are the ``AND`` parts ``(text, weight)`` of the prompt with
+    extra-network tags removed (the tags are in ``extra_networks`` /
+    ``negative_extra_networks``, for whoever applies them).  Prompt editing makes
+    the conditioning depend on the step count, known only when denoising:
+    :meth:`conditioning` builds it, encoding each distinct text once (``encode``
+    remembers the texts it has seen).
+    """
+
+    subprompts: tuple[tuple[str, float], ...]
+    negative_prompt: str
+    extra_networks: tuple[ExtraNetworkTag, ...]
+    negative_extra_networks: tuple[ExtraNetworkTag, ...]
+    encode: TextEncoder = field(repr=False, compare=False)
+
+    def conditioning(self, total_steps: int) -> tuple[list[tuple[ScheduledInputs, float]], ScheduledInputs]:
+        """``([(scheduled cond, weight) per sub-prompt], scheduled uncond)`` over ``total_steps``."""
+        conds = [(self._scheduled(text, total_steps, negative=False), weight) for text, weight in self.subprompts]
+        return conds, self._scheduled(self.negative_prompt, total_steps, negative=True)
+
+    def _scheduled(self, prompt: str, total_steps: int, *, negative: bool) -> ScheduledInputs:
+        with torch.inference_mode():
+            return ScheduledInputs(
+                tuple((last, self.encode(text, negative)) for last, text in prompt_schedule(prompt, total_steps))
+            )
 
 
 def encode_guidance(
@@ -39,38 +71,65 @@ def encode_guidance(
     width_px: int,
     height_px: int,
     device: torch.device,
+    steps: int | None = None,
+    sampler_name: str | None = None,
 ) -> GuidanceInputs:
-    """Encode the prompt and negative prompt into UNet inputs.
+    """Parse the prompt and negative prompt (A1111's syntax) and encode them.
 
-    Their token lengths may differ (a long prompt, a short negative): as in A1111's
-    default, they are then run through the UNet separately rather than padded.
+    Extra-network tags come out first, then the prompt splits at ``AND``; the
+    negative prompt has no ``AND``, as in A1111, but supports everything else.
+    The texts are encoded now for ``steps`` with ``sampler_name`` (1 step if not
+    given); texts that only appear at other step counts are encoded when
+    :func:`denoise` asks for them.  Prompt and negative may differ in token
+    length: as in A1111's default, they then go through the UNet separately.
     """
-    with torch.inference_mode():
-        cond = encode_prompts(
-            bundle.text_encoders, bundle.tokenizers, bundle.family, [prompt], clip_skip=clip_skip
-        )
-        uncond = encode_negative_prompts(
-            bundle.text_encoders, bundle.tokenizers, bundle.family, [negative_prompt], clip_skip=clip_skip
-        )
+    positive_text, positive_tags = extract_extra_networks(prompt)
+    negative_text, negative_tags = extract_extra_networks(negative_prompt)
+    encoded: dict[tuple[str, bool], UNetInputs] = {}
+
+    def encode(text: str, negative: bool) -> UNetInputs:
+        key = (text, negative)
+        if key not in encoded:
+            cond = encode_a1111_prompts(
+                bundle.text_encoders, bundle.tokenizers, bundle.family, [text], clip_skip=clip_skip, negative=negative
+            )
+            encoded[key] = _unet_inputs(bundle, cond.context, cond.pooled, negative, width_px, height_px, device)
+        return encoded[key]
+
+    guidance = GuidanceInputs(
+        subprompts=tuple(split_composable(positive_text)),
+        negative_prompt=negative_text,
+        extra_networks=tuple(positive_tags),
+        negative_extra_networks=tuple(negative_tags),
+        encode=encode,
+    )
+    total = 1 if steps is None else (steps if sampler_name is None else schedule_steps(sampler_name, steps))
+    guidance.conditioning(total)  # encode now: errors surface here, the encoder memo is warm
+    return guidance
+
+
+def _unet_inputs(
+    bundle: ModelBundle,
+    context: torch.Tensor,
+    pooled: torch.Tensor | None,
+    negative: bool,
+    width_px: int,
+    height_px: int,
+    device: torch.device,
+) -> UNetInputs:
     if bundle.family is ModelFamily.SDXL:
         time_ids = sdxl_add_time_ids(
             (height_px, width_px), (0, 0), (height_px, width_px), dtype=torch.float32, device=device
         )
-        return GuidanceInputs(
-            UNetInputs(cond.context, {"text_embeds": cond.pooled, "time_ids": time_ids}),
-            UNetInputs(uncond.context, {"text_embeds": uncond.pooled, "time_ids": time_ids}),
-        )
+        return UNetInputs(context, {"text_embeds": pooled, "time_ids": time_ids})
     if bundle.family is ModelFamily.SDXL_REFINER:
-        def refiner_ids(score: float) -> torch.Tensor:
-            return sdxl_add_time_ids(
-                (height_px, width_px), (0, 0), (height_px, width_px),
-                aesthetic_score=score, dtype=torch.float32, device=device,
-            )
-        return GuidanceInputs(
-            UNetInputs(cond.context, {"text_embeds": cond.pooled, "time_ids": refiner_ids(REFINER_AESTHETIC_SCORE)}),
-            UNetInputs(uncond.context, {"text_embeds": uncond.pooled, "time_ids": refiner_ids(REFINER_NEGATIVE_AESTHETIC_SCORE)}),
+        score = REFINER_NEGATIVE_AESTHETIC_SCORE if negative else REFINER_AESTHETIC_SCORE
+        time_ids = sdxl_add_time_ids(
+            (height_px, width_px), (0, 0), (height_px, width_px),
+            aesthetic_score=score, dtype=torch.float32, device=device,
         )
-    return GuidanceInputs(UNetInputs(cond.context), UNetInputs(uncond.context))
+        return UNetInputs(context, {"text_embeds": pooled, "time_ids": time_ids})
+    return UNetInputs(context)
 
 
 def txt2img_image_channels(bundle: ModelBundle, batch: int, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
@@ -129,10 +188,13 @@ def denoise(
     else:
         noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=torch.float32)
     channels = txt2img_image_channels(bundle, len(seeds), shape, device)
+    # Per-step conditioning (prompt editing, alternation) and AND sub-prompts; the CFG
+    # denoiser picks each call's entry by counting its calls, as A1111 does.
+    conds, uncond = guidance.conditioning(schedule_steps(sampler_name, steps))
     denoiser = CFGDenoiser(
         PredictionDenoiser(bundle.unet, schedule, bundle.prediction),
-        replace(guidance.cond, channels=channels),
-        replace(guidance.uncond, channels=channels),
+        [(cond.with_channels(channels), weight) for cond, weight in conds],
+        uncond.with_channels(channels),
         cfg_scale,
     )
     total = len(sigmas) - 1
