@@ -123,6 +123,8 @@ def bad_inputs(tmp_path: Path, sd1_file: Path) -> dict[str, tuple[list[str], str
     empty_prompts.write_text("\n  \n")
     plain_png = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain_png)
+    styles = tmp_path / "styles.csv"
+    styles.write_text("name,prompt,negative_prompt\nSharp,sharp focus,blurry\n", encoding="utf-8")
     common = ["--model", str(sd1_file), "--quiet", "--out", str(tmp_path / "out")]
     return {
         "unknown sampler": (["generate", "x", "--sampler", "Eular", *common], "unknown sampler 'Eular'; valid: Euler, Euler a"),
@@ -138,6 +140,17 @@ def bad_inputs(tmp_path: Path, sd1_file: Path) -> dict[str, tuple[list[str], str
         "empty prompt file": (["generate", "--prompt-file", str(empty_prompts), *common], "has no prompts"),
         "png without infotext": (["generate", "--from", str(plain_png), *common], "plain.png: no generation parameters"),
         "info on non-image": (["info", str(empty_prompts)], "prompts.txt"),
+        "unknown mj parameter": (["generate", "x --zoom 2", *common], "prompt: unknown parameter --zoom; known: --ar"),
+        "malformed --ar": (["generate", "x --ar 3x2", *common], "prompt: --ar expects WIDTH:HEIGHT"),
+        "chaos out of range": (["generate", "x --chaos 150", *common], "prompt: --chaos must be a whole number from 0 to 100, got 150"),
+        "bad --q": (["generate", "x --q 3", *common], "prompt: --q must be one of .25, .5, 1, 2, got 3"),
+        "--iw without image": (["generate", "x --iw 1", *common], "prompt: --iw needs an image prompt"),
+        "unknown style": (["generate", "x", "--style", "Noir", "--styles-file", str(styles), *common],
+                          "style: unknown style 'Noir' in " + str(styles) + "; available: Sharp"),
+        "missing styles file": (["generate", "x", "--style", "Sharp", "--styles-file", str(tmp_path / "none.csv"), *common],
+                                "none.csv: no such file"),
+        "missing wildcard": (["generate", "a __flowers__", "--wildcards", str(tmp_path), *common],
+                             "wildcards: no wildcard file for __flowers__"),
     }
 
 
@@ -145,6 +158,8 @@ BAD_INPUT_CASES = [
     "unknown sampler", "unknown schedule", "size not multiple of 8", "malformed size", "absurd size",
     "steps < 1", "missing model", "truncated model", "non-model file", "ckpt that needs code",
     "empty prompt file", "png without infotext", "info on non-image",
+    "unknown mj parameter", "malformed --ar", "chaos out of range", "bad --q", "--iw without image",
+    "unknown style", "missing styles file", "missing wildcard",
 ]
 
 
@@ -159,3 +174,73 @@ def test_bad_input_is_one_line_error(capsys, sd1_file, tmp_path, case):
     assert lines[0].startswith("huabi: error: ")
     assert expected in lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_midjourney_parameters_batch_of_four_and_grid(capsys, sd1_file, tmp_path):
+    paths = generate(capsys, sd1_file, tmp_path, "--seed", "1", "-n", "blurry")  # a plain prompt: one image
+    assert len(paths) == 1
+    code, stdout, stderr = run(
+        capsys, "generate", "a red apple, shiny --no fog, cars --seed 40 --q .5 --chaos 60 --v 6 --style raw",
+        "--model", sd1_file, "--steps", "4", "--size", "64x64", "--out", tmp_path / "mj", "--quiet", "-n", "blurry",
+    )
+    assert code == 0, stderr
+    assert "ignored --v 6, --style raw" in stderr
+    paths = [Path(line) for line in stdout.splitlines()]
+    assert [p.name for p in paths] == ["00000-40.png", "00001-41.png", "00002-42.png", "00003-43.png", "grid-0000.png"]
+    assert Image.open(paths[-1]).size == (128, 128)  # 2x2 grid of 64x64
+    assert read_infotext(paths[-1]) == read_infotext(paths[0])  # the grid carries the first image's infotext
+    first = parse_infotext(read_infotext(paths[0]))
+    assert first.negative_prompt == "blurry, fog, cars"
+    assert first.params["Steps"] == "2" and first.params["Chaos"] == "60"
+    assert "--" not in first.prompt
+    # Each chaos image's infotext redoes it exactly.
+    code, stdout, stderr = run(capsys, "generate", "--from", paths[2], "--model", sd1_file,
+                               "--out", tmp_path / "again", "--quiet")
+    assert code == 0, stderr
+    assert np.array_equal(pixels(paths[2]), pixels(Path(stdout.strip())))
+    # --mj without parameters: batch of 4 and a grid too; an explicit batch size wins.
+    paths = generate(capsys, sd1_file, tmp_path / "mj2", "--mj", "--batch-size", "2", "--steps", "2")
+    assert [p.name.startswith("grid-") for p in paths] == [False, False, True]
+
+
+def test_tile_flag_and_parameter_record_tiling(capsys, sd1_file, tmp_path):
+    [flagged] = generate(capsys, sd1_file, tmp_path / "a", "--seed", "8", "--tile")
+    assert parse_infotext(read_infotext(flagged)).params["Tiling"] == "True"
+    code, stdout, stderr = run(capsys, "generate", "a red apple --tile --seed 8", "--model", sd1_file, "--steps", "3",
+                               "--size", "64x64", "--batch-size", "1", "--out", tmp_path / "b", "--quiet")
+    assert code == 0, stderr
+    [in_prompt] = [Path(line) for line in stdout.splitlines()]  # one image: no grid is written
+    assert in_prompt.name == "00000-8.png"
+    assert np.array_equal(pixels(flagged), pixels(in_prompt))
+
+
+def test_styles_and_wildcards_from_the_cli(capsys, sd1_file, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "wildcards").mkdir(parents=True)
+    (home / "wildcards" / "fruit.txt").write_text("apple\npear\n", encoding="utf-8")
+    (home / "styles.csv").write_text(
+        'name,prompt,negative_prompt\nPhoto,"photo of {prompt}, 35mm",cartoon\nSharp,sharp focus,blurry\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("HUABI_HOME", str(home))
+    code, stdout, stderr = run(
+        capsys, "generate", "a {red|green} __fruit__, (shiny:1.2)", "--style", "Photo", "--style", "Sharp",
+        "--model", sd1_file, "--steps", "2", "--size", "64x64", "--seed", "3", "--batch-size", "2",
+        "--out", tmp_path / "out", "--quiet",
+    )
+    assert code == 0, stderr
+    paths = [Path(line) for line in stdout.splitlines()]
+    assert [p.name for p in paths] == ["00000-3.png", "00001-4.png"]
+    for path in paths:
+        parsed = parse_infotext(read_infotext(path))
+        assert parsed.params["Template"] == "photo of a {red|green} __fruit__, (shiny:1.2), 35mm, sharp focus"
+        assert parsed.prompt.startswith("photo of a ") and parsed.prompt.endswith(", (shiny:1.2), 35mm, sharp focus")
+        assert parsed.prompt.split()[3] in {"red", "green"} and parsed.prompt.split()[4].rstrip(",") in {"apple", "pear"}
+        assert parsed.negative_prompt == "cartoon, blurry"
+    code, stdout, stderr = run(
+        capsys, "generate", "a {red|green} __fruit__", "--combinatorial", "--model", sd1_file, "--steps", "1",
+        "--size", "64x64", "--seed", "3", "--out", tmp_path / "comb", "--quiet",
+    )
+    assert code == 0, stderr
+    prompts = sorted(parse_infotext(read_infotext(Path(p))).prompt for p in stdout.splitlines())
+    assert prompts == ["a green apple", "a green pear", "a red apple", "a red pear"]
