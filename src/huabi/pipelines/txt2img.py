@@ -35,7 +35,7 @@ def txt2img(
     height_px = request.height_px or bundle.native_size_px
     shape = latent_shape(bundle, width_px, height_px)
 
-    # 2. Encode the prompt and negative prompt.
+    # 2. Encode the prompt and negative prompt (every text its schedule switches to).
     guidance = encode_guidance(
         bundle,
         request.prompt,
@@ -44,6 +44,8 @@ def txt2img(
         width_px=width_px,
         height_px=height_px,
         device=device,
+        steps=request.steps,
+        sampler_name=request.sampler,
     )
 
     # 3 + 4. Prepare seeded latents and denoise them.
