@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huabi import __version__
+from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
 
 EXIT_ERROR = 2
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train models, e.g. the built-in huabi-mini (huabi train mini --help)",
                                 add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
+
+    xyz_cli.add_parser(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
@@ -318,6 +321,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "make-placeholder": cmd_make_placeholder,
+    "xyz": xyz_cli.cmd_xyz,
 }
 
 

@@ -1,0 +1,81 @@
+"""``huabi xyz``: A1111's X/Y/Z plot from the command line.
+
+    huabi xyz "a red apple" --x "Steps: 10, 20, 30" --y "CFG scale: 3-9 (+3)" --z "Sampler: Euler, DPM++ 2M"
+
+Only argument parsing lives here; the axes are parsed in ``huabi.core.xyz`` and
+the plot runs in ``huabi.service.xyz``. This module imports nothing heavy: the
+``huabi`` parser is built on every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+AXIS_HELP = (
+    "'TYPE: VALUES'. Types: Seed, Steps, CFG scale, Sampler, Schedule type, Prompt S/R, "
+    "Checkpoint name, Clip skip, Size, Nothing. Values: a comma list (CSV quotes allowed), "
+    "ranges 1-5, 1-10 (+2), 1-10 [4]"
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``xyz`` on the ``huabi`` sub-command parser."""
+    from huabi.cli.main import _add_model_options  # at call time: main imports this module
+
+    xyz = commands.add_parser("xyz", help="X/Y/Z plot: a grid of images over up to three varied parameters")
+    xyz.add_argument("prompt", help="the prompt (Prompt S/R replaces text in it)")
+    xyz.add_argument("--x", dest="x_axis", required=True, metavar="'TYPE: VALUES'", help="X axis (columns): " + AXIS_HELP)
+    xyz.add_argument("--y", dest="y_axis", metavar="'TYPE: VALUES'", help="Y axis (rows)")
+    xyz.add_argument("--z", dest="z_axis", metavar="'TYPE: VALUES'", help="Z axis (one grid per value)")
+    xyz.add_argument("-n", "--negative", dest="negative_prompt", help="negative prompt")
+    xyz.add_argument("--steps", type=int)
+    xyz.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
+    xyz.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
+    xyz.add_argument("--schedule", help="schedule type, e.g. Automatic, Karras")
+    xyz.add_argument("--seed", type=int, help="-1 for random: resolved once, the same for every cell")
+    xyz.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
+    xyz.add_argument("--clip-skip", type=int)
+    _add_model_options(xyz)
+    xyz.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    xyz.add_argument("--quiet", action="store_true", help="no progress bar")
+    return xyz
+
+
+def plan_from_args(args: argparse.Namespace):  # -> XYZPlan
+    """The base request from the flags and the three axes, validated (no model is loaded)."""
+    from huabi.cli.main import parse_size
+    from huabi.core.request import GenerationRequest
+    from huabi.core.xyz import parse_axis_spec, plan_xyz
+
+    fields = {
+        name: getattr(args, name)
+        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip",
+                     "model", "vae")
+        if getattr(args, name, None) is not None
+    }
+    if args.size is not None:
+        fields["width_px"], fields["height_px"] = parse_size(args.size)
+    base = GenerationRequest(prompt=args.prompt, **fields)
+    axes = [parse_axis_spec(spec, name=name) for spec, name in
+            ((args.x_axis, "X"), (args.y_axis, "Y"), (args.z_axis, "Z"))]
+    return plan_xyz(base, *axes)
+
+
+def cmd_xyz(args: argparse.Namespace) -> int:
+    from huabi.cli.main import _ProgressBar
+    from huabi.service.engine import Engine
+    from huabi.service.xyz import run_xyz
+
+    plan = plan_from_args(args)  # bad axes fail here, before any model loads
+    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir)
+    progress = _ProgressBar(enabled=not args.quiet)
+    try:
+        result = run_xyz(engine, plan, out_dir=args.out, on_progress=progress.update)
+    finally:
+        progress.close()
+    for cell in result.cells:
+        print(cell.path)
+    for path in result.grid_paths:
+        print(path)
+    return 0
