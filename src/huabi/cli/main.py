@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wildcards folder for __name__ (default: $HUABI_HOME/wildcards or ~/huabi/wildcards)")
     gen.add_argument("--combinatorial", action="store_true",
                      help="one request per combination of the prompt's {a|b} choices and wildcards")
+    gen.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
+                     help="textual-inversion embeddings folder, used by file name in prompts "
+                          "(default: $HUABI_EMBEDDINGS_DIR, $HUABI_HOME/embeddings or ~/huabi/embeddings)")
     _add_model_options(gen)
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -206,7 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from huabi.service.engine import Engine, save_grid
 
     jobs = jobs_from_args(args)
-    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir)
+    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
+                    embeddings_dir=getattr(args, "embeddings_dir", None))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if engine.is_placeholder(bundle):

@@ -41,14 +41,24 @@ The run ``("BREAK", -1.0)`` ends the current chunk (padding it), as A1111's
 ``(word:1.2)`` / ``BREAK`` is :mod:`huabi.core.prompt_parser`;
 :func:`encode_a1111_prompts` applies it.
 
+Textual-inversion embeddings: pass ``embeddings``, a mapping ``name -> vectors``
+(one ``[n, D_i]`` tensor per text encoder, in the family's order; it may load
+lazily, only names a prompt uses are looked up).  As in A1111, a name is found
+by its *tokens*: wherever a run's token sequence contains the tokenized name
+(longest name first), those tokens are replaced by the embedding's n vectors.
+They count as n tokens for chunking, and an embedding that does not fit in the
+current chunk starts the next one.  The vectors are spliced into the token
+embedding lookup's output for that one forward call (a forward hook removed
+right after); the encoder's weights are never changed.
+
 No gradients are disabled here (training code may need them); callers that
 only sample wrap the call in ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -62,6 +72,9 @@ COMMA_BACKTRACK_TOKENS = 20
 COMMA_TOKEN = ",</w>"
 
 PromptRun = tuple[str, float]
+# name -> one [n, D_i] tensor per text encoder of the family (see huabi.models.embeddings).
+EmbeddingLookup = Mapping[str, Sequence[Tensor]]
+_EMBEDDING_PLACEHOLDER_ID = 0  # token id standing where embedding vectors go (never EOS, so pooling is unaffected)
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Conditioning:
     context: Tensor  # [B, 77*k, D] cross-attention states
     pooled: Tensor | None  # [B, P] SDXL pooled text embedding (None for SD1/SD2)
     empty_chunk: Tensor | None = None  # [1, 77, D]
+    embeddings_used: tuple[str, ...] = field(default=())  # textual-inversion names, in order of first use
 
     @property
     def chunks(self) -> int:
@@ -99,6 +113,21 @@ _FAMILY_RULES: dict[ModelFamily, tuple[tuple[str, bool], ...]] = {
 # ---------------------------------------------------------------- chunking
 
 
+@dataclass(frozen=True)
+class _EmbeddingUse:
+    """An embedding found in a prompt: stands for ``count`` consecutive tokens."""
+
+    name: str
+    count: int
+
+
+@dataclass
+class _Chunk:
+    ids: list[int]
+    weights: list[float]
+    fixes: list[tuple[int, str]]  # (offset in ids, embedding name): where its vectors go
+
+
 def split_into_chunks(
     token_ids: Sequence[int],
     weights: Sequence[float],
@@ -116,51 +145,141 @@ def split_into_chunks(
     """
     if len(token_ids) != len(weights):
         raise HuabiError(f"token ids ({len(token_ids)}) and weights ({len(weights)}) differ in length")
-    chunks: list[tuple[list[int], list[float]]] = []
-    ids: list[int] = []
-    mults: list[float] = []
-    last_comma = -1  # index in `ids` of the chunk's latest comma
+    chunks = _split_units(
+        [int(t) for t in token_ids], weights, comma_id=comma_id, chunk_tokens=chunk_tokens,
+        comma_backtrack=comma_backtrack,
+    )
+    return [(chunk.ids, chunk.weights) for chunk in chunks]
 
-    for token, weight in zip(token_ids, weights, strict=True):
-        if comma_id is not None and token == comma_id:
-            last_comma = len(ids)
+
+def _split_units(
+    units: Sequence[int | _EmbeddingUse],
+    weights: Sequence[float],
+    *,
+    comma_id: int | None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    comma_backtrack: int = COMMA_BACKTRACK_TOKENS,
+) -> list[_Chunk]:
+    """:func:`split_into_chunks` over tokens and embeddings (an embedding of n vectors is n tokens).
+
+    An embedding that does not fit in what is left of a chunk moves whole to
+    the next chunk, as in A1111.
+    """
+    chunks: list[_Chunk] = []
+    current = _Chunk([], [], [])
+    last_comma = -1  # index in current.ids of the chunk's latest comma
+
+    for unit, weight in zip(units, weights, strict=True):
+        if isinstance(unit, int) and comma_id is not None and unit == comma_id:
+            last_comma = len(current.ids)
         elif (
             comma_backtrack > 0
-            and len(ids) == chunk_tokens
+            and len(current.ids) == chunk_tokens
             and last_comma != -1
-            and len(ids) - last_comma <= comma_backtrack
+            and len(current.ids) - last_comma <= comma_backtrack
         ):
             cut = last_comma + 1
-            chunks.append((ids[:cut], mults[:cut]))
-            ids, mults = ids[cut:], mults[cut:]
+            moved = _Chunk(
+                current.ids[cut:], current.weights[cut:],
+                [(offset - cut, name) for offset, name in current.fixes if offset >= cut],
+            )
+            chunks.append(_Chunk(current.ids[:cut], current.weights[:cut],
+                                 [fix for fix in current.fixes if fix[0] < cut]))
+            current = moved
             last_comma = -1
-        if len(ids) == chunk_tokens:
-            chunks.append((ids, mults))
-            ids, mults = [], []
+        if len(current.ids) == chunk_tokens:
+            chunks.append(current)
+            current = _Chunk([], [], [])
             last_comma = -1
-        ids.append(int(token))
-        mults.append(float(weight))
+        if isinstance(unit, _EmbeddingUse):
+            if unit.count > chunk_tokens:
+                raise HuabiError(
+                    f"embedding {unit.name!r} has {unit.count} vectors; at most {chunk_tokens} fit in a prompt chunk"
+                )
+            if len(current.ids) + unit.count > chunk_tokens:
+                chunks.append(current)
+                current = _Chunk([], [], [])
+                last_comma = -1
+            current.fixes.append((len(current.ids), unit.name))
+            current.ids.extend([_EMBEDDING_PLACEHOLDER_ID] * unit.count)
+            current.weights.extend([float(weight)] * unit.count)
+        else:
+            current.ids.append(int(unit))
+            current.weights.append(float(weight))
 
-    if ids or not chunks:
-        chunks.append((ids, mults))
+    if current.ids or not chunks:
+        chunks.append(current)
     return chunks
 
 
-def _tokenize_runs(tokenizer, runs: Sequence[PromptRun]) -> tuple[list[int], list[float]]:
+class _NameIndex:
+    """Embedding names by their first token, longest token sequence first (A1111's lookup)."""
+
+    def __init__(self, tokenizer, embeddings: EmbeddingLookup | None) -> None:
+        self.by_first: dict[int, list[tuple[list[int], str]]] = {}
+        names = [name for name in (embeddings or {}) if name.strip()]
+        if not names:
+            return
+        encoded = tokenizer(names, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        for name, ids in zip(names, encoded, strict=True):
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((list(ids), name))
+        for candidates in self.by_first.values():
+            candidates.sort(key=lambda item: -len(item[0]))
+
+    def match(self, ids: Sequence[int], position: int) -> tuple[str, int] | None:
+        for name_ids, name in self.by_first.get(ids[position], ()):
+            if list(ids[position:position + len(name_ids)]) == name_ids:
+                return name, len(name_ids)
+        return None
+
+
+def _tokenize_runs(
+    tokenizer, runs: Sequence[PromptRun], names: _NameIndex | None = None, embeddings: EmbeddingLookup | None = None
+) -> tuple[list[int | _EmbeddingUse], list[float]]:
     texts = [text for text, _ in runs]
     if not texts:
         return [], []
     # verbose=False: prompts longer than 77 tokens are expected here (we chunk them).
     encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    ids: list[int] = []
+    units: list[int | _EmbeddingUse] = []
     weights: list[float] = []
     for run_ids, (_, weight) in zip(encoded, runs, strict=True):
-        ids.extend(run_ids)
-        weights.extend([float(weight)] * len(run_ids))
-    return ids, weights
+        if names is None or not names.by_first:
+            units.extend(run_ids)
+            weights.extend([float(weight)] * len(run_ids))
+            continue
+        # Embedding names are matched within one run (as A1111 tokenizes run by run).
+        position = 0
+        while position < len(run_ids):
+            found = names.match(run_ids, position)
+            if found is None:
+                units.append(run_ids[position])
+                position += 1
+            else:
+                name, length = found
+                units.append(_EmbeddingUse(name, _vector_count(name, embeddings[name])))
+                position += length
+            weights.append(float(weight))
+    return units, weights
+
+
+def _vector_count(name: str, vectors: Sequence[Tensor]) -> int:
+    counts = {int(v.shape[0]) for v in vectors}
+    if len(counts) != 1 or not all(v.dim() == 2 for v in vectors):
+        raise HuabiError(f"embedding {name!r}: its vector sets must be [n, width] with the same n")
+    return counts.pop()
 
 
 def _chunk_prompt(tokenizer, runs: Sequence[PromptRun], comma_id: int | None) -> list[tuple[list[int], list[float]]]:
+    """Tokenize and chunk one prompt's runs (no embeddings): ``[(ids, weights)]`` per chunk."""
+    return [(chunk.ids, chunk.weights) for chunk in _chunk_prompt_units(tokenizer, runs, comma_id)]
+
+
+def _chunk_prompt_units(
+    tokenizer, runs: Sequence[PromptRun], comma_id: int | None,
+    names: _NameIndex | None = None, embeddings: EmbeddingLookup | None = None,
+) -> list[_Chunk]:
     """Tokenize and chunk one prompt's runs; each BREAK run starts a new chunk."""
     segments: list[list[PromptRun]] = [[]]
     for run in runs:
@@ -168,23 +287,23 @@ def _chunk_prompt(tokenizer, runs: Sequence[PromptRun], comma_id: int | None) ->
             segments.append([])
         else:
             segments[-1].append(run)
-    chunks: list[tuple[list[int], list[float]]] = []
+    chunks: list[_Chunk] = []
     for index, segment in enumerate(segments):
-        ids, weights = _tokenize_runs(tokenizer, segment)
-        if not ids and index > 0 and index == len(segments) - 1:
+        units, weights = _tokenize_runs(tokenizer, segment, names, embeddings)
+        if not units and index > 0 and index == len(segments) - 1:
             break  # "a BREAK": A1111 closes the chunk and opens no new one
-        chunks += split_into_chunks(ids, weights, comma_id=comma_id)
+        chunks += _split_units(units, weights, comma_id=comma_id)
     return chunks
 
 
 def _chunk_rows(
-    chunks: list[tuple[list[int], list[float]]], *, bos_id: int, eos_id: int, pad_id: int
+    chunks: list[_Chunk], *, bos_id: int, eos_id: int, pad_id: int
 ) -> tuple[list[list[int]], list[list[float]]]:
     rows, row_weights = [], []
-    for ids, mults in chunks:
-        pad = CHUNK_TOKENS - len(ids)
-        rows.append([bos_id, *ids, eos_id] + [pad_id] * pad)
-        row_weights.append([1.0, *mults, 1.0] + [1.0] * pad)
+    for chunk in chunks:
+        pad = CHUNK_TOKENS - len(chunk.ids)
+        rows.append([bos_id, *chunk.ids, eos_id] + [pad_id] * pad)
+        row_weights.append([1.0, *chunk.weights, 1.0] + [1.0] * pad)
     return rows, row_weights
 
 
@@ -205,11 +324,53 @@ def _encoder_device_dtype(encoder: torch.nn.Module) -> tuple[torch.device, torch
     return weight.device, weight.dtype
 
 
+Splice = tuple[int, int, Tensor]  # (row, first position, [n, D] vectors)
+
+
+def _token_embedding(encoder: torch.nn.Module) -> torch.nn.Module:
+    return encoder.get_input_embeddings()
+
+
+def _forward_with_vectors(encoder: torch.nn.Module, input_ids: Tensor, splices: Sequence[Splice]):
+    """The encoder's own forward, with embedding vectors put in place of placeholder token embeddings.
+
+    transformers' CLIPTextModel takes no ``inputs_embeds``, so the token
+    embedding lookup's output is edited by a forward hook that lives for this
+    one call and only touches the call made with ``input_ids`` (another caller
+    of the same encoder meanwhile is left alone).  Positions, causal mask,
+    hidden states and EOS pooling stay the model's own.
+    """
+    fired: list[bool] = []
+
+    def splice(_module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        ids = args[0] if args else None
+        if not isinstance(ids, Tensor) or ids.data_ptr() != input_ids.data_ptr() or ids.shape != input_ids.shape:
+            return None
+        fired.append(True)
+        spliced = output.clone()  # out of place: gradients (embedding training) flow to the vectors
+        for row, start, vectors in splices:
+            spliced[row, start:start + vectors.shape[0]] = vectors.to(spliced.device, spliced.dtype)
+        return spliced
+
+    handle = _token_embedding(encoder).register_forward_hook(splice)
+    try:
+        out = encoder(input_ids=input_ids, output_hidden_states=True)
+    finally:
+        handle.remove()
+    if not fired:
+        raise HuabiError(f"{type(encoder).__name__}: its token embedding was not called as expected; cannot use embeddings")
+    return out
+
+
 def _run_encoder(
-    encoder: torch.nn.Module, input_ids: Tensor, rule: str, clip_skip: int, want_pooled: bool
+    encoder: torch.nn.Module, input_ids: Tensor, rule: str, clip_skip: int, want_pooled: bool,
+    splices: Sequence[Splice] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """[N, 77] ids -> ([N, 77, D] states, [N, P] pooled or None)."""
-    out = encoder(input_ids=input_ids, output_hidden_states=True)
+    if splices:
+        out = _forward_with_vectors(encoder, input_ids, splices)
+    else:
+        out = encoder(input_ids=input_ids, output_hidden_states=True)
     if rule == _LAST_OR_SKIP_LN:
         states = out.last_hidden_state if clip_skip == 1 else _final_layer_norm(encoder)(out.hidden_states[-clip_skip])
     elif rule == _PENULTIMATE_LN:
@@ -244,6 +405,7 @@ def encode_weighted_prompts(
     *,
     clip_skip: int = 1,
     min_chunks: int = 1,
+    embeddings: EmbeddingLookup | None = None,
 ) -> Conditioning:
     """Encode prompts given as parsed ``(text, weight)`` runs.  See the module notes."""
     try:
@@ -270,8 +432,16 @@ def encode_weighted_prompts(
         comma_id = tokenizer.convert_tokens_to_ids(COMMA_TOKEN)
         if comma_id == tokenizer.unk_token_id:
             comma_id = None  # a vocabulary without CLIP's comma token: no backtracking
-        chunked = [_chunk_prompt(tokenizer, runs, comma_id) for runs in prompts]
+        names = _NameIndex(tokenizer, embeddings) if embeddings else None
+        chunked = [_chunk_prompt_units(tokenizer, runs, comma_id, names, embeddings) for runs in prompts]
         per_encoder_chunks.append(chunked)
+    used: list[str] = []
+    for chunked in per_encoder_chunks[:1]:
+        for chunks in chunked:
+            for chunk in chunks:
+                used += [name for _, name in chunk.fixes if name not in used]
+    for name in used:
+        _check_embedding(name, embeddings[name], text_encoders)
     counts = [[len(c) for c in chunked] for chunked in per_encoder_chunks]
     if any(c != counts[0] for c in counts):
         raise HuabiError("the family's tokenizers split the prompts differently; they must share one vocabulary")
@@ -282,28 +452,34 @@ def encode_weighted_prompts(
     contexts, empties, pooled = [], [], None
     out_dtype: torch.dtype | None = None
     out_device: torch.device | None = None  # the first encoder's; SDXL's second may sit elsewhere (offload)
-    for (rule, want_pooled), encoder, tokenizer, chunked in zip(
+    for encoder_index, ((rule, want_pooled), encoder, tokenizer, chunked) in enumerate(zip(
         rules, text_encoders, tokenizers, per_encoder_chunks, strict=True
-    ):
+    )):
         device, dtype = _encoder_device_dtype(encoder)
         out_dtype = out_dtype or dtype
         out_device = out_device or device
         ids_rows: list[list[int]] = []
         weight_rows: list[list[float]] = []
+        splices: list[Splice] = []
         for chunks in chunked:
-            filled = chunks + [([], [])] * (n_chunks - len(chunks))
-            rows, row_weights = _chunk_rows(
-                filled, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id
-            )
-            ids_rows += rows
-            weight_rows += row_weights
+            filled = chunks + [_Chunk([], [], []) for _ in range(n_chunks - len(chunks))]
+            for chunk in filled:
+                for offset, name in chunk.fixes:  # +1: after BOS
+                    splices.append((len(ids_rows), offset + 1, embeddings[name][encoder_index]))
+                rows, row_weights = _chunk_rows(
+                    [chunk], bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                    pad_id=tokenizer.pad_token_id,
+                )
+                ids_rows += rows
+                weight_rows += row_weights
         empty_rows, empty_weights = _chunk_rows(
-            [([], [])], bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id
+            [_Chunk([], [], [])], bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
         )
         input_ids = torch.tensor(ids_rows + empty_rows, dtype=torch.long, device=device)
         weights = torch.tensor(weight_rows + empty_weights, dtype=dtype, device=device)
 
-        states, pooled_rows = _run_encoder(encoder, input_ids, rule, clip_skip, want_pooled)
+        states, pooled_rows = _run_encoder(encoder, input_ids, rule, clip_skip, want_pooled, splices)
         states = _apply_weights(states, weights)
         width = states.shape[-1]
         contexts.append(states[:-1].reshape(batch, n_chunks * (CHUNK_TOKENS + 2), width).to(out_device, out_dtype))
@@ -316,7 +492,21 @@ def encode_weighted_prompts(
         context=torch.cat(contexts, dim=-1),
         pooled=pooled,
         empty_chunk=torch.cat(empties, dim=-1),
+        embeddings_used=tuple(used),
     )
+
+
+def _check_embedding(name: str, vectors: Sequence[Tensor], text_encoders: Sequence[torch.nn.Module]) -> None:
+    if len(vectors) != len(text_encoders):
+        raise HuabiError(
+            f"embedding {name!r} has {len(vectors)} vector set(s) but the model has {len(text_encoders)} text encoder(s)"
+        )
+    for vector_set, encoder in zip(vectors, text_encoders, strict=True):
+        width = int(_token_embedding(encoder).weight.shape[-1])
+        if vector_set.shape[-1] != width:
+            raise HuabiError(
+                f"embedding {name!r} has {vector_set.shape[-1]}-wide vectors; the text encoder is {width} wide"
+            )
 
 
 def encode_prompts(
@@ -374,7 +564,7 @@ def encode_negative_prompts(
 def _zero_empty_negative(cond: Conditioning, family: ModelFamily, prompts: Sequence[str]) -> Conditioning:
     if ModelFamily(family) in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) and all(p == "" for p in prompts):
         pooled = torch.zeros_like(cond.pooled) if cond.pooled is not None else None
-        return Conditioning(torch.zeros_like(cond.context), pooled, cond.empty_chunk)
+        return Conditioning(torch.zeros_like(cond.context), pooled, cond.empty_chunk, cond.embeddings_used)
     return cond
 
 
@@ -387,6 +577,7 @@ def encode_a1111_prompts(
     clip_skip: int = 1,
     min_chunks: int = 1,
     negative: bool = False,
+    embeddings: EmbeddingLookup | None = None,
 ) -> Conditioning:
     """Encode prompts written with A1111's emphasis syntax: ``(a)``, ``[a]``, ``(a:1.3)``, ``BREAK``.
 
@@ -409,6 +600,7 @@ def encode_a1111_prompts(
         [parse_prompt_attention(prompt) for prompt in prompts],
         clip_skip=clip_skip,
         min_chunks=min_chunks,
+        embeddings=embeddings,
     )
     return _zero_empty_negative(cond, family, prompts) if negative else cond
 
@@ -428,7 +620,7 @@ def _lengthen(cond: Conditioning, tokens: int) -> Conditioning:
     else:
         # No empty-chunk encoding at hand: repeat the last token state (A1111's older padding).
         tail = cond.context[:, -1:].expand(batch, missing, -1)
-    return Conditioning(torch.cat([cond.context, tail], dim=1), cond.pooled, cond.empty_chunk)
+    return Conditioning(torch.cat([cond.context, tail], dim=1), cond.pooled, cond.empty_chunk, cond.embeddings_used)
 
 
 def pad_to_same_length(a: Conditioning, b: Conditioning) -> tuple[Conditioning, Conditioning]:

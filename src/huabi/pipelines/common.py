@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from huabi.core.conditioning import encode_a1111_prompts, sdxl_add_time_ids
+from huabi.core.conditioning import EmbeddingLookup, encode_a1111_prompts, sdxl_add_time_ids
 from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs, UNetInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
 from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
@@ -49,6 +49,8 @@ class GuidanceInputs:
     extra_networks: tuple[ExtraNetworkTag, ...]
     negative_extra_networks: tuple[ExtraNetworkTag, ...]
     encode: TextEncoder = field(repr=False, compare=False)
+    # Textual-inversion names used by the texts encoded so far, in order of first use.
+    embeddings_used: Callable[[], tuple[str, ...]] = field(default=tuple, repr=False, compare=False)
 
     def conditioning(self, total_steps: int) -> tuple[list[tuple[ScheduledInputs, float]], ScheduledInputs]:
         """``([(scheduled cond, weight) per sub-prompt], scheduled uncond)`` over ``total_steps``."""
@@ -73,6 +75,7 @@ def encode_guidance(
     device: torch.device,
     steps: int | None = None,
     sampler_name: str | None = None,
+    embeddings: EmbeddingLookup | None = None,
 ) -> GuidanceInputs:
     """Parse the prompt and negative prompt (A1111's syntax) and encode them.
 
@@ -80,19 +83,24 @@ def encode_guidance(
     negative prompt has no ``AND``, as in A1111, but supports everything else.
     The texts are encoded now for ``steps`` with ``sampler_name`` (1 step if not
     given); texts that only appear at other step counts are encoded when
-    :func:`denoise` asks for them.  Prompt and negative may differ in token
+    :func:`denoise` asks for them.  ``embeddings`` (name -> vectors, e.g. a
+    :class:`huabi.models.embeddings.EmbeddingLibrary`) makes embedding names in
+    either prompt stand for their vectors.  Prompt and negative may differ in token
     length: as in A1111's default, they then go through the UNet separately.
     """
     positive_text, positive_tags = extract_extra_networks(prompt)
     negative_text, negative_tags = extract_extra_networks(negative_prompt)
     encoded: dict[tuple[str, bool], UNetInputs] = {}
+    used: dict[str, None] = {}  # ordered set of embedding names
 
     def encode(text: str, negative: bool) -> UNetInputs:
         key = (text, negative)
         if key not in encoded:
             cond = encode_a1111_prompts(
-                bundle.text_encoders, bundle.tokenizers, bundle.family, [text], clip_skip=clip_skip, negative=negative
+                bundle.text_encoders, bundle.tokenizers, bundle.family, [text], clip_skip=clip_skip, negative=negative,
+                embeddings=embeddings,
             )
+            used.update(dict.fromkeys(cond.embeddings_used))
             encoded[key] = _unet_inputs(bundle, cond.context, cond.pooled, negative, width_px, height_px, device)
         return encoded[key]
 
@@ -102,6 +110,7 @@ def encode_guidance(
         extra_networks=tuple(positive_tags),
         negative_extra_networks=tuple(negative_tags),
         encode=encode,
+        embeddings_used=lambda: tuple(used),
     )
     total = 1 if steps is None else (steps if sampler_name is None else schedule_steps(sampler_name, steps))
     guidance.conditioning(total)  # encode now: errors surface here, the encoder memo is warm

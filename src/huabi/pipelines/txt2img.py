@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from huabi.core.conditioning import EmbeddingLookup
 from huabi.core.request import GenerationRequest
 from huabi.models.bundle import ModelBundle
 from huabi.pipelines.common import StepCallback, decode_latents, denoise, encode_guidance, latent_shape
@@ -19,6 +20,7 @@ class Txt2ImgResult:
     seeds: list[int]
     width_px: int
     height_px: int
+    embeddings_used: tuple[str, ...] = ()  # textual-inversion names the prompts used
 
 
 def txt2img(
@@ -28,8 +30,12 @@ def txt2img(
     *,
     device: torch.device,
     on_step: StepCallback | None = None,
+    embeddings: EmbeddingLookup | None = None,
 ) -> Txt2ImgResult:
-    """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``."""
+    """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``.
+
+    ``embeddings``: textual-inversion name -> vectors (see :func:`encode_guidance`).
+    """
     # 1. Check: resolve the size against the model's native resolution.
     width_px = request.width_px or bundle.native_size_px
     height_px = request.height_px or bundle.native_size_px
@@ -46,6 +52,7 @@ def txt2img(
         device=device,
         steps=request.steps,
         sampler_name=request.sampler,
+        embeddings=embeddings,
     )
 
     # 3 + 4. Prepare seeded latents and denoise them.
@@ -64,4 +71,7 @@ def txt2img(
 
     # 5. Decode to pixels.
     images = decode_latents(bundle, latents)
-    return Txt2ImgResult(images=images, seeds=list(seeds), width_px=width_px, height_px=height_px)
+    return Txt2ImgResult(
+        images=images, seeds=list(seeds), width_px=width_px, height_px=height_px,
+        embeddings_used=guidance.embeddings_used(),
+    )

@@ -26,6 +26,7 @@ from huabi.core.request import GenerationRequest
 from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
+from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
 from huabi.pipelines.txt2img import txt2img
@@ -134,10 +135,17 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         models_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
     ) -> None:
+        """``embeddings_dir``: textual-inversion files used by name in prompts (default
+        ``$HUABI_EMBEDDINGS_DIR``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
+        a missing default folder just means no embeddings, a missing given one is an error)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.models_dir = models_dir or default_models_dir()
+        if embeddings_dir is not None and not Path(embeddings_dir).expanduser().is_dir():
+            raise HuabiError(f"embeddings: {embeddings_dir}: no such folder")
+        self.embeddings_dir = Path(embeddings_dir).expanduser() if embeddings_dir is not None else default_embeddings_dir()
         self._loaded: tuple[tuple, ModelBundle] | None = None
 
     # -- models -------------------------------------------------------------------
@@ -229,6 +237,8 @@ class Engine:
         recorded = request
         if request.schedule == "Automatic":
             recorded = request.replace(schedule=default_schedule_for(request.sampler))
+        # Listed per job (cheap), so files added meanwhile count; read only when a prompt uses them.
+        embeddings = self.embeddings_for(bundle)
         batches = request.image_seeds()
         total_steps = request.steps * len(batches)
         results: list[GeneratedImage] = []
@@ -240,7 +250,10 @@ class Engine:
             # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
             with tiling:
-                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step)
+                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings)
+            extra = self._extra_infotext(bundle)
+            # Always set: a stale value copied from a --from image must not survive.
+            extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
             for image, seed in zip(result.images, result.seeds):
                 infotext = format_infotext(
                     recorded,
@@ -249,7 +262,7 @@ class Engine:
                     height_px=result.height_px,
                     model_name=bundle.name,
                     model_hash=bundle.short_hash,
-                    extra=self._extra_infotext(bundle),
+                    extra=extra,
                     version=f"huabi {__version__}",
                 )
                 path = None
@@ -257,6 +270,10 @@ class Engine:
                     path = save_png(image, next_image_path(out_dir, seed), infotext)
                 results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
         return results
+
+    def embeddings_for(self, bundle: ModelBundle) -> EmbeddingLibrary:
+        """The embeddings folder as seen by ``bundle``'s text encoders (widths are checked on use)."""
+        return EmbeddingLibrary.from_folder(self.embeddings_dir, family=bundle.family, text_encoders=bundle.text_encoders)
 
     def check_memory(self, bundle: ModelBundle, width_px: int, height_px: int, batch_size: int) -> None:
         needed = estimate_peak_bytes(bundle, width_px, height_px, batch_size, self.dtype)
