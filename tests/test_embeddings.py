@@ -276,3 +276,15 @@ def test_cli_embedding_changes_image_records_ti_hashes_and_from_reproduces(capsy
     again = Path(out.split()[0])
     assert np.array_equal(pixels(again), pixels(image))
     assert read_infotext(again) == read_infotext(image)
+
+
+def test_comma_backtrack_moves_an_embedding_with_its_tokens():
+    from huabi.core.conditioning import _EmbeddingUse, _split_units
+
+    comma, word = 11, 22
+    # 60 words, a comma, 2 words, a 3-vector embedding, 9 words: a full chunk of 75; the next word
+    # sends everything after the comma (14 tokens, the embedding at offset 2) to chunk 2, as A1111.
+    units = [word] * 60 + [comma] + [word] * 2 + [_EmbeddingUse("e", 3)] + [word] * 10
+    chunks = _split_units(units, [1.0] * len(units), comma_id=comma)
+    assert [len(chunk.ids) for chunk in chunks] == [61, 15]
+    assert chunks[0].fixes == [] and chunks[1].fixes == [(2, "e")]
