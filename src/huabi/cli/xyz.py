@@ -37,6 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     xyz.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
     xyz.add_argument("--clip-skip", type=int)
     _add_model_options(xyz)
+    xyz.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
+                     help="textual-inversion embeddings folder (default as for generate)")
     xyz.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
     xyz.add_argument("--quiet", action="store_true", help="no progress bar")
     return xyz
@@ -68,7 +70,8 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     from huabi.service.xyz import run_xyz
 
     plan = plan_from_args(args)  # bad axes fail here, before any model loads
-    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir)
+    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
+                    embeddings_dir=args.embeddings_dir)
     progress = _ProgressBar(enabled=not args.quiet)
     try:
         result = run_xyz(engine, plan, out_dir=args.out, on_progress=progress.update)
