@@ -14,6 +14,7 @@ from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
 from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
 from huabi.core.samplers import get_sampler
+from huabi.core.variation import NoiseVariation
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import ModelFamily, UNetVariant
@@ -185,35 +186,84 @@ def denoise(
     shape: tuple[int, int, int],
     device: torch.device,
     on_step: StepCallback | None = None,
+    variation: NoiseVariation | None = None,
+    init_latent: torch.Tensor | None = None,
+    denoising_strength: float = 1.0,
+    image_channels: torch.Tensor | None = None,
+    wrap_denoiser: Callable[[Callable], Callable] | None = None,
 ) -> torch.Tensor:
-    """Sample latents from seeded noise; returns x0 latents [B, C, h, w] in float32."""
+    """Sample latents from seeded noise; returns x0 latents [B, C, h, w] in float32.
+
+    Without ``init_latent`` this is text-to-image.  With it (image-to-image) the
+    sampler runs only the tail of the ``steps``-step schedule picked by
+    ``denoising_strength`` (see :func:`img2img_sigmas`), starting from
+    ``init_latent + noise * sigma_start``.  ``image_channels`` replaces the extra
+    UNet inputs that text-to-image would give inpainting/pix2pix models;
+    ``wrap_denoiser`` wraps the guided denoiser (inpainting re-imposes the kept
+    area there), so samplers never know.
+    """
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
     sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule).to(device)
-    noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
-    x = noise * sigmas[0]
+    # Variation seeds / seed resize (A1111) change only the first draw; ancestral noise
+    # still continues each image's own seed stream.
+    if variation is None:
+        noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
+    else:
+        noise = variation.noise(seeds, shape, device=device, dtype=torch.float32)
+    if init_latent is None:
+        x = noise * sigmas[0]
+    else:
+        sigmas = img2img_sigmas(sigmas, denoising_strength)
+        x = init_latent.to(device=device, dtype=torch.float32) + noise * sigmas[0]
     if spec.brownian:
         noise_sampler = BrownianNoiseSampler.for_sigmas(x, sigmas, seeds)
     else:
         noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=torch.float32)
-    channels = txt2img_image_channels(bundle, len(seeds), shape, device)
+    channels = image_channels
+    if channels is None:
+        channels = txt2img_image_channels(bundle, len(seeds), shape, device)
     # Per-step conditioning (prompt editing, alternation) and AND sub-prompts; the CFG
     # denoiser picks each call's entry by counting its calls, as A1111 does.
     conds, uncond = guidance.conditioning(schedule_steps(sampler_name, steps))
-    denoiser = CFGDenoiser(
+    denoiser: Callable = CFGDenoiser(
         PredictionDenoiser(bundle.unet, schedule, bundle.prediction),
         [(cond.with_channels(channels), weight) for cond, weight in conds],
         uncond.with_channels(channels),
         cfg_scale,
     )
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
     total = len(sigmas) - 1
 
     def report(i: int, *_unused) -> None:
         if on_step is not None:
             on_step(i + 1, total)
 
+    if total == 0:  # strength 0: nothing to denoise
+        return x
     with torch.inference_mode():
         return spec.fn(denoiser, x, sigmas, noise=noise_sampler, on_step=report)
+
+
+def img2img_sigmas(sigmas: torch.Tensor, denoising_strength: float) -> torch.Tensor:
+    """The tail of a full schedule that image-to-image runs (A1111 with "fix steps" off).
+
+    With S steps (``len(sigmas) - 1``) and strength d, A1111 runs
+    ``t_enc = int(min(d, 0.999) * S)`` encoding steps and samples over
+    ``sigmas[S - t_enc - 1:]``: ``t_enc + 1`` steps, the whole schedule at d = 1.
+    Strength 0 is special-cased here (A1111 would still take its last, smallest
+    step): the schedule is just ``[0]`` so the input comes back unchanged.
+    """
+    if not 0.0 <= denoising_strength <= 1.0:
+        from huabi.errors import HuabiError
+
+        raise HuabiError(f"denoising strength: must be from 0 to 1, got {denoising_strength}")
+    if denoising_strength == 0:
+        return sigmas[-1:]
+    steps = len(sigmas) - 1
+    t_enc = int(min(denoising_strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1:]
 
 
 # Decode as many images per VAE call as fit in this many output pixels: small images go
