@@ -105,7 +105,7 @@ _TAIL_KEYS: tuple[str, ...] = ("Version", "User")
 # Keys written from GenerationRequest fields; they may not also come as extras.
 _FIELD_KEYS = frozenset(
     {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip",
-     "Tiling"}
+     "Tiling", "Variation seed", "Variation seed strength", "Seed resize from"}
 )
 # Keys describing what was actually loaded and which program wrote the text.
 # They are written from format_infotext's arguments only; copies that a parsed
@@ -205,6 +205,7 @@ def format_infotext(
     model_hash: str | None,
     extra: Mapping[str, object] = {},
     version: str,
+    variation_seed: int | None = None,
 ) -> str:
     """The infotext of one image made from ``request``.
 
@@ -217,7 +218,9 @@ def format_infotext(
     keys A1111 does not know follow in the order given, then "Version". An
     unknown key in ``request.extra`` (read from an existing infotext) instead
     stays just before the known key that followed it there, so a parsed A1111
-    line is written back in its own order.
+    line is written back in its own order. ``variation_seed`` is this image's
+    own variation seed (default ``request.variation_seed``); as in A1111 the
+    variation keys appear only when the strength is not 0.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise HuabiError(f"infotext: seed must be a concrete non-negative integer, got {seed!r}")
@@ -234,10 +237,23 @@ def format_infotext(
         "Size": f"{width_px}x{height_px}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Variation seed": None,
+        "Variation seed strength": None,
+        "Seed resize from": None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Tiling": True if request.tile else None,
         "Version": version,
     }
+    if request.variation_strength != 0:
+        image_variation_seed = request.variation_seed if variation_seed is None else variation_seed
+        if not isinstance(image_variation_seed, int) or isinstance(image_variation_seed, bool) or image_variation_seed < 0:
+            raise HuabiError(
+                f"infotext: variation seed must be a concrete non-negative integer, got {image_variation_seed!r}"
+            )
+        params["Variation seed"] = image_variation_seed
+        params["Variation seed strength"] = float(request.variation_strength)
+    if request.seed_resize_from_px is not None:
+        params["Seed resize from"] = f"{request.seed_resize_from_px[0]}x{request.seed_resize_from_px[1]}"
     rank = {key: (_rank_of(key), 0) for key in params}
     for key, _ in request.extra:
         _check_extra_key(key, "request.extra")
@@ -446,8 +462,20 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
         if tiling not in ("True", "False"):
             raise HuabiError(f"infotext: Tiling: expected True or False, got {tiling!r}")
         fields["tile"] = tiling == "True"
+    if "Variation seed strength" in params:
+        fields["variation_strength"] = _float_param(params, "Variation seed strength")
+    if "Variation seed" in params:
+        fields["variation_seed"] = _int_param(params, "Variation seed")
+    if "Seed resize from" in params:
+        resize = re.match(r"^\s*(-?\d+)\s*x\s*(-?\d+)\s*$", params["Seed resize from"])
+        if resize is None:
+            raise HuabiError(f"infotext: Seed resize from: expected WIDTHxHEIGHT, got {params['Seed resize from']!r}")
+        # A1111 writes the key only when both sides are positive; "-1x-1" means off.
+        if int(resize.group(1)) > 0 and int(resize.group(2)) > 0:
+            fields["seed_resize_from_px"] = (int(resize.group(1)), int(resize.group(2)))
 
-    mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling"}
+    mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling",
+              "Variation seed", "Variation seed strength", "Seed resize from"}
     dropped: set[str] = set()
     if "model" in overrides:
         dropped |= {"Model", "Model hash"}

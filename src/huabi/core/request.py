@@ -43,6 +43,11 @@ class GenerationRequest:
     model: str | None = None  # path, name or hash; None: the built-in model
     vae: str | None = None
     tile: bool = False  # seamless tiling: circular padding in the UNet and VAE decoder
+    # A1111's variation seed ("subseed"): -1 picks one at run time; used only with strength > 0.
+    variation_seed: int = -1
+    variation_strength: float = 0.0  # 0: the plain seed's noise, 1: the variation seed's
+    # A1111's "resize seed from" (width_px, height_px): noise drawn at that size, pasted centred.
+    seed_resize_from_px: tuple[int, int] | None = None
     # Infotext keys huabi does not act on, kept so a round trip loses nothing.
     extra: tuple[tuple[str, str], ...] = field(default=())
 
@@ -73,6 +78,19 @@ class GenerationRequest:
             raise HuabiError(f"seed: must be -1 (random) or a non-negative integer, got {self.seed}")
         if not isinstance(self.tile, bool):
             raise HuabiError(f"tile: must be True or False, got {self.tile!r}")
+        if not isinstance(self.variation_seed, int) or isinstance(self.variation_seed, bool):
+            raise HuabiError(f"variation_seed: must be an integer, got {self.variation_seed!r}")
+        if self.variation_seed != -1 and not 0 <= self.variation_seed <= 2**63 - 1 - self.batch_size * self.batch_count:
+            raise HuabiError(f"variation_seed: must be -1 (random) or a non-negative integer, got {self.variation_seed}")
+        strength = self.variation_strength
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+            raise HuabiError(f"variation_strength: must be a number from 0 to 1, got {strength!r}")
+        if self.seed_resize_from_px is not None:
+            size = self.seed_resize_from_px
+            if not isinstance(size, tuple) or len(size) != 2:
+                raise HuabiError(f"seed_resize_from_px: must be (width_px, height_px), got {size!r}")
+            _check_int_range("seed_resize_from_px width", size[0], 8, MAX_SIDE_PX)
+            _check_int_range("seed_resize_from_px height", size[1], 8, MAX_SIDE_PX)
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if value is None:
@@ -85,20 +103,46 @@ class GenerationRequest:
         return dataclasses.replace(self, **changes)
 
     def with_resolved_seed(self, rng: random.Random | None = None) -> "GenerationRequest":
-        """Replace seed -1 by a concrete random seed, so it can be recorded."""
-        if self.seed != -1:
-            return self
+        """Replace seed -1 (and a used variation seed -1) by concrete random seeds, so they can be recorded."""
+        changes: dict[str, int] = {}
         rng = rng or random.Random()
-        return self.replace(seed=rng.randrange(MAX_SEED))
+        if self.seed == -1:
+            changes["seed"] = rng.randrange(MAX_SEED)
+        if self.variation_seed == -1 and self.variation_strength != 0:
+            changes["variation_seed"] = rng.randrange(MAX_SEED)
+        return self.replace(**changes) if changes else self
 
     def image_seeds(self) -> list[list[int]]:
-        """Seeds of every image, per batch: image i of the request uses seed + i (A1111's rule)."""
+        """Seeds of every image, per batch: image i of the request uses seed + i (A1111's rule).
+
+        With a variation strength other than 0 every image keeps the one seed and
+        the variation seed counts up instead (A1111 does the same).
+        """
         if self.seed == -1:
             raise HuabiError("seed: resolve -1 to a concrete seed before running")
+        step = 0 if self.variation_strength != 0 else 1
         return [
-            [self.seed + batch * self.batch_size + i for i in range(self.batch_size)]
+            [self.seed + step * (batch * self.batch_size + i) for i in range(self.batch_size)]
             for batch in range(self.batch_count)
         ]
+
+    def image_variation_seeds(self) -> list[list[int]] | None:
+        """Variation seeds per batch, image i of the request using variation_seed + i; None at strength 0."""
+        if self.variation_strength == 0:
+            return None
+        if self.variation_seed == -1:
+            raise HuabiError("variation_seed: resolve -1 to a concrete seed before running")
+        return [
+            [self.variation_seed + batch * self.batch_size + i for i in range(self.batch_size)]
+            for batch in range(self.batch_count)
+        ]
+
+    def seed_resize_from_latent(self, latent_factor: int) -> tuple[int, int] | None:
+        """(latent_h, latent_w) to draw noise at for seed resize, or None when it is off."""
+        if self.seed_resize_from_px is None:
+            return None
+        width_px, height_px = self.seed_resize_from_px
+        return (height_px // latent_factor, width_px // latent_factor)
 
 
 def _check_int_range(name: str, value: object, low: int, high: int) -> None:

@@ -14,6 +14,7 @@ from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
 from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
 from huabi.core.samplers import get_sampler
+from huabi.core.variation import NoiseVariation
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import ModelFamily, UNetVariant
@@ -185,6 +186,7 @@ def denoise(
     shape: tuple[int, int, int],
     device: torch.device,
     on_step: StepCallback | None = None,
+    variation: NoiseVariation | None = None,
     init_latent: torch.Tensor | None = None,
     denoising_strength: float = 1.0,
     image_channels: torch.Tensor | None = None,
@@ -203,7 +205,12 @@ def denoise(
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
     sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule).to(device)
-    noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
+    # Variation seeds / seed resize (A1111) change only the first draw; ancestral noise
+    # still continues each image's own seed stream.
+    if variation is None:
+        noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
+    else:
+        noise = variation.noise(seeds, shape, device=device, dtype=torch.float32)
     if init_latent is None:
         x = noise * sigmas[0]
     else:
