@@ -150,3 +150,87 @@ def _check_int_range(name: str, value: object, low: int, high: int) -> None:
         raise HuabiError(f"{name}: must be an integer, got {value!r}")
     if not low <= value <= high:
         raise HuabiError(f"{name}: must be from {low} to {high}, got {value}")
+
+
+# -- image editing (img2img, inpainting, outpainting) ----------------------------------
+
+# A1111's "Masked content" names, as written in infotext; the CLI's hyphenated spellings map here.
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+INPAINT_AREAS = {"whole": "Whole picture", "masked": "Only masked"}
+EDIT_RESIZE_MODES = ("just", "crop", "fill")
+OUTPAINT_SIDES = ("left", "right", "up", "down")
+MAX_MASK_BLUR_PX = 256
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """What to do to an existing image: the part of a request that txt2img does not have.
+
+    ``mask_image`` None is plain img2img. ``outpaint`` ``(left, right, up, down)``
+    pixels extends the canvas and inpaints the new area (no mask file needed).
+    """
+
+    init_image: str
+    denoising_strength: float = 0.75
+    resize_mode: str = "just"  # just | crop | fill (A1111: Just resize, Crop and resize, Resize and fill)
+    mask_image: str | None = None
+    mask_blur_px: int = 4
+    masked_content: str = "original"  # fill | original | latent noise | latent nothing
+    inpaint_area: str = "whole"  # whole | masked
+    padding_px: int = 32  # "Only masked padding, pixels"
+    invert_mask: bool = False
+    outpaint: tuple[int, int, int, int] | None = None  # left, right, up, down in pixels
+    outpaint_overlap_px: int = 8  # how far the outpaint mask reaches into the original
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.init_image, str) or not self.init_image:
+            raise HuabiError("init image: a path is required")
+        strength = self.denoising_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise HuabiError(f"denoising strength: must be from 0 to 1, got {strength!r}")
+        if self.resize_mode not in EDIT_RESIZE_MODES:
+            raise HuabiError(f"resize mode: unknown mode {self.resize_mode!r}; valid: {', '.join(EDIT_RESIZE_MODES)}")
+        _check_int_range("mask_blur", self.mask_blur_px, 0, MAX_MASK_BLUR_PX)
+        content = str(self.masked_content).replace("-", " ").lower()
+        if content not in MASKED_CONTENT:
+            raise HuabiError(
+                f"masked content: unknown {self.masked_content!r}; valid: fill, original, latent-noise, latent-nothing"
+            )
+        object.__setattr__(self, "masked_content", content)
+        if self.inpaint_area not in INPAINT_AREAS:
+            raise HuabiError(f"inpaint area: unknown {self.inpaint_area!r}; valid: whole, masked")
+        _check_int_range("padding", self.padding_px, 0, MAX_SIDE_PX)
+        _check_int_range("outpaint overlap", self.outpaint_overlap_px, 0, MAX_SIDE_PX)
+        if not isinstance(self.invert_mask, bool):
+            raise HuabiError(f"invert_mask: must be True or False, got {self.invert_mask!r}")
+        if self.outpaint is not None:
+            if len(self.outpaint) != 4:
+                raise HuabiError("outpaint: give four sides: left, right, up, down")
+            for side, value in zip(OUTPAINT_SIDES, self.outpaint):
+                _check_int_range(f"outpaint {side}", value, 0, MAX_SIDE_PX)
+                if value % 8:
+                    raise HuabiError(f"outpaint {side}: must be a multiple of 8, got {value}")
+            if not any(self.outpaint):
+                raise HuabiError("outpaint: every side is 0; nothing to extend")
+            if self.mask_image is not None:
+                raise HuabiError("outpaint: cannot be combined with a mask (the new area is the mask)")
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask_image is not None or self.outpaint is not None
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    """``left=128,right=0,up=64,down=0`` (any subset, any order) -> (left, right, up, down)."""
+    sides = dict.fromkeys(OUTPAINT_SIDES, 0)
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in sides:
+            raise HuabiError(f"outpaint: expected side=pixels with sides {', '.join(OUTPAINT_SIDES)}, got {part.strip()!r}")
+        if not value.strip().isdigit():
+            raise HuabiError(f"outpaint {name}: must be a whole number of pixels, got {value.strip()!r}")
+        sides[name] = int(value)
+    return sides["left"], sides["right"], sides["up"], sides["down"]
