@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huabi import __version__
+from huabi.cli import edit as edit_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("rest", nargs=argparse.REMAINDER)
 
     xyz_cli.add_parser(commands)
+    edit_cli.add_parser(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
@@ -326,6 +328,7 @@ COMMANDS = {
     "train": cmd_train,
     "make-placeholder": cmd_make_placeholder,
     "xyz": xyz_cli.cmd_xyz,
+    "edit": edit_cli.cmd_edit,
 }
 
 

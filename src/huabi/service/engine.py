@@ -22,7 +22,7 @@ from PIL import Image
 
 from huabi import __version__
 from huabi.core.infotext import format_infotext
-from huabi.core.request import GenerationRequest
+from huabi.core.request import EditOptions, GenerationRequest
 from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
@@ -269,6 +269,93 @@ class Engine:
                 if out_dir is not None:
                     path = save_png(image, next_image_path(out_dir, seed), infotext)
                 results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+        return results
+
+    def edit(
+        self,
+        request: GenerationRequest,
+        options: EditOptions,
+        *,
+        out_dir: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        rng: random.Random | None = None,
+    ) -> list[GeneratedImage]:
+        """Image to image, inpainting or outpainting of ``options.init_image``; PNGs to ``out_dir``.
+
+        The working size is ``request``'s size, else the init image's rounded to
+        multiples of 8 (the init image is resized to it with ``options.resize_mode``;
+        a mask of another size is stretched to the init image first, as A1111
+        does). "Only masked" keeps the init image's own size and scales just the
+        masked box to the working size. Outpainting extends the (resized) image.
+        """
+        from huabi.core.request import INPAINT_AREAS
+        from huabi.pipelines.img2img import img2img
+        from huabi.pipelines.inpaint import inpaint, outpaint_canvas
+        from huabi.service.images import RESIZE_MODES, default_size, load_image, load_mask, resize_image
+
+        request = request.with_resolved_seed(rng)
+        image = load_image(options.init_image, what="image")
+        mask = None
+        if options.mask_image is not None:
+            mask = load_mask(options.mask_image, image.width, image.height)
+        bundle = self.load(request.model, request.vae)
+        if request.width_px and request.height_px:
+            work_w, work_h = request.width_px, request.height_px
+        else:
+            work_w, work_h = default_size(image, bundle.vae_scale_factor)
+        only_masked = mask is not None and options.inpaint_area == "masked"
+        if not only_masked:
+            image = resize_image(image, work_w, work_h, options.resize_mode)
+            if mask is not None:
+                mask = resize_image(mask.convert("RGB"), work_w, work_h, options.resize_mode).convert("L")
+        if options.outpaint is not None:
+            image, mask = outpaint_canvas(image, options, request.seed)
+            work_w, work_h = image.size
+        self.check_memory(bundle, work_w, work_h, request.batch_size)
+        recorded = request.replace(width_px=work_w, height_px=work_h)
+        if request.schedule == "Automatic":
+            recorded = recorded.replace(schedule=default_schedule_for(request.sampler))
+        embeddings = self.embeddings_for(bundle)
+        extra = self._extra_infotext(bundle)
+        extra["Denoising strength"] = options.denoising_strength
+        if options.resize_mode != "just":
+            extra["Resize mode"] = RESIZE_MODES[options.resize_mode]
+        if mask is not None:
+            extra["Mask blur"] = options.mask_blur_px
+            extra["Masked content"] = options.masked_content
+            if options.invert_mask:
+                extra["Mask mode"] = "Inpaint not masked"
+            extra["Inpaint area"] = INPAINT_AREAS[options.inpaint_area]
+            if only_masked:
+                extra["Masked area padding"] = options.padding_px
+        if options.outpaint is not None:
+            extra["Outpaint"] = ",".join(
+                f"{side}={value}" for side, value in zip(("left", "right", "up", "down"), options.outpaint) if value
+            )
+        batches = request.image_seeds()
+        results: list[GeneratedImage] = []
+        for batch_index, seeds in enumerate(batches):
+            def on_step(done: int, total: int, _index=batch_index) -> None:
+                if on_progress is not None:
+                    on_progress(_index * total + min(done, total), total * len(batches))
+
+            tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
+            with tiling:
+                if mask is None:
+                    result = img2img(bundle, request, image, seeds, denoising_strength=options.denoising_strength,
+                                     device=self.device, on_step=on_step, embeddings=embeddings)
+                else:
+                    result = inpaint(bundle, request, image, mask, seeds, options, device=self.device,
+                                     on_step=on_step, embeddings=embeddings,
+                                     working_size=(work_w, work_h) if only_masked else None)
+            extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
+            for picture, seed in zip(result.images, result.seeds):
+                infotext = format_infotext(
+                    recorded, seed=seed, width_px=work_w, height_px=work_h, model_name=bundle.name,
+                    model_hash=bundle.short_hash, extra=extra, version=f"huabi {__version__}",
+                )
+                path = save_png(picture, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
+                results.append(GeneratedImage(image=picture, seed=seed, infotext=infotext, path=path))
         return results
 
     def embeddings_for(self, bundle: ModelBundle) -> EmbeddingLibrary:
