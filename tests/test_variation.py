@@ -170,3 +170,18 @@ def test_ancestral_noise_keeps_the_main_seed_stream(sd1):
                                              on_step=lambda *a: None)
     assert torch.equal(got, expected)
     assert not torch.equal(got, _run(sd1, [99], sampler="Euler a"))
+
+
+def test_generate_flags_build_the_request():
+    from huabi.cli.main import build_parser, requests_from_args
+
+    args = build_parser().parse_args(["generate", "a cat", "--seed", "5", "--variation-seed", "9",
+                                      "--variation-strength", "0.3", "--seed-resize-from", "512x768"])
+    (request,) = requests_from_args(args)
+    assert (request.variation_seed, request.variation_strength, request.seed_resize_from_px) == (9, 0.3, (512, 768))
+    bad = build_parser().parse_args(["generate", "a cat", "--seed-resize-from", "big"])
+    with pytest.raises(HuabiError, match="seed resize from: expected WIDTHxHEIGHT such as 512x512, got 'big'"):
+        requests_from_args(bad)
+    too_strong = build_parser().parse_args(["generate", "a cat", "--variation-strength", "2"])
+    with pytest.raises(HuabiError, match="variation_strength: must be a number from 0 to 1, got 2.0"):
+        requests_from_args(too_strong)

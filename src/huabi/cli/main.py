@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huabi import __version__
 from huabi.cli import edit as edit_cli
+from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
 
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
     gen.add_argument("--seed", type=int, help="-1 for random (the chosen seed is recorded)")
     gen.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
+    gen.add_argument("--variation-seed", type=int, metavar="SEED",
+                     help="A1111 variation seed, -1 for random (image i of a batch uses SEED + i)")
+    gen.add_argument("--variation-strength", type=float, metavar="S",
+                     help="0..1: how far the noise moves from --seed toward --variation-seed (default 0: off)")
+    gen.add_argument("--seed-resize-from", metavar="WxH",
+                     help="draw the seed's noise at this size and paste it centred (A1111's seed resize)")
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
@@ -78,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     xyz_cli.add_parser(commands)
     edit_cli.add_parser(commands)
+    upscale_cli.add_parser(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
@@ -144,9 +152,15 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
     overrides = {
         name: getattr(args, name)
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
-                     "batch_size", "batch_count", "clip_skip", "model", "vae", "tile")
+                     "batch_size", "batch_count", "clip_skip", "model", "vae", "tile",
+                     "variation_seed", "variation_strength")
         if getattr(args, name, None) is not None
     }
+    if getattr(args, "seed_resize_from", None) is not None:
+        try:
+            overrides["seed_resize_from_px"] = parse_size(args.seed_resize_from)
+        except HuabiError:
+            raise HuabiError(f"seed resize from: expected WIDTHxHEIGHT such as 512x512, got {args.seed_resize_from!r}") from None
     if args.size is not None:
         overrides["width_px"], overrides["height_px"] = parse_size(args.size)
 
@@ -329,6 +343,7 @@ COMMANDS = {
     "make-placeholder": cmd_make_placeholder,
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
+    "upscale": upscale_cli.cmd_upscale,
 }
 
 
