@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -19,7 +20,6 @@ from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import UNetVariant
 from huabi.pipelines.common import StepCallback, decode_latents, denoise, encode_guidance, latent_shape
-from huabi.service.images import image_to_tensor
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class Img2ImgResult:
     height_px: int
     embeddings_used: tuple[str, ...] = ()
     latents: torch.Tensor | None = None  # the denoised latents, before decoding
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> [3, H, W] float32 in [-1, 1] (the VAE's range)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def encode_image(bundle: ModelBundle, image: Image.Image | torch.Tensor, device: torch.device) -> torch.Tensor:

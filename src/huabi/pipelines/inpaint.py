@@ -37,10 +37,20 @@ from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import UNetVariant
 from huabi.pipelines.common import StepCallback, decode_latents
-from huabi.pipelines.img2img import Img2ImgResult, encode_image, img2img
-from huabi.service.images import image_to_tensor, mask_to_tensor, tensor_to_mask
+from huabi.pipelines.img2img import Img2ImgResult, encode_image, image_to_tensor, img2img
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Grey mask -> [H, W] float32 in [0, 1] (1 = repaint)."""
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+
+
+def tensor_to_mask(mask: torch.Tensor) -> Image.Image:
+    """[H, W] in [0, 1] -> 8-bit grey image (rounded)."""
+    array = (mask.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 class KeepUnmaskedDenoiser:

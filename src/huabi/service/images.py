@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from huabi.errors import HuabiError
+from huabi.pipelines.img2img import image_to_tensor  # noqa: F401  (re-exported for interfaces)
+from huabi.pipelines.inpaint import mask_to_tensor, tensor_to_mask  # noqa: F401
 
 # CLI spelling -> the name A1111 shows (and writes as "Resize mode").
 RESIZE_MODES = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
@@ -118,20 +118,3 @@ def resize_image(image: Image.Image, width_px: int, height_px: int, mode: str = 
                 canvas.paste(scaled.crop((scaled.width - 1, 0, scaled.width, scaled.height))
                              .resize((width_px - right, height_px)), (right, 0))
     return canvas
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> [3, H, W] float32 in [-1, 1] (the VAE's range)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
-    """Grey mask -> [H, W] float32 in [0, 1] (1 = repaint)."""
-    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-
-
-def tensor_to_mask(mask: torch.Tensor) -> Image.Image:
-    """[H, W] in [0, 1] -> 8-bit grey image (rounded)."""
-    array = (mask.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
