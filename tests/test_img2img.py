@@ -79,9 +79,11 @@ def test_strength_one_close_to_txt2img_with_real_image(bundle):
     assert diff_full < diff_low
 
 
-def test_seeds_and_batch_are_per_image(bundle):
-    batch = img2img(bundle, REQUEST, gradient_image(), [7, 8], denoising_strength=0.6, device=CPU).images
-    single = img2img(bundle, REQUEST, gradient_image(), [8], denoising_strength=0.6, device=CPU).images
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ SDE"])  # DPM++ SDE: Brownian noise over the full schedule
+def test_seeds_and_batch_are_per_image(bundle, sampler):
+    request = REQUEST.replace(sampler=sampler)
+    batch = img2img(bundle, request, gradient_image(), [7, 8], denoising_strength=0.6, device=CPU).images
+    single = img2img(bundle, request, gradient_image(), [8], denoising_strength=0.6, device=CPU).images
     assert np.abs(as_array(batch[1]) - as_array(single[0])).max() <= 1
     assert not np.array_equal(as_array(batch[0]), as_array(batch[1]))
 

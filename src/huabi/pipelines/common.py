@@ -211,13 +211,14 @@ def denoise(
         noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
     else:
         noise = variation.noise(seeds, shape, device=device, dtype=torch.float32)
+    full_sigmas = sigmas  # A1111 spans the Brownian tree over the whole schedule, img2img too
     if init_latent is None:
         x = noise * sigmas[0]
     else:
         sigmas = img2img_sigmas(sigmas, denoising_strength)
         x = init_latent.to(device=device, dtype=torch.float32) + noise * sigmas[0]
     if spec.brownian:
-        noise_sampler = BrownianNoiseSampler.for_sigmas(x, sigmas, seeds)
+        noise_sampler = BrownianNoiseSampler.for_sigmas(x, full_sigmas, seeds)
     else:
         noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=torch.float32)
     channels = image_channels
