@@ -16,6 +16,7 @@ from PIL import Image
 
 from huabi.core.conditioning import EmbeddingLookup
 from huabi.core.request import GenerationRequest
+from huabi.core.variation import NoiseVariation
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import UNetVariant
@@ -77,6 +78,7 @@ def img2img(
     image_channels: torch.Tensor | None = None,
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
     init_latent: torch.Tensor | None = None,
+    variation: NoiseVariation | None = None,
 ) -> Img2ImgResult:
     """Repaint ``init_image`` (already at the working size) ``len(seeds)`` times.
 
@@ -84,7 +86,8 @@ def img2img(
     the whole schedule (txt2img's sigmas, starting from init latent + noise).
     ``init_latent`` ([1 or B, C, h, w]) overrides the encoded image (inpainting's
     "masked content" options); ``image_channels`` and ``wrap_denoiser`` pass
-    through to :func:`denoise`.
+    through to :func:`denoise`, as does ``variation`` (variation seeds / seed
+    resize change the noise added to the init latent).
     """
     # 1. Check: the working size is the init image's.
     if not 0.0 <= float(denoising_strength) <= 1.0:
@@ -112,7 +115,7 @@ def img2img(
         bundle, guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=on_step,
         init_latent=init_latent, denoising_strength=float(denoising_strength),
-        image_channels=image_channels, wrap_denoiser=wrap_denoiser,
+        image_channels=image_channels, wrap_denoiser=wrap_denoiser, variation=variation,
     )
 
     # 5. Decode to pixels.

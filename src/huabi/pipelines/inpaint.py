@@ -33,6 +33,7 @@ from huabi.core.masks import (
 )
 from huabi.core.noise import initial_noise
 from huabi.core.request import EditOptions, GenerationRequest
+from huabi.core.variation import NoiseVariation
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import UNetVariant
@@ -101,12 +102,14 @@ def inpaint(
     on_step: StepCallback | None = None,
     embeddings: EmbeddingLookup | None = None,
     working_size: tuple[int, int] | None = None,
+    variation: NoiseVariation | None = None,
 ) -> InpaintResult:
     """Repaint the white part of ``mask`` (same size as ``image``) ``len(seeds)`` times.
 
     ``working_size`` is the size the model runs at: the image's own for "whole"
     (then it must already be a multiple of 8), the size the masked box is scaled
-    to for "masked" (default: the image's size rounded to 8).
+    to for "masked" (default: the image's size rounded to 8). ``variation``
+    (variation seeds / seed resize) goes to the noise added to the init latent.
     """
     if mask.size != image.size:
         raise HuabiError(f"mask: size {mask.size[0]}x{mask.size[1]} differs from the image's {image.width}x{image.height}")
@@ -156,7 +159,7 @@ def inpaint(
     result: Img2ImgResult = img2img(
         bundle, request, work_image, seeds, denoising_strength=options.denoising_strength, device=device,
         on_step=on_step, embeddings=embeddings, image_channels=image_channels, init_latent=init_latent,
-        wrap_denoiser=lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint),
+        wrap_denoiser=lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint), variation=variation,
     )
     latents = blend_keep(result.latents, init_latent, repaint)
     generated = decode_latents(bundle, latents)
