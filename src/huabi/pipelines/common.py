@@ -12,6 +12,7 @@ from PIL import Image
 from huabi.core.conditioning import EmbeddingLookup, encode_a1111_prompts, sdxl_add_time_ids
 from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs, UNetInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
+from huabi.core.request import GenerationRequest
 from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
 from huabi.core.samplers import get_sampler
 from huabi.core.variation import NoiseVariation
@@ -172,6 +173,17 @@ def latent_shape(bundle: ModelBundle, width_px: int, height_px: int) -> tuple[in
             f"size: {width_px}x{height_px} is not a multiple of this model's {factor}-pixel latent cell"
         )
     return (bundle.latent_channels, height_px // factor, width_px // factor)
+
+
+def noise_variation(
+    bundle: ModelBundle, request: GenerationRequest, variation_seeds: Sequence[int] | None
+) -> NoiseVariation | None:
+    """A1111's variation seed / seed resize for one batch, or None for plain seeded noise."""
+    resize = request.seed_resize_from_latent(bundle.vae_scale_factor)
+    if request.variation_strength == 0 and resize is None:
+        return None
+    seeds = tuple(variation_seeds) if request.variation_strength != 0 and variation_seeds is not None else None
+    return NoiseVariation(seeds, float(request.variation_strength) if seeds else 0.0, resize)
 
 
 def denoise(

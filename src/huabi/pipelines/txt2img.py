@@ -11,7 +11,14 @@ from PIL import Image
 from huabi.core.conditioning import EmbeddingLookup
 from huabi.core.request import GenerationRequest
 from huabi.models.bundle import ModelBundle
-from huabi.pipelines.common import StepCallback, decode_latents, denoise, encode_guidance, latent_shape
+from huabi.pipelines.common import (
+    StepCallback,
+    decode_latents,
+    denoise,
+    encode_guidance,
+    latent_shape,
+    noise_variation,
+)
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,13 @@ def txt2img(
     device: torch.device,
     on_step: StepCallback | None = None,
     embeddings: EmbeddingLookup | None = None,
+    variation_seeds: Sequence[int] | None = None,
 ) -> Txt2ImgResult:
     """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``.
 
     ``embeddings``: textual-inversion name -> vectors (see :func:`encode_guidance`).
+    ``variation_seeds``: this batch's A1111 variation seeds (one per image), used with
+    ``request.variation_strength``; ``request.seed_resize_from_px`` applies either way.
     """
     # 1. Check: resolve the size against the model's native resolution.
     width_px = request.width_px or bundle.native_size_px
@@ -67,6 +77,7 @@ def txt2img(
         shape=shape,
         device=device,
         on_step=on_step,
+        variation=noise_variation(bundle, request, variation_seeds),
     )
 
     # 5. Decode to pixels.

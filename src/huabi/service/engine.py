@@ -29,6 +29,7 @@ from huabi.models.bundle import ModelBundle
 from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
+from huabi.pipelines.common import noise_variation
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
@@ -240,9 +241,11 @@ class Engine:
         # Listed per job (cheap), so files added meanwhile count; read only when a prompt uses them.
         embeddings = self.embeddings_for(bundle)
         batches = request.image_seeds()
+        variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         total_steps = request.steps * len(batches)
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
+            variation_seeds = variation_batches[batch_index] if variation_batches else [None] * len(seeds)
             def on_step(done: int, _total: int, _base=batch_index * request.steps) -> None:
                 if on_progress is not None:
                     on_progress(_base + min(done, request.steps), total_steps)
@@ -250,14 +253,16 @@ class Engine:
             # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
             with tiling:
-                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings)
+                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                                 variation_seeds=variation_batches[batch_index] if variation_batches else None)
             extra = self._extra_infotext(bundle)
             # Always set: a stale value copied from a --from image must not survive.
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
-            for image, seed in zip(result.images, result.seeds):
+            for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds):
                 infotext = format_infotext(
                     recorded,
                     seed=seed,
+                    variation_seed=variation_seed,
                     width_px=result.width_px,
                     height_px=result.height_px,
                     model_name=bundle.name,
@@ -333,8 +338,12 @@ class Engine:
                 f"{side}={value}" for side, value in zip(("left", "right", "up", "down"), options.outpaint) if value
             )
         batches = request.image_seeds()
+        variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
+            batch_variation_seeds = variation_batches[batch_index] if variation_batches else None
+            variation = noise_variation(bundle, request, batch_variation_seeds)
+
             def on_step(done: int, total: int, _index=batch_index) -> None:
                 if on_progress is not None:
                     on_progress(_index * total + min(done, total), total * len(batches))
@@ -343,15 +352,16 @@ class Engine:
             with tiling:
                 if mask is None:
                     result = img2img(bundle, request, image, seeds, denoising_strength=options.denoising_strength,
-                                     device=self.device, on_step=on_step, embeddings=embeddings)
+                                     device=self.device, on_step=on_step, embeddings=embeddings, variation=variation)
                 else:
                     result = inpaint(bundle, request, image, mask, seeds, options, device=self.device,
                                      on_step=on_step, embeddings=embeddings,
-                                     working_size=(work_w, work_h) if only_masked else None)
+                                     working_size=(work_w, work_h) if only_masked else None, variation=variation)
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
-            for picture, seed in zip(result.images, result.seeds):
+            for picture, seed, variation_seed in zip(result.images, result.seeds,
+                                                     batch_variation_seeds or [None] * len(seeds)):
                 infotext = format_infotext(
-                    recorded, seed=seed, width_px=work_w, height_px=work_h, model_name=bundle.name,
+                    recorded, seed=seed, variation_seed=variation_seed, width_px=work_w, height_px=work_h, model_name=bundle.name,
                     model_hash=bundle.short_hash, extra=extra, version=f"huabi {__version__}",
                 )
                 path = save_png(picture, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
