@@ -22,6 +22,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 echo "$(date '+%F %T') [launcher] pid $$ start: data $DATA state $STATE threads $THREADS device $DEVICE" >> "$STATE/train.log"
 cd "$REPO"
+if [ ! -f "$DATA/metadata.jsonl" ] && [ ! -d "$STATE/data" ]; then
+    # A new machine: build the offline dataset first (about 2.5 minutes; needs `bash setup.sh --train`).
+    echo "$(date '+%F %T') [launcher] building the dataset in $DATA" >> "$STATE/train.log"
+    "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --quiet >> "$STATE/train.log" 2>&1
+fi
 set +e
 nice -n 10 "$PYTHON" -m huabi.train mini \
     --data "$DATA" --state "$STATE" --device "$DEVICE" --threads "$THREADS" \
