@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="0..1: how far the noise moves from --seed toward --variation-seed (default 0: off)")
     gen.add_argument("--seed-resize-from", metavar="WxH",
                      help="draw the seed's noise at this size and paste it centred (A1111's seed resize)")
+    gen.add_argument("--hires", action="store_true", default=None,
+                     help="A1111's hires fix: generate at --size, upscale, then a second img2img pass")
+    gen.add_argument("--hires-scale", type=float, metavar="S", help="hires upscale factor, 1..4 (default 2)")
+    gen.add_argument("--hires-resize", metavar="WxH", help="hires target size instead of --hires-scale")
+    gen.add_argument("--hires-upscaler", metavar="NAME|PATH",
+                     help="Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+                          "'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, None, or an upscaler model file")
+    gen.add_argument("--hires-steps", type=int, metavar="N", help="second-pass steps (0: same as --steps)")
+    gen.add_argument("--hires-denoise", type=float, metavar="D", help="second-pass denoising strength (default 0.7)")
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
@@ -153,9 +162,18 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
         name: getattr(args, name)
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
                      "batch_size", "batch_count", "clip_skip", "model", "vae", "tile",
-                     "variation_seed", "variation_strength")
+                     "variation_seed", "variation_strength", "hires", "hires_scale", "hires_upscaler",
+                     "hires_steps", "hires_denoise")
         if getattr(args, name, None) is not None
     }
+    if any(overrides.get(name) is not None for name in ("hires_scale", "hires_upscaler", "hires_steps", "hires_denoise")):
+        overrides["hires"] = True  # a hires setting on its own means hires fix on
+    if getattr(args, "hires_resize", None) is not None:
+        try:
+            overrides["hires_resize_px"] = parse_size(args.hires_resize)
+        except HuabiError:
+            raise HuabiError(f"hires resize: expected WIDTHxHEIGHT such as 1024x1024, got {args.hires_resize!r}") from None
+        overrides["hires"] = True
     if getattr(args, "seed_resize_from", None) is not None:
         try:
             overrides["seed_resize_from_px"] = parse_size(args.seed_resize_from)

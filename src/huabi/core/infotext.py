@@ -107,6 +107,9 @@ _FIELD_KEYS = frozenset(
     {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip",
      "Tiling", "Variation seed", "Variation seed strength", "Seed resize from"}
 )
+# Written from the request's hires fields when hires fix is on (copies in ``extra`` are then
+# dropped); a parsed infotext with an upscaler huabi can run turns hires fix back on.
+HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
 # Keys describing what was actually loaded and which program wrote the text.
 # They are written from format_infotext's arguments only; copies that a parsed
 # request carries in ``extra`` are records of the source image, never re-emitted.
@@ -254,6 +257,16 @@ def format_infotext(
         params["Variation seed strength"] = float(request.variation_strength)
     if request.seed_resize_from_px is not None:
         params["Seed resize from"] = f"{request.seed_resize_from_px[0]}x{request.seed_resize_from_px[1]}"
+    if request.hires:
+        # As A1111 writes them: the scale or the resize, steps only when set, the hires strength.
+        params["Denoising strength"] = float(request.hires_denoise)
+        if request.hires_resize_px is None:
+            params["Hires upscale"] = float(request.hires_scale)
+        else:
+            params["Hires resize"] = f"{request.hires_resize_px[0]}x{request.hires_resize_px[1]}"
+        if request.hires_steps:
+            params["Hires steps"] = request.hires_steps
+        params["Hires upscaler"] = request.hires_upscaler
     rank = {key: (_rank_of(key), 0) for key in params}
     for key, _ in request.extra:
         _check_extra_key(key, "request.extra")
@@ -269,8 +282,11 @@ def format_infotext(
             anchor = next_known if next_known is not None else _UNKNOWN_RANK
             rank.setdefault(key, (anchor - 0.5, index))
     for key, value in request.extra:
-        if key not in _RUN_KEYS:  # records of the source image are not re-emitted
-            params[key] = value
+        if key in _RUN_KEYS:  # records of the source image are not re-emitted
+            continue
+        if request.hires and (key in HIRES_KEYS or key == "Denoising strength"):
+            continue  # written from the hires fields above
+        params[key] = value
     for index, (key, value) in enumerate(extra.items()):
         _check_extra_key(key, "extra")
         if key in _RUN_KEYS - {"VAE", "VAE hash"}:
@@ -476,6 +492,25 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
 
     mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling",
               "Variation seed", "Variation seed strength", "Seed resize from"}
+    # A1111 always writes "Hires upscaler" with hires fix on; without it the keys are just kept.
+    if "Hires upscaler" in params and _runnable_upscaler(params["Hires upscaler"]):
+        # Hires fix back on. The keys also stay in ``extra``, so an A1111 text keeps its
+        # own spelling while hires is off (an override); with it on they are written afresh.
+        fields["hires"] = True
+        if "Denoising strength" in params:  # with hires keys it is the second pass's strength
+            fields["hires_denoise"] = _float_param(params, "Denoising strength")
+        if "Hires upscale" in params:
+            fields["hires_scale"] = _float_param(params, "Hires upscale")
+        if "Hires resize" in params:
+            resize = _SIZE_RE.match(params["Hires resize"])
+            if resize is None:
+                raise HuabiError(f"infotext: Hires resize: expected WIDTHxHEIGHT, got {params['Hires resize']!r}")
+            if int(resize.group(1)) > 0 and int(resize.group(2)) > 0:
+                fields["hires_resize_px"] = (int(resize.group(1)), int(resize.group(2)))
+        if "Hires steps" in params:
+            fields["hires_steps"] = _int_param(params, "Hires steps")
+        if "Hires upscaler" in params:
+            fields["hires_upscaler"] = params["Hires upscaler"]
     dropped: set[str] = set()
     if "model" in overrides:
         dropped |= {"Model", "Model hash"}
@@ -491,6 +526,14 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
             raise HuabiError(f"request_from_infotext: unknown field {name!r}; valid: {', '.join(sorted(valid_fields))}")
         fields[name] = value
     return GenerationRequest(**fields)
+
+
+def _runnable_upscaler(name: str) -> bool:
+    """Whether huabi can run a recorded hires upscaler (A1111's model names such as
+    "R-ESRGAN 4x+" are not files huabi knows: such a text keeps hires off, its keys kept)."""
+    from huabi.core.request import HIRES_UPSCALER_NAMES, is_upscaler_path
+
+    return name in HIRES_UPSCALER_NAMES or is_upscaler_path(name)
 
 
 def _int_param(params: Mapping[str, str], key: str) -> int:

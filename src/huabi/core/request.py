@@ -25,6 +25,22 @@ MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_CLIP_SKIP = 12
 
+# A1111's hires-fix upscaler names: latent modes interpolate the latent (torch mode, antialias),
+# pixel modes decode, resize the image and encode again. A model file path is also accepted.
+HIRES_LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+HIRES_PIXEL_UPSCALERS = ("Lanczos", "None")
+HIRES_UPSCALER_NAMES = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
+UPSCALER_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+MIN_HIRES_SCALE = 1.0
+MAX_HIRES_SCALE = 4.0
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -48,6 +64,16 @@ class GenerationRequest:
     variation_strength: float = 0.0  # 0: the plain seed's noise, 1: the variation seed's
     # A1111's "resize seed from" (width_px, height_px): noise drawn at that size, pasted centred.
     seed_resize_from_px: tuple[int, int] | None = None
+    # A1111's hires fix: a second img2img pass at the upscaled size (off unless hires is True).
+    hires: bool = False
+    hires_scale: float = 2.0  # used when hires_resize_px is None
+    hires_resize_px: tuple[int, int] | None = None  # (width_px, height_px) target instead of a scale
+    hires_upscaler: str = "Latent"  # a HIRES_UPSCALER_NAMES entry or an upscaler model file path
+    hires_steps: int = 0  # 0: the first pass's step count
+    hires_denoise: float = 0.7
+    # SDXL refiner: a second checkpoint takes over at this fraction of the steps (None: off).
+    refiner: str | None = None
+    refiner_switch_at: float = 0.8
     # Infotext keys huabi does not act on, kept so a round trip loses nothing.
     extra: tuple[tuple[str, str], ...] = field(default=())
 
@@ -91,6 +117,12 @@ class GenerationRequest:
                 raise HuabiError(f"seed_resize_from_px: must be (width_px, height_px), got {size!r}")
             _check_int_range("seed_resize_from_px width", size[0], 8, MAX_SIDE_PX)
             _check_int_range("seed_resize_from_px height", size[1], 8, MAX_SIDE_PX)
+        self._check_hires()
+        if self.refiner is not None and (not isinstance(self.refiner, str) or not self.refiner):
+            raise HuabiError(f"refiner: must be a model path or name, got {self.refiner!r}")
+        switch = self.refiner_switch_at
+        if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch <= 1.0:
+            raise HuabiError(f"refiner_switch_at: must be a number above 0 and at most 1, got {switch!r}")
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if value is None:
@@ -98,6 +130,45 @@ class GenerationRequest:
             _check_int_range(name, value, 8, MAX_SIDE_PX)
             if value % 8:
                 raise HuabiError(f"{name}: must be a multiple of 8, got {value}")
+
+    def _check_hires(self) -> None:
+        if not isinstance(self.hires, bool):
+            raise HuabiError(f"hires: must be True or False, got {self.hires!r}")
+        scale = self.hires_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not MIN_HIRES_SCALE <= scale <= MAX_HIRES_SCALE:
+            raise HuabiError(f"hires_scale: must be a number from {MIN_HIRES_SCALE:g} to {MAX_HIRES_SCALE:g}, got {scale!r}")
+        if self.hires_resize_px is not None:
+            size = self.hires_resize_px
+            if not isinstance(size, tuple) or len(size) != 2:
+                raise HuabiError(f"hires_resize_px: must be (width_px, height_px), got {size!r}")
+            for side_name, side in zip(("width", "height"), size):
+                _check_int_range(f"hires_resize_px {side_name}", side, 8, MAX_SIDE_PX)
+                if side % 8:
+                    raise HuabiError(f"hires_resize_px {side_name}: must be a multiple of 8, got {side}")
+        upscaler = self.hires_upscaler
+        if not isinstance(upscaler, str) or not (
+            upscaler in HIRES_UPSCALER_NAMES or is_upscaler_path(upscaler)
+        ):
+            raise HuabiError(
+                f"hires_upscaler: unknown upscaler {upscaler!r}; valid: {', '.join(HIRES_UPSCALER_NAMES)} "
+                "or an upscaler model file (.pth, .safetensors)"
+            )
+        _check_int_range("hires_steps", self.hires_steps, 0, MAX_STEPS)
+        strength = self.hires_denoise
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise HuabiError(f"hires_denoise: must be a number from 0 to 1, got {strength!r}")
+
+    def hires_target_px(self, width_px: int, height_px: int, latent_factor: int = 8) -> tuple[int, int]:
+        """The second pass's (width_px, height_px) for a first pass of ``width_px`` x ``height_px``.
+
+        A scale multiplies both sides (A1111 truncates to whole pixels); huabi then rounds
+        down to the latent cell, which A1111's latent shape does implicitly.
+        """
+        if self.hires_resize_px is not None:
+            return self.hires_resize_px
+        target_w = int(width_px * self.hires_scale) // latent_factor * latent_factor
+        target_h = int(height_px * self.hires_scale) // latent_factor * latent_factor
+        return max(target_w, latent_factor), max(target_h, latent_factor)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -143,6 +214,12 @@ class GenerationRequest:
             return None
         width_px, height_px = self.seed_resize_from_px
         return (height_px // latent_factor, width_px // latent_factor)
+
+
+def is_upscaler_path(text: str) -> bool:
+    """Whether a hires upscaler value names a model file rather than one of A1111's built-in modes."""
+    lowered = text.lower()
+    return lowered.endswith(UPSCALER_FILE_SUFFIXES) or "/" in text or "\\" in text
 
 
 def _check_int_range(name: str, value: object, low: int, high: int) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from huabi import __version__
 from huabi.core.infotext import format_infotext
-from huabi.core.request import EditOptions, GenerationRequest
+from huabi.core.request import EditOptions, GenerationRequest, is_upscaler_path
 from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
@@ -30,6 +30,7 @@ from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
 from huabi.pipelines.common import noise_variation
+from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
@@ -214,6 +215,32 @@ class Engine:
         self._loaded = (key, bundle)
         return bundle
 
+    def hires_pixel_upscaler(self, request: GenerationRequest) -> PixelUpscaler | None:
+        """The image resizer for a pixel-space hires upscaler: None (Lanczos) unless it is a model file."""
+        if not is_upscaler_path(request.hires_upscaler):
+            return None
+        from huabi.models.upscalers import load_upscaler
+        from huabi.service.upscale import upscale_with_model
+
+        path = Path(request.hires_upscaler).expanduser()
+        if not path.is_file():
+            raise HuabiError(f"hires upscaler: {request.hires_upscaler}: no such file")
+        model = load_upscaler(path, device=self.device)
+        device = self.device
+
+        def upscale(image: Image.Image, width_px: int, height_px: int) -> Image.Image:
+            # Model passes until the target is covered, then Lanczos to the exact size (as A1111).
+            current = image
+            for _ in range(4):
+                if current.width >= width_px and current.height >= height_px:
+                    break
+                current = upscale_with_model(current, model, device=device)
+            if current.size != (width_px, height_px):
+                current = current.resize((width_px, height_px), resample=Image.LANCZOS)
+            return current
+
+        return upscale
+
     def is_placeholder(self, bundle: ModelBundle) -> bool:
         return bundle.path is not None and bundle.path.resolve() == placeholder_model_path().resolve()
 
@@ -229,6 +256,8 @@ class Engine:
     ) -> list[GeneratedImage]:
         """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
         request = request.with_resolved_seed(rng)
+        if request.refiner is not None:
+            raise HuabiError("refiner: the SDXL refiner hand-over is not implemented yet; leave refiner unset")
         bundle = self.load(request.model, request.vae)
         width_px = request.width_px or bundle.native_size_px
         height_px = request.height_px or bundle.native_size_px
@@ -242,19 +271,32 @@ class Engine:
         embeddings = self.embeddings_for(bundle)
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
-        total_steps = request.steps * len(batches)
+        batch_steps = request.steps + ((request.hires_steps or request.steps) if request.hires else 0)
+        total_steps = batch_steps * len(batches)
+        pixel_upscaler = self.hires_pixel_upscaler(request) if request.hires else None
+        if request.hires:
+            hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
+            self.check_memory(bundle, hires_w, hires_h, request.batch_size)
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
             variation_seeds = variation_batches[batch_index] if variation_batches else [None] * len(seeds)
-            def on_step(done: int, _total: int, _base=batch_index * request.steps) -> None:
+            def on_step(done: int, _total: int, _base=batch_index * batch_steps) -> None:
                 if on_progress is not None:
-                    on_progress(_base + min(done, request.steps), total_steps)
+                    on_progress(_base + min(done, batch_steps), total_steps)
 
             # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
             with tiling:
-                result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
-                                 variation_seeds=variation_batches[batch_index] if variation_batches else None)
+                if request.hires:
+                    result = hires_txt2img(
+                        bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                        variation_seeds=variation_batches[batch_index] if variation_batches else None,
+                        pixel_upscaler=pixel_upscaler,
+                    )
+                else:
+                    result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step,
+                                     embeddings=embeddings,
+                                     variation_seeds=variation_batches[batch_index] if variation_batches else None)
             extra = self._extra_infotext(bundle)
             # Always set: a stale value copied from a --from image must not survive.
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
