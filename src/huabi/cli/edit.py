@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``edit`` on the ``huabi`` sub-command parser."""
-    from huabi.cli.main import _add_model_options  # at call time: main imports this module
+    from huabi.cli.main import _add_model_options, add_output_options, add_sampling_options  # at call time: main imports this module
 
     edit = commands.add_parser("edit", help="image to image, inpainting (--mask) and outpainting (--outpaint)")
     edit.add_argument("image", type=Path, help="the image to start from")
@@ -39,18 +39,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     edit.add_argument("--outpaint", metavar="left=N,right=N,up=N,down=N",
                       help="extend the canvas by these pixels (multiples of 8) and paint the new area")
     edit.add_argument("--instruct", action="store_true", help=argparse.SUPPRESS)
-    edit.add_argument("--steps", type=int)
-    edit.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
-    edit.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
-    edit.add_argument("--schedule", help="schedule type, e.g. Automatic, Karras")
-    edit.add_argument("--seed", type=int, help="-1 for random (the chosen seed is recorded)")
-    edit.add_argument("--size", help="WIDTHxHEIGHT working size, multiples of 8 (default: the image's, rounded to 8)")
+    add_sampling_options(edit, size_help="WIDTHxHEIGHT working size, multiples of 8 (default: the image's, rounded to 8)")
     edit.add_argument("--batch-size", type=int)
     edit.add_argument("--batch-count", type=int)
     edit.add_argument("--clip-skip", type=int)
     _add_model_options(edit)
-    edit.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
-    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(edit)
     return edit
 
 

@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", type=Path, help="generate once per non-empty line of this file")
     gen.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
                      help="reuse the parameters in IMAGE's infotext; other flags override them")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
-    gen.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
-    gen.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
-    gen.add_argument("--seed", type=int, help="-1 for random (the chosen seed is recorded)")
-    gen.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
+    add_sampling_options(gen, size_help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
     gen.add_argument("--variation-seed", type=int, metavar="SEED",
                      help="A1111 variation seed, -1 for random (image i of a batch uses SEED + i)")
     gen.add_argument("--variation-strength", type=float, metavar="S",
@@ -75,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="textual-inversion embeddings folder, used by file name in prompts "
                           "(default: $HUABI_EMBEDDINGS_DIR, $HUABI_HOME/embeddings or ~/huabi/embeddings)")
     _add_model_options(gen)
-    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(gen)
 
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
     info.add_argument("image", type=Path)
@@ -99,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
     return parser
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, size_help: str,
+                         seed_help: str = "-1 for random (the chosen seed is recorded)") -> None:
+    """The sampling flags every image-making command shares (generate, edit, xyz)."""
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
+    parser.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
+    parser.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
+    parser.add_argument("--seed", type=int, help=seed_help)
+    parser.add_argument("--size", help=size_help)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

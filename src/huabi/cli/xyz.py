@@ -21,7 +21,7 @@ AXIS_HELP = (
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``xyz`` on the ``huabi`` sub-command parser."""
-    from huabi.cli.main import _add_model_options  # at call time: main imports this module
+    from huabi.cli.main import _add_model_options, add_output_options, add_sampling_options  # at call time: main imports this module
 
     xyz = commands.add_parser("xyz", help="X/Y/Z plot: a grid of images over up to three varied parameters")
     xyz.add_argument("prompt", help="the prompt (Prompt S/R replaces text in it)")
@@ -29,18 +29,13 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     xyz.add_argument("--y", dest="y_axis", metavar="'TYPE: VALUES'", help="Y axis (rows)")
     xyz.add_argument("--z", dest="z_axis", metavar="'TYPE: VALUES'", help="Z axis (one grid per value)")
     xyz.add_argument("-n", "--negative", dest="negative_prompt", help="negative prompt")
-    xyz.add_argument("--steps", type=int)
-    xyz.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
-    xyz.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
-    xyz.add_argument("--schedule", help="schedule type, e.g. Automatic, Karras")
-    xyz.add_argument("--seed", type=int, help="-1 for random: resolved once, the same for every cell")
-    xyz.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)")
+    add_sampling_options(xyz, size_help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)",
+                         seed_help="-1 for random: resolved once, the same for every cell")
     xyz.add_argument("--clip-skip", type=int)
     _add_model_options(xyz)
     xyz.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
                      help="textual-inversion embeddings folder (default as for generate)")
-    xyz.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
-    xyz.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(xyz)
     return xyz
 
 
