@@ -313,3 +313,25 @@ def test_polite_stop_saves_and_resume_matches(images, tmp_path):
     resumed = train_vae(config, images, model_config=recipe.vae_model, state_path=tmp_path / "s.pt", validation_count=0)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_snapshot_exports_the_unet_state_of_a_run_in_progress(folder, tmp_path):
+    """A snapshot ships the UNet's last saved EMA weights; at the end of a run they are the final ones."""
+    from huabi.train.recipe import export_snapshot
+
+    run = RecipeRun(data_dir=folder, state_dir=tmp_path / "state", out_path=tmp_path / "mini.safetensors",
+                    clip_out_path=tmp_path / "mini-clip.safetensors", log=lambda m: None)
+    with pytest.raises(HuabiError, match=r"^stage 'vae' has not finished in .*; a snapshot needs the UNet stage under way$"):
+        export_snapshot(run, tiny_recipe())
+    run_recipe(run, tiny_recipe())
+    with safe_open(str(run.out_path), "pt") as handle:
+        final = {k: handle.get_tensor(k) for k in handle.keys()}
+    snap = RecipeRun(data_dir=folder, state_dir=tmp_path / "state", out_path=tmp_path / "snap.safetensors",
+                     clip_out_path=tmp_path / "snap-clip.safetensors", log=lambda m: None)
+    summary = export_snapshot(snap, tiny_recipe())
+    assert summary["out"] == str(tmp_path / "snap.safetensors")
+    with safe_open(str(snap.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.unet_step"] == "3/3"
+        snapshot = {k: handle.get_tensor(k) for k in handle.keys()}
+    assert snapshot.keys() == final.keys()
+    assert all(torch.equal(snapshot[k], final[k]) for k in final)

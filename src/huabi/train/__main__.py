@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("--repo-log", type=Path, default=None, help="copy train.log here when a stage finishes")
     mini.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
     mini.add_argument(
+        "--snapshot", action="store_true",
+        help="only export the model with the UNet's last saved state (EMA) of a UNet stage still in progress",
+    )
+    mini.add_argument(
         "--steps", action="append", default=[], metavar="STAGE=N",
         help="override a stage's step count (e.g. unet=200 for a trial run in a scratch state dir)",
     )
@@ -73,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_log=args.repo_log,
             should_stop=lambda: stop["requested"],
         )
+        if args.snapshot:
+            from huabi.train.recipe import export_snapshot
+
+            summary = export_snapshot(run, recipe)
+            print(f"{summary['out']} ({summary['size_mb']} MB)")
+            return 0
         stages = STAGES if args.stage == "all" else (args.stage,)
         try:
             run_recipe(run, recipe, stages, force_export=args.force_export)

@@ -235,8 +235,25 @@ def stage_unet(run: RecipeRun, recipe: MiniRecipe) -> None:
     _mark_done(run, "unet", {"steps": recipe.unet.steps, "ema": ema is not None, "wall_s_this_session": round(time.time() - started)})
 
 
-def build_mini_parts(run: RecipeRun, recipe: MiniRecipe):
-    """The finished model as ``huabi.models.save.ModelParts`` (fp32, CPU) plus the CLIP model."""
+def _unet_snapshot(run: RecipeRun) -> tuple[dict, int, int]:
+    """The UNet stage's last saved state as ``(final-style dict, step, total steps)``.
+
+    The EMA weights when the stage keeps them (what the finished stage ships too).
+    """
+    state = load_torch_file(run.state_dir / "unet" / "state.pt", what="UNet training state")
+    config = state["config"]
+    weights = state["modules"]["unet"]
+    if state.get("ema") is not None:
+        shadow = state["ema"]["shadow"]
+        weights = {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in weights.items()}
+    return {"model_config": config["model"], "state_dict": weights}, int(state["step"]), int(config["steps"])
+
+
+def build_mini_parts(run: RecipeRun, recipe: MiniRecipe, *, unet_final: dict | None = None):
+    """The model as ``huabi.models.save.ModelParts`` (fp32, CPU) plus the CLIP model.
+
+    ``unet_final`` replaces the finished UNet stage's weights (a snapshot of a run in progress).
+    """
     from huabi.models.family import ModelFamily, Prediction
     from huabi.models.save import ModelParts
 
@@ -244,7 +261,7 @@ def build_mini_parts(run: RecipeRun, recipe: MiniRecipe):
     vae = _load_vae(run, recipe)
     vae.register_to_config(scaling_factor=float(cache_meta["scaling_factor"]), sample_size=recipe.size_px)
     clip = _load_clip(run, recipe)
-    final = _load_final(run, "unet")
+    final = unet_final if unet_final is not None else _load_final(run, "unet")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in final["model_config"].items()}
     unet = UNetModelConfig(**fields).build()
     unet.load_state_dict(final["state_dict"])
@@ -260,23 +277,44 @@ def build_mini_parts(run: RecipeRun, recipe: MiniRecipe):
     return parts, clip
 
 
-def stage_export(run: RecipeRun, recipe: MiniRecipe) -> None:
+def _write_export(run: RecipeRun, recipe: MiniRecipe, *, unet_final: dict | None = None, extra_metadata: dict | None = None) -> dict:
     from huabi.models.formats import write_safetensors_atomic
     from huabi.models.save import save_single_file
 
-    parts, clip = build_mini_parts(run, recipe)
+    parts, clip = build_mini_parts(run, recipe, unet_final=unet_final)
     metadata = {
         "huabi.recipe": json.dumps(config_dict(recipe), default=str),
         "huabi.trained_by": "huabi.train mini",
         "modelspec.architecture": "huabi-mini",
         "modelspec.resolution": f"{recipe.size_px}x{recipe.size_px}",
+        **(extra_metadata or {}),
     }
     path = save_single_file(parts, run.out_path, dtype=torch.float16, metadata=metadata)
     clip_tensors = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in clip.state_dict().items()}
     clip_metadata = {"huabi.clip_config": json.dumps(clip.config.to_dict(), default=str), "huabi.format": "transformers CLIPModel state dict"}
     write_safetensors_atomic(run.clip_out_path, clip_tensors, clip_metadata)
-    size_mb = path.stat().st_size / 1e6
-    _mark_done(run, "export", {"out": str(path), "size_mb": round(size_mb, 2), "clip_out": str(run.clip_out_path), "clip_size_mb": round(run.clip_out_path.stat().st_size / 1e6, 2)})
+    return {"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), "clip_out": str(run.clip_out_path), "clip_size_mb": round(run.clip_out_path.stat().st_size / 1e6, 2)}
+
+
+def stage_export(run: RecipeRun, recipe: MiniRecipe) -> None:
+    _mark_done(run, "export", _write_export(run, recipe))
+
+
+def export_snapshot(run: RecipeRun, recipe: MiniRecipe) -> dict:
+    """Export the model with the UNet as last saved by a UNet stage still in progress.
+
+    For shipping a usable model between sessions of a long run: the file records the
+    step (metadata ``huabi.unet_step``) and the stage stays unfinished, so the run
+    resumes and the final export replaces the snapshot.
+    """
+    for stage in ("vae", "clip", "cache"):
+        if not is_done(run.state_dir, stage):
+            raise HuabiError(f"stage {stage!r} has not finished in {run.state_dir}; a snapshot needs the UNet stage under way")
+    unet_final, step, total = _unet_snapshot(run)
+    summary = _write_export(run, recipe, unet_final=unet_final, extra_metadata={"huabi.unet_step": f"{step}/{total}"})
+    run.log(f"[snapshot] UNet step {step}/{total} (EMA) exported: {json.dumps(summary)}")
+    _refresh_repo_log(run)
+    return summary
 
 
 def run_recipe(run: RecipeRun, recipe: MiniRecipe = MiniRecipe(), stages: Sequence[str] = STAGES, *, tokenizer=None, force_export: bool = False) -> None:
