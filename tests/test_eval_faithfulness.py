@@ -74,7 +74,9 @@ def test_a_whole_evaluation_runs_on_a_tiny_trained_model(trained):
     data, model_path, clip_path = trained
     engine = Engine(device="cpu", dtype="fp32")
     bundle = engine.load(str(model_path))
-    clip = load_clip_pair(clip_path)
+    with pytest.raises(HuabiError, match=r"^mini-clip\.safetensors: has no text tower; pass the checkpoint's text encoder$"):
+        load_clip_pair(clip_path)
+    clip = load_clip_pair(clip_path, text_encoder=bundle.text_encoders[0])
     config = FaithfulnessConfig(count=4, steps=2, ks=(1, 3))
     report = evaluate(engine, bundle, clip, default_tokenizer(), data, config, log=None)
     for label in ("prompted", "empty prompt (baseline)"):

@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = Engine(device="cpu", dtype="fp32")
         bundle = engine.load(args.model)
         clip_path = args.clip or builtin_model_path().with_name(builtin_model_path().stem + "-clip.safetensors")
-        clip = load_clip_pair(clip_path)
+        clip = load_clip_pair(clip_path, text_encoder=bundle.text_encoders[0])
         config = FaithfulnessConfig(count=args.count, steps=args.steps)
         report = evaluate(engine, bundle, clip, default_tokenizer(), args.data, config)
         images = report["composed"].pop("_images")

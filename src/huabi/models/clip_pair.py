@@ -17,8 +17,12 @@ from huabi.models.formats import read_safetensors
 CLIP_CONFIG_KEY = "huabi.clip_config"
 
 
-def load_clip_pair(path: str | Path, *, device: torch.device | str = "cpu"):
-    """A ``transformers.CLIPModel`` in eval mode, fp32, from a huabi CLIP-pair file."""
+def load_clip_pair(path: str | Path, *, text_encoder: torch.nn.Module | None = None, device: torch.device | str = "cpu"):
+    """A ``transformers.CLIPModel`` in eval mode, fp32, from a huabi CLIP-pair file.
+
+    Files written by huabi's recipe leave the text tower out (it is the checkpoint's
+    text encoder): pass that ``CLIPTextModel`` as ``text_encoder``.
+    """
     from transformers import CLIPConfig, CLIPModel
 
     path = Path(path)
@@ -30,7 +34,14 @@ def load_clip_pair(path: str | Path, *, device: torch.device | str = "cpu"):
     except (ValueError, TypeError) as exc:
         raise HuabiError(f"{path.name}: unreadable {CLIP_CONFIG_KEY} metadata ({exc})") from exc
     model = CLIPModel(config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    weights = {k: v.float() for k, v in tensors.items()}
+    if not any(k.startswith("text_model.") for k in weights):
+        if text_encoder is None:
+            raise HuabiError(f"{path.name}: has no text tower; pass the checkpoint's text encoder")
+        # transformers 5's CLIPTextModel is the tower itself; older versions wrap it in .text_model
+        text_state = getattr(text_encoder, "text_model", text_encoder).state_dict()
+        weights.update({f"text_model.{k}": v.float() for k, v in text_state.items()})
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     # position_ids buffers differ between transformers versions; weights must all match
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]

@@ -290,8 +290,16 @@ def _write_export(run: RecipeRun, recipe: MiniRecipe, *, unet_final: dict | None
         **(extra_metadata or {}),
     }
     path = save_single_file(parts, run.out_path, dtype=torch.float16, metadata=metadata)
-    clip_tensors = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in clip.state_dict().items()}
-    clip_metadata = {"huabi.clip_config": json.dumps(clip.config.to_dict(), default=str), "huabi.format": "transformers CLIPModel state dict"}
+    # The text tower is the checkpoint's text encoder: ship only what the checkpoint lacks.
+    clip_tensors = {
+        k: v.detach().to(torch.float16) if v.is_floating_point() else v
+        for k, v in clip.state_dict().items()
+        if not k.startswith("text_model.")
+    }
+    clip_metadata = {
+        "huabi.clip_config": json.dumps(clip.config.to_dict(), default=str),
+        "huabi.format": "transformers CLIPModel state dict without text_model.* (the checkpoint's text encoder)",
+    }
     write_safetensors_atomic(run.clip_out_path, clip_tensors, clip_metadata)
     return {"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), "clip_out": str(run.clip_out_path), "clip_size_mb": round(run.clip_out_path.stat().st_size / 1e6, 2)}
 
