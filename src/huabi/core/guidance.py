@@ -7,8 +7,9 @@ classifier-free guidance live here, as wrappers, so no sampler knows of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -26,6 +27,9 @@ class UNetInputs:
     # Extra UNet input channels appended to the scaled latent (inpainting: mask + masked-image
     # latent, [B, 5, h, w]; instruct-pix2pix: image latent, [B, 4, h, w]).
     channels: torch.Tensor | None = None
+    # [B] 1.0 for rows of a positive prompt, 0.0 for the negative (set by CFGDenoiser; None = all
+    # positive). For UNet hooks that treat them differently (ControlNet's "ControlNet is more important").
+    cond_mark: torch.Tensor | None = None
 
     @staticmethod
     def concat(parts: list["UNetInputs"]) -> "UNetInputs":
@@ -34,7 +38,16 @@ class UNetInputs:
         if parts[0].added is not None:
             added = {key: torch.cat([p.added[key] for p in parts]) for key in parts[0].added}
         channels = None if parts[0].channels is None else torch.cat([p.channels for p in parts])
-        return UNetInputs(context, added, channels)
+        cond_mark = None
+        if any(p.cond_mark is not None for p in parts):
+            cond_mark = torch.cat([p.row_cond_mark() for p in parts])
+        return UNetInputs(context, added, channels, cond_mark)
+
+    def row_cond_mark(self) -> torch.Tensor:
+        """[B] float cond mark, 1.0 (positive) where none was set."""
+        if self.cond_mark is not None:
+            return self.cond_mark
+        return torch.ones(self.context.shape[0], device=self.context.device)
 
     def repeat_to(self, batch: int) -> "UNetInputs":
         """Broadcast single-row conditioning to ``batch`` rows (rows already at ``batch`` stay)."""
@@ -47,7 +60,7 @@ class UNetInputs:
             return tensor.expand(batch, *tensor.shape[1:])
 
         added = None if self.added is None else {k: expand(v) for k, v in self.added.items()}
-        return UNetInputs(expand(self.context), added, expand(self.channels))
+        return UNetInputs(expand(self.context), added, expand(self.channels), expand(self.cond_mark))
 
 
 @dataclass(frozen=True)
@@ -82,17 +95,44 @@ def as_scheduled(cond: "UNetInputs | ScheduledInputs") -> ScheduledInputs:
     return cond if isinstance(cond, ScheduledInputs) else ScheduledInputs.constant(cond)
 
 
+@dataclass(frozen=True)
+class UNetCall:
+    """One UNet call as the UNet will see it, for hooks that add UNet inputs.
+
+    ``sample`` is the scaled latent (extra input channels appended) in the UNet's
+    dtype, ``timestep`` and ``sigma`` are per row [B], ``inputs`` the batched
+    conditioning with its device-placed ``context`` / ``added`` as passed to the UNet.
+    """
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    sigma: torch.Tensor
+    inputs: UNetInputs
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+
+
+# Extra keyword arguments for the UNet call, e.g. ControlNet residuals
+# (down_block_additional_residuals / mid_block_additional_residual).
+UNetKwargsHook = Callable[[UNetCall], dict[str, Any]]
+
+
 class PredictionDenoiser:
     """A UNet trained on discrete timesteps, seen as a denoiser in sigma space.
 
     x = x0 + sigma * eps. The UNet sees x / sqrt(sigma^2 + 1) at the
     (fractional) timestep whose sigma matches, and predicts eps or v.
+    ``unet_kwargs`` (optional) is called with every :class:`UNetCall` and returns
+    extra keyword arguments for the UNet (an empty dict adds nothing).
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule, prediction: Prediction) -> None:
+    def __init__(
+        self, unet: torch.nn.Module, schedule, prediction: Prediction, unet_kwargs: UNetKwargsHook | None = None
+    ) -> None:
         self.unet = unet
         self.schedule = schedule  # huabi.core.schedules.DiscreteSchedule
         self.prediction = prediction
+        self.unet_kwargs = unet_kwargs
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, inputs: UNetInputs) -> torch.Tensor:
         sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
@@ -108,12 +148,18 @@ class PredictionDenoiser:
         unet_input = x * c_in
         if inputs.channels is not None:
             unet_input = torch.cat([unet_input, inputs.channels.to(device=x.device, dtype=unet_input.dtype)], dim=1)
+        unet_input = unet_input.to(unet_dtype)
+        context = inputs.context.to(device=x.device, dtype=unet_dtype)
+        extra: dict[str, Any] = {}
+        if self.unet_kwargs is not None:
+            extra = self.unet_kwargs(UNetCall(unet_input, timestep, sigma, inputs, context, added))
         out = self.unet(
-            unet_input.to(unet_dtype),
+            unet_input,
             timestep,
-            encoder_hidden_states=inputs.context.to(device=x.device, dtype=unet_dtype),
+            encoder_hidden_states=context,
             added_cond_kwargs=added,
             return_dict=False,
+            **extra,
         )[0].to(torch.float32)
         x = x.to(torch.float32)
         if self.prediction is Prediction.EPSILON:
@@ -177,7 +223,8 @@ class CFGDenoiser:
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(batch)
-        inputs = [uncond] + [c for c, _ in conds]
+        # Mark negative/positive rows for UNet hooks (ControlNet's CFG-aware modes).
+        inputs = [_with_cond_mark(uncond, 0.0)] + [_with_cond_mark(c, 1.0) for c, _ in conds]
         if all(i.context.shape[1] == uncond.context.shape[1] for i in inputs):
             n = len(inputs)
             outputs = self.model(torch.cat([x] * n), torch.cat([sigma] * n), UNetInputs.concat(inputs)).chunk(n)
@@ -190,3 +237,8 @@ class CFGDenoiser:
         for out, (_, weight) in zip(outputs[1:], conds, strict=True):
             denoised += (out - denoised_uncond) * (weight * self.scale)
         return denoised
+
+
+def _with_cond_mark(inputs: UNetInputs, mark: float) -> UNetInputs:
+    rows = inputs.context.shape[0]
+    return replace(inputs, cond_mark=torch.full((rows,), mark, device=inputs.context.device))

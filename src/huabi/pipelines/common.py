@@ -203,6 +203,7 @@ def denoise(
     denoising_strength: float = 1.0,
     image_channels: torch.Tensor | None = None,
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
+    unet_kwargs_for: Callable[[torch.Tensor, tuple[int, int, int]], Callable] | None = None,
 ) -> torch.Tensor:
     """Sample latents from seeded noise; returns x0 latents [B, C, h, w] in float32.
 
@@ -213,6 +214,8 @@ def denoise(
     UNet inputs that text-to-image would give inpainting/pix2pix models;
     ``wrap_denoiser`` wraps the guided denoiser (inpainting re-imposes the kept
     area there), so samplers never know.
+    ``unet_kwargs_for(sigmas run, latent shape)`` makes the UNet hook of this pass
+    (:class:`PredictionDenoiser`'s ``unet_kwargs``; ControlNet residuals).
     """
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
@@ -240,7 +243,8 @@ def denoise(
     # denoiser picks each call's entry by counting its calls, as A1111 does.
     conds, uncond = guidance.conditioning(schedule_steps(sampler_name, steps))
     denoiser: Callable = CFGDenoiser(
-        PredictionDenoiser(bundle.unet, schedule, bundle.prediction),
+        PredictionDenoiser(bundle.unet, schedule, bundle.prediction,
+                           unet_kwargs_for(sigmas, shape) if unet_kwargs_for is not None else None),
         [(cond.with_channels(channels), weight) for cond, weight in conds],
         uncond.with_channels(channels),
         cfg_scale,
