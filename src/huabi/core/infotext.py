@@ -511,6 +511,13 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
             fields["hires_steps"] = _int_param(params, "Hires steps")
         if "Hires upscaler" in params:
             fields["hires_upscaler"] = params["Hires upscaler"]
+    # ControlNet units (sd-webui-controlnet's "ControlNet N" keys); the control images are not in the PNG.
+    control_keys = [key for key in params if re.fullmatch(r"ControlNet \d+", key)]
+    if control_keys:
+        from huabi.core.control import parse_unit_infotext
+
+        fields["controlnets"] = tuple(parse_unit_infotext(params[key]) for key in control_keys)
+        mapped.update(control_keys)
     dropped: set[str] = set()
     if "model" in overrides:
         dropped |= {"Model", "Model hash"}

@@ -71,6 +71,8 @@ class GenerationRequest:
     hires_upscaler: str = "Latent"  # a HIRES_UPSCALER_NAMES entry or an upscaler model file path
     hires_steps: int = 0  # 0: the first pass's step count
     hires_denoise: float = 0.7
+    # ControlNet units (huabi.core.control.ControlUnit), applied together, in order.
+    controlnets: tuple = ()
     # SDXL refiner: a second checkpoint takes over at this fraction of the steps (None: off).
     refiner: str | None = None
     refiner_switch_at: float = 0.8
@@ -130,6 +132,10 @@ class GenerationRequest:
             _check_int_range(name, value, 8, MAX_SIDE_PX)
             if value % 8:
                 raise HuabiError(f"{name}: must be a multiple of 8, got {value}")
+        from huabi.core.control import ControlUnit  # here: core.control imports the preprocessors
+
+        if not isinstance(self.controlnets, tuple) or not all(isinstance(u, ControlUnit) for u in self.controlnets):
+            raise HuabiError(f"controlnets: must be a tuple of ControlUnit, got {self.controlnets!r}")
 
     def _check_hires(self) -> None:
         if not isinstance(self.hires, bool):
