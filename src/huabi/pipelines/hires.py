@@ -115,6 +115,8 @@ def hires_txt2img(
     embeddings: EmbeddingLookup | None = None,
     variation_seeds: Sequence[int] | None = None,
     pixel_upscaler: PixelUpscaler | None = None,
+    unet_kwargs_for=None,  # UNet hook factories for denoise (ControlNet): first pass, second pass
+    hires_unet_kwargs_for=None,
     first_pass: Callable[..., torch.Tensor] | None = None,
 ) -> HiresResult:
     """Text to image with A1111's hires fix; ``request.hires`` need not be set (this is the fix).
@@ -154,7 +156,7 @@ def hires_txt2img(
     latents = run_first(
         bundle, guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=first_step,
-        variation=variation,
+        variation=variation, unet_kwargs_for=unet_kwargs_for,
     )
 
     # 2. Upscale to the (cover) size, then crop to the target.
@@ -179,6 +181,7 @@ def hires_txt2img(
         bundle, hires_guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=hires_steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=target_shape, device=device, on_step=second_step,
         variation=variation, init_latent=latents, denoising_strength=float(request.hires_denoise),
+        unet_kwargs_for=hires_unet_kwargs_for,
     )
 
     # 4. Decode to pixels.

@@ -79,6 +79,7 @@ def img2img(
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
     init_latent: torch.Tensor | None = None,
     variation: NoiseVariation | None = None,
+    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
 ) -> Img2ImgResult:
     """Repaint ``init_image`` (already at the working size) ``len(seeds)`` times.
 
@@ -116,6 +117,7 @@ def img2img(
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=on_step,
         init_latent=init_latent, denoising_strength=float(denoising_strength),
         image_channels=image_channels, wrap_denoiser=wrap_denoiser, variation=variation,
+        unet_kwargs_for=unet_kwargs_for,
     )
 
     # 5. Decode to pixels.

@@ -103,6 +103,7 @@ def inpaint(
     embeddings: EmbeddingLookup | None = None,
     working_size: tuple[int, int] | None = None,
     variation: NoiseVariation | None = None,
+    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
 ) -> InpaintResult:
     """Repaint the white part of ``mask`` (same size as ``image``) ``len(seeds)`` times.
 
@@ -160,6 +161,7 @@ def inpaint(
         bundle, request, work_image, seeds, denoising_strength=options.denoising_strength, device=device,
         on_step=on_step, embeddings=embeddings, image_channels=image_channels, init_latent=init_latent,
         wrap_denoiser=lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint), variation=variation,
+        unet_kwargs_for=unet_kwargs_for,
     )
     latents = blend_keep(result.latents, init_latent, repaint)
     generated = decode_latents(bundle, latents)

@@ -39,6 +39,7 @@ def txt2img(
     on_step: StepCallback | None = None,
     embeddings: EmbeddingLookup | None = None,
     variation_seeds: Sequence[int] | None = None,
+    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
 ) -> Txt2ImgResult:
     """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``.
 
@@ -78,6 +79,7 @@ def txt2img(
         device=device,
         on_step=on_step,
         variation=noise_variation(bundle, request, variation_seeds),
+        unet_kwargs_for=unet_kwargs_for,
     )
 
     # 5. Decode to pixels.
