@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huabi import __version__
 from huabi.cli import edit as edit_cli
+from huabi.cli import lora as lora_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
                      help="textual-inversion embeddings folder, used by file name in prompts "
                           "(default: $HUABI_EMBEDDINGS_DIR, $HUABI_HOME/embeddings or ~/huabi/embeddings)")
+    lora_cli.add_lora_flag(gen)
     _add_model_options(gen)
     add_output_options(gen)
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     xyz_cli.add_parser(commands)
     edit_cli.add_parser(commands)
     upscale_cli.add_parser(commands)
+    lora_cli.add_parser(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
@@ -232,6 +235,8 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
                 request.prompt, request.negative_prompt, styles, style_names, source=str(styles_file)
             )
             request = request.replace(prompt=prompt_text, negative_prompt=negative)
+        if getattr(args, "loras", None):  # --lora flags become tags, recorded with the prompt
+            request = request.replace(prompt=lora_cli.prompt_with_loras(request.prompt, args.loras))
         jobs.append(GenerateJob(request, mj, grid))
     return jobs
 
@@ -372,6 +377,7 @@ COMMANDS = {
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
     "upscale": upscale_cli.cmd_upscale,
+    "merge-lora": lora_cli.cmd_merge_lora,
 }
 
 

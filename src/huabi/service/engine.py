@@ -32,11 +32,15 @@ from huabi.models.load import load_model
 from huabi.pipelines.common import noise_variation
 from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
 from huabi.pipelines.txt2img import txt2img
+from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_MODEL_NAME = "huabi-mini"
+# Sub-folders of the models folder that hold adapters, VAEs, upscalers: never listed as checkpoints.
+NON_CHECKPOINT_FOLDERS = frozenset(name.lower() for name in (
+    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings"))
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Engine:
             raise HuabiError(f"embeddings: {embeddings_dir}: no such folder")
         self.embeddings_dir = Path(embeddings_dir).expanduser() if embeddings_dir is not None else default_embeddings_dir()
         self._loaded: tuple[tuple, ModelBundle] | None = None
+        self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
 
     # -- models -------------------------------------------------------------------
 
@@ -162,6 +167,8 @@ class Engine:
         if not self.models_dir.is_dir():
             return
         for path in sorted(self.models_dir.rglob("*")):
+            if path.relative_to(self.models_dir).parts[0].lower() in NON_CHECKPOINT_FOLDERS:
+                continue
             if path.is_file() and path.suffix in MODEL_SUFFIXES:
                 yield ModelEntry(path.stem, path)
             elif path.is_dir() and (path / "model_index.json").exists():
@@ -206,6 +213,7 @@ class Engine:
         key = (str(path.resolve()), str(vae_path.resolve()) if vae_path else None, self.device, self.dtype)
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
+        self._loras.restore()  # the previous model leaves with its base weights
         self._loaded = None  # free the previous model before loading the next
         bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype)
         if self.device.type == "cpu":
@@ -259,6 +267,7 @@ class Engine:
         if request.refiner is not None:
             raise HuabiError("refiner: the SDXL refiner hand-over is not implemented yet; leave refiner unset")
         bundle = self.load(request.model, request.vae)
+        loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         width_px = request.width_px or bundle.native_size_px
         height_px = request.height_px or bundle.native_size_px
         self.check_memory(bundle, width_px, height_px, request.batch_size)
@@ -300,6 +309,7 @@ class Engine:
             extra = self._extra_infotext(bundle)
             # Always set: a stale value copied from a --from image must not survive.
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
+            extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
             for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds):
                 infotext = format_infotext(
                     recorded,
@@ -346,6 +356,7 @@ class Engine:
         if options.mask_image is not None:
             mask = load_mask(options.mask_image, image.width, image.height)
         bundle = self.load(request.model, request.vae)
+        loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         if request.width_px and request.height_px:
             work_w, work_h = request.width_px, request.height_px
         else:
@@ -400,6 +411,7 @@ class Engine:
                                      on_step=on_step, embeddings=embeddings,
                                      working_size=(work_w, work_h) if only_masked else None, variation=variation)
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
+            extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
             for picture, seed, variation_seed in zip(result.images, result.seeds,
                                                      batch_variation_seeds or [None] * len(seeds)):
                 infotext = format_infotext(
@@ -409,6 +421,16 @@ class Engine:
                 path = save_png(picture, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
                 results.append(GeneratedImage(image=picture, seed=seed, infotext=infotext, path=path))
         return results
+
+    def apply_loras(self, bundle: ModelBundle, request: GenerationRequest) -> ActiveLoras:
+        """Patch ``bundle`` with the LoRA/LyCORIS tags of ``request.prompt`` (A1111 takes a batch's
+        tags from its first prompt; negative-prompt tags are removed but not applied, as there).
+        Files come from ``models_dir/Lora`` and ``models_dir/LyCORIS`` or a path; a request
+        without tags gets the base weights back. Call before encoding any text."""
+        from huabi.core.prompt_parser import extract_extra_networks
+
+        _text, tags = extract_extra_networks(request.prompt)
+        return self._loras.activate(bundle, lora_uses(tags, lora_folders(self.models_dir)))
 
     def embeddings_for(self, bundle: ModelBundle) -> EmbeddingLibrary:
         """The embeddings folder as seen by ``bundle``'s text encoders (widths are checked on use)."""

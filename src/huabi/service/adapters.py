@@ -1,0 +1,284 @@
+"""LoRA / LyCORIS at generation time: find the files a prompt names, patch the loaded
+model's weights in place, and put the base weights back bit for bit.
+
+``<lora:name:0.8>`` (or ``<lyco:...>``) in the prompt is resolved as A1111 does:
+the first number is the text-encoder weight, a second one the UNet weight
+(default: the first), and ``te=``/``unet=`` override them; a missing number
+means 1. Files are looked up by name (file stem) in the models folder's ``Lora/``
+and ``LyCORIS/`` sub-folders, or taken as a path.
+
+:class:`LoraPatcher` owns the patching for one engine. It changes weights in
+place (``W <- W + sum_i w_i * scale_i * delta_i``, computed in float32 from a
+copy of the base weight) and keeps that copy, so removing a set is a
+``copy_`` of the original bits. As in A1111, a set stays applied after a
+generation: the next request with the same files and weights on the same
+model costs nothing; any other request (or none) restores the base first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from huabi.core.prompt_parser import ExtraNetworkTag
+from huabi.errors import HuabiError
+from huabi.models.bundle import ModelBundle
+from huabi.models.lora import (
+    LORA_SUFFIXES,
+    LoraFile,
+    ModelTarget,
+    lora_deltas,
+    model_targets,
+    read_lora_file,
+    resolve_lora,
+    warn_unmatched,
+)
+
+LORA_TAG_KINDS = ("lora", "lyco")
+LORA_FOLDERS = ("Lora", "LyCORIS")
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA as a request uses it: the name it was mentioned by, its file, its weights."""
+
+    name: str
+    path: Path
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+
+
+def tag_weights(tag: ExtraNetworkTag) -> tuple[float, float]:
+    """(text-encoder weight, UNet weight) of a tag, A1111's rules."""
+    options = dict(tag.options)
+    te_weight = tag.weights[0] if tag.weights else 1.0
+    te_weight = _option_float(tag, options, "te", te_weight)
+    unet_weight = tag.weights[1] if len(tag.weights) > 1 else te_weight
+    unet_weight = _option_float(tag, options, "unet", unet_weight)
+    return te_weight, unet_weight
+
+
+def _option_float(tag: ExtraNetworkTag, options: Mapping[str, str], key: str, default: float) -> float:
+    if key not in options:
+        return default
+    try:
+        return float(options[key])
+    except ValueError:
+        raise HuabiError(f"prompt: <{tag.kind}:{tag.name}:...> has {key}={options[key]!r}; a number belongs there") from None
+
+
+def lora_folders(models_dir: Path) -> list[Path]:
+    return [Path(models_dir) / folder for folder in LORA_FOLDERS]
+
+
+def find_lora_file(name: str, folders: Sequence[Path]) -> Path:
+    """A LoRA by path, or by file stem (or file name) in ``folders`` and their sub-folders."""
+    as_path = Path(name).expanduser()
+    if ("/" in name or name.lower().endswith(LORA_SUFFIXES)) and as_path.is_file():
+        return as_path
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in LORA_SUFFIXES and name in (path.stem, path.name) and path.is_file():
+                return path
+    looked = ", ".join(str(folder) for folder in folders)
+    raise HuabiError(f"LoRA '{name}': no such file (looked for {name}{{{','.join(LORA_SUFFIXES)}}} in {looked})")
+
+
+def lora_uses(tags: Sequence[ExtraNetworkTag], folders: Sequence[Path]) -> list[LoraUse]:
+    """The LoRA tags among a prompt's extra-network tags, resolved to files."""
+    uses = []
+    for tag in tags:
+        if tag.kind.lower() not in LORA_TAG_KINDS:
+            continue
+        te_weight, unet_weight = tag_weights(tag)
+        uses.append(LoraUse(tag.name, find_lora_file(tag.name, folders), te_weight, unet_weight))
+    return uses
+
+
+def lora_hashes_infotext(uses: Sequence[LoraUse], files: Sequence[LoraFile]) -> str | None:
+    """A1111's ``Lora hashes`` value: ``name: hash, ...`` (the mentioned name without ':' and ',')."""
+    items = [f"{use.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for use, lora in zip(uses, files)]
+    return ", ".join(items) or None
+
+
+@dataclass(frozen=True)
+class ActiveLoras:
+    uses: tuple[LoraUse, ...]
+    files: tuple[LoraFile, ...]
+
+    @property
+    def infotext_hashes(self) -> str | None:
+        return lora_hashes_infotext(self.uses, self.files)
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+class LoraPatcher:
+    """Applies a set of LoRAs to one model at a time and restores it exactly.
+
+    Holds the model only weakly: when the engine drops a model, its backups go too.
+    Parsed files are kept (by path, size and mtime) while they stay in use.
+    """
+
+    def __init__(self) -> None:
+        self._bundle_ref: weakref.ref[ModelBundle] | None = None
+        self._backups: dict[ModelTarget, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._applied_key: tuple | None = None
+        self._active = ActiveLoras((), ())
+        self._files: dict[tuple, LoraFile] = {}
+
+    @property
+    def applied(self) -> bool:
+        return bool(self._backups)
+
+    def _read(self, path: Path) -> LoraFile:
+        key = _file_key(path)
+        if key not in self._files:
+            self._files[key] = read_lora_file(path)
+        return self._files[key]
+
+    def activate(self, bundle: ModelBundle, uses: Sequence[LoraUse]) -> ActiveLoras:
+        """Make ``bundle`` carry exactly ``uses`` (none: the base weights); returns what is active."""
+        uses = tuple(uses)
+        key = (id(bundle), tuple((_file_key(use.path), use.te_weight, use.unet_weight) for use in uses))
+        current = self._bundle_ref() if self._bundle_ref is not None else None
+        if current is bundle and key == self._applied_key:
+            return self._active
+        self.restore()
+        if not uses:
+            return self._active
+        files = [self._read(use.path) for use in uses]
+        targets = model_targets(bundle.unet, bundle.text_encoders)
+        resolved = []
+        for use, lora in zip(uses, files):
+            item = resolve_lora(lora, family=bundle.family, targets=targets,
+                                text_encoder_count=len(bundle.text_encoders), model_name=f"model '{bundle.name}'")
+            warn_unmatched(item)
+            resolved.append((item, use.te_weight, use.unet_weight))
+        deltas = lora_deltas(resolved)  # everything computed and checked before any weight changes
+        self._bundle_ref = weakref.ref(bundle)
+        try:
+            with torch.no_grad():
+                for target, (delta, bias_delta) in deltas.items():
+                    weight = target.module.weight
+                    bias = getattr(target.module, "bias", None) if bias_delta is not None else None
+                    if bias_delta is not None and not isinstance(bias, torch.Tensor):
+                        raise HuabiError(f"LoRA: {target.module_path} has no bias for the file's bias change")
+                    saved_bias = bias.detach().clone() if bias is not None else None
+                    self._backups[target] = (weight.detach().clone(), saved_bias)
+                    weight.copy_((self._backups[target][0].float() + delta).to(weight.dtype))
+                    if bias is not None:
+                        bias.copy_((saved_bias.float() + bias_delta).to(bias.dtype))
+        except BaseException:
+            self.restore()
+            raise
+        self._applied_key = key
+        self._active = ActiveLoras(uses, tuple(files))
+        # Keep parsed files only for what is in use (a long-running engine must not grow).
+        in_use = {_file_key(use.path) for use in uses}
+        self._files = {k: v for k, v in self._files.items() if k in in_use}
+        return self._active
+
+    def restore(self) -> None:
+        """Put the base weights back (bit-identical) and forget the applied set."""
+        bundle = self._bundle_ref() if self._bundle_ref is not None else None
+        if bundle is not None and self._backups:
+            with torch.no_grad():
+                for target, (weight, bias) in self._backups.items():
+                    target.module.weight.copy_(weight)
+                    if bias is not None:
+                        target.module.bias.copy_(bias)
+        self._backups = {}
+        self._bundle_ref = None
+        self._applied_key = None
+        self._active = ActiveLoras((), ())
+
+    @contextlib.contextmanager
+    def applied_for(self, bundle: ModelBundle, uses: Sequence[LoraUse], *, keep: bool = True) -> Iterator[ActiveLoras]:
+        """``with patcher.applied_for(bundle, uses) as active:`` run with the LoRAs on.
+
+        ``keep`` (default) leaves them applied afterwards for the next request with
+        the same set; ``keep=False`` restores the base weights on exit.
+        """
+        active = self.activate(bundle, uses)
+        try:
+            yield active
+        finally:
+            if not keep:
+                self.restore()
+
+
+# --------------------------------------------------------------------------- merge-lora
+
+_SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def merge_loras(
+    base: str,
+    specs: Sequence[tuple[str, tuple[float, ...]]],
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    models_dir: Path | None = None,
+) -> Path:
+    """Bake ``[(lora name or path, weights)]`` into ``base`` and write ``out`` (original layout).
+
+    Weights as in a tag: none = 1, one = both parts, two = (text encoder, UNet).
+    The recipe goes into the file's metadata (``sd_merge_recipe``, as A1111's
+    merger names it); the inputs are only read, and ``out`` is written atomically.
+    """
+    import json
+
+    from huabi.models.formats import read_state_dict_shapes
+    from huabi.models.save import save_single_file
+    from huabi.service.engine import Engine
+
+    if dtype != "auto" and dtype not in _SAVE_DTYPES:
+        raise HuabiError(f"dtype: unknown dtype {dtype!r}; valid: auto, fp32, fp16, bf16")
+    if not specs:
+        raise HuabiError("merge-lora: give at least one LoRA")
+    engine = Engine(device="cpu", dtype="fp32", models_dir=models_dir)
+    base_path = engine.resolve_model_path(base)
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise HuabiError(f"merge-lora: --out {out.name}: huabi writes merged checkpoints as .safetensors")
+    folders = lora_folders(engine.models_dir)
+    uses = []
+    for name, weights in specs:
+        te_weight = weights[0] if weights else 1.0
+        unet_weight = weights[1] if len(weights) > 1 else te_weight
+        uses.append(LoraUse(name, find_lora_file(name, folders), te_weight, unet_weight))
+    inputs = [base_path, *(use.path for use in uses)]
+    if out.exists() and any(out.resolve() == path.resolve() for path in inputs):
+        raise HuabiError(f"merge-lora: --out {out} is one of the inputs; choose another file")
+    if dtype == "auto":
+        shapes, _ = read_state_dict_shapes(base_path)
+        floats = [t.dtype for t in shapes.values() if t.is_floating_point() and t.ndim > 1]
+        save_dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    else:
+        save_dtype = _SAVE_DTYPES[dtype]
+    bundle = engine.load(str(base_path))
+    active = LoraPatcher().activate(bundle, uses)
+    recipe = {
+        "type": "huabi merge-lora",
+        "primary_model_name": bundle.name,
+        "primary_model_hash": bundle.short_hash,
+        "loras": [
+            {"name": use.name, "file": use.path.name, "hash": lora.short_hash,
+             "te_weight": use.te_weight, "unet_weight": use.unet_weight}
+            for use, lora in zip(active.uses, active.files)
+        ],
+        "dtype": str(save_dtype).removeprefix("torch."),
+    }
+    metadata = {"sd_merge_recipe": json.dumps(recipe), "huabi.lora_hashes": active.infotext_hashes or ""}
+    return save_single_file(bundle, out, dtype=save_dtype, metadata=metadata)
