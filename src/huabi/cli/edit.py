@@ -43,6 +43,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     edit.add_argument("--batch-size", type=int)
     edit.add_argument("--batch-count", type=int)
     edit.add_argument("--clip-skip", type=int)
+    from huabi.cli.control import add_control_options
+
+    add_control_options(edit)
     _add_model_options(edit)
     add_output_options(edit)
     return edit
@@ -79,6 +82,9 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
         invert_mask=args.invert_mask,
         outpaint=parse_outpaint(args.outpaint) if args.outpaint is not None else None,
     )
+    from huabi.cli.control import apply_control_args
+
+    request = apply_control_args(request, args)
     return request, options
 
 
