@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huabi import __version__
+from huabi.cli import control as control_cli
 from huabi.cli import edit as edit_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import upscale as upscale_cli
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="textual-inversion embeddings folder, used by file name in prompts "
                           "(default: $HUABI_EMBEDDINGS_DIR, $HUABI_HOME/embeddings or ~/huabi/embeddings)")
     lora_cli.add_lora_flag(gen)
+    control_cli.add_control_options(gen)
     _add_model_options(gen)
     add_output_options(gen)
 
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     xyz_cli.add_parser(commands)
     edit_cli.add_parser(commands)
     upscale_cli.add_parser(commands)
+    control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
@@ -230,6 +233,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
             request = request_from_infotext(read_infotext(args.from_image), **fields)
         else:
             request = GenerationRequest(**fields)
+        request = control_cli.apply_control_args(request, args)
         if styles is not None:
             prompt_text, negative = apply_styles(
                 request.prompt, request.negative_prompt, styles, style_names, source=str(styles_file)
@@ -377,6 +381,7 @@ COMMANDS = {
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
     "upscale": upscale_cli.cmd_upscale,
+    "preprocess": control_cli.cmd_preprocess,
     "merge-lora": lora_cli.cmd_merge_lora,
 }
 

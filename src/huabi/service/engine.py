@@ -286,6 +286,13 @@ class Engine:
         if request.hires:
             hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
             self.check_memory(bundle, hires_w, hires_h, request.batch_size)
+        # ControlNet units: models loaded and maps made once per request; each pass gets its UNet hook.
+        from huabi.service.control import prepare_controls
+
+        control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
+                                   seed=request.seed)
+        control_hooks = control.hooks if control is not None else None
+        control_hires_hooks = control.hires_hooks() if control is not None else None
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
             variation_seeds = variation_batches[batch_index] if variation_batches else [None] * len(seeds)
@@ -300,13 +307,16 @@ class Engine:
                     result = hires_txt2img(
                         bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
                         variation_seeds=variation_batches[batch_index] if variation_batches else None,
+                        unet_kwargs_for=control_hooks, hires_unet_kwargs_for=control_hires_hooks,
                         pixel_upscaler=pixel_upscaler,
                     )
                 else:
                     result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step,
-                                     embeddings=embeddings,
+                                     embeddings=embeddings, unet_kwargs_for=control_hooks,
                                      variation_seeds=variation_batches[batch_index] if variation_batches else None)
             extra = self._extra_infotext(bundle)
+            if control is not None:
+                extra.update(control.infotext())
             # Always set: a stale value copied from a --from image must not survive.
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
             extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
@@ -390,6 +400,17 @@ class Engine:
             extra["Outpaint"] = ",".join(
                 f"{side}={value}" for side, value in zip(("left", "right", "up", "down"), options.outpaint) if value
             )
+        # ControlNet: units without an image use the edit's image (and mask), as sd-webui-controlnet does.
+        from huabi.service.control import prepare_controls
+
+        control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
+                                   seed=request.seed, fallback_image=image, fallback_mask=mask)
+        if control is not None:
+            import functools
+
+            extra.update(control.infotext())
+            img2img = functools.partial(img2img, unet_kwargs_for=control.hooks)
+            inpaint = functools.partial(inpaint, unet_kwargs_for=control.hooks)
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
