@@ -15,6 +15,7 @@ from pathlib import Path
 from huabi import __version__
 from huabi.cli import control as control_cli
 from huabi.cli import edit as edit_cli
+from huabi.cli import models_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     xyz_cli.add_parser(commands)
     edit_cli.add_parser(commands)
     upscale_cli.add_parser(commands)
+    models_cli.add_parsers(commands)
     control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
 
@@ -120,6 +122,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint path, or a name/hash in the models folder (default: built-in)")
     parser.add_argument("--vae", help="a separate VAE file that replaces the checkpoint's")
+    parser.add_argument("--base", type=Path, metavar="CHECKPOINT",
+                        help="for a GGUF UNet --model: the checkpoint that supplies text encoders and VAE")
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
@@ -263,7 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
-                    embeddings_dir=getattr(args, "embeddings_dir", None))
+                    embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if engine.is_placeholder(bundle):
@@ -381,6 +385,7 @@ COMMANDS = {
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
     "upscale": upscale_cli.cmd_upscale,
+    **models_cli.COMMANDS,
     "preprocess": control_cli.cmd_preprocess,
     "merge-lora": lora_cli.cmd_merge_lora,
 }

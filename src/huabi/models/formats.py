@@ -60,9 +60,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
         return read_pickle_checkpoint(path), {}
+    if suffix == ".gguf":
+        from huabi.models.gguf_io import read_gguf
+
+        return read_gguf(path)
     raise HuabiError(
         f"{path.name}: unsupported model file type {suffix or '(no extension)'!r}; "
-        f"expected .safetensors, .ckpt, .pt, .pth, .bin or a diffusers folder"
+        f"expected .safetensors, .ckpt, .pt, .pth, .bin, .gguf or a diffusers folder"
     )
 
 

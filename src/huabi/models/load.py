@@ -147,12 +147,14 @@ def load_model(
     prediction: Prediction | None = None,
     hash_cache: HashCache | None = None,
     compute_hash: bool = True,
+    base: str | Path | None = None,
 ) -> ModelBundle:
     """Load a ``.safetensors``/``.ckpt`` single file or a diffusers folder.
 
     ``vae`` replaces the checkpoint's VAE (original or diffusers layout, file or
     folder). ``prediction`` overrides detection. ``hash_cache`` defaults to the
     user cache (see ``hashes.py``); ``compute_hash=False`` skips hashing.
+    ``base``: for a GGUF UNet file, the checkpoint that supplies everything but the UNet.
     """
     path = Path(path)
     from huabi.models.text_encoders import text_encoders_from_original
@@ -160,6 +162,10 @@ def load_model(
 
     # 1. read and detect
     state_dict, metadata = read_state_dict(path)
+    if path.suffix.lower() == ".gguf":  # a UNet-only GGUF takes text encoders and VAE from ``base``
+        from huabi.models.gguf_io import with_companion_parts
+
+        state_dict, metadata = with_companion_parts(path, state_dict, metadata, base)
     detected: Detected = detect(state_dict, metadata=metadata, source=path.name)
     family = detected.family
 

@@ -1,0 +1,294 @@
+"""GGUF diffusion-model (UNet) files: read (dequantized on load) and write (``huabi quantize``).
+
+Two layouts are in circulation for Stable Diffusion UNets, and both are read:
+
+* ComfyUI-GGUF (city96's ``tools/convert.py`` + llama.cpp quantize): the UNet
+  alone, tensor names of the original layout *without* ``model.diffusion_model.``
+  (``input_blocks.0.0.weight``), the architecture in ``general.architecture``
+  (``sd1`` — also used for SD2, whose shapes differ — or ``sdxl``), and tensors
+  whose last dimension does not fit a quantization block stored flattened to
+  rows of 256 with their real shape in ``comfy.gguf.orig_shape.<name>``.
+* stable-diffusion.cpp (``sd -M convert``): original single-file names with
+  their prefixes (``model.diffusion_model.*``, maybe ``first_stage_model.*``...).
+
+A UNet-only file has no VAE and no text encoders. As in ComfyUI (a "Unet Loader
+(GGUF)" next to a checkpoint's CLIP and VAE), huabi takes those parts from a base
+checkpoint: ``with_companion_parts`` puts the GGUF's UNet into the base's state dict.
+
+Writing follows ComfyUI-GGUF so its loader reads huabi's files: arch ``sd1``/``sdxl``,
+unprefixed names, 1-D and small (<= 1024 values) tensors kept in F32, the
+flatten-to-256 trick with ``comfy.gguf.orig_shape``; the container is written by
+the maintained ``gguf`` package (its numpy quantizers), atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from huabi.errors import HuabiError
+
+UNET_PREFIX = "model.diffusion_model."
+# Architectures whose UNet huabi can run (ComfyUI-GGUF's names for SD-family UNets).
+KNOWN_ARCHITECTURES = ("sd1", "sdxl")
+ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
+# Types `huabi quantize` writes (the gguf package has numpy quantizers for these).
+WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+_SMALL_TENSOR_VALUES = 1024  # at most this many values: kept in F32 (cheap, and biases matter)
+_FLATTEN_ROW = 256  # ComfyUI-GGUF's row length for tensors whose last dim does not fit a block
+_FLATTEN_MIN_VALUES = 512
+
+
+def is_gguf_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise HuabiError(f"{path}: model file not found")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise HuabiError(f"{path.name}: not a GGUF file (does not start with the GGUF magic bytes)")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the reader raises ValueError/IndexError/... on truncated data
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HuabiError(f"{path.name}: unreadable or truncated GGUF file ({detail})") from None
+
+
+def _field_value(field) -> object:
+    try:
+        return field.contents()
+    except Exception:  # pragma: no cover - malformed field
+        return None
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, object]:
+    """The GGUF key/value metadata (architecture, file type, shapes...), without reading tensors."""
+    path = Path(path)
+    reader = _reader(path)
+    return {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of each GGML type (``{"Q8_0": 180, "F32": 506}``) the file holds."""
+    counts: dict[str, int] = {}
+    for tensor in _reader(Path(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a GGUF SD UNet into original-layout tensors (``model.diffusion_model.*``), dequantized.
+
+    F32/F16/BF16 tensors keep their dtype (bit-exact); quantized ones come back
+    as float32. Metadata: ``gguf.architecture`` and ``gguf.tensor_types``.
+    """
+    from gguf import GGMLQuantizationType, quants
+
+    path = Path(path)
+    reader = _reader(path)
+    fields = reader.fields
+    arch_field = fields.get("general.architecture")
+    arch = str(_field_value(arch_field)) if arch_field is not None else None
+    names = [t.name for t in reader.tensors]
+    prefixed = any(name.startswith(UNET_PREFIX) for name in names)
+    if arch is not None and arch not in KNOWN_ARCHITECTURES and not (prefixed and arch in ("", "stable-diffusion")):
+        raise HuabiError(
+            f"{path.name}: GGUF architecture {arch!r} is not a Stable Diffusion UNet huabi can run "
+            f"(known: {', '.join(KNOWN_ARCHITECTURES)})"
+        )
+    if not prefixed:
+        if arch is None:
+            raise HuabiError(f"{path.name}: GGUF file has no general.architecture and no {UNET_PREFIX}* tensors; unknown architecture")
+        if any(name.startswith(("down_blocks.", "mid_block.")) for name in names):
+            raise HuabiError(f"{path.name}: GGUF holds a diffusers-layout UNet; huabi reads the original layout (input_blocks.*) as ComfyUI-GGUF writes it")
+        if not any(name.startswith("input_blocks.") for name in names):
+            raise HuabiError(f"{path.name}: GGUF architecture {arch!r} but no input_blocks.* UNet tensors (first: {', '.join(names[:3])})")
+
+    torch_types = {
+        GGMLQuantizationType.F32: torch.float32,
+        GGMLQuantizationType.F16: torch.float16,
+        GGMLQuantizationType.BF16: torch.bfloat16,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        qtype = tensor.tensor_type
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        shape_field = fields.get(ORIG_SHAPE_PREFIX + tensor.name)
+        if shape_field is not None:
+            shape = tuple(int(v) for v in _field_value(shape_field))
+        else:
+            shape = tuple(int(v) for v in reversed(tensor.shape.tolist()))  # GGML lists dims innermost first
+        try:
+            values = quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise HuabiError(f"{path.name}: tensor {tensor.name} has GGML type {qtype.name}, which huabi cannot dequantize") from None
+        result = torch.from_numpy(values.copy()).reshape(shape)
+        if qtype in torch_types:
+            result = result.to(torch_types[qtype])  # float32 from F16/BF16 is exact, so this is too
+        name = tensor.name if prefixed else UNET_PREFIX + tensor.name
+        tensors[name] = result
+    metadata = {
+        "gguf.architecture": arch or "",
+        "gguf.tensor_types": ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+    }
+    return tensors, metadata
+
+
+def has_companion_parts(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Does this (GGUF) state dict carry more than a UNet (text encoders, VAE)?"""
+    return any(not key.startswith(UNET_PREFIX) for key in state_dict)
+
+
+def with_companion_parts(
+    gguf_path: Path,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    base: str | Path | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The GGUF's UNet with everything else (text encoders, VAE, schedule, markers) from ``base``.
+
+    Without ``base``, a GGUF that carries its own original-layout parts (as
+    stable-diffusion.cpp can write) is used as it is; a UNet-only one is an error.
+    """
+    from huabi.models.formats import read_state_dict
+
+    if base is None:
+        if has_companion_parts(state_dict):
+            return state_dict, metadata
+        raise HuabiError(
+            f"{gguf_path.name}: a GGUF UNet file has no text encoder or VAE; pass the checkpoint they come "
+            f"from with --base (as ComfyUI loads CLIP and VAE from a checkpoint next to the GGUF UNet)"
+        )
+    base_path = Path(base)
+    if is_gguf_path(base_path):
+        raise HuabiError(f"base: {base_path.name} is a GGUF file; the base must be a checkpoint with text encoders and a VAE")
+    base_tensors, base_metadata = read_state_dict(base_path)
+    merged = {k: v for k, v in base_tensors.items() if not k.startswith(UNET_PREFIX)}
+    if not any(k.startswith(UNET_PREFIX) for k in base_tensors) and not merged:
+        raise HuabiError(f"base: {base_path.name} has no weights")
+    base_unet = {k: v for k, v in base_tensors.items() if k.startswith(UNET_PREFIX)}
+    unet = {k: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+    _check_unet_matches_base(gguf_path, unet, base_unet, base_path)
+    merged.update(unet)
+    combined = dict(base_metadata)
+    combined.update(metadata)
+    return merged, combined
+
+
+def _check_unet_matches_base(gguf_path: Path, unet: Mapping[str, torch.Tensor], base_unet: Mapping[str, torch.Tensor], base_path: Path) -> None:
+    """The GGUF UNet must be the base's architecture: same keys and shapes (names the first difference)."""
+    if not base_unet:
+        return  # a base without a UNet (text encoders + VAE only) cannot be compared; loading checks shapes
+    for key in sorted(set(unet) | set(base_unet)):
+        if key not in base_unet:
+            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} is not in the base (another family?)")
+        if key not in unet:
+            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: it lacks {key} (another family?)")
+        if tuple(unet[key].shape) != tuple(base_unet[key].shape):
+            raise HuabiError(
+                f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} has shape "
+                f"{tuple(unet[key].shape)}, the base {tuple(base_unet[key].shape)}"
+            )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def architecture_for(state_dict: Mapping[str, torch.Tensor], *, source: str) -> str:
+    """ComfyUI-GGUF's architecture name for an original-layout checkpoint: ``sd1`` or ``sdxl``."""
+    from huabi.models.detect import detect
+    from huabi.models.family import ModelFamily
+
+    family = detect(state_dict, source=source).family
+    return "sdxl" if family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) else "sd1"
+
+
+def _tensor_plan(name: str, tensor: torch.Tensor, qtype_name: str) -> tuple[str, tuple[int, ...] | None]:
+    """(GGML type to store, flattened shape or None) for one tensor, ComfyUI-GGUF's rules."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    numel = tensor.numel()
+    if not tensor.is_floating_point():
+        raise HuabiError(f"quantize: tensor {name} is {tensor.dtype}, not floating point")
+    if qtype_name in ("F32", "F16", "BF16"):
+        if tensor.ndim <= 1 or numel <= _SMALL_TENSOR_VALUES:
+            return "F32", None
+        return qtype_name, None
+    if tensor.ndim <= 1 or numel <= _SMALL_TENSOR_VALUES:
+        return "F32", None
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype_name]][0]
+    flat = None
+    if numel >= _FLATTEN_MIN_VALUES and numel % _FLATTEN_ROW == 0 and tensor.shape[-1] % _FLATTEN_ROW != 0:
+        flat = (numel // _FLATTEN_ROW, _FLATTEN_ROW)
+    last = flat[-1] if flat else int(tensor.shape[-1])
+    if last % block != 0:
+        return "F16", None  # cannot be cut into blocks: ComfyUI-GGUF falls back to F16 too
+    return qtype_name, flat
+
+
+def write_gguf_unet(
+    state_dict: Mapping[str, torch.Tensor],
+    out_path: str | Path,
+    qtype_name: str,
+    *,
+    source: str,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> dict[str, int]:
+    """Write the UNet of an original-layout state dict as a ComfyUI-GGUF file; returns tensor counts per type."""
+    import gguf
+    from gguf import GGMLQuantizationType, quants
+
+    qtype_name = qtype_name.upper()
+    if qtype_name not in WRITE_TYPES:
+        raise HuabiError(f"quantize: unknown type {qtype_name!r}; valid: {', '.join(WRITE_TYPES)}")
+    out_path = Path(out_path)
+    if not is_gguf_path(out_path):
+        raise HuabiError(f"quantize: output {out_path.name} must end in .gguf")
+    arch = architecture_for(state_dict, source=source)
+    unet = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    file_types = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                  "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+                  "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+    writer.add_file_type(int(file_types[qtype_name]))
+    for key, value in (extra_metadata or {}).items():
+        writer.add_string(key, str(value))
+    counts: dict[str, int] = {}
+    for name, tensor in unet.items():
+        stored, flat = _tensor_plan(name, tensor, qtype_name)
+        values = tensor.detach().to("cpu", torch.float32).numpy()
+        if flat is not None:
+            writer.add_array(ORIG_SHAPE_PREFIX + name, [int(d) for d in tensor.shape])
+            values = values.reshape(flat)
+        if tensor.dtype == torch.float16 and stored == "F16" or tensor.dtype == torch.float32 and stored == "F32":
+            data = values.astype(values.dtype if stored == "F32" else "float16")
+        else:
+            data = quants.quantize(values, GGMLQuantizationType[stored])
+        writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[stored])
+        counts[stored] = counts.get(stored, 0) + 1
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(handle)
+    try:
+        writer.write_header_to_file(path=tmp_name)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return counts
