@@ -88,7 +88,7 @@ def test_outpaint_cli(capsys, tiny_sd1_file, init_png, tmp_path):
     ("extra", "message"),
     [
         (("--strength", "1.5"), "huabi: error: denoising strength: must be from 0 to 1, got 1.5"),
-        (("--instruct",), "huabi: error: instruct: --instruct (InstructPix2Pix editing) is not available yet"),
+        (("--instruct",), "huabi: error: instruct: tiny_sd1_base_epsilon is not an InstructPix2Pix model"),
         (("--resize-mode", "zoom"), "huabi: error: resize mode: unknown mode 'zoom'; valid: just, crop, fill"),
         (("--masked-content", "blur"), "huabi: error: masked content: unknown 'blur'"),
         (("--outpaint", "left=12"), "huabi: error: outpaint left: must be a multiple of 8, got 12"),

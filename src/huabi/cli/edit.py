@@ -3,6 +3,8 @@
     huabi edit photo.png "a watercolour painting" --strength 0.6
     huabi edit photo.png "a red hat" --mask hat.png --mask-blur 4 --inpaint-area masked
     huabi edit photo.png "a beach at sunset" --outpaint left=128,up=64
+    huabi edit photo.png "make it snowy" --instruct --image-cfg-scale 1.5
+    huabi edit photo.png --from edited.png          # every parameter from edited.png's infotext
 
 Only argument parsing lives here; the work is ``Engine.edit``. This module
 imports nothing heavy: the ``huabi`` parser is built on every command.
@@ -16,29 +18,44 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``edit`` on the ``huabi`` sub-command parser."""
-    from huabi.cli.main import _add_model_options, add_output_options, add_sampling_options  # at call time: main imports this module
+    from huabi.cli.main import (  # at call time: main imports this module
+        _add_model_options,
+        add_output_options,
+        add_refiner_options,
+        add_sampling_options,
+    )
 
     edit = commands.add_parser("edit", help="image to image, inpainting (--mask) and outpainting (--outpaint)")
     edit.add_argument("image", type=Path, help="the image to start from")
-    edit.add_argument("prompt", help="the prompt")
+    edit.add_argument("prompt", nargs="?", help="the prompt (or the instruction with --instruct; optional with --from)")
+    edit.add_argument("--from", dest="from_image", type=Path, metavar="PNG",
+                      help="reuse every parameter in PNG's infotext (strength, mask settings, ...); other flags "
+                           "override them; IMAGE and --mask are still given here")
     edit.add_argument("-n", "--negative", dest="negative_prompt", help="negative prompt")
-    edit.add_argument("--strength", type=float, default=0.75,
-                      help="denoising strength 0..1: 0 keeps the image, 1 repaints it fully (default 0.75)")
+    # Defaults are None so that explicit flags can override a --from infotext; EditOptions holds the defaults.
+    edit.add_argument("--strength", type=float,
+                      help="denoising strength 0..1: 0 keeps the image, 1 repaints it fully (default 0.75; "
+                           "1 with --instruct: from pure noise, as InstructPix2Pix does)")
     edit.add_argument("--mask", type=Path, help="mask image: white = repaint, black = keep (stretched to the image "
                                                 "if its size differs)")
-    edit.add_argument("--mask-blur", type=int, default=4, help="mask blur in pixels (default 4)")
-    edit.add_argument("--masked-content", default="original",
+    edit.add_argument("--mask-blur", type=int, help="mask blur in pixels (default 4)")
+    edit.add_argument("--masked-content",
                       help="what the masked area starts from: fill, original, latent-noise, latent-nothing "
                            "(default original)")
-    edit.add_argument("--inpaint-area", default="whole", help="whole (picture) or masked (only the masked box, "
-                                                               "upscaled to the working size)")
-    edit.add_argument("--padding", type=int, default=32, help="pixels around the mask for --inpaint-area masked")
-    edit.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
-    edit.add_argument("--resize-mode", default="just", help="just, crop or fill (A1111's three modes) when --size "
-                                                            "differs from the image")
+    edit.add_argument("--inpaint-area", help="whole (picture) or masked (only the masked box, "
+                                             "upscaled to the working size)")
+    edit.add_argument("--padding", type=int, help="pixels around the mask for --inpaint-area masked (default 32)")
+    edit.add_argument("--invert-mask", action="store_true", default=None, help="repaint the black part instead")
+    edit.add_argument("--resize-mode", help="just, crop or fill (A1111's three modes) when --size "
+                                            "differs from the image")
     edit.add_argument("--outpaint", metavar="left=N,right=N,up=N,down=N",
                       help="extend the canvas by these pixels (multiples of 8) and paint the new area")
-    edit.add_argument("--instruct", action="store_true", help=argparse.SUPPRESS)
+    edit.add_argument("--instruct", action="store_true", default=None,
+                      help="InstructPix2Pix: the prompt is an instruction (\"make it snowy\"); needs an "
+                           "instruct-pix2pix --model")
+    edit.add_argument("--image-cfg-scale", type=float, metavar="S",
+                      help="InstructPix2Pix image guidance scale (default 1.5; --cfg is the text scale)")
+    add_refiner_options(edit)
     add_sampling_options(edit, size_help="WIDTHxHEIGHT working size, multiples of 8 (default: the image's, rounded to 8)")
     edit.add_argument("--batch-size", type=int)
     edit.add_argument("--batch-count", type=int)
@@ -52,35 +69,63 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, EditOptions]
-    """The request and edit options from the flags, validated before any model loads."""
+    """The request and edit options from the flags (and --from's infotext), validated before any model loads."""
     from huabi.cli.main import parse_size
+    from huabi.core.infotext import EDIT_KEYS, edit_fields_from_infotext, request_from_infotext
     from huabi.core.request import EditOptions, GenerationRequest, parse_outpaint
     from huabi.errors import HuabiError
     from huabi.service.images import canonical_resize_mode
+    from huabi.service.pngio import read_infotext
 
-    if args.instruct:
-        raise HuabiError("instruct: --instruct (InstructPix2Pix editing) is not available yet; "
-                         "use --strength for plain image to image")
     fields = {
         name: getattr(args, name)
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size",
-                     "batch_count", "clip_skip", "model", "vae")
+                     "batch_count", "clip_skip", "model", "vae", "refiner", "refiner_switch_at")
         if getattr(args, name, None) is not None
     }
     if args.size is not None:
         fields["width_px"], fields["height_px"] = parse_size(args.size)
-    request = GenerationRequest(prompt=args.prompt, **fields)
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
+    edit_fields: dict[str, object] = {}
+    if args.from_image is not None:
+        text = read_infotext(args.from_image)
+        request = request_from_infotext(text, **fields)
+        edit_fields = edit_fields_from_infotext(text)
+        # The edit keys live in EditOptions now; left in extra they would outlive a changed option.
+        request = request.replace(extra=tuple((key, value) for key, value in request.extra if key not in EDIT_KEYS))
+        outpaint = edit_fields.get("outpaint")
+        if outpaint is not None and args.outpaint is None and args.size is None and request.width_px:
+            # "Size" records the outpainted canvas; the working size is the image's before extension.
+            left, right, up, down = outpaint
+            request = request.replace(width_px=request.width_px - left - right,
+                                      height_px=request.height_px - up - down)
+    elif args.prompt is None:
+        raise HuabiError("prompt: give a prompt, or --from PNG to reuse an edited image's parameters")
+    else:
+        request = GenerationRequest(**fields)
+    overrides = {
+        "denoising_strength": args.strength,
+        "resize_mode": canonical_resize_mode(args.resize_mode) if args.resize_mode is not None else None,
+        "mask_blur_px": args.mask_blur,
+        "masked_content": args.masked_content,
+        "inpaint_area": args.inpaint_area,
+        "padding_px": args.padding,
+        "invert_mask": args.invert_mask,
+        "outpaint": parse_outpaint(args.outpaint) if args.outpaint is not None else None,
+        "instruct": args.instruct,
+        "image_cfg_scale": args.image_cfg_scale,
+    }
+    edit_fields.update({name: value for name, value in overrides.items() if value is not None})
+    if args.image_cfg_scale is not None:
+        edit_fields["instruct"] = True  # an image scale on its own means an instruct edit
+    if "denoising_strength" not in edit_fields:
+        # InstructPix2Pix starts from pure noise (strength 1); plain img2img keeps A1111's 0.75.
+        edit_fields["denoising_strength"] = 1.0 if edit_fields.get("instruct") else 0.75
     options = EditOptions(
         init_image=str(args.image),
-        denoising_strength=args.strength,
-        resize_mode=canonical_resize_mode(args.resize_mode),
         mask_image=str(args.mask) if args.mask is not None else None,
-        mask_blur_px=args.mask_blur,
-        masked_content=args.masked_content,
-        inpaint_area=args.inpaint_area,
-        padding_px=args.padding,
-        invert_mask=args.invert_mask,
-        outpaint=parse_outpaint(args.outpaint) if args.outpaint is not None else None,
+        **edit_fields,
     )
     from huabi.cli.control import apply_control_args
 

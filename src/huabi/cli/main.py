@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, None, or an upscaler model file")
     gen.add_argument("--hires-steps", type=int, metavar="N", help="second-pass steps (0: same as --steps)")
     gen.add_argument("--hires-denoise", type=float, metavar="D", help="second-pass denoising strength (default 0.7)")
+    add_refiner_options(gen)
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
@@ -112,6 +113,14 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, size_help: str,
     parser.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
     parser.add_argument("--seed", type=int, help=seed_help)
     parser.add_argument("--size", help=size_help)
+
+
+def add_refiner_options(parser: argparse.ArgumentParser) -> None:
+    """The SDXL refiner flags (generate, edit)."""
+    parser.add_argument("--refiner", metavar="MODEL",
+                        help="SDXL refiner (path, or name/hash in the models folder) that takes over from the base")
+    parser.add_argument("--refiner-switch-at", type=float, metavar="F",
+                        help="fraction of the steps after which the refiner takes over, above 0 to 1 (default 0.8)")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +192,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
                      "batch_size", "batch_count", "clip_skip", "model", "vae", "tile",
                      "variation_seed", "variation_strength", "hires", "hires_scale", "hires_upscaler",
-                     "hires_steps", "hires_denoise")
+                     "hires_steps", "hires_denoise", "refiner", "refiner_switch_at")
         if getattr(args, name, None) is not None
     }
     if any(overrides.get(name) is not None for name in ("hires_scale", "hires_upscaler", "hires_steps", "hires_denoise")):

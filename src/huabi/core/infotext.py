@@ -491,7 +491,12 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
             fields["seed_resize_from_px"] = (int(resize.group(1)), int(resize.group(2)))
 
     mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling",
-              "Variation seed", "Variation seed strength", "Seed resize from"}
+              "Variation seed", "Variation seed strength", "Seed resize from", "Refiner", "Refiner switch at"}
+    if params.get("Refiner"):
+        # A1111 writes "name [short hash]": the hash finds the file, as "Model hash" does.
+        fields["refiner"] = _refiner_reference(params["Refiner"])
+        if "Refiner switch at" in params:
+            fields["refiner_switch_at"] = _float_param(params, "Refiner switch at")
     # A1111 always writes "Hires upscaler" with hires fix on; without it the keys are just kept.
     if "Hires upscaler" in params and _runnable_upscaler(params["Hires upscaler"]):
         # Hires fix back on. The keys also stay in ``extra``, so an A1111 text keeps its
@@ -560,3 +565,53 @@ def _float_param(params: Mapping[str, str], key: str) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise HuabiError(f"infotext: {key}: expected a finite number, got {value!r}")
     return number
+
+def _refiner_reference(title: str) -> str:
+    """The model reference in a "Refiner" value: the hash of ``name [hash]``, else the name."""
+    title = title.strip()
+    if title.endswith("]") and " [" in title:
+        name, _sep, hashed = title[:-1].rpartition(" [")
+        return hashed.strip() or name.strip()
+    return title
+
+
+# Keys ``huabi edit`` writes (A1111's img2img/inpaint keys plus huabi's Outpaint), read back by edit --from.
+EDIT_KEYS = ("Denoising strength", "Resize mode", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
+             "Masked area padding", "Outpaint", "Image CFG scale")
+_RESIZE_MODE_NAMES = {"Just resize": "just", "Crop and resize": "crop", "Resize and fill": "fill"}
+_INPAINT_AREA_NAMES = {"Whole picture": "whole", "Only masked": "masked"}
+_MASK_MODE_NAMES = {"Inpaint masked": False, "Inpaint not masked": True}
+
+
+def edit_fields_from_infotext(text: str) -> dict[str, object]:
+    """``EditOptions`` fields (init image and mask excepted) recorded in an edited image's infotext.
+
+    "Image CFG scale" means an InstructPix2Pix edit (``instruct=True``), as A1111
+    writes it only for those models. Keys that are absent are left out (defaults apply).
+    """
+    from huabi.core.request import parse_outpaint
+
+    params = parse_infotext(text).params
+    fields: dict[str, object] = {}
+    if "Denoising strength" in params:
+        fields["denoising_strength"] = _float_param(params, "Denoising strength")
+    for key, name, table in (("Resize mode", "resize_mode", _RESIZE_MODE_NAMES),
+                             ("Inpaint area", "inpaint_area", _INPAINT_AREA_NAMES),
+                             ("Mask mode", "invert_mask", _MASK_MODE_NAMES)):
+        if key in params:
+            value = params[key].strip()
+            if value not in table:
+                raise HuabiError(f"infotext: {key}: unknown {value!r}; valid: {', '.join(table)}")
+            fields[name] = table[value]
+    if "Mask blur" in params:
+        fields["mask_blur_px"] = _int_param(params, "Mask blur")
+    if "Masked content" in params:
+        fields["masked_content"] = params["Masked content"].strip()
+    if "Masked area padding" in params:
+        fields["padding_px"] = _int_param(params, "Masked area padding")
+    if "Outpaint" in params:
+        fields["outpaint"] = parse_outpaint(params["Outpaint"])
+    if "Image CFG scale" in params:
+        fields["instruct"] = True
+        fields["image_cfg_scale"] = _float_param(params, "Image CFG scale")
+    return fields

@@ -264,6 +264,9 @@ class EditOptions:
     invert_mask: bool = False
     outpaint: tuple[int, int, int, int] | None = None  # left, right, up, down in pixels
     outpaint_overlap_px: int = 8  # how far the outpaint mask reaches into the original
+    # InstructPix2Pix: edit by instruction with three-way guidance (needs an instruct-pix2pix model).
+    instruct: bool = False
+    image_cfg_scale: float = 1.5  # A1111's "Image CFG scale" (s_I)
 
     def __post_init__(self) -> None:
         if not isinstance(self.init_image, str) or not self.init_image:
@@ -297,6 +300,13 @@ class EditOptions:
                 raise HuabiError("outpaint: every side is 0; nothing to extend")
             if self.mask_image is not None:
                 raise HuabiError("outpaint: cannot be combined with a mask (the new area is the mask)")
+        if not isinstance(self.instruct, bool):
+            raise HuabiError(f"instruct: must be True or False, got {self.instruct!r}")
+        scale = self.image_cfg_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 100:
+            raise HuabiError(f"image cfg scale: must be a number from 0 to 100, got {scale!r}")
+        if self.instruct and (self.mask_image is not None or self.outpaint is not None):
+            raise HuabiError("instruct: cannot be combined with a mask or outpainting (InstructPix2Pix edits the whole image)")
 
     @property
     def inpainting(self) -> bool:

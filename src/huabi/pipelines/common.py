@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from huabi.core.variation import NoiseVariation
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import ModelFamily, UNetVariant
+
+if TYPE_CHECKING:
+    from huabi.pipelines.refiner import RefinerStage
 
 # A1111's defaults for the SDXL refiner's aesthetic-score conditioning.
 REFINER_AESTHETIC_SCORE = 6.0
@@ -203,6 +207,8 @@ def denoise(
     denoising_strength: float = 1.0,
     image_channels: torch.Tensor | None = None,
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
+    guided_denoiser: Callable[..., Callable] | None = None,
+    refiner: "RefinerStage | None" = None,
     unet_kwargs_for: Callable[[torch.Tensor, tuple[int, int, int]], Callable] | None = None,
 ) -> torch.Tensor:
     """Sample latents from seeded noise; returns x0 latents [B, C, h, w] in float32.
@@ -213,7 +219,10 @@ def denoise(
     ``init_latent + noise * sigma_start``.  ``image_channels`` replaces the extra
     UNet inputs that text-to-image would give inpainting/pix2pix models;
     ``wrap_denoiser`` wraps the guided denoiser (inpainting re-imposes the kept
-    area there), so samplers never know.
+    area there), so samplers never know.  ``guided_denoiser`` replaces
+    :class:`CFGDenoiser` (same arguments; instruct-pix2pix's three-way guidance);
+    ``refiner`` (:class:`huabi.pipelines.refiner.RefinerStage`) hands the guided
+    denoiser over to an SDXL refiner at its switch point.
     ``unet_kwargs_for(sigmas run, latent shape)`` makes the UNet hook of this pass
     (:class:`PredictionDenoiser`'s ``unet_kwargs``; ControlNet residuals).
     """
@@ -242,13 +251,16 @@ def denoise(
     # Per-step conditioning (prompt editing, alternation) and AND sub-prompts; the CFG
     # denoiser picks each call's entry by counting its calls, as A1111 does.
     conds, uncond = guidance.conditioning(schedule_steps(sampler_name, steps))
-    denoiser: Callable = CFGDenoiser(
+    denoiser: Callable = (guided_denoiser or CFGDenoiser)(
         PredictionDenoiser(bundle.unet, schedule, bundle.prediction,
                            unet_kwargs_for(sigmas, shape) if unet_kwargs_for is not None else None),
         [(cond.with_channels(channels), weight) for cond, weight in conds],
         uncond.with_channels(channels),
         cfg_scale,
     )
+    if refiner is not None:
+        denoiser = refiner.handover(denoiser, bundle, sampler_name=sampler_name, steps=steps, shape=shape,
+                                    cfg_scale=cfg_scale, device=device)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     total = len(sigmas) - 1

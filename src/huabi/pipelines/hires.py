@@ -118,6 +118,7 @@ def hires_txt2img(
     unet_kwargs_for=None,  # UNet hook factories for denoise (ControlNet): first pass, second pass
     hires_unet_kwargs_for=None,
     first_pass: Callable[..., torch.Tensor] | None = None,
+    refiner=None,
 ) -> HiresResult:
     """Text to image with A1111's hires fix; ``request.hires`` need not be set (this is the fix).
 
@@ -126,7 +127,8 @@ def hires_txt2img(
     sees ``(done, total)`` over both passes: the first pass's ``request.steps``
     then ``hires_steps`` (or ``request.steps``) scaled over the steps actually run.
     ``first_pass`` replaces step 1's denoise (same keyword arguments as
-    :func:`denoise`); the SDXL refiner hand-over uses it.
+    :func:`denoise`).  ``refiner`` (a :class:`huabi.pipelines.refiner.RefinerStage`)
+    hands over in the second pass only, A1111's default ("second pass").
     """
     # 1. First pass at the request's size.
     width_px = request.width_px or bundle.native_size_px
@@ -182,6 +184,7 @@ def hires_txt2img(
         cfg_scale=request.cfg_scale, seeds=seeds, shape=target_shape, device=device, on_step=second_step,
         variation=variation, init_latent=latents, denoising_strength=float(request.hires_denoise),
         unet_kwargs_for=hires_unet_kwargs_for,
+        refiner=refiner,
     )
 
     # 4. Decode to pixels.

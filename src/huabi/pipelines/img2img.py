@@ -80,6 +80,8 @@ def img2img(
     init_latent: torch.Tensor | None = None,
     variation: NoiseVariation | None = None,
     unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    refiner=None,
+    guided_denoiser: Callable[..., Callable] | None = None,
 ) -> Img2ImgResult:
     """Repaint ``init_image`` (already at the working size) ``len(seeds)`` times.
 
@@ -88,7 +90,8 @@ def img2img(
     ``init_latent`` ([1 or B, C, h, w]) overrides the encoded image (inpainting's
     "masked content" options); ``image_channels`` and ``wrap_denoiser`` pass
     through to :func:`denoise`, as does ``variation`` (variation seeds / seed
-    resize change the noise added to the init latent).
+    resize change the noise added to the init latent).  ``refiner`` (SDXL refiner
+    hand-over) and ``guided_denoiser`` (instruct-pix2pix guidance) pass through too.
     """
     # 1. Check: the working size is the init image's.
     if not 0.0 <= float(denoising_strength) <= 1.0:
@@ -118,6 +121,7 @@ def img2img(
         init_latent=init_latent, denoising_strength=float(denoising_strength),
         image_channels=image_channels, wrap_denoiser=wrap_denoiser, variation=variation,
         unet_kwargs_for=unet_kwargs_for,
+        refiner=refiner, guided_denoiser=guided_denoiser,
     )
 
     # 5. Decode to pixels.

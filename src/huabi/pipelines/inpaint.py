@@ -104,6 +104,7 @@ def inpaint(
     working_size: tuple[int, int] | None = None,
     variation: NoiseVariation | None = None,
     unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    refiner=None,
 ) -> InpaintResult:
     """Repaint the white part of ``mask`` (same size as ``image``) ``len(seeds)`` times.
 
@@ -162,6 +163,7 @@ def inpaint(
         on_step=on_step, embeddings=embeddings, image_channels=image_channels, init_latent=init_latent,
         wrap_denoiser=lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint), variation=variation,
         unet_kwargs_for=unet_kwargs_for,
+        refiner=refiner,
     )
     latents = blend_keep(result.latents, init_latent, repaint)
     generated = decode_latents(bundle, latents)

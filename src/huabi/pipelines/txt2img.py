@@ -40,12 +40,14 @@ def txt2img(
     embeddings: EmbeddingLookup | None = None,
     variation_seeds: Sequence[int] | None = None,
     unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    refiner=None,
 ) -> Txt2ImgResult:
     """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``.
 
     ``embeddings``: textual-inversion name -> vectors (see :func:`encode_guidance`).
     ``variation_seeds``: this batch's A1111 variation seeds (one per image), used with
     ``request.variation_strength``; ``request.seed_resize_from_px`` applies either way.
+    ``refiner``: a :class:`huabi.pipelines.refiner.RefinerStage` to hand over to (SDXL refiner).
     """
     # 1. Check: resolve the size against the model's native resolution.
     width_px = request.width_px or bundle.native_size_px
@@ -80,6 +82,7 @@ def txt2img(
         on_step=on_step,
         variation=noise_variation(bundle, request, variation_seeds),
         unet_kwargs_for=unet_kwargs_for,
+        refiner=refiner,
     )
 
     # 5. Decode to pixels.

@@ -27,10 +27,13 @@ from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
+from huabi.models.family import UNetVariant
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
 from huabi.pipelines.common import noise_variation
 from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
+from huabi.pipelines.instruct import check_instruct_model, instruct_pix2pix
+from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_infotext
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses
 from huabi.service.pngio import next_image_path, save_png
@@ -154,6 +157,7 @@ class Engine:
             raise HuabiError(f"embeddings: {embeddings_dir}: no such folder")
         self.embeddings_dir = Path(embeddings_dir).expanduser() if embeddings_dir is not None else default_embeddings_dir()
         self._loaded: tuple[tuple, ModelBundle] | None = None
+        self._refiner: tuple[tuple, ModelBundle] | None = None  # the SDXL refiner, kept loaded beside the base
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
@@ -271,9 +275,8 @@ class Engine:
     ) -> list[GeneratedImage]:
         """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
         request = request.with_resolved_seed(rng)
-        if request.refiner is not None:
-            raise HuabiError("refiner: the SDXL refiner hand-over is not implemented yet; leave refiner unset")
         bundle = self.load(request.model, request.vae)
+        refiner = self.refiner_stage(request, bundle)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         width_px = request.width_px or bundle.native_size_px
         height_px = request.height_px or bundle.native_size_px
@@ -315,13 +318,15 @@ class Engine:
                         bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
                         variation_seeds=variation_batches[batch_index] if variation_batches else None,
                         unet_kwargs_for=control_hooks, hires_unet_kwargs_for=control_hires_hooks,
-                        pixel_upscaler=pixel_upscaler,
+                        pixel_upscaler=pixel_upscaler, refiner=refiner,
                     )
                 else:
                     result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step,
                                      embeddings=embeddings, unet_kwargs_for=control_hooks,
-                                     variation_seeds=variation_batches[batch_index] if variation_batches else None)
+                                     variation_seeds=variation_batches[batch_index] if variation_batches else None,
+                                     refiner=refiner)
             extra = self._extra_infotext(bundle)
+            extra.update(refiner_infotext(refiner))
             if control is not None:
                 extra.update(control.infotext())
             # Always set: a stale value copied from a --from image must not survive.
@@ -392,6 +397,16 @@ class Engine:
             recorded = recorded.replace(schedule=default_schedule_for(request.sampler))
         embeddings = self.embeddings_for(bundle)
         extra = self._extra_infotext(bundle)
+        # InstructPix2Pix models always edit by instruction (as in A1111); --instruct insists on one.
+        instruct = options.instruct or bundle.variant is UNetVariant.INSTRUCT_PIX2PIX
+        if instruct:
+            check_instruct_model(bundle)
+            if mask is not None:
+                raise HuabiError(f"instruct: {bundle.name} is an InstructPix2Pix model; it edits whole images "
+                                 "(no --mask or --outpaint)")
+            extra["Image CFG scale"] = options.image_cfg_scale
+        refiner = self.refiner_stage(request, bundle)
+        extra.update(refiner_infotext(refiner))
         extra["Denoising strength"] = options.denoising_strength
         if options.resize_mode != "just":
             extra["Resize mode"] = RESIZE_MODES[options.resize_mode]
@@ -431,13 +446,19 @@ class Engine:
 
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
             with tiling:
-                if mask is None:
+                if instruct:
+                    result = instruct_pix2pix(bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
+                                              denoising_strength=options.denoising_strength, device=self.device,
+                                              on_step=on_step, embeddings=embeddings, variation=variation)
+                elif mask is None:
                     result = img2img(bundle, request, image, seeds, denoising_strength=options.denoising_strength,
-                                     device=self.device, on_step=on_step, embeddings=embeddings, variation=variation)
+                                     device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
+                                     refiner=refiner)
                 else:
                     result = inpaint(bundle, request, image, mask, seeds, options, device=self.device,
                                      on_step=on_step, embeddings=embeddings,
-                                     working_size=(work_w, work_h) if only_masked else None, variation=variation)
+                                     working_size=(work_w, work_h) if only_masked else None, variation=variation,
+                                     refiner=refiner)
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
             extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
             for picture, seed, variation_seed in zip(result.images, result.seeds,
@@ -459,6 +480,37 @@ class Engine:
 
         _text, tags = extract_extra_networks(request.prompt)
         return self._loras.activate(bundle, lora_uses(tags, lora_folders(self.models_dir)))
+
+    def load_refiner(self, ref: str) -> ModelBundle:
+        """The SDXL refiner by path, name or hash, kept loaded beside the base model.
+
+        Memory: both models stay on the device for the whole job (no swapping at the
+        switch; SDXL base + refiner in fp16 take about 10 GB of VRAM on CUDA).
+        """
+        try:
+            path = self.resolve_model_path(ref)
+        except HuabiError as err:
+            raise HuabiError(f"refiner: {str(err).removeprefix('model: ')}") from None
+        key = (str(path.resolve()), self.device, self.dtype)
+        if self._refiner is not None and self._refiner[0] == key:
+            return self._refiner[1]
+        self._refiner = None
+        bundle = load_model(path, device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            bundle.unet.to(memory_format=torch.channels_last)
+        self._refiner = (key, bundle)
+        return bundle
+
+    def refiner_stage(self, request: GenerationRequest, bundle: ModelBundle) -> RefinerStage | None:
+        """The hand-over to ``request.refiner`` after ``bundle`` (None without a refiner); family checks here."""
+        if request.refiner is None:
+            return None
+        refiner = self.load_refiner(request.refiner)
+        check_refiner_pair(bundle, refiner)
+        return RefinerStage(
+            refiner, float(request.refiner_switch_at), request.prompt, request.negative_prompt,
+            clip_skip=request.clip_skip, embeddings=self.embeddings_for(refiner),
+        )
 
     def embeddings_for(self, bundle: ModelBundle) -> EmbeddingLibrary:
         """The embeddings folder as seen by ``bundle``'s text encoders (widths are checked on use)."""
