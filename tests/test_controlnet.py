@@ -279,3 +279,86 @@ def test_fit_map_resize_modes():
     fill = fit_map(detected, 16, 16, ResizeMode.RESIZE_AND_FILL)
     assert fill.shape == (16, 16, 3)  # 40x20 scaled to 16x8 in the middle rows, margins the border median
     assert fill[0, 0, 0] == pytest.approx(0.5) and fill[8, 0, 0] == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- T2I-Adapter
+
+def make_adapter(seed: int = 11):
+    from diffusers import T2IAdapter
+
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=8, adapter_type="full_adapter")
+    return randomize_(adapter, torch.Generator().manual_seed(seed)).eval()
+
+
+def adapter_to_original(state_dict, blocks: int) -> dict:
+    """TencentARC's layout, written independently of huabi's converter: body.K = level * blocks + block."""
+    original = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")[1:]  # drop "adapter."
+        if parts[0] == "body" and parts[2] == "resnets":
+            parts = ["body", str(int(parts[1]) * blocks + int(parts[3]))] + parts[4:]
+        elif parts[0] == "body":  # in_conv of a level's first block
+            parts = ["body", str(int(parts[1]) * blocks)] + parts[2:]
+        original[".".join(parts)] = tensor.contiguous()
+    return original
+
+
+def test_t2i_adapter_original_file_matches_diffusers_adapter_pipeline(sd1, tmp_path):
+    from diffusers import StableDiffusionAdapterPipeline
+    from safetensors.torch import save_file
+
+    from huabi.models.controlnet import load_control_model
+
+    bundle, _reference, _loaded, _path = sd1
+    adapter = make_adapter()
+    path = tmp_path / "t2iadapter_tiny.safetensors"
+    save_file(adapter_to_original(adapter.state_dict(), blocks=2), path)
+    loaded = load_control_model(path, base_family=bundle.family, unet_config=bundle.unet.config)
+    for key, tensor in adapter.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[key]), key
+    image = control_image(3)
+    ours, hooks = huabi_latents(bundle, [prepared(loaded, image, weight=0.7)])
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       use_karras_sigmas=True)
+    pipe = StableDiffusionAdapterPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
+        adapter=adapter, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(STEPS)
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    noise = torch.randn(latent_shape(bundle, SIZE_PX, SIZE_PX), generator=generator)[None]
+    start = noise * sigma_max / float(pipe.scheduler.init_noise_sigma)
+    with torch.inference_mode():
+        theirs = pipe(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                      height=SIZE_PX, width=SIZE_PX, latents=start, generator=generator, output_type="latent",
+                      adapter_conditioning_scale=0.7).images
+    plain, _ = huabi_latents(bundle)
+    difference = relative_difference(ours, theirs)
+    print(f"T2I-Adapter: relative difference vs diffusers {difference:.2e}; effect {relative_difference(ours, plain):.2e}")
+    assert difference < RELATIVE_TOLERANCE
+    assert relative_difference(ours, plain) > 1e-3
+    assert len(hooks[0]._adapter_features) == 1  # the adapter ran once for the whole pass
+
+
+def test_t2i_adapter_family_and_width_errors(sd1, tmp_path):
+    from safetensors.torch import save_file
+
+    from huabi.models.controlnet import load_control_model
+
+    bundle, *_ = sd1
+    path = tmp_path / "wide.safetensors"
+    from diffusers import T2IAdapter
+
+    wide = T2IAdapter(in_channels=3, channels=[64, 64], num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
+    save_file(adapter_to_original(wide.state_dict(), blocks=1), path)
+    with pytest.raises(HuabiError, match=r"T2I-Adapter wide: widths \[64, 64\] do not fit the model's UNet \[32, 64\]"):
+        load_control_model(path, base_family=bundle.family, unet_config=bundle.unet.config)
+    folder = tmp_path / "xl_adapter"
+    T2IAdapter(in_channels=3, channels=[32, 64, 64], num_res_blocks=1, downscale_factor=16,
+               adapter_type="full_adapter_xl").save_pretrained(folder)
+    with pytest.raises(HuabiError, match="T2I-Adapter xl_adapter: made for sdxl, the loaded model is sd1"):
+        load_control_model(folder, base_family=bundle.family, unet_config=bundle.unet.config)

@@ -144,6 +144,21 @@ def residual_scales(
     return [weight * SOFT_INJECTION_BASE ** float(count - 1 - i) for i in range(count)]
 
 
+ADAPTER_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)  # sd-webui-controlnet's T2I-Adapter soft injection
+
+
+def adapter_scales(count: int, weight: float, mode: ControlMode) -> list[float]:
+    """Per-feature multipliers of a T2I-Adapter (one feature per UNet level, shallow first).
+
+    Balanced: ``weight`` each; the other modes: sd-webui-controlnet's soft scales
+    (0.25, 0.62, 0.825, 1.0), the deepest ``count`` of them for adapters with fewer levels.
+    """
+    if mode is ControlMode.BALANCED:
+        return [weight] * count
+    soft = list(ADAPTER_SOFT_SCALES[-count:]) if count <= len(ADAPTER_SOFT_SCALES) else [1.0] * count
+    return [weight * s for s in soft]
+
+
 def unit_active(step: int, total_steps: int, start: float, end: float) -> bool:
     """sd-webui-controlnet's schedule: active unless step/total is before start or after end."""
     percent = step / total_steps if total_steps > 0 else 0.0

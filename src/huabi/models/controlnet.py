@@ -21,8 +21,15 @@ embedding read from the file.  Family is decided by structure (SDXL's size
 embedding, linear vs 1x1-conv attention projections); a ControlNet of another
 family than the loaded model, or whose widths do not fit it, is a one-line error.
 
+T2I-Adapters (TencentARC) go through the same door (:func:`load_control_model`):
+the original ``.pth`` layout (``conv_in``, ``body.N.block1/2``, ``body.N.in_conv``;
+light adapters ``body.N.body.M``/``out_conv``) converts to diffusers'
+``T2IAdapter`` keys (``adapter.body.LEVEL.resnets.M...``), and diffusers folders load
+as they are; the level count comes from the base UNet.
+
 Not supported (refused with a message): "control-lora" files (``lora_controlnet``
-key, Stability's rank-decomposed ControlNets) and the old "difference" ControlNets.
+key, Stability's rank-decomposed ControlNets), the old "difference" ControlNets
+and the CLIP-vision "style" T2I-Adapter.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def controlnet_layout(state_dict: Mapping[str, torch.Tensor], source: str) -> st
     if "lora_controlnet" in state_dict:
         raise HuabiError(f"{source}: control-lora files are not supported (use a full ControlNet)")
     if any(k.startswith("adapter.") or k.startswith("body.") for k in keys):
-        raise HuabiError(f"{source}: looks like a T2I-Adapter, not a ControlNet; T2I-Adapters are not supported yet")
+        raise HuabiError(f"{source}: is a T2I-Adapter, not a ControlNet")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         raise HuabiError(f"{source}: is a checkpoint, not a ControlNet (no input_hint_block / controlnet_cond_embedding keys)")
     sample = ", ".join(sorted(keys)[:3]) or "no tensors"
@@ -201,11 +208,13 @@ def load_controlnet(
     unet_config: Mapping[str, Any],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    read: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None,
 ) -> torch.nn.Module:
-    """Load a ControlNet file or folder for a base model of ``base_family`` with ``unet_config``."""
+    """Load a ControlNet file or folder for a base model of ``base_family`` with ``unet_config``
+    (``read``: the file's :func:`read_controlnet_file` result, when already read)."""
     path = Path(path)
     name = path.name
-    tensors, file_config = read_controlnet_file(path)
+    tensors, file_config = read if read is not None else read_controlnet_file(path)
     layout = controlnet_layout(tensors, name)
     family = controlnet_family(tensors, layout)
     if _FITS.get(ModelFamily(base_family)) is not family:
@@ -242,3 +251,126 @@ def legacy_model_hash(path: str | Path) -> str:
         handle.seek(0x100000)
         digest.update(handle.read(0x10000))
     return digest.hexdigest()[:8]
+
+
+# ------------------------------------------------------------------------------------- T2I-Adapter
+
+def is_t2i_adapter(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    keys = list(state_dict)
+    return any(k.startswith("adapter.") for k in keys) or (
+        "conv_in.weight" in state_dict and any(k.startswith("body.") for k in keys)
+    )
+
+
+def t2i_adapter_to_diffusers(
+    state_dict: Mapping[str, torch.Tensor], levels: int, source: str = "T2I-Adapter"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Original TencentARC adapter keys -> ``(diffusers T2IAdapter keys, config)`` for ``levels`` UNet levels.
+
+    Full adapter: ``body.K`` (K = level * blocks + block) has ``block1``/``block2`` and,
+    where the width changes, ``in_conv``.  Light adapter (e.g. colour): ``body.LEVEL``
+    has ``in_conv``, ``body.M.block1/2`` and ``out_conv``.
+    """
+    if any(k.startswith("adapter.") for k in state_dict):
+        raise HuabiError(f"{source}: already in the diffusers layout")
+    conv_in = state_dict.get("conv_in.weight")
+    if conv_in is not None:  # full adapter
+        body = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("body.")})
+        blocks, remainder = divmod(len(body), levels)
+        if remainder or blocks < 1:
+            raise HuabiError(f"{source}: {len(body)} adapter blocks do not split into the model's {levels} levels")
+        converted: dict[str, torch.Tensor] = {}
+        for key, tensor in state_dict.items():
+            parts = key.split(".")
+            if parts[0] == "conv_in":
+                converted["adapter." + key] = tensor
+            elif parts[0] == "body" and parts[2] in ("block1", "block2"):
+                level, block = divmod(int(parts[1]), blocks)
+                converted[f"adapter.body.{level}.resnets.{block}.{'.'.join(parts[2:])}"] = tensor
+            elif parts[0] == "body" and parts[2] == "in_conv":
+                level, block = divmod(int(parts[1]), blocks)
+                if block != 0:
+                    raise HuabiError(f"{source}: unexpected {key} (width changes only at a level's first block)")
+                converted[f"adapter.body.{level}.{'.'.join(parts[2:])}"] = tensor
+            else:
+                raise HuabiError(f"{source}: key {key} has no conversion")
+        channels = [int(state_dict[f"body.{level * blocks}.block2.weight"].shape[0]) for level in range(levels)]
+        pixels = 8 * 8  # SD1.5 adapters unshuffle 8x8 pixels into channels
+        config = {"in_channels": int(conv_in.shape[1]) // pixels, "channels": channels, "num_res_blocks": blocks,
+                  "downscale_factor": 8, "adapter_type": "full_adapter"}
+        return converted, config
+    # light adapter
+    converted = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        if parts[0] != "body":
+            raise HuabiError(f"{source}: key {key} has no conversion")
+        if parts[2] == "body":
+            converted[f"adapter.body.{parts[1]}.resnets.{'.'.join(parts[3:])}"] = tensor
+        else:
+            converted["adapter." + key] = tensor
+    found = sorted({int(k.split(".")[1]) for k in state_dict})
+    in_conv = state_dict["body.0.in_conv.weight"]
+    blocks = len({int(k.split(".")[3]) for k in state_dict if k.startswith("body.0.body.")})
+    channels = [int(state_dict[f"body.{level}.out_conv.weight"].shape[0]) for level in found]
+    config = {"in_channels": int(in_conv.shape[1]) // 64, "channels": channels, "num_res_blocks": blocks,
+              "downscale_factor": 8, "adapter_type": "light_adapter"}
+    return converted, config
+
+
+def load_t2i_adapter(
+    path: str | Path,
+    *,
+    base_family: ModelFamily,
+    unet_config: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    read: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None,
+) -> torch.nn.Module:
+    """A diffusers ``T2IAdapter`` from an original ``.pth``/``.safetensors`` or a diffusers folder/file."""
+    from diffusers import T2IAdapter
+
+    path = Path(path)
+    tensors, config = read if read is not None else read_controlnet_file(path)
+    levels = len(unet_config["block_out_channels"])
+    if not any(k.startswith("adapter.") for k in tensors):
+        tensors, config = t2i_adapter_to_diffusers(tensors, levels, f"T2I-Adapter {path.stem}")
+    elif config is None:  # bare diffusers weights: a full adapter with the UNet's widths
+        blocks = len({k.split(".")[4] for k in tensors if k.startswith("adapter.body.0.resnets.")})
+        xl = ModelFamily(base_family) is ModelFamily.SDXL
+        config = {"in_channels": int(tensors["adapter.conv_in.weight"].shape[1]) // (256 if xl else 64),
+                  "channels": list(unet_config["block_out_channels"]), "num_res_blocks": blocks,
+                  "downscale_factor": 16 if xl else 8, "adapter_type": "full_adapter_xl" if xl else "full_adapter"}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    adapter_family = ModelFamily.SDXL if config.get("adapter_type") == "full_adapter_xl" else ModelFamily.SD1
+    if _FITS.get(ModelFamily(base_family)) not in (adapter_family, ModelFamily.SD2 if adapter_family is ModelFamily.SD1 else None):
+        raise HuabiError(f"T2I-Adapter {path.stem}: made for {adapter_family.value}, the loaded model is {ModelFamily(base_family).value}")
+    if list(config["channels"]) != list(unet_config["block_out_channels"]):
+        raise HuabiError(
+            f"T2I-Adapter {path.stem}: widths {list(config['channels'])} do not fit the model's UNet "
+            f"{list(unet_config['block_out_channels'])}"
+        )
+    from huabi.models.load import build_module
+
+    return build_module(T2IAdapter, config, tensors, device=device, dtype=dtype, what=f"T2I-Adapter {path.stem}")
+
+
+def is_adapter_module(module: torch.nn.Module) -> bool:
+    return "adapter_type" in getattr(module, "config", {})
+
+
+def load_control_model(
+    path: str | Path,
+    *,
+    base_family: ModelFamily,
+    unet_config: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A ControlNet or a T2I-Adapter, whichever the file is (both live in ``ControlNet/``)."""
+    path = Path(path)
+    read = read_controlnet_file(path)
+    tensors, config = read
+    loader = load_t2i_adapter if (config is not None and "adapter_type" in config) or is_t2i_adapter(tensors) else load_controlnet
+    return loader(path, base_family=base_family, unet_config=unet_config, device=device, dtype=dtype, read=read)
+

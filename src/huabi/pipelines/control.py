@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from huabi.core.control import ControlUnit, ResizeMode, residual_scales, unit_active
+from huabi.core.control import ControlMode, ControlUnit, ResizeMode, adapter_scales, residual_scales, unit_active
 from huabi.core.guidance import UNetCall
+from huabi.models.controlnet import is_adapter_module
 
 # Preprocessors whose maps sd-webui-controlnet always soft-injects in the hires pass (thin lines alias badly).
 HIRES_SOFT_MODULES = ("canny", "mlsd")
@@ -116,6 +117,7 @@ class ControlNetHook:
             for c in self.controls
         ]
         self.calls: list[tuple[int, tuple[bool, ...]]] = []  # (step, unit active?) per call, for tests
+        self._adapter_features: dict[int, list[torch.Tensor]] = {}  # T2I-Adapter outputs: one run per pass
 
     def step_of(self, sigma: float) -> int:
         """Index of ``sigma`` in the pass's schedule (sigmas above it, with float tolerance)."""
@@ -131,11 +133,19 @@ class ControlNetHook:
         self.calls.append((step, active))
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        intrablock: list[torch.Tensor] | None = None
         rows = call.sample.shape[0]
-        for control, hint, on in zip(self.controls, self.hints, active, strict=True):
+        for index, (control, hint, on) in enumerate(zip(self.controls, self.hints, active, strict=True)):
             if not on:
                 continue
             model = control.model
+            if is_adapter_module(model):
+                features = self._adapter(index, model, hint, call.sample.device)
+                scales = adapter_scales(len(features), control.unit.weight, control.unit.control_mode)
+                mark = self._row_scale(control, call, features[0].dtype)
+                scaled = [(f * s).expand(rows, -1, -1, -1) * (1 if mark is None else mark) for f, s in zip(features, scales)]
+                intrablock = scaled if intrablock is None else [a + b for a, b in zip(intrablock, scaled, strict=True)]
+                continue
             dtype = next(model.parameters()).dtype
             cond = hint.to(device=call.sample.device, dtype=dtype).expand(rows, -1, -1, -1)
             added = None if call.added is None else {k: v.to(dtype) for k, v in call.added.items()}
@@ -147,10 +157,7 @@ class ControlNetHook:
             force_soft = self.hires_pass and control.unit.module in HIRES_SOFT_MODULES
             scales = residual_scales(len(residuals), control.unit.weight, control.unit.control_mode,
                                      sdxl=self.sdxl, force_soft=force_soft)
-            row_scale = None
-            if control.unit.control_mode.value == "ControlNet is more important":
-                mark = call.inputs.row_cond_mark().to(device=call.sample.device, dtype=residuals[0].dtype)
-                row_scale = mark.reshape(-1, 1, 1, 1)
+            row_scale = self._row_scale(control, call, residuals[0].dtype)
             scaled = []
             for residual, scale in zip(residuals, scales, strict=True):
                 residual = residual * scale
@@ -162,13 +169,31 @@ class ControlNetHook:
             else:
                 down = [a + b for a, b in zip(down, scaled[:-1], strict=True)]
                 mid = mid + scaled[-1]
-        if down is None:
-            return {}
         unet_dtype = call.sample.dtype
-        return {
-            "down_block_additional_residuals": tuple(r.to(unet_dtype) for r in down),
-            "mid_block_additional_residual": mid.to(unet_dtype),
-        }
+        extra: dict[str, Any] = {}
+        if down is not None:
+            extra["down_block_additional_residuals"] = tuple(r.to(unet_dtype) for r in down)
+            extra["mid_block_additional_residual"] = mid.to(unet_dtype)
+        if intrablock is not None:  # a fresh list per call: the UNet pops from it
+            extra["down_intrablock_additional_residuals"] = [f.to(unet_dtype) for f in intrablock]
+        return extra
+
+    @staticmethod
+    def _row_scale(control: PreparedControl, call: UNetCall, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, 1, 1, 1] cond mark for "ControlNet is more important" (negative rows get no control)."""
+        if control.unit.control_mode is not ControlMode.CONTROL:
+            return None
+        return call.inputs.row_cond_mark().to(device=call.sample.device, dtype=dtype).reshape(-1, 1, 1, 1)
+
+    def _adapter(self, index: int, model: torch.nn.Module, hint: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """The adapter's features for this pass's hint (they depend on the image only)."""
+        if index not in self._adapter_features:
+            dtype = next(model.parameters()).dtype
+            channels = int(model.config.in_channels)
+            image = hint.clamp(min=0.0)[:, :channels].to(device=device, dtype=dtype)  # grey adapters: first channel
+            with torch.inference_mode():
+                self._adapter_features[index] = list(model(image))
+        return self._adapter_features[index]
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,12 @@ def img2img_image_channels(bundle: ModelBundle, init_latent: torch.Tensor, batch
 
     Inpainting models: A1111 treats the whole image as masked, so the masked
     image is all mid-grey: that is what text-to-image gives them (left to
-    :func:`denoise`). Instruct-pix2pix models get the init image's latent.
+    :func:`denoise`). Instruct-pix2pix models get the init image's latent unscaled (the
+    VAE's mode, as they were trained; ``huabi edit`` runs them through
+    :mod:`huabi.pipelines.instruct` with three-way guidance instead).
     """
     if bundle.variant is UNetVariant.INSTRUCT_PIX2PIX:
-        return init_latent.expand(batch, -1, -1, -1)
+        return (init_latent / bundle.latent_scaling_factor).expand(batch, -1, -1, -1)
     return None
 
 

@@ -19,7 +19,7 @@ from huabi.core.control import ControlUnit
 from huabi.core.preprocess import map_to_uint8, run_preprocessor
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
-from huabi.models.controlnet import CONTROLNET_SUFFIXES, legacy_model_hash, load_controlnet
+from huabi.models.controlnet import CONTROLNET_SUFFIXES, legacy_model_hash, load_control_model
 from huabi.models.family import ModelFamily
 from huabi.pipelines.control import ControlSet, PreparedControl
 
@@ -120,7 +120,7 @@ def prepare_controls(
     for index, unit in enumerate(units):
         path = resolve_controlnet(unit.model, models_dir)
         if path not in loaded:
-            loaded[path] = load_controlnet(path, base_family=bundle.family, unet_config=bundle.unet.config,
+            loaded[path] = load_control_model(path, base_family=bundle.family, unet_config=bundle.unet.config,
                                            device=device, dtype=dtype)
         detected = detect_map(unit, seed=seed, fallback_image=fallback_image, fallback_mask=fallback_mask, index=index)
         label = f"{path.stem if path.is_file() else path.name} [{legacy_model_hash(path)}]"

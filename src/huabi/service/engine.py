@@ -490,7 +490,7 @@ class Engine:
         try:
             path = self.resolve_model_path(ref)
         except HuabiError as err:
-            raise HuabiError(f"refiner: {str(err).removeprefix('model: ')}") from None
+            raise HuabiError(f"refiner: {str(err).removeprefix('model: ')}".replace("--model PATH", "--refiner PATH")) from None
         key = (str(path.resolve()), self.device, self.dtype)
         if self._refiner is not None and self._refiner[0] == key:
             return self._refiner[1]
