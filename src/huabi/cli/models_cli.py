@@ -62,7 +62,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(dtype=args.dtype, prune=args.prune, use_ema=args.use_ema)
     result = convert_checkpoint(args.src, args.out, options, overwrite=args.overwrite)
     dropped = f", {result.dropped} pruned" if result.dropped else ""
-    print(f"{result.path}\t{result.tensors_out} tensors{dropped}\t{_mib(_size(args.src))} -> {_mib(_size(result.path))}")
+    what = "diffusers folder" if result.path.is_dir() else f"{result.tensors_out} tensors{dropped}"
+    print(f"{result.path}\t{what}\t{_mib(_size(args.src))} -> {_mib(_size(result.path))}")
     return 0
 
 

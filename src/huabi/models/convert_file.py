@@ -149,6 +149,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions
     if kind == "diffusers":
         return _convert_to_diffusers(src, dst, options)
     tensors, metadata = read_state_dict(src)
+    if metadata.get("modelspec.prediction_type") == "v" and "v_pred" not in tensors:
+        tensors["v_pred"] = torch.zeros(0)  # A1111 reads v-prediction from this key, not from metadata
     count_in = len(tensors)
     tensors, dropped = transform_tensors(tensors, options, source=src.name)
     if not tensors:
@@ -186,5 +188,4 @@ def _convert_to_diffusers(src: Path, dst: Path, options: ConvertOptions) -> Conv
         del tensors
         bundle = load_model(source, dtype=dtype, compute_hash=False)
         save_diffusers_folder(bundle, dst)
-    count_out = sum(1 for _ in dst.rglob("*.safetensors"))
-    return ConvertResult(dst, count_in, count_out, 0)
+    return ConvertResult(dst, count_in, count_in, 0)
