@@ -76,6 +76,10 @@ def test_image_latent_is_the_unscaled_mode(ip2p):
 
     scaled = encode_image(ip2p, image, CPU)  # mean * scaling factor (img2img's start)
     torch.testing.assert_close(latent * ip2p.latent_scaling_factor, scaled, rtol=1e-6, atol=1e-6)
+    # Plain img2img on an instruct model (direct pipeline use) feeds the same unscaled latent.
+    from huabi.pipelines.img2img import img2img_image_channels
+
+    torch.testing.assert_close(img2img_image_channels(ip2p, scaled, 2), latent.expand(2, -1, -1, -1))
 
 
 class _Recorder:

@@ -179,7 +179,7 @@ def test_cli_generate_and_edit_with_refiner_round_trip(capsys, tiny_sdxl_file, r
     models.mkdir()
     shutil.copy(tiny_sdxl_file, models / "base.safetensors")
     shutil.copy(refiner_file, models / "refiner.safetensors")
-    common = ("--models-dir", models, "--quiet", "--steps", "4", "--sampler", "Heun", "--size", "64x64")
+    common = ("--models-dir", models, "--quiet", "--steps", "3", "--sampler", "Heun", "--size", "64x64")
     code, out, err = run(capsys, "generate", PROMPT, "--model", "base", "--refiner", "refiner",
                          "--refiner-switch-at", "0.6", "--seed", "8", "--out", tmp_path / "a", *common)
     assert code == 0, err
@@ -208,19 +208,19 @@ def test_cli_generate_and_edit_with_refiner_round_trip(capsys, tiny_sdxl_file, r
     assert Image.open(redone).tobytes() == Image.open(edited).tobytes()
 
 
-def test_cli_refiner_errors(capsys, tiny_sdxl_file, tiny_sd1_file, refiner_file, tmp_path):
+def test_cli_refiner_errors(capsys, tiny_sdxl_file, refiner_file, tmp_path):
+    """One-line errors; the family rules themselves are checked in test_family_checks."""
     cases = [
-        (("--model", tiny_sdxl_file, "--refiner", tmp_path / "none.safetensors"),
+        (("--refiner", tmp_path / "none.safetensors"),
          f"huabi: error: refiner: {tmp_path / 'none.safetensors'}: no such file"),
-        (("--model", tiny_sdxl_file, "--refiner", tiny_sdxl_file),
+        (("--refiner", "0123456789ab"),  # e.g. an A1111 image's refiner hash that is not in the models folder
+         f"huabi: error: refiner: no model named or hashed '0123456789ab' in {tmp_path}; pass --refiner PATH"),
+        (("--refiner", tiny_sdxl_file),
          "huabi: error: refiner: tiny_sdxl_base_epsilon is a sdxl model, not an SDXL refiner"),
-        (("--model", tiny_sd1_file, "--refiner", refiner_file),
-         "huabi: error: refiner: the base model tiny_sd1_base_epsilon is sd1; the SDXL refiner continues SDXL "
-         "models only"),
-        (("--model", tiny_sdxl_file, "--refiner", refiner_file, "--refiner-switch-at", "0"),
+        (("--refiner", refiner_file, "--refiner-switch-at", "0"),
          "huabi: error: refiner_switch_at: must be a number above 0 and at most 1, got 0.0"),
     ]
     for extra, message in cases:
         code, _out, err = run(capsys, "generate", "x", "--steps", "1", "--size", "64x64", "--quiet",
-                              "--out", tmp_path, *extra)
+                              "--out", tmp_path, "--models-dir", tmp_path, "--model", tiny_sdxl_file, *extra)
         assert code == 2 and err.strip() == message, err

@@ -20,6 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``edit`` on the ``huabi`` sub-command parser."""
     from huabi.cli.main import (  # at call time: main imports this module
         _add_model_options,
+        add_attention_adapter_options,
         add_output_options,
         add_refiner_options,
         add_sampling_options,
@@ -56,6 +57,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     edit.add_argument("--image-cfg-scale", type=float, metavar="S",
                       help="InstructPix2Pix image guidance scale (default 1.5; --cfg is the text scale)")
     add_refiner_options(edit)
+    add_attention_adapter_options(edit)
     add_sampling_options(edit, size_help="WIDTHxHEIGHT working size, multiples of 8 (default: the image's, rounded to 8)")
     edit.add_argument("--batch-size", type=int)
     edit.add_argument("--batch-count", type=int)
@@ -80,7 +82,8 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
     fields = {
         name: getattr(args, name)
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size",
-                     "batch_count", "clip_skip", "model", "vae", "refiner", "refiner_switch_at")
+                     "batch_count", "clip_skip", "model", "vae", "refiner", "refiner_switch_at",
+                     "hypernetwork", "hypernetwork_strength", "ip_adapter", "ip_image", "ip_weight", "ip_image_encoder")
         if getattr(args, name, None) is not None
     }
     if args.size is not None:

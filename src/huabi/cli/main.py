@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-steps", type=int, metavar="N", help="second-pass steps (0: same as --steps)")
     gen.add_argument("--hires-denoise", type=float, metavar="D", help="second-pass denoising strength (default 0.7)")
     add_refiner_options(gen)
+    add_attention_adapter_options(gen)
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
@@ -121,6 +122,21 @@ def add_refiner_options(parser: argparse.ArgumentParser) -> None:
                         help="SDXL refiner (path, or name/hash in the models folder) that takes over from the base")
     parser.add_argument("--refiner-switch-at", type=float, metavar="F",
                         help="fraction of the steps after which the refiner takes over, above 0 to 1 (default 0.8)")
+
+
+def add_attention_adapter_options(parser: argparse.ArgumentParser) -> None:
+    """Hypernetwork and IP-Adapter flags (generate, edit)."""
+    parser.add_argument("--hypernet", dest="hypernetwork", metavar="NAME|PATH",
+                        help="A1111 hypernetwork (.pt) from the models folder's hypernetworks/ "
+                             "(or use <hypernet:NAME:STRENGTH> in the prompt)")
+    parser.add_argument("--hypernet-strength", dest="hypernetwork_strength", type=float, metavar="S",
+                        help="hypernetwork strength (default 1)")
+    parser.add_argument("--ip-adapter", metavar="NAME|PATH",
+                        help="IP-Adapter model (image prompt) from the models folder's ipadapter/ or ControlNet/")
+    parser.add_argument("--ip-image", metavar="IMAGE", help="the image prompt for --ip-adapter")
+    parser.add_argument("--ip-weight", type=float, metavar="W", help="IP-Adapter weight, 0..3 (default 1)")
+    parser.add_argument("--ip-image-encoder", metavar="NAME|PATH",
+                        help="CLIP image encoder (default: the first in clip_vision/ that fits the adapter)")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +208,8 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
         for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
                      "batch_size", "batch_count", "clip_skip", "model", "vae", "tile",
                      "variation_seed", "variation_strength", "hires", "hires_scale", "hires_upscaler",
-                     "hires_steps", "hires_denoise", "refiner", "refiner_switch_at")
+                     "hires_steps", "hires_denoise", "refiner", "refiner_switch_at",
+                     "hypernetwork", "hypernetwork_strength", "ip_adapter", "ip_image", "ip_weight", "ip_image_encoder")
         if getattr(args, name, None) is not None
     }
     if any(overrides.get(name) is not None for name in ("hires_scale", "hires_upscaler", "hires_steps", "hires_denoise")):

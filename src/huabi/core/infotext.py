@@ -60,6 +60,9 @@ KNOWN_KEY_ORDER: tuple[str, ...] = (
     "Size",
     "Model hash",
     "Model",
+    "Hypernet",
+    "Hypernet hash",
+    "Hypernet strength",
     "FP8 weight",
     "Cache FP16 weight for LoRA",
     "VAE hash",
@@ -93,6 +96,12 @@ KNOWN_KEY_ORDER: tuple[str, ...] = (
     "Hires upscaler",
     "Lora hashes",
     "TI hashes",
+    # huabi's IP-Adapter keys (sd-webui-controlnet folds them into "ControlNet N" units).
+    "IP-Adapter",
+    "IP-Adapter hash",
+    "IP-Adapter image",
+    "IP-Adapter weight",
+    "IP-Adapter encoder",
     "Emphasis",
     "Schedule max sigma",
     "Schedule min sigma",
@@ -497,6 +506,18 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
         fields["refiner"] = _refiner_reference(params["Refiner"])
         if "Refiner switch at" in params:
             fields["refiner_switch_at"] = _float_param(params, "Refiner switch at")
+    # Hypernetwork setting (A1111's keys) and IP-Adapter (huabi's keys); their hashes stay in extra.
+    for key, name in (("Hypernet", "hypernetwork"), ("IP-Adapter", "ip_adapter"), ("IP-Adapter image", "ip_image"),
+                      ("IP-Adapter encoder", "ip_image_encoder")):
+        if params.get(key, "").strip() not in ("", "None"):
+            fields[name] = params[key].strip()
+            mapped.add(key)
+    if "Hypernet" in mapped and "Hypernet strength" in params:
+        fields["hypernetwork_strength"] = _float_param(params, "Hypernet strength")
+        mapped.add("Hypernet strength")
+    if "IP-Adapter" in mapped and "IP-Adapter weight" in params:
+        fields["ip_weight"] = _float_param(params, "IP-Adapter weight")
+        mapped.add("IP-Adapter weight")
     # A1111 always writes "Hires upscaler" with hires fix on; without it the keys are just kept.
     if "Hires upscaler" in params and _runnable_upscaler(params["Hires upscaler"]):
         # Hires fix back on. The keys also stay in ``extra``, so an A1111 text keeps its

@@ -32,8 +32,9 @@ so each is mapped to the Stable Diffusion control that has the same effect):
   prompt less literally and its own aesthetic more. The CFG scale is
   multiplied by a factor that falls linearly from 1.5 at 0 to 1.0 at 100 and
   to 0.5 at 1000 (never below 1.0). Without ``--s`` the CFG scale is untouched.
-- ``--iw N`` (0 to 3): image-prompt weight; checked, and an error unless an
-  image prompt is given (huabi has no image prompts yet).
+- ``--iw N`` (0 to 3): image-prompt weight: the IP-Adapter weight of the
+  request's image prompt (``--ip-adapter`` with ``--ip-image``); an error
+  without one.
 - ``--v N`` / ``--version N``, ``--niji [N]``, ``--style NAME`` (e.g. raw):
   choose one of Midjourney's own models or looks. Accepted and ignored (huabi
   uses the model you load); ``MJParams.ignored`` lists them so interfaces can
@@ -230,9 +231,12 @@ def apply_to_request(
     ``--chaos`` is recorded but not applied here: it needs concrete seeds, see
     ``chaos_requests``.
     """
+    has_image_prompt = has_image_prompt or request.ip_image is not None
     if params.image_weight is not None and not has_image_prompt:
-        raise HuabiError("prompt: --iw needs an image prompt (image weight has nothing to weigh)")
+        raise HuabiError("prompt: --iw needs an image prompt (--ip-adapter with --ip-image; image weight has nothing to weigh)")
     changes: dict[str, object] = {}
+    if params.image_weight is not None:
+        changes["ip_weight"] = params.image_weight  # the image prompt's weight is the IP-Adapter weight
     if params.aspect is not None:
         changes["width_px"], changes["height_px"] = aspect_size_px(params.aspect, native_size_px)
     if params.no:

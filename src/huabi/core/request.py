@@ -76,6 +76,15 @@ class GenerationRequest:
     # SDXL refiner: a second checkpoint takes over at this fraction of the steps (None: off).
     refiner: str | None = None
     refiner_switch_at: float = 0.8
+    # A1111's hypernetwork setting (name or path; <hypernet:name:w> prompt tags add more).
+    hypernetwork: str | None = None
+    hypernetwork_strength: float = 1.0
+    # IP-Adapter image prompt: adapter name or path, the image, its weight; image encoder
+    # (a clip_vision name or path; None: the first in clip_vision/ that fits the adapter).
+    ip_adapter: str | None = None
+    ip_image: str | None = None
+    ip_weight: float = 1.0
+    ip_image_encoder: str | None = None
     # Infotext keys huabi does not act on, kept so a round trip loses nothing.
     extra: tuple[tuple[str, str], ...] = field(default=())
 
@@ -120,6 +129,7 @@ class GenerationRequest:
             _check_int_range("seed_resize_from_px width", size[0], 8, MAX_SIDE_PX)
             _check_int_range("seed_resize_from_px height", size[1], 8, MAX_SIDE_PX)
         self._check_hires()
+        self._check_attention_adapters()
         if self.refiner is not None and (not isinstance(self.refiner, str) or not self.refiner):
             raise HuabiError(f"refiner: must be a model path or name, got {self.refiner!r}")
         switch = self.refiner_switch_at
@@ -163,6 +173,20 @@ class GenerationRequest:
         strength = self.hires_denoise
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
             raise HuabiError(f"hires_denoise: must be a number from 0 to 1, got {strength!r}")
+
+    def _check_attention_adapters(self) -> None:
+        for name in ("hypernetwork", "ip_adapter", "ip_image", "ip_image_encoder"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise HuabiError(f"{name}: must be a name or path, got {value!r}")
+        strength = self.hypernetwork_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not -10 <= strength <= 10:
+            raise HuabiError(f"hypernetwork_strength: must be a number from -10 to 10, got {strength!r}")
+        weight = self.ip_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 3:
+            raise HuabiError(f"ip_weight: must be a number from 0 to 3, got {weight!r}")
+        if (self.ip_adapter is None) != (self.ip_image is None):
+            raise HuabiError("ip_adapter: an IP-Adapter needs an image (--ip-image) and an image needs --ip-adapter")
 
     def hires_target_px(self, width_px: int, height_px: int, latent_factor: int = 8) -> tuple[int, int]:
         """The second pass's (width_px, height_px) for a first pass of ``width_px`` x ``height_px``.

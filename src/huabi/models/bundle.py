@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ModelBundle:
     vae_name: str | None = None  # set when a separate VAE file replaced the checkpoint's
     vae_short_hash: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Per-job extra UNet ``added_cond_kwargs`` for conditional (False) / unconditional (True) rows:
+    # IP-Adapter image embeddings. Set only on a job's copy (dataclasses.replace), never on the engine's.
+    extra_unet_added: Callable[[bool], dict[str, torch.Tensor]] | None = None
 
     @property
     def latent_channels(self) -> int:

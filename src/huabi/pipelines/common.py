@@ -107,7 +107,11 @@ def encode_guidance(
                 embeddings=embeddings,
             )
             used.update(dict.fromkeys(cond.embeddings_used))
-            encoded[key] = _unet_inputs(bundle, cond.context, cond.pooled, negative, width_px, height_px, device)
+            inputs = _unet_inputs(bundle, cond.context, cond.pooled, negative, width_px, height_px, device)
+            if bundle.extra_unet_added is not None:  # per-job UNet inputs (IP-Adapter image embeddings)
+                inputs = UNetInputs(inputs.context, {**(inputs.added or {}), **bundle.extra_unet_added(negative)},
+                                    inputs.channels)
+            encoded[key] = inputs
         return encoded[key]
 
     guidance = GuidanceInputs(

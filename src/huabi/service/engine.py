@@ -36,6 +36,7 @@ from huabi.pipelines.instruct import check_instruct_model, instruct_pix2pix
 from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_infotext
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses
+from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
@@ -278,6 +279,7 @@ class Engine:
         bundle = self.load(request.model, request.vae)
         refiner = self.refiner_stage(request, bundle)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
+        adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         width_px = request.width_px or bundle.native_size_px
         height_px = request.height_px or bundle.native_size_px
         self.check_memory(bundle, width_px, height_px, request.batch_size)
@@ -312,16 +314,16 @@ class Engine:
 
             # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
-            with tiling:
+            with tiling, adapters.applied(bundle) as job_bundle:
                 if request.hires:
                     result = hires_txt2img(
-                        bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                        job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
                         variation_seeds=variation_batches[batch_index] if variation_batches else None,
                         unet_kwargs_for=control_hooks, hires_unet_kwargs_for=control_hires_hooks,
                         pixel_upscaler=pixel_upscaler, refiner=refiner,
                     )
                 else:
-                    result = txt2img(bundle, request, seeds, device=self.device, on_step=on_step,
+                    result = txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step,
                                      embeddings=embeddings, unet_kwargs_for=control_hooks,
                                      variation_seeds=variation_batches[batch_index] if variation_batches else None,
                                      refiner=refiner)
@@ -332,6 +334,7 @@ class Engine:
             # Always set: a stale value copied from a --from image must not survive.
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
             extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
+            extra.update(adapters.infotext(request))
             for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds):
                 infotext = format_infotext(
                     recorded,
@@ -379,6 +382,7 @@ class Engine:
             mask = load_mask(options.mask_image, image.width, image.height)
         bundle = self.load(request.model, request.vae)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
+        adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         if request.width_px and request.height_px:
             work_w, work_h = request.width_px, request.height_px
         else:
@@ -445,22 +449,23 @@ class Engine:
                     on_progress(_index * total + min(done, total), total * len(batches))
 
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
-            with tiling:
+            with tiling, adapters.applied(bundle) as job_bundle:
                 if instruct:
-                    result = instruct_pix2pix(bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
+                    result = instruct_pix2pix(job_bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
                                               denoising_strength=options.denoising_strength, device=self.device,
                                               on_step=on_step, embeddings=embeddings, variation=variation)
                 elif mask is None:
-                    result = img2img(bundle, request, image, seeds, denoising_strength=options.denoising_strength,
+                    result = img2img(job_bundle, request, image, seeds, denoising_strength=options.denoising_strength,
                                      device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
                                      refiner=refiner)
                 else:
-                    result = inpaint(bundle, request, image, mask, seeds, options, device=self.device,
+                    result = inpaint(job_bundle, request, image, mask, seeds, options, device=self.device,
                                      on_step=on_step, embeddings=embeddings,
                                      working_size=(work_w, work_h) if only_masked else None, variation=variation,
                                      refiner=refiner)
             extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
             extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
+            extra.update(adapters.infotext(request))
             for picture, seed, variation_seed in zip(result.images, result.seeds,
                                                      batch_variation_seeds or [None] * len(seeds)):
                 infotext = format_infotext(
@@ -511,6 +516,13 @@ class Engine:
             refiner, float(request.refiner_switch_at), request.prompt, request.negative_prompt,
             clip_skip=request.clip_skip, embeddings=self.embeddings_for(refiner),
         )
+
+    def attention_adapters(self, bundle: ModelBundle, request: GenerationRequest) -> AttentionAdapters:
+        """The hypernetworks and IP-Adapter ``request`` uses, loaded and checked (applied per batch)."""
+        from huabi.service.images import load_image
+
+        return prepare_attention_adapters(request, bundle, models_dir=self.models_dir,
+                                          load_image=lambda path: load_image(path, what="IP-Adapter image"))
 
     def embeddings_for(self, bundle: ModelBundle) -> EmbeddingLibrary:
         """The embeddings folder as seen by ``bundle``'s text encoders (widths are checked on use)."""
