@@ -192,3 +192,24 @@ def test_models_list_skips_adapter_folders(models_dir, tiny_sd1_file, tmp_path):
     names = [entry.name for entry in Engine(device="cpu", dtype="fp32", models_dir=root).iter_models()
              if entry.path.is_relative_to(root)]
     assert names == ["Stable-diffusion"]
+
+
+def test_from_finds_a_renamed_lora_by_its_hash(tiny_sd1_file, models_dir, tmp_path):
+    """As A1111 does when it reads an image: a tag whose name has no file falls back to ``Lora hashes``."""
+    import shutil
+
+    common = ["--model", str(tiny_sd1_file), "--steps", "2", "--size", SIZE, "--seed", "4", "--sampler", "Euler", "--quiet"]
+    assert main(["generate", "a boat <lora:style:0.6>", *common, "--models-dir", str(models_dir),
+                 "--out", str(tmp_path / "first")]) == 0
+    [first] = sorted((tmp_path / "first").glob("*.png"))
+    renamed_dir = tmp_path / "models"
+    (renamed_dir / "Lora").mkdir(parents=True)
+    shutil.copy(models_dir / "Lora" / "style.safetensors", renamed_dir / "Lora" / "style-v2.safetensors")
+    assert main(["generate", "--from", str(first), *common, "--models-dir", str(renamed_dir),
+                 "--out", str(tmp_path / "again")]) == 0
+    [again] = sorted((tmp_path / "again").glob("*.png"))
+    assert np.array_equal(pixels(Image.open(again)), pixels(Image.open(first)))
+    assert read_infotext(again) == read_infotext(first)
+    with pytest.raises(HuabiError, match="LoRA 'style': no such file"):
+        Engine(device="cpu", dtype="fp32", models_dir=renamed_dir).generate(
+            request(tiny_sd1_file, "a boat <lora:style:0.6>", extra=(("Lora hashes", "style: 000000000000"),)))

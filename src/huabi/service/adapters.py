@@ -76,29 +76,52 @@ def lora_folders(models_dir: Path) -> list[Path]:
     return [Path(models_dir) / folder for folder in LORA_FOLDERS]
 
 
-def find_lora_file(name: str, folders: Sequence[Path]) -> Path:
-    """A LoRA by path, or by file stem (or file name) in ``folders`` and their sub-folders."""
+def parse_lora_hashes(text: str | None) -> dict[str, str]:
+    """An infotext's ``Lora hashes`` value (``name: hash, ...``) as {name: short hash}."""
+    result: dict[str, str] = {}
+    for item in (text or "").split(","):
+        name, sep, short = item.rpartition(":")
+        if sep and name.strip() and short.strip():
+            result[name.strip()] = short.strip().lower()
+    return result
+
+
+def find_lora_file(name: str, folders: Sequence[Path], short_hash: str | None = None) -> Path:
+    """A LoRA by path, or by file stem (or file name) in ``folders`` and their sub-folders.
+
+    ``short_hash`` (from an image's ``Lora hashes``): when no file has the name, a file
+    with that hash is used instead, as A1111 does when it reads such an image.
+    """
     as_path = Path(name).expanduser()
     if ("/" in name or name.lower().endswith(LORA_SUFFIXES)) and as_path.is_file():
         return as_path
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in LORA_SUFFIXES and name in (path.stem, path.name) and path.is_file():
+    candidates = [path for folder in folders if folder.is_dir() for path in sorted(folder.rglob("*"))
+                  if path.suffix.lower() in LORA_SUFFIXES and path.is_file()]
+    for path in candidates:
+        if name in (path.stem, path.name):
+            return path
+    if short_hash:
+        from huabi.models.lora import lora_short_hash, read_lora_tensors
+
+        for path in candidates:
+            metadata = read_lora_tensors(path)[1] if path.suffix.lower() == ".safetensors" else {}
+            if lora_short_hash(path, metadata) == short_hash:
                 return path
     looked = ", ".join(str(folder) for folder in folders)
     raise HuabiError(f"LoRA '{name}': no such file (looked for {name}{{{','.join(LORA_SUFFIXES)}}} in {looked})")
 
 
-def lora_uses(tags: Sequence[ExtraNetworkTag], folders: Sequence[Path]) -> list[LoraUse]:
-    """The LoRA tags among a prompt's extra-network tags, resolved to files."""
+def lora_uses(tags: Sequence[ExtraNetworkTag], folders: Sequence[Path],
+              known_hashes: Mapping[str, str] | None = None) -> list[LoraUse]:
+    """The LoRA tags among a prompt's extra-network tags, resolved to files
+    (``known_hashes``: name -> short hash, a fallback for renamed files)."""
     uses = []
     for tag in tags:
         if tag.kind.lower() not in LORA_TAG_KINDS:
             continue
         te_weight, unet_weight = tag_weights(tag)
-        uses.append(LoraUse(tag.name, find_lora_file(tag.name, folders), te_weight, unet_weight))
+        short_hash = (known_hashes or {}).get(tag.name.replace(":", "").replace(",", ""))
+        uses.append(LoraUse(tag.name, find_lora_file(tag.name, folders, short_hash), te_weight, unet_weight))
     return uses
 
 

@@ -35,7 +35,7 @@ from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
 from huabi.pipelines.instruct import check_instruct_model, instruct_pix2pix
 from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_infotext
 from huabi.pipelines.txt2img import txt2img
-from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses
+from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
@@ -484,7 +484,8 @@ class Engine:
         from huabi.core.prompt_parser import extract_extra_networks
 
         _text, tags = extract_extra_networks(request.prompt)
-        return self._loras.activate(bundle, lora_uses(tags, lora_folders(self.models_dir)))
+        known = parse_lora_hashes(dict(request.extra).get("Lora hashes"))  # from --from: finds renamed files
+        return self._loras.activate(bundle, lora_uses(tags, lora_folders(self.models_dir), known))
 
     def load_refiner(self, ref: str) -> ModelBundle:
         """The SDXL refiner by path, name or hash, kept loaded beside the base model.
