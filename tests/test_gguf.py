@@ -147,6 +147,8 @@ def test_generate_with_gguf_and_base_then_from_redoes_it(tiny_sd1_file, sd1_stat
 
     infotext = read_infotext(first)
     assert "Model: tiny-Q8_0" in infotext
+    base_hash = hashlib.sha256(tiny_sd1_file.read_bytes()).hexdigest()[:10]
+    assert f"GGUF base: {tiny_sd1_file.stem}, GGUF base hash: {base_hash}" in infotext  # what --base to pass again
     # --from finds the GGUF by name in the models folder; the base comes from --base again
     again = tmp_path / "again"
     assert main(["generate", "--from", str(first), "--out", str(again), "--quiet", "--models-dir", str(models), "--base", str(tiny_sd1_file)]) == 0

@@ -228,6 +228,9 @@ class Engine:
         self._loras.restore()  # the previous model leaves with its base weights
         self._loaded = None  # free the previous model before loading the next
         bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype, base=base)
+        if base is not None:  # recorded in infotext: a GGUF image is redone with the same --base
+            bundle.metadata["GGUF base"] = base.stem if base.is_file() else base.name
+            bundle.metadata["GGUF base hash"] = model_short_hash(base) if base.is_file() else None
         if self.device.type == "cpu":
             # oneDNN's convolutions are faster on NHWC: measured 15% per UNet step on huabi-mini.
             bundle.unet.to(memory_format=torch.channels_last)
@@ -546,6 +549,9 @@ class Engine:
             if bundle.vae_short_hash:
                 extra["VAE hash"] = bundle.vae_short_hash
             extra["VAE"] = bundle.vae_name
+        for key in ("GGUF base", "GGUF base hash"):
+            if bundle.metadata.get(key):
+                extra[key] = bundle.metadata[key]
         return extra
 
 
