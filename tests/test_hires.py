@@ -128,10 +128,3 @@ def test_foreign_upscaler_name_keeps_hires_off_and_the_text_verbatim():
     assert not request.hires
     assert format_infotext(request, seed=1, width_px=512, height_px=512, model_name=None, model_hash=None,
                            version="v1") == text
-
-
-def test_engine_refuses_a_refiner_until_it_is_implemented():
-    from huabi.service.engine import Engine
-
-    with pytest.raises(HuabiError, match="^refiner: the SDXL refiner hand-over is not implemented yet"):
-        Engine(device="cpu").generate(GenerationRequest("x", seed=1, refiner="refiner.safetensors"))

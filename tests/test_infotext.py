@@ -244,6 +244,7 @@ def test_sdxl_refiner_fields():
     assert (req.sampler, req.schedule, req.cfg_scale, req.width_px) == ("DPM++ 2M SDE", "Karras", 6.5, 1024)
     assert dict(req.extra)["Refiner"] == "sd_xl_refiner_1.0 [7440042bbd]"
     assert dict(req.extra)["Refiner switch at"] == "0.8"
+    assert (req.refiner, req.refiner_switch_at) == ("7440042bbd", 0.8)  # the hash finds the file
 
 
 def test_old_euler_a_without_schedule_type():

@@ -500,9 +500,10 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
             fields["seed_resize_from_px"] = (int(resize.group(1)), int(resize.group(2)))
 
     mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE", "Tiling",
-              "Variation seed", "Variation seed strength", "Seed resize from", "Refiner", "Refiner switch at"}
+              "Variation seed", "Variation seed strength", "Seed resize from"}
     if params.get("Refiner"):
-        # A1111 writes "name [short hash]": the hash finds the file, as "Model hash" does.
+        # A1111 writes "name [short hash]": the hash finds the file, as "Model hash" does. The keys
+        # also stay in ``extra`` (a foreign text keeps its spelling); a run writes them afresh.
         fields["refiner"] = _refiner_reference(params["Refiner"])
         if "Refiner switch at" in params:
             fields["refiner_switch_at"] = _float_param(params, "Refiner switch at")

@@ -136,8 +136,11 @@ def refiner_title(bundle: ModelBundle) -> str:
 
 
 def refiner_infotext(stage: RefinerStage | None) -> dict[str, object]:
-    """The infotext keys of a hand-over: "Refiner" and "Refiner switch at" (none without a
-    refiner, nor at 1.0, where no hand-over happens -- A1111 writes them when it switches)."""
+    """The infotext keys of a hand-over: "Refiner" and "Refiner switch at".
+
+    Without a refiner, or at 1.0 where no hand-over happens (A1111 writes the keys when
+    it switches), they are None: left out, and any copies a --from request carries dropped.
+    """
     if stage is None or stage.switch_at >= 1.0:
-        return {}
+        return {"Refiner": None, "Refiner switch at": None}
     return {"Refiner": refiner_title(stage.bundle), "Refiner switch at": float(stage.switch_at)}
