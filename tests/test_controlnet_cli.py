@@ -138,6 +138,10 @@ def test_bad_inputs(setup, tmp_path, capsys):
         (["--controlnet", "tiny_cn", "--control-image", str(image), "--control-start", "0.8", "--control-end", "0.2"],
          "control start: 0.8 is after control end 0.2"),
         (["--controlnet", "tiny_cn", "--control-image", str(image), "--control-mode", "loud"], "control mode: unknown 'loud'"),
+        (["--controlnet", "tiny_cn", "--control-image", str(image), "--control-resize", "stretch"],
+         "control resize mode: unknown 'stretch'"),
+        (["--controlnet", "tiny_cn", "--control-image", str(image), "--control-res", "10"],
+         "control processor res: must be an integer from 64 to 4096, got 10"),
         (["--controlnet", "nope", "--control-image", str(image)], "controlnet: no ControlNet 'nope'"),
         (["--controlnet", "tiny_cn", "--control-image", str(tmp_path / "missing.png")], "control image 0:"),
         (["--controlnet", "tiny_cn", "--control-image", str(image), "--control-image", str(image)],
@@ -169,3 +173,9 @@ def test_infotext_unit_round_trip_with_a1111_text():
     assert (other.weight, other.resize_mode, other.processor_res, other.control_mode) == (
         0.45, ResizeMode.JUST_RESIZE, 768, ControlMode.CONTROL)
     assert other.threshold_a is None
+    with pytest.raises(HuabiError, match="ControlNet infotext: cannot read 'canny' \\(expected 'Key: value'\\)"):
+        parse_unit_infotext("canny, Weight: 1")
+    with pytest.raises(HuabiError, match="ControlNet infotext: no Model"):
+        parse_unit_infotext("Module: canny, Weight: 1")
+    with pytest.raises(HuabiError, match="ControlNet infotext: Weight is not a number: 'heavy'"):
+        parse_unit_infotext("Module: canny, Model: x, Weight: heavy")
