@@ -492,3 +492,54 @@ def test_resolve_lists_matches_per_part(sd1_bundle, tmp_path):
     assert not resolved.unmatched
     assert {target.part for _, target in resolved.matches} == {"unet", "te0"}
     assert json.dumps(lora.metadata) == "{}"
+
+
+# --------------------------------------------------------------------------- DoRA, dynamic rank
+
+
+def _single_target_deltas(module: LoraModule, layer: torch.nn.Module, multiplier: float, dyn_dim=None):
+    from huabi.models.lora import ModelTarget, ResolvedLora, lora_deltas
+
+    target = ModelTarget("unet", "layer", layer)
+    resolved = ResolvedLora(lora=None, matches=((module, target),), unmatched=())
+    [(delta, _bias)] = lora_deltas([(resolved, multiplier, multiplier, dyn_dim)]).values()
+    return delta
+
+
+@pytest.mark.parametrize("side", ["per_input", "per_output"])
+def test_dora_renormalises_the_merged_weight(side):
+    g = torch.Generator().manual_seed(9)
+    layer = torch.nn.Linear(3, 4)
+    base = layer.weight.detach().clone()
+    down, up = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    magnitude = torch.rand(1, 3, generator=g) + 0.5 if side == "per_input" else torch.rand(4, 1, generator=g) + 0.5
+    module = _module({"lora_down.weight": down, "lora_up.weight": up, "dora_scale": magnitude}, alpha=1.0)
+    delta = _single_target_deltas(module, layer, multiplier=0.5)
+    merged = base + 0.5 * (up @ down)  # alpha / rank = 0.5
+    expected = torch.zeros(4, 3)
+    for o in range(4):
+        for i in range(3):
+            if side == "per_input":
+                norm = sum(merged[r, i] ** 2 for r in range(4)) ** 0.5
+                expected[o, i] = merged[o, i] * magnitude[0, i] / norm
+            else:
+                norm = sum(merged[o, c] ** 2 for c in range(3)) ** 0.5
+                expected[o, i] = merged[o, i] * magnitude[o, 0] / norm
+    # A1111: the renormalised change is scaled by the tag weight afterwards.
+    torch.testing.assert_close(delta, 0.5 * (expected - base))
+
+
+def test_dyn_uses_the_first_ranks():
+    from huabi.core.prompt_parser import ExtraNetworkTag
+    from huabi.service.adapters import tag_dyn_dim
+
+    g = torch.Generator().manual_seed(10)
+    down, up = torch.randn(4, 3, generator=g), torch.randn(5, 4, generator=g)
+    delta, _, scale = module_delta(_module({"lora_down.weight": down, "lora_up.weight": up}, alpha=4.0), (5, 3), dyn_dim=2)
+    torch.testing.assert_close(delta, up[:, :2] @ down[:2])
+    assert scale == 1.0
+    assert tag_dyn_dim(ExtraNetworkTag("lora", "x", (1.0, 1.0, 2.0))) == 2
+    assert tag_dyn_dim(ExtraNetworkTag("lora", "x", (1.0,), (("dyn", "3"),))) == 3
+    assert tag_dyn_dim(ExtraNetworkTag("lora", "x", (1.0,))) is None
+    with pytest.raises(HuabiError, match=r"<lora:x:...> has dyn=0.5; a whole number of ranks from 1 belongs there"):
+        tag_dyn_dim(ExtraNetworkTag("lora", "x", (1.0,), (("dyn", "0.5"),)))

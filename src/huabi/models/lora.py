@@ -9,7 +9,8 @@ Formats read (one file may mix module types, as LyCORIS files do):
   ``hada_t1/t2`` CP), ``.lokr_w1``... (LoKr) or ``.diff``/``.diff_b`` (full diffs).
   kohya names the UNet after the module tree it trained: diffusers names for
   SD1/SD2 (``down_blocks_0_attentions_0_...``), the original LDM names for SDXL
-  (``input_blocks_4_1_...``); both are accepted for every family.
+  (``input_blocks_4_1_...``); both are accepted for every family. A module's
+  ``dora_scale`` (DoRA) renormalises the merged weight as A1111 does.
 * diffusers / peft: ``unet.<module>.lora_A.weight``/``lora_B.weight``,
   ``text_encoder.`` / ``text_encoder_2.``, scale from the ``lora_adapter_metadata``
   that diffusers writes (else 1, as diffusers), and the older diffusers
@@ -280,12 +281,16 @@ def _loha_factor(params: Mapping[str, Tensor], index: int) -> Tensor:
     return a @ b
 
 
-def module_delta(module: LoraModule, weight_shape: Sequence[int]) -> tuple[Tensor, Tensor | None, float]:
+def module_delta(
+    module: LoraModule, weight_shape: Sequence[int], *, dyn_dim: int | None = None
+) -> tuple[Tensor, Tensor | None, float]:
     """``(weight change, bias change or None, scale)`` of one module, before any multiplier.
 
     The change is float32 and already has ``weight_shape`` (a 1x1 conv LoRA on a
     Linear layer, or the reverse, is reshaped); ``scale`` is A1111's ``alpha / rank``
-    (1 without alpha or for types without a rank). Raises when the numbers do not fit.
+    (1 without alpha or for types without a rank). ``dyn_dim`` (A1111's ``dyn=``)
+    uses only the first ranks of a plain LoRA. DoRA needs the base weight: see
+    :func:`dora_change`. Raises when the numbers do not fit.
     """
     params = module.params
     kind = module.kind
@@ -300,7 +305,10 @@ def module_delta(module: LoraModule, weight_shape: Sequence[int]) -> tuple[Tenso
         else:
             if _as_matrix(up).shape[1] != _as_matrix(down).shape[0]:
                 raise HuabiError(f"module {module.key}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} ranks differ")
-            delta = _as_matrix(up) @ _as_matrix(down)
+            up, down = _as_matrix(up), _as_matrix(down)
+            if dyn_dim is not None:
+                up, down = up[:, :dyn_dim], down[:dyn_dim]
+            delta = up @ down
     elif kind == "loha":
         rank = int(params["hada_w1_b"].shape[0])
         first, second = _loha_factor(params, 1), _loha_factor(params, 2)
@@ -334,6 +342,30 @@ def module_delta(module: LoraModule, weight_shape: Sequence[int]) -> tuple[Tenso
     if "scale" in params:
         scale = float(params["scale"].float().reshape(-1)[0])
     return delta.reshape(tuple(weight_shape)), bias, scale
+
+
+def dora_change(scaled_delta: Tensor, base_weight: Tensor, dora_scale: Tensor) -> Tensor:
+    """DoRA (weight-decomposed LoRA), as A1111 applies a file's ``dora_scale``: the merged
+    weight ``W + dW`` is renormalised to the stored magnitudes, and the change is what
+    that adds to ``W``. The magnitudes are per input column (kohya, shape (1, in, ...))
+    or per output row (LyCORIS/peft, shape (out, 1, ...)); the shape tells which."""
+    base = base_weight.float()
+    merged = base + _in_shape_of(scaled_delta, base)
+    magnitude = dora_scale.float().to(base.device)
+    out_dim, in_dim = merged.shape[0], merged.shape[1]
+    if magnitude.numel() == in_dim and (magnitude.ndim < 2 or magnitude.shape[0] == 1):
+        norm = merged.transpose(0, 1).reshape(in_dim, -1).norm(dim=1).reshape(1, in_dim, *[1] * (merged.ndim - 2))
+        magnitude = magnitude.reshape(norm.shape)
+    elif magnitude.numel() == out_dim:
+        norm = merged.reshape(out_dim, -1).norm(dim=1).reshape(out_dim, *[1] * (merged.ndim - 1))
+        magnitude = magnitude.reshape(norm.shape)
+    else:
+        raise HuabiError(f"dora_scale of shape {tuple(dora_scale.shape)} fits neither side of a {tuple(base.shape)} weight")
+    return merged * (magnitude / norm) - base
+
+
+def _in_shape_of(delta: Tensor, weight: Tensor) -> Tensor:
+    return delta.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -484,19 +516,24 @@ def multiplier_for(target: ModelTarget, te_multiplier: float, unet_multiplier: f
 
 
 def lora_deltas(
-    resolved: Sequence[tuple[ResolvedLora, float, float]],
+    resolved: Sequence[tuple[ResolvedLora, float, float] | tuple[ResolvedLora, float, float, int | None]],
 ) -> dict[ModelTarget, tuple[Tensor, Tensor | None]]:
-    """Sum of every LoRA's change per target: ``[(resolved, te weight, unet weight)]`` ->
-    ``{target: (weight change, bias change or None)}``, float32, multipliers applied."""
+    """Sum of every LoRA's change per target: ``[(resolved, te weight, unet weight[, dyn_dim])]``
+    -> ``{target: (weight change, bias change or None)}``, float32, multipliers applied.
+    Each LoRA's change is computed against the current (base) weights, as in A1111."""
     total: dict[ModelTarget, tuple[Tensor, Tensor | None]] = {}
-    for item, te_multiplier, unet_multiplier in resolved:
+    for item, te_multiplier, unet_multiplier, *rest in resolved:
+        dyn_dim = rest[0] if rest else None
         for module, target in item.matches:
             multiplier = multiplier_for(target, te_multiplier, unet_multiplier)
             if multiplier == 0:
                 continue
             weight = target.module.weight
-            delta, bias, scale = module_delta(module, tuple(weight.shape))
-            delta = delta.to(weight.device) * (scale * multiplier)
+            delta, bias, scale = module_delta(module, tuple(weight.shape), dyn_dim=dyn_dim)
+            delta = delta.to(weight.device) * scale
+            if "dora_scale" in module.params:  # A1111: scale, renormalise, then the multiplier
+                delta = dora_change(delta, weight.detach(), module.params["dora_scale"])
+            delta = delta * multiplier
             if bias is not None:
                 bias = bias.to(weight.device).reshape(-1) * multiplier
             if target in total:

@@ -51,6 +51,20 @@ class LoraUse:
     path: Path
     te_weight: float = 1.0
     unet_weight: float = 1.0
+    dyn_dim: int | None = None  # A1111's dyn=: use only the first ranks of plain LoRA modules
+
+
+def tag_dyn_dim(tag: ExtraNetworkTag) -> int | None:
+    """A1111's dynamic rank: a third number or ``dyn=N``."""
+    options = dict(tag.options)
+    value: float | None = tag.weights[2] if len(tag.weights) > 2 else None
+    if "dyn" in options:
+        value = _option_float(tag, options, "dyn", 0.0)
+    if value is None:
+        return None
+    if value != int(value) or value < 1:
+        raise HuabiError(f"prompt: <{tag.kind}:{tag.name}:...> has dyn={value:g}; a whole number of ranks from 1 belongs there")
+    return int(value)
 
 
 def tag_weights(tag: ExtraNetworkTag) -> tuple[float, float]:
@@ -121,7 +135,8 @@ def lora_uses(tags: Sequence[ExtraNetworkTag], folders: Sequence[Path],
             continue
         te_weight, unet_weight = tag_weights(tag)
         short_hash = (known_hashes or {}).get(tag.name.replace(":", "").replace(",", ""))
-        uses.append(LoraUse(tag.name, find_lora_file(tag.name, folders, short_hash), te_weight, unet_weight))
+        uses.append(LoraUse(tag.name, find_lora_file(tag.name, folders, short_hash), te_weight, unet_weight,
+                            tag_dyn_dim(tag)))
     return uses
 
 
@@ -173,7 +188,7 @@ class LoraPatcher:
     def activate(self, bundle: ModelBundle, uses: Sequence[LoraUse]) -> ActiveLoras:
         """Make ``bundle`` carry exactly ``uses`` (none: the base weights); returns what is active."""
         uses = tuple(uses)
-        key = (id(bundle), tuple((_file_key(use.path), use.te_weight, use.unet_weight) for use in uses))
+        key = (id(bundle), tuple((_file_key(use.path), use.te_weight, use.unet_weight, use.dyn_dim) for use in uses))
         current = self._bundle_ref() if self._bundle_ref is not None else None
         if current is bundle and key == self._applied_key:
             return self._active
@@ -187,7 +202,7 @@ class LoraPatcher:
             item = resolve_lora(lora, family=bundle.family, targets=targets,
                                 text_encoder_count=len(bundle.text_encoders), model_name=f"model '{bundle.name}'")
             warn_unmatched(item)
-            resolved.append((item, use.te_weight, use.unet_weight))
+            resolved.append((item, use.te_weight, use.unet_weight, use.dyn_dim))
         deltas = lora_deltas(resolved)  # everything computed and checked before any weight changes
         self._bundle_ref = weakref.ref(bundle)
         try:
