@@ -362,3 +362,34 @@ def test_t2i_adapter_family_and_width_errors(sd1, tmp_path):
                adapter_type="full_adapter_xl").save_pretrained(folder)
     with pytest.raises(HuabiError, match="T2I-Adapter xl_adapter: made for sdxl, the loaded model is sd1"):
         load_control_model(folder, base_family=bundle.family, unet_config=bundle.unet.config)
+
+
+def test_original_layout_agrees_with_diffusers_single_file_converter(sd1):
+    """diffusers' own original -> diffusers ControlNet conversion (an independent implementation)
+    turns the file huabi wrote back into exactly the reference module's tensors."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    _bundle, reference, _loaded, path = sd1
+    converted = convert_controlnet_checkpoint(load_file(path), dict(reference.config))
+    expected = reference.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("family, zero_convs", [("sd1", 12), ("sdxl", 9)])
+def test_full_size_key_names(family, zero_convs):
+    """The real files' numbering: SD1 has zero_convs 0..11, SDXL 0..8, hint convs 0..14, label_emb on SDXL."""
+    from huabi.models.configs import REFERENCE_UNET_CONFIGS
+    from huabi.models.controlnet import controlnet_key_table
+
+    config = {k: v for k, v in REFERENCE_UNET_CONFIGS[family].items() if k not in ("up_block_types", "sample_size", "out_channels")}
+    with torch.device("meta"):
+        module = ControlNetModel(**config)
+    original = controlnet_to_original(module.state_dict(), module.config)
+    assert {f"zero_convs.{i}.0.weight" for i in range(zero_convs)} <= original.keys()
+    assert f"zero_convs.{zero_convs}.0.weight" not in original
+    assert {f"input_hint_block.{i}.weight" for i in range(0, 16, 2)} <= original.keys()
+    assert "middle_block_out.0.weight" in original and "middle_block.1.proj_in.weight" in original
+    assert ("label_emb.0.0.weight" in original) == (family == "sdxl")
+    assert len(controlnet_key_table(module.config)) > 0
