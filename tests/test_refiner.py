@@ -140,6 +140,8 @@ def test_hand_over_at_first_call_past_the_switch(sampler):
     assert denoiser.switched_at_call == first == len(base_part.sigmas)
     assert all(r < 0.55 for r in ratios[:first])
     assert refiner_part.step == len(calls)  # the prompt-schedule clock continued from the base's count
+    if sampler == "Heun":  # calls 2i, 2i + 1 per step: here the refiner takes step 6's corrector call
+        assert denoiser.switched_at_call == 13
 
 
 def test_family_checks(base, refiner, tiny_sd1_file):

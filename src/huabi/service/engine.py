@@ -432,8 +432,15 @@ class Engine:
         # ControlNet: units without an image use the edit's image (and mask), as sd-webui-controlnet does.
         from huabi.service.control import prepare_controls
 
+        control_crop = None
+        if only_masked and request.controlnets:  # "Only masked": the controls see the model's box too
+            from huabi.core.masks import crop_region
+            from huabi.pipelines.inpaint import prepare_mask
+
+            box = crop_region(prepare_mask(mask, options), options.padding_px, work_w, work_h)
+            control_crop = (box, image.size) if box is not None else None
         control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
-                                   seed=request.seed, fallback_image=image, fallback_mask=mask)
+                                   seed=request.seed, fallback_image=image, fallback_mask=mask, crop=control_crop)
         if control is not None:
             import functools
 
