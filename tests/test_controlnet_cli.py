@@ -179,3 +179,24 @@ def test_infotext_unit_round_trip_with_a1111_text():
         parse_unit_infotext("Module: canny, Weight: 1")
     with pytest.raises(HuabiError, match="ControlNet infotext: Weight is not a number: 'heavy'"):
         parse_unit_infotext("Module: canny, Model: x, Weight: heavy")
+
+
+def test_only_masked_inpaint_crops_the_control_image(setup, tmp_path):
+    from huabi.service.control import detect_map
+
+    _model, _models, image, _other, root = setup
+    big = np.zeros((128, 128, 3), dtype=np.uint8)
+    big[:64, :64] = 200  # the top-left quarter: the box below, at twice the size
+    control = root / "big_control.png"
+    Image.fromarray(big).save(control)
+    unit = ControlUnit(model="m", image=str(control))
+    cropped = detect_map(unit, crop=((0, 0, 32, 32), (64, 64)))
+    assert cropped.shape == (64, 64, 3) and np.all(cropped == np.float32(200 / 255))
+    # End to end: "Only masked" inpainting with a unit runs and records it.
+    mask = root / "small_mask.png"
+    small = np.zeros((64, 64), np.uint8)
+    small[20:30, 20:30] = 255
+    Image.fromarray(small).save(mask)
+    [out] = run(setup, tmp_path / "masked", str(image), "--mask", str(mask), "--inpaint-area", "masked",
+                "--controlnet", "tiny_cn", "--control-image", str(control), command="edit")
+    assert "ControlNet 0" in parse_infotext(read_infotext(out)).params

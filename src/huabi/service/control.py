@@ -76,11 +76,15 @@ def detect_map(
     fallback_image: Image.Image | None = None,
     fallback_mask: Image.Image | None = None,
     index: int = 0,
+    crop: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """The unit's detected map (float32 [H, W, 3]).
 
     ``fallback_image`` / ``fallback_mask``: an edit's own image and mask, used by a
     unit without an image (sd-webui-controlnet uses the img2img input then).
+    ``crop``: ``(box, size)``, a (left, top, right, bottom) box in an image of
+    ``size`` (width, height); the control image and mask are cropped to the same
+    box scaled to their own size before preprocessing ("Only masked" inpainting).
     """
     if unit.image is not None:
         image = _load_rgb(unit.image, f"control image {index}")
@@ -95,8 +99,19 @@ def detect_map(
         mask = _load_mask(unit.mask, image.shape[1], image.shape[0])
     elif fallback_mask is not None:
         mask = np.asarray(fallback_mask.convert("L").resize((image.shape[1], image.shape[0])), dtype=np.uint8)
+    if crop is not None:
+        image, mask = _crop(image, crop), (None if mask is None else _crop(mask, crop))
     return run_preprocessor(unit.module, image, processor_res=unit.processor_res, threshold_a=unit.threshold_a,
                             threshold_b=unit.threshold_b, mask=mask, seed=seed)
+
+
+def _crop(pixels: np.ndarray, crop: tuple[tuple[int, int, int, int], tuple[int, int]]) -> np.ndarray:
+    (left, top, right, bottom), (width, height) = crop
+    scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
+    box_left, box_top = int(round(left * scale_x)), int(round(top * scale_y))
+    box_right = max(box_left + 1, int(round(right * scale_x)))
+    box_bottom = max(box_top + 1, int(round(bottom * scale_y)))
+    return np.ascontiguousarray(pixels[box_top:box_bottom, box_left:box_right])
 
 
 def prepare_controls(
@@ -108,8 +123,10 @@ def prepare_controls(
     seed: int = 0,
     fallback_image: Image.Image | None = None,
     fallback_mask: Image.Image | None = None,
+    crop: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None,
 ) -> ControlSet | None:
-    """Load and preprocess every unit (None when there are none); errors name the unit."""
+    """Load and preprocess every unit (None when there are none); errors name the unit.
+    ``crop``: see :func:`detect_map`."""
     if not units:
         return None
     if bundle.family not in (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL, ModelFamily.HUABI_MINI):
@@ -122,7 +139,8 @@ def prepare_controls(
         if path not in loaded:
             loaded[path] = load_control_model(path, base_family=bundle.family, unet_config=bundle.unet.config,
                                            device=device, dtype=dtype)
-        detected = detect_map(unit, seed=seed, fallback_image=fallback_image, fallback_mask=fallback_mask, index=index)
+        detected = detect_map(unit, seed=seed, fallback_image=fallback_image, fallback_mask=fallback_mask, index=index,
+                              crop=crop)
         label = f"{path.stem if path.is_file() else path.name} [{legacy_model_hash(path)}]"
         prepared.append(PreparedControl(unit, loaded[path], detected, label))
     return ControlSet(tuple(prepared), sdxl=bundle.family is ModelFamily.SDXL, vae_scale_factor=bundle.vae_scale_factor)
