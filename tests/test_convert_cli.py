@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -15,6 +17,12 @@ from huabi.models.convert_file import ConvertOptions, convert_checkpoint
 from huabi.models.family import ModelFamily, Prediction
 from huabi.models.formats import read_pickle_checkpoint, read_safetensors, read_state_dict
 from huabi.service.engine import Engine
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _sha(path) -> str:
@@ -42,6 +50,10 @@ def test_safetensors_ckpt_round_trip_is_bit_identical(tiny_sd1_file, tmp_path, c
     _assert_identical(original, read_pickle_checkpoint(ckpt))
     _assert_identical(original, read_safetensors(back)[0])
     assert _sha(back) == before  # even the file bytes (same tensors, same metadata)
+    from huabi.models.formats import new_file_mode
+
+    for path in (ckpt, back):  # written via a temp file, but with a normal file's permissions
+        assert stat.S_IMODE(path.stat().st_mode) == new_file_mode() == 0o666 & ~_umask()
     assert _sha(tiny_sd1_file) == before
 
 

@@ -59,6 +59,9 @@ def test_f32_gguf_round_trip_is_bit_identical(tiny_sd1_file, sd1_state, tmp_path
     assert all(torch.equal(tensors[k], unet[k]) and tensors[k].dtype == unet[k].dtype for k in unet)
     assert metadata["gguf.architecture"] == "sd1"
     assert _sha(tiny_sd1_file) == before  # input untouched
+    from huabi.models.formats import new_file_mode
+
+    assert out.stat().st_mode & 0o777 == new_file_mode()  # not the temp file's 0o600
 
 
 def test_comfyui_layout_written(sd1_state, tmp_path):
@@ -251,3 +254,6 @@ def test_metadata_and_listing(tiny_sd1_file, sd1_state, tmp_path):
     assert metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     engine = Engine(device="cpu", dtype="fp32", models_dir=models)
     assert [e.name for e in engine.iter_models() if e.path.suffix == ".gguf"] == ["unet-Q4_0"]
+    from huabi.models.detect import describe_model_file
+
+    assert describe_model_file(out) == "sd1 base GGUF UNet (Q4_0), needs --base"  # `huabi models` line

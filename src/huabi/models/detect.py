@@ -227,6 +227,12 @@ def detect_file(path) -> Detected:
 
 def describe_model_file(path) -> str:
     """One line for listings, e.g. ``"sdxl base epsilon"`` (``"sd2 base prediction decided at load"`` when unknown)."""
+    from pathlib import Path
+
+    if Path(path).suffix.lower() == ".gguf":  # a UNet alone: described from the GGUF header, not detected
+        from huabi.models.inspect import describe_gguf
+
+        return describe_gguf(path)
     found = detect_file(path)
     prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
     return f"{found.family.value} {found.variant.value} {prediction}"

@@ -365,11 +365,24 @@ def write_safetensors_atomic(
     os.close(handle)
     try:
         save_file(_unshare(prepared), tmp_name, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp_name, new_file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask); mkstemp's temp files are 0o600."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # reading the umask without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -248,6 +248,8 @@ def write_gguf_unet(
     import gguf
     from gguf import GGMLQuantizationType, quants
 
+    from huabi.models.formats import new_file_mode
+
     qtype_name = qtype_name.upper()
     if qtype_name not in WRITE_TYPES:
         raise HuabiError(f"quantize: unknown type {qtype_name!r}; valid: {', '.join(WRITE_TYPES)}")
@@ -287,6 +289,7 @@ def write_gguf_unet(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp_name, new_file_mode())
         os.replace(tmp_name, out_path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

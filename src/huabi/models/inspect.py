@@ -289,3 +289,11 @@ def format_inspection(info: dict[str, Any], *, full: bool = False) -> str:
     else:
         lines.append("metadata:    (none)")
     return "\n".join(lines)
+
+
+def describe_gguf(path: str | Path) -> str:
+    """One line for model listings, e.g. ``"sd1 base GGUF UNet (Q8_0), needs --base"``; tensors are not read."""
+    info = _inspect_gguf(Path(path))
+    quantized = [name for name in info["dtypes"] if name not in ("F32", "F16", "BF16")]
+    kind = ", ".join(quantized) or ", ".join(info["dtypes"])
+    return f"{info.get('family', 'unknown')} {info.get('variant', '')} GGUF UNet ({kind}), needs --base".replace("  ", " ")
