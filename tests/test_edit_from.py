@@ -101,3 +101,17 @@ def test_bad_from_inputs(capsys, tiny_sd1_file, init_png, tmp_path):
     missing = tmp_path / "missing.png"
     code, _out, err = run(capsys, "edit", init_png, "--from", missing, "--quiet", "--out", tmp_path)
     assert code == 2 and err.strip() == f"huabi: error: {missing}: no such file"
+
+
+def test_from_a_hires_txt2img_png_edits_without_hires(capsys, tiny_sd1_file, init_png, tmp_path):
+    code, out, err = run(capsys, "generate", "a red apple", "--model", tiny_sd1_file, "--steps", "2", "--size", "64x64",
+                         "--hires", "--hires-scale", "1.5", "--hires-denoise", "0.3", "--seed", "2", "--quiet",
+                         "--out", tmp_path / "gen")
+    assert code == 0, err
+    [generated] = [Path(line) for line in out.splitlines()]
+    edited = edit(capsys, init_png, "--from", generated, "--model", tiny_sd1_file, "--strength", "0.5",
+                  "--out", tmp_path / "edit")
+    params = parse_infotext(read_infotext(edited)).params
+    assert not any(key.startswith("Hires") for key in params)
+    assert params["Denoising strength"] == "0.5" and params["Size"] == "64x64" and params["Seed"] == "2"
+    assert Image.open(edited).size == (64, 64)

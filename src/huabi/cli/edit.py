@@ -73,7 +73,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, EditOptions]
     """The request and edit options from the flags (and --from's infotext), validated before any model loads."""
     from huabi.cli.main import parse_size
-    from huabi.core.infotext import EDIT_KEYS, edit_fields_from_infotext, request_from_infotext
+    from huabi.core.infotext import EDIT_KEYS, HIRES_KEYS, edit_fields_from_infotext, request_from_infotext
     from huabi.core.request import EditOptions, GenerationRequest, parse_outpaint
     from huabi.errors import HuabiError
     from huabi.service.images import canonical_resize_mode
@@ -96,7 +96,10 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
         request = request_from_infotext(text, **fields)
         edit_fields = edit_fields_from_infotext(text)
         # The edit keys live in EditOptions now; left in extra they would outlive a changed option.
-        request = request.replace(extra=tuple((key, value) for key, value in request.extra if key not in EDIT_KEYS))
+        # A text-to-image PNG's hires fix does not apply to an edit (A1111's img2img has none).
+        dropped = set(EDIT_KEYS) | set(HIRES_KEYS)
+        request = request.replace(hires=False,
+                                  extra=tuple((key, value) for key, value in request.extra if key not in dropped))
         outpaint = edit_fields.get("outpaint")
         if outpaint is not None and args.outpaint is None and args.size is None and request.width_px:
             # "Size" records the outpainted canvas; the working size is the image's before extension.
