@@ -393,3 +393,21 @@ def test_full_size_key_names(family, zero_convs):
     assert "middle_block_out.0.weight" in original and "middle_block.1.proj_in.weight" in original
     assert ("label_emb.0.0.weight" in original) == (family == "sdxl")
     assert len(controlnet_key_table(module.config)) > 0
+
+
+def test_global_pooling_yaml_makes_a_shuffle_model(sd1, tmp_path):
+    """A sibling .yaml with global_average_pooling: True (ControlNet 1.1's shuffle) makes the module pool
+    its residuals (diffusers' global_pool_conditions); huabi then applies them to the positive rows only."""
+    bundle, reference, _loaded, path = sd1
+    shuffle = tmp_path / "control_shuffle.safetensors"
+    shuffle.write_bytes(path.read_bytes())
+    shuffle.with_suffix(".yaml").write_text("model:\n  params:\n    control_stage_config:\n      params:\n"
+                                            "        global_average_pooling: True\n")
+    loaded = load_controlnet(shuffle, base_family=bundle.family, unet_config=bundle.unet.config)
+    assert loaded.config.global_pool_conditions is True
+    plain_config = load_controlnet(path, base_family=bundle.family, unet_config=bundle.unet.config).config
+    assert plain_config.global_pool_conditions is False
+    image = control_image(1)
+    pooled, _ = huabi_latents(bundle, [prepared(loaded, image)])
+    unpooled, _ = huabi_latents(bundle, [prepared(reference, image)])
+    assert relative_difference(pooled, unpooled) > 1e-3

@@ -220,6 +220,8 @@ def load_controlnet(
     if _FITS.get(ModelFamily(base_family)) is not family:
         raise HuabiError(f"ControlNet {path.stem}: made for {family.value}, the loaded model is {ModelFamily(base_family).value}")
     config = config_for_base(tensors, layout, unet_config)
+    if _yaml_says_global_pooling(path):  # e.g. control_v11e_sd15_shuffle.yaml, as sd-webui-controlnet reads it
+        config["global_pool_conditions"] = True
     if file_config is not None:  # a diffusers config says what shapes cannot (e.g. fewer transformer layers)
         config.update({k: v for k, v in file_config.items() if not k.startswith("_") and k != "sample_size"})
     weights = controlnet_to_diffusers(tensors, config) if layout == "original" else tensors
@@ -227,6 +229,22 @@ def load_controlnet(
         return build_controlnet(weights, config, device=device, dtype=dtype, what=f"ControlNet {path.stem}")
     except HuabiError as error:
         raise HuabiError(f"{error} (a {family.value} ControlNet of another size than the loaded model?)") from None
+
+
+def _yaml_says_global_pooling(path: Path) -> bool:
+    """True when the model's sibling ``.yaml`` (ControlNet 1.1 ships one per model) sets
+    ``global_average_pooling: True`` (the shuffle model: residuals are spatial means)."""
+    sibling = path.with_suffix(".yaml")
+    if not path.is_file() or not sibling.is_file():
+        return False
+    try:
+        text = sibling.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(
+        line.split(":", 1)[0].strip() == "global_average_pooling" and line.split(":", 1)[1].strip().lower() == "true"
+        for line in text.splitlines() if ":" in line
+    )
 
 
 def save_controlnet_original(module: torch.nn.Module, path: str | Path) -> Path:

@@ -180,8 +180,10 @@ class ControlNetHook:
 
     @staticmethod
     def _row_scale(control: PreparedControl, call: UNetCall, dtype: torch.dtype) -> torch.Tensor | None:
-        """[B, 1, 1, 1] cond mark for "ControlNet is more important" (negative rows get no control)."""
-        if control.unit.control_mode is not ControlMode.CONTROL:
+        """[B, 1, 1, 1] cond mark for "ControlNet is more important" and for global-pooling
+        models (shuffle), whose control goes to the positive rows only (diffusers' guess mode)."""
+        pooled = bool(getattr(control.model, "config", {}).get("global_pool_conditions", False))
+        if control.unit.control_mode is not ControlMode.CONTROL and not pooled:
             return None
         return call.inputs.row_cond_mark().to(device=call.sample.device, dtype=dtype).reshape(-1, 1, 1, 1)
 
