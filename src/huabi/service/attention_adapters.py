@@ -304,7 +304,7 @@ def _encoder_widths(path: Path) -> tuple[int, int] | None:
             with safe_open(str(path), framework="pt") as handle:
                 projection = handle.get_slice("visual_projection.weight").get_shape()
             return int(projection[0]), int(projection[1])
-    except (OSError, KeyError, ValueError, TypeError, Exception):  # unreadable candidates are just skipped
+    except Exception:  # noqa: BLE001 - an unreadable candidate is skipped, never fatal to the choice
         return None
     return None
 
