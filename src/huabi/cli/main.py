@@ -148,7 +148,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint path, or a name/hash in the models folder (default: built-in)")
     parser.add_argument("--vae", help="a separate VAE file that replaces the checkpoint's")
     parser.add_argument("--base", type=Path, metavar="CHECKPOINT",
-                        help="for a GGUF UNet --model: the checkpoint that supplies text encoders and VAE")
+                        help="for a GGUF UNet --model: the checkpoint (path, name or hash) that supplies "
+                             "text encoders and VAE")
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")

@@ -219,8 +219,11 @@ class Engine:
         if vae_path is not None and not vae_path.exists():
             raise HuabiError(f"vae: {vae}: no such file")
         base = self.base_model if path.suffix.lower() == ".gguf" else None
-        if base is not None and not base.exists():
-            raise HuabiError(f"base: {base}: no such file")
+        if base is not None and not base.exists():  # a name or hash in the models folder, as --model takes
+            try:
+                base = self.resolve_model_path(str(base))
+            except HuabiError as err:
+                raise HuabiError(f"base: {str(err).removeprefix('model: ').replace('--model PATH', '--base PATH')}") from None
         key = (str(path.resolve()), str(vae_path.resolve()) if vae_path else None, self.device, self.dtype,
                str(base.resolve()) if base else None)
         if self._loaded is not None and self._loaded[0] == key:
