@@ -168,6 +168,22 @@ def test_txt2img_and_hires_hand_over(base, refiner):
     hires_plain = hires_txt2img(base, request, [3], device=CPU).images[0]
     hires_refined = hires_txt2img(base, request, [3], device=CPU, refiner=stage).images[0]
     assert hires_refined.size == (96, 96) and hires_refined.tobytes() != hires_plain.tobytes()
+    # A1111's other "Hires fix: which pass to enable refiner for" choices.
+    first = hires_txt2img(base, request.replace(refiner_hires_pass="first pass"), [3], device=CPU, refiner=stage)
+    both = hires_txt2img(base, request.replace(refiner_hires_pass="both passes"), [3], device=CPU, refiner=stage)
+    outputs = {image.tobytes() for image in (hires_plain, hires_refined, first.images[0], both.images[0])}
+    assert len(outputs) == 4
+
+
+def test_hires_refiner_pass_in_infotext():
+    text = ("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.5, "
+            "Hires upscale: 2, Hires upscaler: Latent, Hires refiner: both passes, Refiner: r [0123456789], "
+            "Refiner switch at: 0.7, Version: v1.10.1")
+    request = request_from_infotext(text)
+    assert (request.refiner, request.refiner_switch_at, request.refiner_hires_pass) == ("0123456789", 0.7, "both passes")
+    with pytest.raises(HuabiError, match=r"^refiner_hires_pass: must be one of first pass, second pass, both passes, "
+                                         r"got 'third pass'$"):
+        request_from_infotext(text.replace("both passes", "third pass"))
 
 
 def run(capsys, *argv):
@@ -183,11 +199,13 @@ def test_cli_generate_and_edit_with_refiner_round_trip(capsys, tiny_sdxl_file, r
     shutil.copy(refiner_file, models / "refiner.safetensors")
     common = ("--models-dir", models, "--quiet", "--steps", "3", "--sampler", "Heun", "--size", "64x64")
     code, out, err = run(capsys, "generate", PROMPT, "--model", "base", "--refiner", "refiner",
-                         "--refiner-switch-at", "0.6", "--seed", "8", "--out", tmp_path / "a", *common)
+                         "--refiner-switch-at", "0.6", "--seed", "8", "--out", tmp_path / "a", "--hires-scale", "1.5",
+                         "--hires-denoise", "0.5", "--refiner-hires-pass", "both", *common)
     assert code == 0, err
     [first] = [Path(line) for line in out.splitlines()]
     params = parse_infotext(read_infotext(first)).params
-    assert params["Refiner switch at"] == "0.6"
+    assert params["Refiner switch at"] == "0.6" and params["Hires refiner"] == "both passes"
+    assert Image.open(first).size == (96, 96)
     name, _, hashed = params["Refiner"].partition(" [")
     assert name == "refiner" and len(hashed.rstrip("]")) == 10
     assert request_from_infotext(read_infotext(first)).refiner == hashed.rstrip("]")
@@ -202,7 +220,8 @@ def test_cli_generate_and_edit_with_refiner_round_trip(capsys, tiny_sdxl_file, r
                          "--strength", "0.7", "--seed", "2", "--out", tmp_path / "c", *common)
     assert code == 0, err
     [edited] = [Path(line) for line in out.splitlines()]
-    assert parse_infotext(read_infotext(edited)).params["Refiner switch at"] == "0.8"
+    edited_params = parse_infotext(read_infotext(edited)).params
+    assert edited_params["Refiner switch at"] == "0.8" and "Hires refiner" not in edited_params
     code, out, err = run(capsys, "edit", first, "--from", edited, "--out", tmp_path / "d", "--models-dir", models,
                          "--quiet")
     assert code == 0, err

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hires-steps", type=int, metavar="N", help="second-pass steps (0: same as --steps)")
     gen.add_argument("--hires-denoise", type=float, metavar="D", help="second-pass denoising strength (default 0.7)")
     add_refiner_options(gen)
+    gen.add_argument("--refiner-hires-pass", choices=("first", "second", "both"),
+                     help="with --hires: the pass(es) the refiner takes over in (default second, as A1111)")
     add_attention_adapter_options(gen)
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
@@ -215,6 +217,9 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
     }
     if any(overrides.get(name) is not None for name in ("hires_scale", "hires_upscaler", "hires_steps", "hires_denoise")):
         overrides["hires"] = True  # a hires setting on its own means hires fix on
+    if getattr(args, "refiner_hires_pass", None) is not None:
+        overrides["refiner_hires_pass"] = {"both": "both passes"}.get(args.refiner_hires_pass,
+                                                                      f"{args.refiner_hires_pass} pass")
     if getattr(args, "hires_resize", None) is not None:
         try:
             overrides["hires_resize_px"] = parse_size(args.hires_resize)

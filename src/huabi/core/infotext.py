@@ -106,6 +106,7 @@ KNOWN_KEY_ORDER: tuple[str, ...] = (
     "Schedule max sigma",
     "Schedule min sigma",
     "Schedule rho",
+    "Hires refiner",
     "Refiner",
     "Refiner switch at",
 )
@@ -507,6 +508,8 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
         fields["refiner"] = _refiner_reference(params["Refiner"])
         if "Refiner switch at" in params:
             fields["refiner_switch_at"] = _float_param(params, "Refiner switch at")
+        if "Hires refiner" in params:
+            fields["refiner_hires_pass"] = params["Hires refiner"].strip()
     # Hypernetwork setting (A1111's keys) and IP-Adapter (huabi's keys); their hashes stay in extra.
     for key, name in (("Hypernet", "hypernetwork"), ("IP-Adapter", "ip_adapter"), ("IP-Adapter image", "ip_image"),
                       ("IP-Adapter encoder", "ip_image_encoder")):

@@ -40,6 +40,7 @@ HIRES_UPSCALER_NAMES = (*HIRES_LATENT_MODES, *HIRES_PIXEL_UPSCALERS)
 UPSCALER_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 MIN_HIRES_SCALE = 1.0
 MAX_HIRES_SCALE = 4.0
+REFINER_HIRES_PASSES = ("first pass", "second pass", "both passes")  # A1111's choices; default second
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class GenerationRequest:
     # SDXL refiner: a second checkpoint takes over at this fraction of the steps (None: off).
     refiner: str | None = None
     refiner_switch_at: float = 0.8
+    # With hires fix, which pass hands over (A1111's "Hires fix: which pass to enable refiner for").
+    refiner_hires_pass: str = "second pass"
     # A1111's hypernetwork setting (name or path; <hypernet:name:w> prompt tags add more).
     hypernetwork: str | None = None
     hypernetwork_strength: float = 1.0
@@ -135,6 +138,9 @@ class GenerationRequest:
         switch = self.refiner_switch_at
         if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch <= 1.0:
             raise HuabiError(f"refiner_switch_at: must be a number above 0 and at most 1, got {switch!r}")
+        if self.refiner_hires_pass not in REFINER_HIRES_PASSES:
+            raise HuabiError(f"refiner_hires_pass: must be one of {', '.join(REFINER_HIRES_PASSES)}, "
+                             f"got {self.refiner_hires_pass!r}")
         for name in ("width_px", "height_px"):
             value = getattr(self, name)
             if value is None:

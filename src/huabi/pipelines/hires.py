@@ -128,7 +128,8 @@ def hires_txt2img(
     then ``hires_steps`` (or ``request.steps``) scaled over the steps actually run.
     ``first_pass`` replaces step 1's denoise (same keyword arguments as
     :func:`denoise`).  ``refiner`` (a :class:`huabi.pipelines.refiner.RefinerStage`)
-    hands over in the second pass only, A1111's default ("second pass").
+    hands over in the pass(es) ``request.refiner_hires_pass`` names: A1111's default
+    "second pass", or "first pass", or "both passes" (each pass starts on the base model).
     """
     # 1. First pass at the request's size.
     width_px = request.width_px or bundle.native_size_px
@@ -159,6 +160,7 @@ def hires_txt2img(
         bundle, guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=first_step,
         variation=variation, unet_kwargs_for=unet_kwargs_for,
+        refiner=refiner if request.refiner_hires_pass in ("first pass", "both passes") else None,
     )
 
     # 2. Upscale to the (cover) size, then crop to the target.
@@ -184,7 +186,7 @@ def hires_txt2img(
         cfg_scale=request.cfg_scale, seeds=seeds, shape=target_shape, device=device, on_step=second_step,
         variation=variation, init_latent=latents, denoising_strength=float(request.hires_denoise),
         unet_kwargs_for=hires_unet_kwargs_for,
-        refiner=refiner,
+        refiner=refiner if request.refiner_hires_pass in ("second pass", "both passes") else None,
     )
 
     # 4. Decode to pixels.

@@ -135,12 +135,17 @@ def refiner_title(bundle: ModelBundle) -> str:
     return f"{bundle.name} [{bundle.short_hash}]" if bundle.short_hash else bundle.name
 
 
-def refiner_infotext(stage: RefinerStage | None) -> dict[str, object]:
-    """The infotext keys of a hand-over: "Refiner" and "Refiner switch at".
+def refiner_infotext(stage: RefinerStage | None, hires_pass: str | None = None) -> dict[str, object]:
+    """The infotext keys of a hand-over: "Refiner", "Refiner switch at" and, for a hires run
+    (``hires_pass`` given) that is not A1111's default "second pass", "Hires refiner".
 
     Without a refiner, or at 1.0 where no hand-over happens (A1111 writes the keys when
     it switches), they are None: left out, and any copies a --from request carries dropped.
     """
     if stage is None or stage.switch_at >= 1.0:
-        return {"Refiner": None, "Refiner switch at": None}
-    return {"Refiner": refiner_title(stage.bundle), "Refiner switch at": float(stage.switch_at)}
+        return {"Hires refiner": None, "Refiner": None, "Refiner switch at": None}
+    return {
+        "Hires refiner": hires_pass if hires_pass not in (None, "second pass") else None,
+        "Refiner": refiner_title(stage.bundle),
+        "Refiner switch at": float(stage.switch_at),
+    }

@@ -334,7 +334,7 @@ class Engine:
                                      variation_seeds=variation_batches[batch_index] if variation_batches else None,
                                      refiner=refiner)
             extra = self._extra_infotext(bundle)
-            extra.update(refiner_infotext(refiner))
+            extra.update(refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None))
             if control is not None:
                 extra.update(control.infotext())
             # Always set: a stale value copied from a --from image must not survive.
