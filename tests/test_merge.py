@@ -15,7 +15,7 @@ from huabi.core.request import GenerationRequest
 from huabi.errors import HuabiError
 from huabi.models.configs import REFERENCE_UNET_CONFIGS
 from huabi.models.convert import unet_key_table
-from huabi.models.family import ModelFamily
+from huabi.models.family import ModelFamily, UNetVariant
 from huabi.models.formats import read_safetensors
 from huabi.models.merge import MergeSpec, block_layout, merge_checkpoints, merge_state_dicts, parse_block_weights
 from huabi.service.engine import Engine
@@ -163,3 +163,25 @@ def test_incompatible_models_are_refused(parents, tiny_sdxl_file, tmp_path, caps
     with pytest.raises(HuabiError, match="unknown mode"):
         MergeSpec("sum", 0.5)
     assert parse_block_weights(" 1, 0.5 ,0") == (1.0, 0.5, 0.0)
+
+
+def test_inpainting_merge_as_a1111(parents, tmp_path):
+    """inpainting A + (B - C): latent channels of the first conv merged, A's mask/image channels kept."""
+    inpaint = write_tiny_single_file(tmp_path, ModelFamily.SD1, UNetVariant.INPAINT, seed=5, filename="inpaint.safetensors")
+    b, c = parents[1], parents[2]
+    out = tmp_path / "custom-inpainting.safetensors"
+    assert main(["merge", str(inpaint), str(b), str(c), "--mode", "add-difference", "--alpha", "1", "--out", str(out)]) == 0
+    ta, tb, tc = (read_safetensors(p)[0] for p in (inpaint, b, c))
+    merged, metadata = read_safetensors(out)
+    conv_in = UNET + "input_blocks.0.0.weight"
+    assert torch.equal(merged[conv_in][:, :4], ta[conv_in][:, :4] + (tb[conv_in] - tc[conv_in]))
+    assert torch.equal(merged[conv_in][:, 4:], ta[conv_in][:, 4:])
+    assert torch.equal(merged[UNET + "out.2.weight"], ta[UNET + "out.2.weight"] + (tb[UNET + "out.2.weight"] - tc[UNET + "out.2.weight"]))
+    recipe = json.loads(metadata["sd_merge_recipe"])
+    assert recipe["is_inpainting"] is True and recipe["is_instruct_pix2pix"] is False
+    from huabi.models.detect import detect_file
+
+    assert detect_file(out).variant is UNetVariant.INPAINT
+    # the other way round (ordinary A, inpainting B) is refused, naming the key
+    with pytest.raises(HuabiError, match=r"^merge: incompatible models: model\.diffusion_model\.input_blocks\.0\.0\.weight has shape \(32, 4, 3, 3\)"):
+        merge_checkpoints([b, inpaint], MergeSpec("weighted-sum", 0.5), tmp_path / "no.safetensors")

@@ -13,6 +13,11 @@ those blocks -- the text encoders, the VAE, and the UNet's ``time_embed``/
 ``label_emb``/``out`` -- takes the BASE weight, which is ``--alpha`` (or the first of
 N+1 values, SuperMerger's "BASE,IN00,...").
 
+Inpainting (and instruct-pix2pix) merges, as A1111: A may be an inpainting model (9 input channels)
+and B/C ordinary ones (4); the first conv's 4 latent channels are merged and A's mask and
+masked-image channels kept, so ``inpaint + (custom - base) * 1`` makes an inpainting version of
+a custom model.
+
 Exactness: a weight of exactly 0 copies A's tensor and (weighted sum) exactly 1
 copies B's, so M=0 / M=1 reproduce a parent bit for bit. In between the sum is
 computed in float32 (float64 for float64 tensors) and stored in A's dtype, or
@@ -40,6 +45,8 @@ _OUTPUT = re.compile(r"^model\.diffusion_model\.output_blocks\.(\d+)\.")
 _MIDDLE = "model.diffusion_model.middle_block."
 # Keys that are not weights: copied from A, never merged (A1111 also leaves them alone).
 _COPY_FROM_A = ("huabi.", "v_pred")
+# The UNet's first conv: 9 input channels in inpainting models, 8 in instruct-pix2pix ones.
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 
 
 @dataclass(frozen=True)
@@ -136,11 +143,21 @@ def _check_compatible(names: Sequence[str], dicts: Sequence[Mapping[str, torch.T
                 raise HuabiError(f"merge: incompatible models: {key} is in {names[0]} but not in {name}")
             if key not in reference:
                 raise HuabiError(f"merge: incompatible models: {key} is in {name} but not in {names[0]}")
+            if key == CONV_IN and _extra_input_channels(reference[key], other[key]):
+                continue  # inpainting/instruct A with an ordinary B (or C): merged on the shared 4 channels
             if tuple(reference[key].shape) != tuple(other[key].shape):
                 raise HuabiError(
                     f"merge: incompatible models: {key} has shape {tuple(reference[key].shape)} in {names[0]} "
                     f"but {tuple(other[key].shape)} in {name}"
                 )
+
+
+def _extra_input_channels(a: torch.Tensor, other: torch.Tensor) -> bool:
+    """A's conv_in takes more input channels (9 inpaint / 8 instruct) than the other's 4; all else equal."""
+    return (
+        a.ndim == 4 and other.ndim == 4 and a.shape[1] in (8, 9) and other.shape[1] == 4
+        and a.shape[0] == other.shape[0] and a.shape[2:] == other.shape[2:]
+    )
 
 
 def _is_schedule(key: str) -> bool:
@@ -175,26 +192,35 @@ def merge_state_dicts(
             merged[key] = ta
             continue
         weight = weight_for_key(key, base, blocks, layout)
-        tb = b[key]
-        if weight == 0.0:
-            result = ta  # exact: A itself
-        elif spec.mode == "weighted-sum" and weight == 1.0:
-            result = tb.to(ta.dtype)  # exact: B itself
+        tb, tc = b[key], (c[key] if c is not None else None)
+        if key == CONV_IN and ta.shape != tb.shape:
+            # A1111's inpainting merge: the 4 latent channels are merged, A's mask/image channels kept.
+            result = ta.clone()
+            result[:, :4] = _merge_tensor(spec.mode, weight, ta[:, :4], tb, tc)
         else:
-            compute = torch.float64 if ta.dtype == torch.float64 else torch.float32
-            fa, fb = ta.to(compute), tb.to(compute)
-            if spec.mode == "weighted-sum":
-                value = fa * (1.0 - weight) + fb * weight
-            else:
-                value = fa + (fb - c[key].to(compute)) * weight
-            result = value.to(ta.dtype)
+            result = _merge_tensor(spec.mode, weight, ta, tb, tc)
         merged[key] = result.to(out_dtype) if out_dtype is not None else result
     return merged, base, blocks, layout
 
 
+def _merge_tensor(mode: str, weight: float, ta: torch.Tensor, tb: torch.Tensor, tc: torch.Tensor | None) -> torch.Tensor:
+    """One tensor of the merge, in A's dtype; exact copies at the end points."""
+    if weight == 0.0:
+        return ta  # exact: A itself
+    if mode == "weighted-sum" and weight == 1.0:
+        return tb.to(ta.dtype)  # exact: B itself
+    compute = torch.float64 if ta.dtype == torch.float64 else torch.float32
+    fa, fb = ta.to(compute), tb.to(compute)
+    if mode == "weighted-sum":
+        value = fa * (1.0 - weight) + fb * weight
+    else:
+        value = fa + (fb - tc.to(compute)) * weight
+    return value.to(ta.dtype)
+
+
 def _recipe(
     spec: MergeSpec, paths: Sequence[Path], sha256s: Sequence[str], base: float, blocks: Sequence[float] | None,
-    layout: BlockLayout, source_metadata: Sequence[Mapping[str, str]],
+    layout: BlockLayout, source_metadata: Sequence[Mapping[str, str]], in_channels: int = 4,
 ) -> dict[str, str]:
     """``__metadata__`` in A1111's shape (sd_merge_recipe / sd_merge_models) plus huabi's block weights."""
     recipe: dict[str, object] = {
@@ -209,8 +235,8 @@ def _recipe(
         "config_source": 0,
         "bake_in_vae": "None",
         "discard_weights": "",
-        "is_inpainting": False,
-        "is_instruct_pix2pix": False,
+        "is_inpainting": in_channels == 9,
+        "is_instruct_pix2pix": in_channels == 8,
     }
     if blocks is not None:
         recipe["block_weights"] = dict(zip(["BASE", *layout.labels], [base, *blocks], strict=True))
@@ -275,6 +301,7 @@ def merge_checkpoints(
     )
     cache = HashCache()
     sha256s = [cache.sha256(p) for p in paths]
-    metadata = _recipe(spec, paths, sha256s, base, blocks, layout, [m for _, m in loaded])
+    in_channels = int(merged[CONV_IN].shape[1]) if CONV_IN in merged else 4
+    metadata = _recipe(spec, paths, sha256s, base, blocks, layout, [m for _, m in loaded], in_channels)
     write_safetensors_atomic(out, merged, metadata)
     return out, metadata
