@@ -115,3 +115,22 @@ def test_bad_files_are_one_line_errors(tiny_sd1_file, tmp_path, capsys):
         assert capsys.readouterr().err == message
     assert legacy_hash(tiny_sd1_file) == hashlib.sha256(tiny_sd1_file.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
     assert len(safetensors_data_hash(tiny_sd1_file)) == 64
+
+
+def test_a1111_pt_embedding_and_hypernetwork(tmp_path, capsys):
+    embedding = tmp_path / "mystyle.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 1024)}, "name": "mystyle",
+                "step": 1500, "sd_checkpoint_name": "v2-1_768"}, embedding)
+    info = inspect_file(embedding, with_hashes=False)
+    assert info["kind"] == "textual-inversion embedding (A1111 .pt)"
+    assert info["embedding"] == {"vectors": 2, "width": 1024, "family": "sd2"}
+    assert info["metadata"] == {"name": "mystyle", "step": 1500, "sd_checkpoint_name": "v2-1_768"}
+    layer = {"linear.0.weight": torch.zeros(1536, 768), "linear.0.bias": torch.zeros(1536),
+             "linear.1.weight": torch.zeros(768, 1536), "linear.1.bias": torch.zeros(768)}
+    hypernetwork = tmp_path / "hn.pt"
+    torch.save({768: [layer, layer], 320: [layer, layer], "name": "hn", "activation_func": "relu"}, hypernetwork)
+    info = inspect_file(hypernetwork, with_hashes=False)
+    assert info["kind"] == "hypernetwork (A1111 .pt)" and info["hypernetwork"] == {"widths": [320, 768]}
+    assert info["tensors"] == 16 and info["metadata"]["activation_func"] == "relu"
+    assert main(["inspect", str(hypernetwork), "--no-hash"]) == 0
+    assert "kind:        hypernetwork (A1111 .pt)" in capsys.readouterr().out

@@ -198,7 +198,14 @@ def _inspect_tensors(path: Path) -> dict[str, Any]:
     from huabi.models.detect import describe_non_checkpoint, detect
     from huabi.models.formats import read_state_dict_shapes
 
-    tensors, metadata = read_state_dict_shapes(path)
+    try:
+        tensors, metadata = read_state_dict_shapes(path)
+    except HuabiError:
+        if path.suffix.lower() in (".pt", ".bin", ".pth"):
+            nested = _inspect_nested_pickle(path)  # A1111 embedding or hypernetwork: tensors inside dicts
+            if nested is not None:
+                return nested
+        raise
     result: dict[str, Any] = {}
     try:
         found = detect(tensors, metadata=metadata, source=path.name)
@@ -242,6 +249,33 @@ def _inspect_tensors(path: Path) -> dict[str, Any]:
     return result
 
 
+def _inspect_nested_pickle(path: Path) -> dict[str, Any] | None:
+    """A1111 ``.pt`` embeddings (``string_to_param``) and hypernetworks (``{320: [layers], ...}``), or None."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(data, dict):
+        return None
+    plain = {str(k): v for k, v in data.items() if isinstance(v, (str, int, float, bool))}
+    if isinstance(data.get("string_to_param"), dict):
+        vectors = [v for v in data["string_to_param"].values() if isinstance(v, torch.Tensor)]
+        summary = _embedding_summary({"vectors": vectors[0]}) if vectors else {}
+        tensors = vectors
+        kind = "textual-inversion embedding (A1111 .pt)"
+        extra = {"embedding": summary}
+    elif any(isinstance(k, int) for k in data):
+        tensors = [t for k, layers in data.items() if isinstance(k, int) for layer in layers
+                   for t in (layer.values() if isinstance(layer, dict) else [layer]) if isinstance(t, torch.Tensor)]
+        kind = "hypernetwork (A1111 .pt)"
+        extra = {"hypernetwork": {"widths": sorted(k for k in data if isinstance(k, int))}}
+    else:
+        return None
+    dtypes = Counter(_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in tensors)
+    return {"kind": kind, **extra, "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors),
+            "dtypes": dict(sorted(dtypes.items())), "metadata": dict(sorted(plain.items()))}
+
+
 def _pretty_value(value: Any, *, full: bool) -> str:
     if isinstance(value, str):
         stripped = value.strip()
@@ -265,7 +299,7 @@ def format_inspection(info: dict[str, Any], *, full: bool = False) -> str:
     for key in ("variant", "prediction", "context_dim", "has_vae", "ema_tensors"):
         if key in info:
             lines.append(f"{key.replace('_', ' ') + ':':<13}{info[key]}")
-    for section in ("lora", "embedding"):
+    for section in ("lora", "embedding", "hypernetwork"):
         if info.get(section):
             lines.append(f"{section}:")
             lines.extend(f"  {k}: {v}" for k, v in info[section].items())
