@@ -144,7 +144,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from huabi.service.engine import Engine
 
     request, options = request_from_args(args)
-    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None))
+    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
     progress = _ProgressBar(enabled=not args.quiet)
     try:
         results = engine.edit(request, options, out_dir=args.out, on_progress=progress.update)

@@ -152,6 +152,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, metavar="CHECKPOINT",
                         help="for a GGUF UNet --model: the checkpoint (path, name or hash) that supplies "
                              "text encoders and VAE")
+    parser.add_argument("--gguf-on-the-fly", action="store_true",
+                        help="keep a GGUF UNet's quantized weights packed and dequantize each at use "
+                             "(less memory, a little slower; not with LoRAs)")
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
@@ -299,7 +302,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
-                    embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None))
+                    embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if engine.is_placeholder(bundle):

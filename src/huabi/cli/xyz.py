@@ -66,7 +66,8 @@ def cmd_xyz(args: argparse.Namespace) -> int:
 
     plan = plan_from_args(args)  # bad axes fail here, before any model loads
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
-                    embeddings_dir=args.embeddings_dir, base_model=getattr(args, "base", None))
+                    embeddings_dir=args.embeddings_dir, base_model=getattr(args, "base", None),
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
     progress = _ProgressBar(enabled=not args.quiet)
     try:
         result = run_xyz(engine, plan, out_dir=args.out, on_progress=progress.update)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def gguf_tensor_types(path: str | Path) -> dict[str, int]:
     return counts
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_gguf(path: str | Path, *, _skip_types: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a GGUF SD UNet into original-layout tensors (``model.diffusion_model.*``), dequantized.
 
     F32/F16/BF16 tensors keep their dtype (bit-exact); quantized ones come back
@@ -128,6 +129,10 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             shape = tuple(int(v) for v in _field_value(shape_field))
         else:
             shape = tuple(int(v) for v in reversed(tensor.shape.tolist()))  # GGML lists dims innermost first
+        name = tensor.name if prefixed else UNET_PREFIX + tensor.name
+        if qtype.name in _skip_types:  # kept packed by the caller: only the shape here
+            tensors[name] = torch.empty(shape, dtype=torch.float32, device="meta")
+            continue
         try:
             values = quants.dequantize(tensor.data, qtype)
         except NotImplementedError:
@@ -135,7 +140,6 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         result = torch.from_numpy(values.copy()).reshape(shape)
         if qtype in torch_types:
             result = result.to(torch_types[qtype])  # float32 from F16/BF16 is exact, so this is too
-        name = tensor.name if prefixed else UNET_PREFIX + tensor.name
         tensors[name] = result
     metadata = {
         "gguf.architecture": arch or "",
@@ -295,3 +299,101 @@ def write_gguf_unet(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return counts
+
+
+# --------------------------------------------------------------------------- on-the-fly dequantization
+
+# Block types kept packed in memory and dequantized at each use (diffusers' torch dequantizers);
+# F32/F16/BF16 tensors and any other type are plain tensors as on a normal load.
+ON_THE_FLY_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A GGUF block-quantized weight kept as its raw bytes: ``[rows, bytes per row]`` uint8."""
+
+    raw: torch.Tensor
+    qtype: str
+    shape: tuple[int, ...]  # the weight's real shape
+
+
+class DequantizeOnUse(torch.nn.Module):
+    """Parametrization: the packed bytes stored as the module's weight become the float weight at each access.
+
+    Registered on module *instances* with ``torch.nn.utils.parametrize`` (unsafe: dtype and
+    shape change), so ``module.weight`` is computed from the bytes every forward and only
+    one layer's float weight exists at a time.
+    """
+
+    def __init__(self, qtype: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        import gguf
+        from diffusers.quantizers.gguf.utils import dequantize_functions
+
+        self.qtype = qtype
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        kind = gguf.GGMLQuantizationType[qtype]
+        self.block_size, self.type_size = gguf.GGML_QUANT_SIZES[kind]
+        self._dequantize = dequantize_functions[kind]
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        blocks = raw.reshape(-1, self.type_size)
+        # float32 arithmetic, as the loader's numpy dequantizer, then the working dtype
+        values = self._dequantize(blocks, self.block_size, self.type_size, dtype=torch.float32)
+        return values.reshape(self.shape).to(self.dtype)
+
+
+def read_gguf_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, PackedWeight]]:
+    """Like ``read_gguf``, but block-quantized tensors stay packed.
+
+    Returns (tensors, metadata, packed): in ``tensors`` each packed weight is a ``meta`` tensor
+    of its real shape (enough for detection and config inference); ``packed`` holds the bytes.
+    """
+    path = Path(path)
+    tensors, metadata = read_gguf(path, _skip_types=ON_THE_FLY_TYPES)
+    reader = _reader(path)
+    prefixed = any(t.name.startswith(UNET_PREFIX) for t in reader.tensors)
+    packed: dict[str, PackedWeight] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in ON_THE_FLY_TYPES:
+            continue
+        name = tensor.name if prefixed else UNET_PREFIX + tensor.name
+        raw = torch.from_numpy(tensor.data.copy())
+        packed[name] = PackedWeight(raw, tensor.tensor_type.name, tuple(tensors[name].shape))
+    return tensors, metadata, packed
+
+
+def build_unet_packed(
+    config: Mapping[str, object],
+    weights: Mapping[str, torch.Tensor],
+    packed: Mapping[str, PackedWeight],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> torch.nn.Module:
+    """A UNet whose ``packed`` weights (diffusers names) are dequantized at each use; the rest assigned as usual."""
+    from diffusers import UNet2DConditionModel
+    from torch.nn.utils import parametrize
+
+    from huabi.models.convert import check_against_module
+
+    with torch.device("meta"):
+        module = UNet2DConditionModel(**config)
+    check_against_module(weights, module, "UNet")  # packed ones are meta tensors of their real shape
+    plain = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in weights.items() if k not in packed}
+    module.load_state_dict(plain, strict=False, assign=True)
+    for name, weight in packed.items():
+        owner_name, attribute = name.rsplit(".", 1)
+        owner = module.get_submodule(owner_name)
+        owner._parameters[attribute] = torch.nn.Parameter(weight.raw.to(device), requires_grad=False)
+        parametrize.register_parametrization(owner, attribute, DequantizeOnUse(weight.qtype, weight.shape, dtype), unsafe=True)
+    leftover = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftover:
+        raise HuabiError(f"UNet: tensors without values after loading: {', '.join(leftover[:3])}")
+    return module.eval().requires_grad_(False)
+
+
+def has_packed_weights(module: torch.nn.Module) -> bool:
+    """Does this module dequantize GGUF weights on the fly (so in-place weight edits would not stick)?"""
+    return any(isinstance(m, DequantizeOnUse) for m in module.modules())

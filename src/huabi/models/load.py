@@ -148,24 +148,32 @@ def load_model(
     hash_cache: HashCache | None = None,
     compute_hash: bool = True,
     base: str | Path | None = None,
+    gguf_on_the_fly: bool = False,
 ) -> ModelBundle:
     """Load a ``.safetensors``/``.ckpt`` single file or a diffusers folder.
 
     ``vae`` replaces the checkpoint's VAE (original or diffusers layout, file or
     folder). ``prediction`` overrides detection. ``hash_cache`` defaults to the
     user cache (see ``hashes.py``); ``compute_hash=False`` skips hashing.
-    ``base``: for a GGUF UNet file, the checkpoint that supplies everything but the UNet.
+    ``base``: for a GGUF UNet file, the checkpoint that supplies everything but the UNet;
+    ``gguf_on_the_fly`` keeps its quantized weights packed, dequantized at each use.
     """
     path = Path(path)
     from huabi.models.text_encoders import text_encoders_from_original
     from huabi.models.tokenizer import load_tokenizers
 
     # 1. read and detect
-    state_dict, metadata = read_state_dict(path)
+    packed: dict = {}  # GGUF weights kept quantized (on the fly), by original UNet key
     if path.suffix.lower() == ".gguf":  # a UNet-only GGUF takes text encoders and VAE from ``base``
-        from huabi.models.gguf_io import with_companion_parts
+        from huabi.models.gguf_io import read_gguf_packed, with_companion_parts
 
+        if gguf_on_the_fly:
+            state_dict, metadata, packed = read_gguf_packed(path)
+        else:
+            state_dict, metadata = read_state_dict(path)
         state_dict, metadata = with_companion_parts(path, state_dict, metadata, base)
+    else:
+        state_dict, metadata = read_state_dict(path)
     detected: Detected = detect(state_dict, metadata=metadata, source=path.name)
     family = detected.family
 
@@ -195,7 +203,13 @@ def load_model(
         unet_sd, family, prediction=provisional_prediction, vae_scale_factor=vae_scale_factor,
         pooled_dim=pooled_dim, markers=state_dict,
     )
-    unet = build_unet(unet_config, unet_to_diffusers(unet_sd, unet_config), device=device, dtype=dtype)
+    if packed:
+        from huabi.models.gguf_io import build_unet_packed
+
+        packed = unet_to_diffusers({k[len(UNET_PREFIX):]: v for k, v in packed.items()}, unet_config)
+        unet = build_unet_packed(unet_config, unet_to_diffusers(unet_sd, unet_config), packed, device=device, dtype=dtype)
+    else:
+        unet = build_unet(unet_config, unet_to_diffusers(unet_sd, unet_config), device=device, dtype=dtype)
     del unet_sd
 
     # 4. prediction: override > what the file says > A1111's SD2 test

@@ -195,6 +195,11 @@ class LoraPatcher:
         self.restore()
         if not uses:
             return self._active
+        from huabi.models.gguf_io import has_packed_weights
+
+        if has_packed_weights(bundle.unet):  # weights recomputed from packed bytes: an in-place change would not stick
+            raise HuabiError("LoRA: the model's GGUF weights are dequantized on the fly (--gguf-on-the-fly); "
+                             "load it without that flag to use LoRAs")
         files = [self._read(use.path) for use in uses]
         targets = model_targets(bundle.unet, bundle.text_encoders)
         resolved = []

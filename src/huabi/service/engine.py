@@ -147,6 +147,7 @@ class Engine:
         models_dir: Path | None = None,
         embeddings_dir: Path | None = None,
         base_model: Path | None = None,
+        gguf_on_the_fly: bool = False,
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
         ``$HUABI_EMBEDDINGS_DIR``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
@@ -161,6 +162,7 @@ class Engine:
         self._refiner: tuple[tuple, ModelBundle] | None = None  # the SDXL refiner, kept loaded beside the base
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
+        self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
         self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
 
     # -- models -------------------------------------------------------------------
@@ -225,12 +227,13 @@ class Engine:
             except HuabiError as err:
                 raise HuabiError(f"base: {str(err).removeprefix('model: ').replace('--model PATH', '--base PATH')}") from None
         key = (str(path.resolve()), str(vae_path.resolve()) if vae_path else None, self.device, self.dtype,
-               str(base.resolve()) if base else None)
+               str(base.resolve()) if base else None, self.gguf_on_the_fly)
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self._loras.restore()  # the previous model leaves with its base weights
         self._loaded = None  # free the previous model before loading the next
-        bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype, base=base)
+        bundle = load_model(path, vae=vae_path, device=self.device, dtype=self.dtype, base=base,
+                            gguf_on_the_fly=self.gguf_on_the_fly)
         if base is not None:  # recorded in infotext: a GGUF image is redone with the same --base
             bundle.metadata["GGUF base"] = base.stem if base.is_file() else base.name
             bundle.metadata["GGUF base hash"] = model_short_hash(base) if base.is_file() else None
