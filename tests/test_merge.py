@@ -185,3 +185,13 @@ def test_inpainting_merge_as_a1111(parents, tmp_path):
     # the other way round (ordinary A, inpainting B) is refused, naming the key
     with pytest.raises(HuabiError, match=r"^merge: incompatible models: model\.diffusion_model\.input_blocks\.0\.0\.weight has shape \(32, 4, 3, 3\)"):
         merge_checkpoints([b, inpaint], MergeSpec("weighted-sum", 0.5), tmp_path / "no.safetensors")
+
+
+def test_mixed_formats_merge(parents, tmp_path):
+    """A .safetensors (read tensor by tensor) with a .ckpt (read whole): M=1 is B exactly."""
+    from huabi.models.convert_file import convert_checkpoint
+
+    b_ckpt = convert_checkpoint(parents[1], tmp_path / "b.ckpt").path
+    out = tmp_path / "m1.safetensors"
+    merge_checkpoints([parents[0], b_ckpt], MergeSpec("weighted-sum", 1.0), out)
+    assert _identical(read_safetensors(out)[0], read_safetensors(parents[1])[0])

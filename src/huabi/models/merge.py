@@ -171,17 +171,21 @@ def merge_state_dicts(
     spec: MergeSpec,
     *,
     names: Sequence[str] = ("A", "B", "C"),
+    shapes: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, tuple[float, ...] | None, BlockLayout]:
     """Merge 2 (weighted sum) or 3 (add difference) original-layout state dicts.
 
     Returns (merged tensors, BASE weight, block weights or None, block layout).
     Keys that are not weights (markers, ``v_pred``, schedules, EMA) are A's.
+    ``tensors`` may be lazy mappings (read at first use); ``shapes`` (e.g. meta
+    tensors) then serve the compatibility check without reading any weight.
     """
     needed = 2 if spec.mode == "weighted-sum" else 3
     if len(tensors) != needed:
         raise HuabiError(f"merge: {spec.mode} takes {needed} models, got {len(tensors)}")
-    _check_compatible(list(names)[:needed], tensors)
-    layout = block_layout(tensors[0])
+    shapes = shapes if shapes is not None else tensors
+    _check_compatible(list(names)[:needed], shapes)
+    layout = block_layout(shapes[0])
     base, blocks = resolve_block_weights(spec, layout)
     out_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.dtype or "")
     a, b = tensors[0], tensors[1]
@@ -216,6 +220,31 @@ def _merge_tensor(mode: str, weight: float, ta: torch.Tensor, tb: torch.Tensor, 
     else:
         value = fa + (fb - tc.to(compute)) * weight
     return value.to(ta.dtype)
+
+
+class _LazySafetensors(Mapping):
+    """A safetensors file as a read-only mapping that reads each tensor when asked (merges hold one model, not three)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._handle = safe_open(str(path), framework="pt", device="cpu")
+        self._keys = list(self._handle.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
 
 
 def _recipe(
@@ -270,7 +299,7 @@ def merge_checkpoints(
 ) -> tuple[Path, dict[str, str]]:
     """Read the models, check they are the same family and layout, merge, write ``out`` atomically."""
     from huabi.models.detect import detect
-    from huabi.models.formats import read_state_dict, write_safetensors_atomic
+    from huabi.models.formats import read_state_dict_shapes, write_safetensors_atomic
     from huabi.models.hashes import HashCache
 
     paths = [Path(p) for p in paths]
@@ -289,15 +318,18 @@ def merge_checkpoints(
         raise HuabiError(
             f"merge: {spec.mode} takes {needed} models (A B" + (" C" if needed == 3 else "") + f"), got {len(paths)}"
         )
-    loaded = [read_state_dict(path) for path in paths]
+    # Shapes first (safetensors: the header only); weights are read one tensor at a time while merging.
+    loaded = [read_state_dict_shapes(path) for path in paths]
     families = [detect(t, metadata=m, source=p.name).family for (t, m), p in zip(loaded, paths, strict=True)]
     for path, family in zip(paths[1:], families[1:], strict=True):
         if family is not families[0]:
             raise HuabiError(
                 f"merge: cannot merge {paths[0].name} ({families[0].value}) with {path.name} ({family.value}): different model families"
             )
+    weights = [_LazySafetensors(p) if p.is_file() and p.suffix.lower() == ".safetensors" else t
+               for p, (t, _) in zip(paths, loaded, strict=True)]
     merged, base, blocks, layout = merge_state_dicts(
-        [t for t, _ in loaded], spec, names=[p.name for p in paths]
+        weights, spec, names=[p.name for p in paths], shapes=[t for t, _ in loaded]
     )
     cache = HashCache()
     sha256s = [cache.sha256(p) for p in paths]
