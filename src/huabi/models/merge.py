@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -123,13 +123,6 @@ def weight_for_key(key: str, base: float, blocks: Sequence[float] | None, layout
     if m := _OUTPUT.match(key):
         return blocks[layout.inputs + 1 + int(m.group(1))]
     return base
-
-
-@dataclass
-class MergeInputs:
-    paths: list[Path]
-    tensors: list[dict[str, torch.Tensor]]
-    families: list[str] = field(default_factory=list)
 
 
 def _check_compatible(names: Sequence[str], dicts: Sequence[Mapping[str, torch.Tensor]]) -> None:
