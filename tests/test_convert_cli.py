@@ -179,3 +179,27 @@ def test_bad_inputs_are_one_line_errors_and_leave_files_alone(tiny_sd1_file, tmp
     # --overwrite replaces
     assert main(["convert", str(tiny_sd1_file), "--out", str(existing), "--overwrite"]) == 0
     assert _sha(existing) == before
+
+
+def test_gguf_unet_with_base_to_checkpoint(tiny_sd1_file, tmp_path, capsys):
+    """A GGUF UNet plus its base becomes an ordinary checkpoint (dequantized UNet, the base's other parts)."""
+    from huabi.models.gguf_io import read_gguf, write_gguf_unet
+
+    original = read_safetensors(tiny_sd1_file)[0]
+    gguf_path = tmp_path / "unet-Q8_0.gguf"
+    write_gguf_unet(original, gguf_path, "Q8_0", source="tiny")
+    out = tmp_path / "full.safetensors"
+    assert main(["convert", str(gguf_path), "--base", str(tiny_sd1_file), "--out", str(out)]) == 0
+    converted, metadata = read_safetensors(out)
+    unet = read_gguf(gguf_path)[0]
+    assert set(converted) == set(original) and not any(k.startswith("gguf.") for k in metadata)
+    for key, tensor in converted.items():
+        assert torch.equal(tensor, unet[key] if key in unet else original[key]), key
+    folder = tmp_path / "full-diffusers"
+    assert main(["convert", str(gguf_path), "--base", str(tiny_sd1_file), "--out", str(folder)]) == 0
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["convert", str(gguf_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "unet-Q8_0.gguf: a GGUF UNet file has no text encoder or VAE; pass the checkpoint" in capsys.readouterr().err
+    assert main(["convert", str(tiny_sd1_file), "--base", str(tiny_sd1_file), "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert "convert: --base is for a GGUF UNet source; tiny_sd1_base_epsilon.safetensors is not one" in capsys.readouterr().err

@@ -14,13 +14,15 @@ from huabi.errors import HuabiError
 
 def add_parsers(commands) -> None:
     convert = commands.add_parser("convert", help="convert a checkpoint: .ckpt <-> .safetensors <-> diffusers folder, dtype, pruning")
-    convert.add_argument("src", type=Path, help="checkpoint file (.safetensors/.ckpt/.pt) or diffusers folder")
+    convert.add_argument("src", type=Path, help="checkpoint file (.safetensors/.ckpt/.pt), diffusers folder, or GGUF UNet with --base")
     convert.add_argument("--out", type=Path, required=True,
                          help="output: NAME.safetensors, NAME.ckpt, or a folder name without extension (diffusers)")
     convert.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast floating weights (default: keep)")
     convert.add_argument("--prune", action="store_true",
                          help="keep only inference weights (drops model_ema.*, optimizer and other training state)")
     convert.add_argument("--use-ema", action="store_true", help="replace the UNet weights with the file's EMA weights")
+    convert.add_argument("--base", type=Path, metavar="CHECKPOINT",
+                         help="for a GGUF UNet source: the checkpoint whose text encoders and VAE complete it")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     inspect = commands.add_parser("inspect", help="describe a model file: family, dtype, size, hashes, metadata")
@@ -59,7 +61,7 @@ def _mib(size: int) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     from huabi.models.convert_file import ConvertOptions, convert_checkpoint
 
-    options = ConvertOptions(dtype=args.dtype, prune=args.prune, use_ema=args.use_ema)
+    options = ConvertOptions(dtype=args.dtype, prune=args.prune, use_ema=args.use_ema, base=args.base)
     result = convert_checkpoint(args.src, args.out, options, overwrite=args.overwrite)
     dropped = f", {result.dropped} pruned" if result.dropped else ""
     what = "diffusers folder" if result.path.is_dir() else f"{result.tensors_out} tensors{dropped}"

@@ -7,6 +7,8 @@
   ``formats.read_diffusers_folder`` (huabi's conversion tables).
 * single file -> diffusers folder: loaded into modules and written by
   ``save.save_diffusers_folder`` (SD1.x, SD2.x, SDXL, the refiner, huabi-mini).
+* GGUF UNet + ``base`` -> single file or folder: the UNet dequantized (F16/BF16/F32 tensors
+  as stored), everything else from the base checkpoint.
 * ``dtype``: floating tensors cast to fp32/fp16/bf16; integer tensors and the
   ``huabi.*`` markers untouched.
 * ``prune``: keep only what inference reads (UNet, VAE, text encoders, the noise
@@ -45,6 +47,7 @@ class ConvertOptions:
     dtype: str | None = None  # fp32 | fp16 | bf16 | None (keep)
     prune: bool = False
     use_ema: bool = False
+    base: Path | None = None  # for a GGUF UNet source: the checkpoint with its text encoders and VAE
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -136,7 +139,7 @@ def _output_kind(dst: Path) -> str:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False) -> ConvertResult:
     """Convert ``src`` (file or diffusers folder) to ``dst``; the output kind follows ``dst``'s suffix."""
-    from huabi.models.formats import read_state_dict, write_safetensors_atomic
+    from huabi.models.formats import write_safetensors_atomic
 
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -146,12 +149,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions
         raise HuabiError(f"convert: output {dst} is the input; choose another name (inputs are never modified)")
     if dst.exists() and not overwrite:
         raise HuabiError(f"convert: {dst} already exists (pass --overwrite to replace it)")
-    if src.suffix.lower() == ".gguf":
-        raise HuabiError(f"convert: {src.name} is a GGUF UNet; it has no text encoders or VAE to convert on its own")
+    if options.base is not None and src.suffix.lower() != ".gguf":
+        raise HuabiError(f"convert: --base is for a GGUF UNet source; {src.name} is not one")
 
     if kind == "diffusers":
         return _convert_to_diffusers(src, dst, options)
-    tensors, metadata = read_state_dict(src)
+    tensors, metadata = _read_source(src, options)
     if metadata.get("modelspec.prediction_type") == "v" and "v_pred" not in tensors:
         tensors["v_pred"] = torch.zeros(0)  # A1111 reads v-prediction from this key, not from metadata
     count_in = len(tensors)
@@ -166,16 +169,29 @@ def convert_checkpoint(src: str | Path, dst: str | Path, options: ConvertOptions
     return ConvertResult(dst, count_in, len(tensors), dropped)
 
 
+def _read_source(src: Path, options: ConvertOptions) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The source as an original-layout state dict; a GGUF UNet (dequantized) joins its base's other parts."""
+    from huabi.models.formats import read_state_dict
+
+    if src.suffix.lower() != ".gguf":
+        return read_state_dict(src)
+    from huabi.models.gguf_io import read_gguf, with_companion_parts
+
+    tensors, metadata = read_gguf(src)
+    tensors, metadata = with_companion_parts(src, tensors, metadata, options.base)
+    return tensors, {k: v for k, v in metadata.items() if not k.startswith("gguf.")}
+
+
 def _convert_to_diffusers(src: Path, dst: Path, options: ConvertOptions) -> ConvertResult:
     """Single file -> diffusers folder, through the loader (keys and shapes checked) and ``save_diffusers_folder``."""
-    from huabi.models.formats import read_state_dict
     from huabi.models.load import load_model
     from huabi.models.save import save_diffusers_folder
 
     if src.is_dir():
         raise HuabiError(f"convert: {src.name} is already a diffusers folder")
-    tensors, _ = read_state_dict(src)
+    tensors, _ = _read_source(src, options)
     count_in = len(tensors)
+    via_file = options.use_ema or src.suffix.lower() == ".gguf"  # the loader reads files: write the tensors first
     if options.use_ema:
         # The loader reads the UNet from the file; write the EMA swap through a temporary single file.
         tensors, _dropped = transform_tensors(tensors, ConvertOptions(use_ema=True, prune=True), source=src.name)
@@ -184,7 +200,7 @@ def _convert_to_diffusers(src: Path, dst: Path, options: ConvertOptions) -> Conv
     dtype = DTYPES[options.dtype] if options.dtype else file_dtype
     with tempfile.TemporaryDirectory(prefix=".huabi-convert-", dir=dst.parent if dst.parent.exists() else None) as tmp:
         source = src
-        if options.use_ema:
+        if via_file:
             from huabi.models.formats import write_safetensors_atomic
 
             source = write_safetensors_atomic(Path(tmp) / (src.stem + ".safetensors"), tensors)
