@@ -312,6 +312,8 @@ def test_real_strings_keep_every_key(text):
     assert parsed.has_parameters
     req = request_from_infotext(text)
     mapped = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "VAE"}
+    # sd-webui-controlnet units become request.controlnets (the engine writes them back; see test_controlnet_cli)
+    mapped |= {key for key in parsed.params if key.startswith("ControlNet ")}
     kept = [key for key, _ in req.extra]
     assert set(parsed.params) == (set(parsed.params) & mapped) | set(kept)
     # Unknown keys keep their original order and values.

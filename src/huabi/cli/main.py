@@ -15,8 +15,8 @@ from pathlib import Path
 from huabi import __version__
 from huabi.cli import control as control_cli
 from huabi.cli import edit as edit_cli
-from huabi.cli import models_cli
 from huabi.cli import lora as lora_cli
+from huabi.cli import models_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     xyz_cli.add_parser(commands)
     edit_cli.add_parser(commands)
     upscale_cli.add_parser(commands)
-    models_cli.add_parsers(commands)
     control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
+    models_cli.add_parsers(commands)
 
     placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
     placeholder.add_argument("--force", action="store_true")
@@ -421,9 +421,9 @@ COMMANDS = {
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
     "upscale": upscale_cli.cmd_upscale,
-    **models_cli.COMMANDS,
     "preprocess": control_cli.cmd_preprocess,
     "merge-lora": lora_cli.cmd_merge_lora,
+    **models_cli.COMMANDS,
 }
 
 

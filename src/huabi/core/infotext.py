@@ -591,6 +591,7 @@ def _float_param(params: Mapping[str, str], key: str) -> float:
         raise HuabiError(f"infotext: {key}: expected a finite number, got {value!r}")
     return number
 
+
 def _refiner_reference(title: str) -> str:
     """The model reference in a "Refiner" value: the hash of ``name [hash]``, else the name."""
     title = title.strip()

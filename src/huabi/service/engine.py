@@ -160,10 +160,10 @@ class Engine:
         self.embeddings_dir = Path(embeddings_dir).expanduser() if embeddings_dir is not None else default_embeddings_dir()
         self._loaded: tuple[tuple, ModelBundle] | None = None
         self._refiner: tuple[tuple, ModelBundle] | None = None  # the SDXL refiner, kept loaded beside the base
+        self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
-        self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
 
     # -- models -------------------------------------------------------------------
 
