@@ -64,9 +64,9 @@ def test_empty_and_missing_and_unsupported(tmp_path):
         read_state_dict(tmp_path / "empty.ckpt")
     with pytest.raises(HuabiError, match=r"nothere\.safetensors: model file not found$"):
         read_state_dict(tmp_path / "nothere.safetensors")
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(HuabiError, match=r"model\.gguf: unsupported model file type '\.gguf'"):
-        read_state_dict(tmp_path / "model.gguf")
+    (tmp_path / "model.onnx").write_bytes(b"ONNX")
+    with pytest.raises(HuabiError, match=r"model\.onnx: unsupported model file type '\.onnx'"):
+        read_state_dict(tmp_path / "model.onnx")
     (tmp_path / "folder").mkdir()
     with pytest.raises(HuabiError, match=r"folder: directory is not a diffusers model folder \(no model_index\.json\)$"):
         read_state_dict(tmp_path / "folder")

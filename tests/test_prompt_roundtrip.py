@@ -13,8 +13,8 @@ from huabi.service.pngio import read_infotext
 
 SYNTAX_PROMPT = (
     "(red:1.3) apple, ((shiny)), [dull], [on a table:in a bowl:0.5], [oil|watercolor] BREAK "
-    "still life, \\(detail\\) AND a pear :0.6 <lora:add_detail:0.8>"
-)
+    "still life, \\(detail\\) AND a pear :0.6"
+)  # (LoRA tags need their files: their --from round trip is in test_lora_engine.py)
 NEGATIVE = "(blurry:1.2), [lowres::3]"
 
 
