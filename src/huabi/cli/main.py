@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_parser(commands)
     models_cli.add_parsers(commands)
 
-    placeholder = commands.add_parser("make-placeholder", help=argparse.SUPPRESS)
+    placeholder = commands.add_parser("make-placeholder", help="write the untrained stand-in for the built-in model (set-up runs this)")
     placeholder.add_argument("--force", action="store_true")
     return parser
 
