@@ -174,6 +174,11 @@ def make_optimizer(params, config: LoopConfig) -> tuple[torch.optim.Optimizer, t
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
 
 
+def ema_weights(state_dict: Mapping[str, torch.Tensor], shadow: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the averaged ``shadow`` weights in place (in each weight's dtype)."""
+    return {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in state_dict.items()}
+
+
 class EMA:
     """Exponential moving average of a module's floating-point weights (kept in fp32).
 
@@ -195,8 +200,7 @@ class EMA:
                 self.shadow[key].lerp_(value.detach().float(), 1.0 - decay)
 
     def copy_to(self, module: torch.nn.Module) -> None:
-        state = module.state_dict()
-        module.load_state_dict({k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()})
+        module.load_state_dict(ema_weights(module.state_dict(), self.shadow))
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

@@ -29,7 +29,7 @@ import torch
 from huabi.errors import HuabiError
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.clip import CLIPModelConfig, CLIPTrainConfig, train_clip
-from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, load_torch_file
+from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import TrainingImages, default_tokenizer, load_training_images, tokenize_captions
 from huabi.train.unet import UNetModelConfig, UNetTrainConfig, scaled_linear_alphas_cumprod, train_unet
 from huabi.train.vae import VAEModelConfig, VAETrainConfig, train_vae
@@ -244,8 +244,7 @@ def _unet_snapshot(run: RecipeRun) -> tuple[dict, int, int]:
     config = state["config"]
     weights = state["modules"]["unet"]
     if state.get("ema") is not None:
-        shadow = state["ema"]["shadow"]
-        weights = {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in weights.items()}
+        weights = ema_weights(weights, state["ema"]["shadow"])
     return {"model_config": config["model"], "state_dict": weights}, int(state["step"]), int(config["steps"])
 
 
