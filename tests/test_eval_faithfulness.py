@@ -10,6 +10,7 @@ from huabi.errors import HuabiError
 from huabi.eval.faithfulness import (
     FaithfulnessConfig,
     clip_score,
+    composed_grid,
     evaluate,
     format_report,
     nearest,
@@ -35,6 +36,15 @@ def test_text_to_image_ranks_each_prompt_against_all_images():
     assert text_to_image_accuracy(text, image, (1, 2)) == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(1.0)}
     assert clip_score(text, text) == pytest.approx(100.0)
     assert clip_score(text, -text) == 0.0  # negative cosines clip at 0, as torchmetrics
+
+
+def test_composed_grid_has_a_row_per_prompt_and_a_column_per_seed():
+    images = torch.linspace(-1, 1, 8).reshape(8, 1, 1, 1).expand(8, 3, 32, 32)
+    grid = composed_grid(images, seeds_per_prompt=4)
+    assert grid.size == (4 * 32, 2 * 32)
+    for index in (1, 4, 7):  # image i sits in row i // 4, column i % 4
+        row, col = divmod(index, 4)
+        assert grid.getpixel((col * 32, row * 32)) == composed_grid(images[index : index + 1]).getpixel((0, 0))
 
 
 def test_items_are_picked_once_per_name_and_seeded():

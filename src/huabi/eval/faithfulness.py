@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -72,8 +71,9 @@ class FaithfulnessConfig:
 
 def to_pixels(images: Sequence[Image.Image], size_px: int) -> torch.Tensor:
     """[N, 3, size, size] float in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB").resize((size_px, size_px), Image.BICUBIC), dtype=np.uint8) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    from huabi.pipelines.img2img import image_to_tensor
+
+    return torch.stack([image_to_tensor(im.convert("RGB").resize((size_px, size_px), Image.BICUBIC)) for im in images])
 
 
 def thumbnail_features(pixels: torch.Tensor, side_px: int = 16) -> torch.Tensor:
@@ -245,16 +245,10 @@ def evaluate_composed(engine, bundle, clip, tokenizer, real_thumbs: torch.Tensor
 
 def composed_grid(images: torch.Tensor, seeds_per_prompt: int = 4) -> Image.Image:
     """Rows = composed prompts (in COMPOSED_PROMPTS order), columns = seeds."""
+    from huabi.pipelines.common import to_pil
     from huabi.service.engine import image_grid
 
-    pil = [Image.fromarray(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for img in images]
-    rows = [image_grid(pil[r * seeds_per_prompt : (r + 1) * seeds_per_prompt]) for r in range(len(pil) // seeds_per_prompt)]
-    grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        grid.paste(row, (0, top))
-        top += row.height
-    return grid
+    return image_grid([to_pil(image) for image in images], columns=seeds_per_prompt)
 
 
 def format_report(report: dict) -> str:

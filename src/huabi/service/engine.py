@@ -568,11 +568,12 @@ class Engine:
         return extra
 
 
-def image_grid(images: Sequence[Image.Image]) -> Image.Image:
-    """The images side by side in rows, ceil(sqrt(n)) columns (4 images: 2x2, as Midjourney shows them)."""
+def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """The images side by side in rows of ``columns`` (default ceil(sqrt(n)): 4 images make 2x2,
+    as Midjourney shows them)."""
     if not images:
         raise HuabiError("grid: no images to put in a grid")
-    cols = math.ceil(math.sqrt(len(images)))
+    cols = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     cell_w = max(image.width for image in images)
     cell_h = max(image.height for image in images)
