@@ -32,6 +32,7 @@ from torch import Tensor
 
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
+from huabi.models.formats import read_tensor_file
 from huabi.models.hashes import HashCache
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -85,22 +86,6 @@ def _as_vectors(path: Path, what: str, value: object) -> Tensor:
     return vectors.to(torch.float32)
 
 
-def _read_raw(path: Path) -> dict[str, object]:
-    if path.suffix.lower() == ".safetensors":
-        from huabi.models.formats import read_safetensors
-
-        tensors, _metadata = read_safetensors(path)
-        return dict(tensors)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code; corrupt zips raise various errors
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HuabiError(f"embedding {path.name}: cannot read it safely ({first_line[:160]})") from None
-    if not isinstance(data, dict):
-        raise HuabiError(f"embedding {path.name}: holds a {type(data).__name__}, not a dict of tensors")
-    return data
-
-
 def read_embedding_file(path: str | Path) -> dict[str, Tensor]:
     """The vector sets of one embedding file, each ``[n, width]`` float32 on the CPU.
 
@@ -110,7 +95,7 @@ def read_embedding_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise HuabiError(f"embedding {path}: no such file")
-    data = _read_raw(path)
+    data = read_tensor_file(path, "embedding")
     if "clip_l" in data or "clip_g" in data:
         sets = {key: _as_vectors(path, key, data[key]) for key in ("clip_l", "clip_g") if key in data}
         if len(sets) != 2:

@@ -158,6 +158,30 @@ _INERT_PICKLE_GLOBALS = [
 ]
 
 
+def load_pickle_safely(path: Path, what: str):
+    """``torch.load(weights_only=True)`` of an adapter file; errors name ``what`` and the file.
+
+    weights_only refuses pickles that need code; corrupt files raise assorted errors:
+    either way one line, the first line of the reason.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HuabiError(f"{what} {path.name}: cannot read it safely ({first_line[:160]})") from None
+
+
+def read_tensor_file(path: Path, what: str) -> dict:
+    """The dict in a ``.safetensors`` file or a safe pickle (``.pt``/``.bin``), for adapter files."""
+    if path.suffix.lower() == ".safetensors":
+        tensors, _metadata = read_safetensors(path)
+        return dict(tensors)
+    data = load_pickle_safely(path, what)
+    if not isinstance(data, dict):
+        raise HuabiError(f"{what} {path.name}: holds a {type(data).__name__}, not a dict of tensors")
+    return data
+
+
 def _numpy_safe_globals() -> list:
     """numpy scalar/dtype reconstructors that some checkpoints use for step counters."""
     try:

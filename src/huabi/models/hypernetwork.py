@@ -228,11 +228,9 @@ def load_hypernetwork(path: str | Path, *, cache: HashCache | None = None) -> Hy
     path = Path(path)
     if not path.is_file():
         raise HuabiError(f"hypernetwork {path}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code; corrupt files raise various errors
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HuabiError(f"hypernetwork {path.name}: cannot read it safely ({first_line[:160]})") from None
+    from huabi.models.formats import load_pickle_safely
+
+    data = load_pickle_safely(path, "hypernetwork")
     # A1111 names a hypernetwork after its file (the "name" key is what it was trained as).
     network = hypernetwork_from_dict(data, path.stem, path)
     network.short_hash = (cache if cache is not None else HashCache()).short_hash(path)

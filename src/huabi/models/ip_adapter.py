@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from huabi.errors import HuabiError
+from huabi.models.formats import read_tensor_file
 from huabi.models.hashes import HashCache
 
 IP_ADAPTER_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -68,22 +69,6 @@ class IPAdapterWeights:
         """What the adapter was made for: "SDXL (2048-wide context)", or "a 128-wide context"."""
         family = _FAMILY_BY_CONTEXT_WIDTH.get(self.context_width)
         return f"{family} ({self.context_width}-wide context)" if family else f"a {self.context_width}-wide context"
-
-
-def _read_tensors(path: Path, what: str) -> dict:
-    if path.suffix.lower() == ".safetensors":
-        from huabi.models.formats import read_safetensors
-
-        tensors, _metadata = read_safetensors(path)
-        return dict(tensors)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code; corrupt files raise various errors
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HuabiError(f"{what} {path.name}: cannot read it safely ({first_line[:160]})") from None
-    if not isinstance(data, dict):
-        raise HuabiError(f"{what} {path.name}: holds a {type(data).__name__}, not a dict of tensors")
-    return data
 
 
 def ip_adapter_from_state_dict(data: dict, name: str, path: Path | None = None) -> IPAdapterWeights:
@@ -150,7 +135,7 @@ def load_ip_adapter(path: str | Path, *, cache: HashCache | None = None) -> IPAd
     path = Path(path)
     if not path.is_file():
         raise HuabiError(f"IP-Adapter {path}: no such file")
-    weights = ip_adapter_from_state_dict(_read_tensors(path, "IP-Adapter"), path.stem, path)
+    weights = ip_adapter_from_state_dict(read_tensor_file(path, "IP-Adapter"), path.stem, path)
     weights.short_hash = (cache if cache is not None else HashCache()).short_hash(path)
     return weights
 
@@ -273,11 +258,11 @@ def load_image_encoder(
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         if not weights:
             raise HuabiError(f"image encoder {path.name}: folder has no .safetensors or .bin weights")
-        model = _model_with_weights(config, _read_tensors(weights[0], "image encoder"), path.name)
+        model = _model_with_weights(config, read_tensor_file(weights[0], "image encoder"), path.name)
         short_hash = cache.short_hash(weights[0])
         processor = _processor_for(config, path)
     elif path.is_file():
-        tensors = _read_tensors(path, "image encoder")
+        tensors = read_tensor_file(path, "image encoder")
         config = _vision_config_from_state(tensors, path.name)
         model = _model_with_weights(config, tensors, path.name)
         short_hash = cache.short_hash(path)
