@@ -86,6 +86,27 @@ def huabi_latents(bundle, controls=(), *, sampler="Euler", steps=STEPS, seed=SEE
     return latents, hooks
 
 
+def diffusers_latents(pipeline_class, bundle, image: Image.Image, control_modules: dict, **call_kwargs) -> torch.Tensor:
+    """diffusers' own pipeline on ``bundle``'s modules, Euler/Karras from the same seeded noise as huabi."""
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       use_karras_sigmas=True)
+    pipe = pipeline_class(
+        vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **control_modules,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(STEPS)
+    sigma_max = float(pipe.scheduler.sigmas[0])
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    noise = torch.randn(latent_shape(bundle, SIZE_PX, SIZE_PX), generator=generator)[None]
+    start = noise * sigma_max / float(pipe.scheduler.init_noise_sigma)
+    with torch.inference_mode():
+        return pipe(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                    height=SIZE_PX, width=SIZE_PX, latents=start, generator=generator, output_type="latent",
+                    **call_kwargs).images
+
+
 @pytest.fixture(scope="module")
 def sd1(tiny_sd1_file, tmp_path_factory):
     bundle = load_model(tiny_sd1_file)
@@ -101,23 +122,8 @@ def test_sd1_controlnet_matches_diffusers_pipeline(sd1):
     image = control_image(1)
     ours, _ = huabi_latents(bundle, [prepared(loaded, image, weight=0.8)])
 
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       use_karras_sigmas=True)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
-        controlnet=reference, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler.set_timesteps(STEPS)
-    sigma_max = float(pipe.scheduler.sigmas[0])
-    generator = torch.Generator("cpu").manual_seed(SEED)
-    noise = torch.randn(latent_shape(bundle, SIZE_PX, SIZE_PX), generator=generator)[None]
-    start = noise * sigma_max / float(pipe.scheduler.init_noise_sigma)
-    with torch.inference_mode():
-        theirs = pipe(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-                      height=SIZE_PX, width=SIZE_PX, latents=start, generator=generator, output_type="latent",
-                      controlnet_conditioning_scale=0.8).images
+    theirs = diffusers_latents(StableDiffusionControlNetPipeline, bundle, image, {"controlnet": reference},
+                               controlnet_conditioning_scale=0.8)
     plain, _ = huabi_latents(bundle)
     difference = relative_difference(ours, theirs)
     print(f"relative difference vs diffusers {difference:.2e}; control effect {relative_difference(ours, plain):.2e}")
@@ -319,23 +325,8 @@ def test_t2i_adapter_original_file_matches_diffusers_adapter_pipeline(sd1, tmp_p
     image = control_image(3)
     ours, hooks = huabi_latents(bundle, [prepared(loaded, image, weight=0.7)])
 
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       use_karras_sigmas=True)
-    pipe = StableDiffusionAdapterPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
-        adapter=adapter, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler.set_timesteps(STEPS)
-    sigma_max = float(pipe.scheduler.sigmas[0])
-    generator = torch.Generator("cpu").manual_seed(SEED)
-    noise = torch.randn(latent_shape(bundle, SIZE_PX, SIZE_PX), generator=generator)[None]
-    start = noise * sigma_max / float(pipe.scheduler.init_noise_sigma)
-    with torch.inference_mode():
-        theirs = pipe(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-                      height=SIZE_PX, width=SIZE_PX, latents=start, generator=generator, output_type="latent",
-                      adapter_conditioning_scale=0.7).images
+    theirs = diffusers_latents(StableDiffusionAdapterPipeline, bundle, image, {"adapter": adapter},
+                               adapter_conditioning_scale=0.7)
     plain, _ = huabi_latents(bundle)
     difference = relative_difference(ours, theirs)
     print(f"T2I-Adapter: relative difference vs diffusers {difference:.2e}; effect {relative_difference(ours, plain):.2e}")
