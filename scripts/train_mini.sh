@@ -27,10 +27,26 @@ if [ ! -f "$DATA/metadata.jsonl" ] && [ ! -d "$STATE/data" ]; then
     echo "$(date '+%F %T') [launcher] building the dataset in $DATA" >> "$STATE/train.log"
     "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --quiet >> "$STATE/train.log" 2>&1
 fi
+train() {
+    nice -n 10 "$PYTHON" -m huabi.train mini \
+        --data "$DATA" --state "$STATE" --device "$DEVICE" \
+        --repo-log "$REPO/docs/huabi-mini-training-log.txt" "$@"
+}
 set +e
-nice -n 10 "$PYTHON" -m huabi.train mini \
-    --data "$DATA" --state "$STATE" --device "$DEVICE" --threads "$THREADS" \
-    --repo-log "$REPO/docs/huabi-mini-training-log.txt" "$@"
-status=$?
+status=0
+if [ "$DEVICE" = cpu ] && [ "$THREADS" -ge 2 ] && { [ ! -f "$STATE/vae/done.json" ] || [ ! -f "$STATE/clip/done.json" ]; }; then
+    # The VAE and CLIP stages are independent and small: side by side with half the threads
+    # each they finish sooner than one after the other with all of them.
+    half=$((THREADS / 2))
+    trap 'kill -TERM $(jobs -p) 2>/dev/null' TERM INT  # each stage saves and stops
+    train --stage vae --threads "$half" "$@" & vae_pid=$!
+    train --stage clip --threads "$((THREADS - half))" "$@" & clip_pid=$!
+    wait "$vae_pid" || status=$?
+    wait "$clip_pid" || status=$?
+fi
+if [ "$status" = 0 ]; then
+    train --stage all --threads "$THREADS" "$@"
+    status=$?
+fi
 echo "$(date '+%F %T') [launcher] exit status $status" >> "$STATE/train.log"
 exit $status

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def load_training_images(
             log(f"[data] decoded {i + 1}/{len(names)}")
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".pixels-{size_px}.tmp.npy"
+        tmp = cache_dir / f".pixels-{size_px}.{os.getpid()}.tmp.npy"  # stages decoding side by side
         np.save(tmp, pixels)
         tmp.replace(cache_dir / f"pixels-{size_px}.npy")
         meta = {"signature": signature, "data_dir": str(data_dir), "names": names, "captions": per_image}

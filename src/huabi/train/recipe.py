@@ -53,15 +53,15 @@ class MiniRecipe:
     seed: int = 20251122
     vae_model: VAEModelConfig = VAEModelConfig()
     vae: VAETrainConfig = VAETrainConfig(
-        steps=1300, batch_size=32, lr=4e-4, warmup_steps=200, lr_schedule="cosine", crop_px=64, seed=20251122
+        steps=600, batch_size=32, lr=4e-4, warmup_steps=100, lr_schedule="cosine", crop_px=64, seed=20251122
     )
     clip_model: CLIPModelConfig = CLIPModelConfig()
     clip: CLIPTrainConfig = CLIPTrainConfig(
-        steps=1200, batch_size=128, lr=5e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1, seed=20251123
+        steps=650, batch_size=128, lr=5e-4, warmup_steps=60, lr_schedule="cosine", weight_decay=0.1, seed=20251123
     )
     unet_model: UNetModelConfig = UNetModelConfig()
     unet: UNetTrainConfig = UNetTrainConfig(
-        steps=6000, batch_size=32, lr=3e-4, warmup_steps=300, lr_schedule="cosine", seed=20251124
+        steps=4500, batch_size=32, lr=3e-4, warmup_steps=200, lr_schedule="cosine", seed=20251124
     )
     cache_batch_size: int = 64
 
