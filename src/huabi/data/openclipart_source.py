@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,8 +267,10 @@ def load_clipart_image(entry: ClipartEntry) -> Image.Image:
     problem = "no PNG"
     if entry.png_path is not None:
         try:
-            with Image.open(entry.png_path) as probe:
-                width_px, height_px = probe.size
+            with warnings.catch_warnings():  # the header only; a huge PNG is rendered from its SVG below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(entry.png_path) as probe:
+                    width_px, height_px = probe.size
             if max(width_px, height_px) < MIN_PNG_SIDE_PX:
                 problem = f"PNG is only {width_px}x{height_px} px"
             elif width_px * height_px > MAX_PNG_PIXELS:
