@@ -335,3 +335,26 @@ def test_snapshot_exports_the_unet_state_of_a_run_in_progress(folder, tmp_path):
         snapshot = {k: handle.get_tensor(k) for k in handle.keys()}
     assert snapshot.keys() == final.keys()
     assert all(torch.equal(snapshot[k], final[k]) for k in final)
+
+
+def test_finished_unet_stage_is_extended_by_more_steps(folder, tmp_path):
+    """`--steps unet=N` after the run finished continues the UNet from its state and re-exports;
+    the same for the VAE once the cache was built from it is refused."""
+    messages: list[str] = []
+    run = RecipeRun(data_dir=folder, state_dir=tmp_path / "state", out_path=tmp_path / "mini.safetensors",
+                    clip_out_path=tmp_path / "mini-clip.safetensors", log=messages.append)
+    recipe = tiny_recipe()
+    run_recipe(run, recipe)
+    first_export = run.out_path.read_bytes()
+    longer = recipe.with_overrides(unet={"steps": recipe.unet.steps + 2})
+    messages.clear()
+    run_recipe(run, longer)
+    assert f"[unet] finished at {recipe.unet.steps} steps; extending to {recipe.unet.steps + 2}" in messages
+    assert f"[unet] resumed from {tmp_path / 'state' / 'unet' / 'state.pt'} at step {recipe.unet.steps}/{recipe.unet.steps + 2}" in messages
+    assert json.loads((tmp_path / "state" / "unet" / "done.json").read_text())["steps"] == recipe.unet.steps + 2
+    assert run.out_path.read_bytes() != first_export
+    messages.clear()
+    run_recipe(run, longer)  # nothing left to do
+    assert len([m for m in messages if "already done" in m]) == 5
+    with pytest.raises(HuabiError, match=r"^stage 'vae' finished at \d+ steps and the cache was built from it; to train it to \d+ steps use a fresh state dir$"):
+        run_recipe(run, longer.with_overrides(vae={"steps": recipe.vae.steps + 1}))

@@ -1,6 +1,7 @@
 """The huabi-mini recipe: stages, seeds, hyper-parameters, export.
 
-Stages run in order and each is skipped once its ``done.json`` exists::
+Stages run in order and each is skipped once its ``done.json`` exists (a training stage
+given more steps than it finished with is extended from its saved state)::
 
     vae     AutoencoderKL on random 64 px crops of the 128 px images
     clip    contrastive text + image towers (the text tower becomes the text encoder)
@@ -324,11 +325,43 @@ def export_snapshot(run: RecipeRun, recipe: MiniRecipe) -> dict:
     return summary
 
 
+def _reopen_extended_stages(run: RecipeRun, recipe: MiniRecipe) -> None:
+    """A finished training stage whose recipe now asks for more steps continues from its state.
+
+    The UNet is last before export, so extending it reopens the UNet and the export. The VAE
+    and CLIP feed the cache: once it is built, extending them would leave the UNet trained on
+    stale latents, so that is refused.
+    """
+    trained_to = {"vae": recipe.vae.steps, "clip": recipe.clip.steps, "unet": recipe.unet.steps}
+    for stage, steps in trained_to.items():
+        done_path = run.state_dir / stage / "done.json"
+        if not done_path.exists():
+            continue
+        finished_at = int(json.loads(done_path.read_text(encoding="utf-8")).get("steps", steps))
+        if finished_at >= steps:
+            continue
+        if stage != "unet" and is_done(run.state_dir, "cache"):
+            raise HuabiError(
+                f"stage {stage!r} finished at {finished_at} steps and the cache was built from it; "
+                f"to train it to {steps} steps use a fresh state dir"
+            )
+        if not (run.state_dir / stage / "state.pt").exists():
+            raise HuabiError(f"stage {stage!r} finished at {finished_at} steps but its state.pt is gone; cannot extend it to {steps}")
+        run.log(f"[{stage}] finished at {finished_at} steps; extending to {steps}")
+        done_path.unlink()
+        if stage == "unet":
+            (run.state_dir / "export" / "done.json").unlink(missing_ok=True)
+
+
 def run_recipe(run: RecipeRun, recipe: MiniRecipe = MiniRecipe(), stages: Sequence[str] = STAGES, *, tokenizer=None, force_export: bool = False) -> None:
-    """Run ``stages`` in recipe order, skipping finished ones (export re-runs with ``force_export``)."""
+    """Run ``stages`` in recipe order, skipping finished ones (export re-runs with ``force_export``).
+
+    A finished stage given more steps than it ran (``--steps unet=N``) is extended from its state.
+    """
     for stage in stages:
         if stage not in STAGES:
             raise HuabiError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)} or all")
+    _reopen_extended_stages(run, recipe)
     for stage in STAGES:
         if stage not in stages:
             continue
