@@ -55,6 +55,4 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   touch "$STAMP"
 fi
 
-# Until the built-in model ships, generate with an untrained stand-in (the CLI says so plainly).
-.venv/bin/huabi make-placeholder >/dev/null
 echo "setup: ready ($MODE)" >&2

@@ -21,7 +21,7 @@ def main() -> None:
     from huabi.service.engine import Engine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="default: the built-in model (or its placeholder)")
+    parser.add_argument("--model", help="default: the built-in model")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)

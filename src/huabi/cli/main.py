@@ -101,9 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
     models_cli.add_parsers(commands)
-
-    placeholder = commands.add_parser("make-placeholder", help="write the untrained stand-in for the built-in model (set-up runs this)")
-    placeholder.add_argument("--force", action="store_true")
     return parser
 
 
@@ -306,12 +303,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
-        if engine.is_placeholder(bundle):
-            print(
-                "huabi: note: the built-in model huabi-mini is not installed yet; generating with an "
-                "UNTRAINED placeholder model, so images are noise. Pass --model PATH for a real checkpoint.",
-                file=sys.stderr,
-            )
         if job.mj.ignored:
             print(
                 f"huabi: note: ignored {', '.join(job.mj.ignored)} (they pick Midjourney's own models; "
@@ -361,17 +352,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_make_placeholder(args: argparse.Namespace) -> int:
-    from huabi.service.engine import builtin_model_path, placeholder_model_path
-    from huabi.train.placeholder import write_placeholder_model
-
-    if builtin_model_path().exists() and not args.force:
-        print(builtin_model_path())  # the real model is installed: no stand-in needed
-        return 0
-    print(write_placeholder_model(placeholder_model_path(), force=args.force))
-    return 0
-
-
 class _ProgressBar:
     """A tqdm bar on stderr, created lazily so --quiet costs nothing."""
 
@@ -417,7 +397,6 @@ COMMANDS = {
     "models": cmd_models,
     "data": cmd_data,
     "train": cmd_train,
-    "make-placeholder": cmd_make_placeholder,
     "xyz": xyz_cli.cmd_xyz,
     "edit": edit_cli.cmd_edit,
     "upscale": upscale_cli.cmd_upscale,

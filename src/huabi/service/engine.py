@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -64,18 +65,22 @@ class ModelEntry:
 ProgressCallback = Callable[[int, int], None]  # (steps done in the whole job, total steps)
 
 
+class BatchResult(Protocol):
+    """What every pipeline returns for one batch (txt2img, hires, img2img, inpaint, instruct)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    width_px: int
+    height_px: int
+    embeddings_used: tuple[str, ...]
+
+
 def default_models_dir() -> Path:
     return Path(os.environ.get("HUABI_MODELS_DIR", Path.home() / "huabi" / "models"))
 
 
 def builtin_model_path() -> Path:
     return Path(str(resources.files("huabi") / "assets" / "models" / f"{BUILTIN_MODEL_NAME}.safetensors"))
-
-
-def placeholder_model_path() -> Path:
-    """Where set-up writes an untrained stand-in while the built-in model is not shipped yet."""
-    cache = Path(os.environ.get("HUABI_CACHE_DIR", Path.home() / ".cache" / "huabi"))
-    return cache / "placeholder" / "huabi-placeholder-untrained.safetensors"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -172,8 +177,6 @@ class Engine:
         builtin = builtin_model_path()
         if builtin.exists():
             yield ModelEntry(BUILTIN_MODEL_NAME, builtin)
-        elif placeholder_model_path().exists():
-            yield ModelEntry(placeholder_model_path().stem, placeholder_model_path())
         if not self.models_dir.is_dir():
             return
         for path in sorted(self.models_dir.rglob("*")):
@@ -190,13 +193,7 @@ class Engine:
             builtin = builtin_model_path()
             if builtin.exists():
                 return builtin
-            placeholder = placeholder_model_path()
-            if placeholder.exists():
-                return placeholder
-            raise HuabiError(
-                "model: the built-in model is not installed and no placeholder exists; "
-                "run `bash setup.sh` or pass --model PATH"
-            )
+            raise HuabiError(f"model: the built-in model file {builtin} is missing; reinstall huabi or pass --model PATH")
         path = Path(ref).expanduser()
         if path.exists():
             return path
@@ -270,9 +267,6 @@ class Engine:
 
         return upscale
 
-    def is_placeholder(self, bundle: ModelBundle) -> bool:
-        return bundle.path is not None and bundle.path.resolve() == placeholder_model_path().resolve()
-
     # -- generation -----------------------------------------------------------------
 
     def generate(
@@ -299,10 +293,7 @@ class Engine:
             recorded = request.replace(schedule=default_schedule_for(request.sampler))
         # Listed per job (cheap), so files added meanwhile count; read only when a prompt uses them.
         embeddings = self.embeddings_for(bundle)
-        batches = request.image_seeds()
-        variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         batch_steps = request.steps + ((request.hires_steps or request.steps) if request.hires else 0)
-        total_steps = batch_steps * len(batches)
         pixel_upscaler = self.hires_pixel_upscaler(request) if request.hires else None
         if request.hires:
             hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
@@ -314,53 +305,25 @@ class Engine:
                                    seed=request.seed)
         control_hooks = control.hooks if control is not None else None
         control_hires_hooks = control.hires_hooks() if control is not None else None
-        results: list[GeneratedImage] = []
-        for batch_index, seeds in enumerate(batches):
-            variation_seeds = variation_batches[batch_index] if variation_batches else [None] * len(seeds)
-            def on_step(done: int, _total: int, _base=batch_index * batch_steps) -> None:
-                if on_progress is not None:
-                    on_progress(_base + min(done, batch_steps), total_steps)
+        extra = self._extra_infotext(bundle)
+        extra.update(refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None))
+        if control is not None:
+            extra.update(control.infotext())
 
-            # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
-            tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
-            with tiling, adapters.applied(bundle) as job_bundle:
-                if request.hires:
-                    result = hires_txt2img(
-                        job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
-                        variation_seeds=variation_batches[batch_index] if variation_batches else None,
-                        unet_kwargs_for=control_hooks, hires_unet_kwargs_for=control_hires_hooks,
-                        pixel_upscaler=pixel_upscaler, refiner=refiner,
-                    )
-                else:
-                    result = txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step,
-                                     embeddings=embeddings, unet_kwargs_for=control_hooks,
-                                     variation_seeds=variation_batches[batch_index] if variation_batches else None,
-                                     refiner=refiner)
-            extra = self._extra_infotext(bundle)
-            extra.update(refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None))
-            if control is not None:
-                extra.update(control.infotext())
-            # Always set: a stale value copied from a --from image must not survive.
-            extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
-            extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
-            extra.update(adapters.infotext(request))
-            for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds):
-                infotext = format_infotext(
-                    recorded,
-                    seed=seed,
-                    variation_seed=variation_seed,
-                    width_px=result.width_px,
-                    height_px=result.height_px,
-                    model_name=bundle.name,
-                    model_hash=bundle.short_hash,
-                    extra=extra,
-                    version=f"huabi {__version__}",
+        def run_batch(job_bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None, on_step) -> BatchResult:
+            if request.hires:
+                return hires_txt2img(
+                    job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                    variation_seeds=variation_seeds, unet_kwargs_for=control_hooks,
+                    hires_unet_kwargs_for=control_hires_hooks, pixel_upscaler=pixel_upscaler, refiner=refiner,
                 )
-                path = None
-                if out_dir is not None:
-                    path = save_png(image, next_image_path(out_dir, seed), infotext)
-                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
-        return results
+            return txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                           unet_kwargs_for=control_hooks, variation_seeds=variation_seeds, refiner=refiner)
+
+        return self._run_batches(
+            bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
+            adapters=adapters, out_dir=out_dir, on_progress=on_progress, steps_per_batch=batch_steps,
+        )
 
     def edit(
         self,
@@ -453,43 +416,79 @@ class Engine:
             extra.update(control.infotext())
             img2img = functools.partial(img2img, unet_kwargs_for=control.hooks)
             inpaint = functools.partial(inpaint, unet_kwargs_for=control.hooks)
+
+        def run_batch(job_bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None, on_step) -> BatchResult:
+            variation = noise_variation(bundle, request, variation_seeds)
+            if instruct:
+                return instruct_pix2pix(job_bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
+                                        denoising_strength=options.denoising_strength, device=self.device,
+                                        on_step=on_step, embeddings=embeddings, variation=variation)
+            if mask is None:
+                return img2img(job_bundle, request, image, seeds, denoising_strength=options.denoising_strength,
+                               device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
+                               refiner=refiner)
+            return inpaint(job_bundle, request, image, mask, seeds, options, device=self.device, on_step=on_step,
+                           embeddings=embeddings, working_size=(work_w, work_h) if only_masked else None,
+                           variation=variation, refiner=refiner)
+
+        return self._run_batches(
+            bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
+            adapters=adapters, out_dir=out_dir, on_progress=on_progress, infotext_size=(work_w, work_h),
+        )
+
+    def _run_batches(
+        self,
+        bundle: ModelBundle,
+        request: GenerationRequest,
+        recorded: GenerationRequest,
+        run_batch: Callable[[ModelBundle, list[int], list[int] | None, Callable[[int, int], None]], BatchResult],
+        *,
+        extra: dict,
+        embeddings: EmbeddingLibrary,
+        loras: ActiveLoras,
+        adapters: AttentionAdapters,
+        out_dir: Path | None,
+        on_progress: ProgressCallback | None,
+        steps_per_batch: int | None = None,
+        infotext_size: tuple[int, int] | None = None,
+    ) -> list[GeneratedImage]:
+        """The batch loop generate and edit share: ``run_batch(bundle, seeds, variation_seeds,
+        on_step)`` makes one batch (with tiling and the per-batch adapters applied), then each
+        image gets its infotext (``recorded``'s parameters + ``extra``) and, with ``out_dir``, a PNG.
+
+        Progress counts ``steps_per_batch`` per batch, or the total each pipeline reports.
+        The infotext size is ``infotext_size``, or the size the pipeline reports (hires: the
+        first pass's, as A1111 records it).
+        """
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
-            batch_variation_seeds = variation_batches[batch_index] if variation_batches else None
-            variation = noise_variation(bundle, request, batch_variation_seeds)
+            variation_seeds = variation_batches[batch_index] if variation_batches else None
 
             def on_step(done: int, total: int, _index=batch_index) -> None:
                 if on_progress is not None:
-                    on_progress(_index * total + min(done, total), total * len(batches))
+                    per_batch = steps_per_batch or total
+                    on_progress(_index * per_batch + min(done, per_batch), per_batch * len(batches))
 
+            # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
             with tiling, adapters.applied(bundle) as job_bundle:
-                if instruct:
-                    result = instruct_pix2pix(job_bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
-                                              denoising_strength=options.denoising_strength, device=self.device,
-                                              on_step=on_step, embeddings=embeddings, variation=variation)
-                elif mask is None:
-                    result = img2img(job_bundle, request, image, seeds, denoising_strength=options.denoising_strength,
-                                     device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
-                                     refiner=refiner)
-                else:
-                    result = inpaint(job_bundle, request, image, mask, seeds, options, device=self.device,
-                                     on_step=on_step, embeddings=embeddings,
-                                     working_size=(work_w, work_h) if only_masked else None, variation=variation,
-                                     refiner=refiner)
-            extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
-            extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
-            extra.update(adapters.infotext(request))
-            for picture, seed, variation_seed in zip(result.images, result.seeds,
-                                                     batch_variation_seeds or [None] * len(seeds)):
+                result = run_batch(job_bundle, seeds, variation_seeds, on_step)
+            batch_extra = dict(extra)
+            # Always set: a stale value copied from a --from image must not survive.
+            batch_extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
+            batch_extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
+            batch_extra.update(adapters.infotext(request))
+            width_px, height_px = infotext_size or (result.width_px, result.height_px)
+            for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds or [None] * len(seeds)):
                 infotext = format_infotext(
-                    recorded, seed=seed, variation_seed=variation_seed, width_px=work_w, height_px=work_h, model_name=bundle.name,
-                    model_hash=bundle.short_hash, extra=extra, version=f"huabi {__version__}",
+                    recorded, seed=seed, variation_seed=variation_seed, width_px=width_px, height_px=height_px,
+                    model_name=bundle.name, model_hash=bundle.short_hash, extra=batch_extra,
+                    version=f"huabi {__version__}",
                 )
-                path = save_png(picture, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
-                results.append(GeneratedImage(image=picture, seed=seed, infotext=infotext, path=path))
+                path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
+                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
         return results
 
     def apply_loras(self, bundle: ModelBundle, request: GenerationRequest) -> ActiveLoras:
