@@ -17,9 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from huabi.service.xyz import draw_xyz_grid
 
 PANEL_HEIGHT = 256
+LABEL_PX = 18  # one size for every panel (by default it grows with the cell's width)
 
 
 def run_huabi(args: list[str], workdir: Path) -> Path:
@@ -40,17 +43,11 @@ def centre_mask(size: tuple[int, int], box_px: int) -> Image.Image:
     return mask
 
 
-def panel(image: Image.Image, label: str, font: ImageFont.ImageFont) -> Image.Image:
+def panel(image: Image.Image, label: str) -> Image.Image:
+    """The image enlarged to PANEL_HEIGHT, labelled as the xyz grids are (wrapped to its width)."""
     scale = PANEL_HEIGHT / image.height
     shown = image.convert("RGB").resize((round(image.width * scale), PANEL_HEIGHT), Image.NEAREST)
-    lines = label.split("\n")
-    line_h = font.size + 4 if hasattr(font, "size") else 14
-    out = Image.new("RGB", (max(shown.width, 10), PANEL_HEIGHT + line_h * len(lines) + 6), "white")
-    draw = ImageDraw.Draw(out)
-    for i, line in enumerate(lines):
-        draw.text((2, 2 + i * line_h), line, fill="black", font=font)
-    out.paste(shown, (0, line_h * len(lines) + 6))
-    return out
+    return draw_xyz_grid([[shown]], [label], [""], font_px=LABEL_PX)
 
 
 def main() -> int:
@@ -67,27 +64,24 @@ def main() -> int:
         work = Path(tmp)
         base = run_huabi(["generate", args.prompt, "--seed", seed, "--out", "base"], work)
         base_image = Image.open(base)
-        centre_mask(base_image.size, base_image.width // 2).save(work / "mask.png")
+        mask = centre_mask(base_image.size, base_image.width // 2)
+        mask.save(work / "mask.png")
         results = [
             (base_image, f'generate "{args.prompt}"'),
             (run_huabi(["edit", str(base), args.edit_prompt, "--strength", "0.6", "--seed", seed, "--out", "img2img"], work),
-             f'edit "{args.edit_prompt}"\n--strength 0.6'),
-            (Image.composite(Image.new("RGB", base_image.size, "white"), base_image.convert("RGB"), Image.open(work / "mask.png")),
+             f'edit "{args.edit_prompt}" --strength 0.6'),
+            (Image.composite(Image.new("RGB", base_image.size, "white"), base_image.convert("RGB"), mask),
              "mask (white = repaint)"),
             (run_huabi(["edit", str(base), args.inpaint_prompt, "--mask", "mask.png", "--seed", seed, "--out", "inpaint"], work),
-             f'edit "{args.inpaint_prompt}"\n--mask (inpainting)'),
+             f'edit "{args.inpaint_prompt}" --mask (inpainting)'),
             (run_huabi(["edit", str(base), args.prompt, "--outpaint", "left=64,right=64", "--seed", seed, "--out", "outpaint"], work),
-             "edit --outpaint\nleft=64,right=64"),
+             "edit --outpaint left=64,right=64"),
             (run_huabi(["generate", args.prompt, "--seed", seed, "--hires", "--hires-scale", "2", "--hires-denoise", args.hires_denoise, "--out", "hires"], work),
-             f"generate --hires --hires-scale 2\n--hires-denoise {args.hires_denoise} (256 px)"),
+             f"generate --hires --hires-scale 2 --hires-denoise {args.hires_denoise} (256 px)"),
             (run_huabi(["upscale", str(base), "--scale", "2", "--out", "upscaled"], work),
-             "upscale --scale 2\n(Lanczos, 256 px)"),
+             "upscale --scale 2 (Lanczos, 256 px)"),
         ]
-        try:
-            font = ImageFont.load_default(size=13)
-        except TypeError:  # Pillow without FreeType
-            font = ImageFont.load_default()
-        panels = [panel(Image.open(item) if isinstance(item, Path) else item, label, font) for item, label in results]
+        panels = [panel(Image.open(item) if isinstance(item, Path) else item, label) for item, label in results]
         gap = 8
         height = max(p.height for p in panels)
         sheet = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), height), "white")

@@ -115,6 +115,14 @@ def test_grid_without_labels_is_just_the_cells():
     assert grid.getpixel((0, 0)) == (255, 0, 0) and grid.getpixel((31, 7)) == (0, 0, 255)
 
 
+def test_label_size_follows_the_cell_unless_given():
+    narrow, wide = Image.new("RGB", (128, 128)), Image.new("RGB", (512, 128))
+    default_bands = [draw_xyz_grid([[image]], ["Seed: 1"], [""]).height - 128 for image in (narrow, wide)]
+    assert default_bands[0] < default_bands[1]  # A1111: the label grows with the cell
+    fixed_bands = [draw_xyz_grid([[image]], ["Seed: 1"], [""], font_px=18).height - 128 for image in (narrow, wide)]
+    assert fixed_bands[0] == fixed_bands[1] == grid_layout((128, 128), 1, ["Seed: 1"], [""], "", load_label_font(18), 18).top_px
+
+
 # --------------------------------------------------------------------------- end to end
 
 

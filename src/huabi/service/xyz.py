@@ -151,10 +151,14 @@ def grid_layout(
     y_labels: Sequence[str],
     title: str,
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    font_px: int | None = None,
 ) -> GridLayout:
-    """Margins and wrapped label lines; labels are wrapped to fit their cell's width."""
+    """Margins and wrapped label lines; labels are wrapped to fit their cell's width.
+
+    ``font_px`` is the size ``font`` was loaded at (default: ``label_font_px`` of the cell).
+    """
     cell_w, cell_h = cell_size
-    font_px = label_font_px(cell_w, cell_h)
+    font_px = font_px or label_font_px(cell_w, cell_h)
     pad = font_px // 2
     line_px = font_px + font_px // 4
     has_y = any(label for label in y_labels)
@@ -174,18 +178,21 @@ def draw_xyz_grid(
     *,
     title: str = "",
     cell_size: tuple[int, int] | None = None,
+    font_px: int | None = None,
 ) -> Image.Image:
     """Images in rows (``rows[y][x]``) with X labels above, Y labels to the left, a title on top.
 
-    Empty labels (a Nothing axis) take no room.
+    Empty labels (a Nothing axis) take no room. Labels are sized from the cell as A1111 does
+    unless ``font_px`` is given (to keep one size across grids of different cell sizes).
     """
     if not rows or not rows[0]:
         raise HuabiError("grid: no images to put in a grid")
     columns = len(rows[0])
     if cell_size is None:
         cell_size = (max(i.width for row in rows for i in row), max(i.height for row in rows for i in row))
-    font = load_label_font(label_font_px(*cell_size))
-    layout = grid_layout(cell_size, columns, x_labels, y_labels, title, font)
+    font_px = font_px or label_font_px(*cell_size)
+    font = load_label_font(font_px)
+    layout = grid_layout(cell_size, columns, x_labels, y_labels, title, font, font_px)
     width_px = layout.left_px + columns * layout.cell_w
     height_px = layout.top_px + len(rows) * layout.cell_h
     grid = Image.new("RGB", (width_px, height_px), _BACKGROUND)
