@@ -143,7 +143,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pre = commands.add_parser("preprocess", help="preview a ControlNet preprocessor's map of an image")
     pre.add_argument("image", type=Path)
     pre.add_argument("--module", default="canny", help="preprocessor name (default canny; see generate --help)")
-    pre.add_argument("--out", type=Path, required=True, help="output PNG")
+    pre.add_argument("--out", type=Path, required=True,
+                     help="output image (.png, .jpg or .webp), or an existing folder (gets IMAGE-MODULE.png)")
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pre.add_argument("--res", type=int, default=512, help="preprocessor resolution, short side in pixels (default 512)")
     pre.add_argument("--threshold-a", type=float, help="module parameter A")
     pre.add_argument("--threshold-b", type=float, help="module parameter B")
@@ -158,5 +160,5 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     unit = ControlUnit(model="preview", image=str(args.image), module=args.module, processor_res=args.res,
                        threshold_a=args.threshold_a, threshold_b=args.threshold_b, mask=args.mask)
-    print(preview_map(unit, args.out, seed=args.seed))
+    print(preview_map(unit, args.out, seed=args.seed, overwrite=args.overwrite))
     return 0

@@ -143,12 +143,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from huabi.cli.main import _ProgressBar
     from huabi.service.engine import Engine
 
+    from huabi.cli.main import print_saved_paths
+    from huabi.service.outputs import check_output_folder
+
+    check_output_folder(args.out)  # fail before any model loads, not after the run
     request, options = request_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
     progress = _ProgressBar(enabled=not args.quiet)
+    saved: list = []
     try:
-        results = engine.edit(request, options, out_dir=args.out, on_progress=progress.update)
+        results = engine.edit(request, options, out_dir=args.out, on_progress=progress.update, on_saved=saved.append)
+    except KeyboardInterrupt:
+        progress.close()
+        print_saved_paths(saved)
+        raise
     finally:
         progress.close()
     for result in results:

@@ -64,6 +64,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="LoRA/LyCORIS file or name (MODELS/Lora, MODELS/LyCORIS) with weight W (default 1; "
                             "LORA:TE:UNET for separate weights)")
     merge.add_argument("--out", type=Path, required=True, help="output .safetensors (never one of the inputs)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     merge.add_argument("--dtype", default="auto", help="auto (the base file's), fp32, fp16, bf16")
     merge.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     return merge
@@ -73,6 +74,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from huabi.service.adapters import merge_loras
 
     specs = [split_lora_spec(spec, "merge-lora") for spec in args.loras]
-    path = merge_loras(args.base, specs, args.out, dtype=args.dtype, models_dir=args.models_dir)
+    path = merge_loras(args.base, specs, args.out, dtype=args.dtype, models_dir=args.models_dir,
+                       overwrite=args.overwrite)
     print(path)
     return 0

@@ -296,7 +296,9 @@ def expand_job(job: GenerateJob, native_size_px: int, args: argparse.Namespace) 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from huabi.service.engine import Engine, save_grid
+    from huabi.service.outputs import check_output_folder
 
+    check_output_folder(args.out)  # fail before any model loads, not after the run
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
@@ -313,8 +315,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         job_results = []
         for request in requests:
             progress = _ProgressBar(enabled=not args.quiet)
+            saved: list = []
             try:
-                results = engine.generate(request, out_dir=args.out, on_progress=progress.update)
+                results = engine.generate(request, out_dir=args.out, on_progress=progress.update,
+                                          on_saved=saved.append)
+            except KeyboardInterrupt:
+                progress.close()
+                print_saved_paths(saved)  # Ctrl-C: say what was kept before main says "interrupted"
+                raise
             finally:
                 progress.close()
             for result in results:
@@ -323,6 +331,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if job.grid and len(job_results) > 1:
             print(save_grid(job_results, args.out))
     return 0
+
+
+def print_saved_paths(results) -> None:
+    for result in results:
+        if result.path is not None:
+            print(result.path, flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -37,7 +37,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from huabi.errors import HuabiError
     from huabi.service.upscale import check_scale, next_output_path, open_image, save_upscaled, upscale_image
 
+    from huabi.service.outputs import check_output_folder
+
     check_scale(args.scale)  # bad input fails before any model loads
+    check_output_folder(args.out)
     image = open_image(args.image)
     try:
         from huabi.service.pngio import read_infotext

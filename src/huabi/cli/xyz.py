@@ -64,7 +64,10 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     from huabi.service.engine import Engine
     from huabi.service.xyz import run_xyz
 
+    from huabi.service.outputs import check_output_folder
+
     plan = plan_from_args(args)  # bad axes fail here, before any model loads
+    check_output_folder(args.out)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=args.embeddings_dir, base_model=getattr(args, "base", None),
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))

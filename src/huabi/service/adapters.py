@@ -273,6 +273,7 @@ def merge_loras(
     *,
     dtype: str = "auto",
     models_dir: Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Bake ``[(lora name or path, weights)]`` into ``base`` and write ``out`` (original layout).
 
@@ -304,6 +305,9 @@ def merge_loras(
     inputs = [base_path, *(use.path for use in uses)]
     if out.exists() and any(out.resolve() == path.resolve() for path in inputs):
         raise HuabiError(f"merge-lora: --out {out} is one of the inputs; choose another file")
+    from huabi.service.outputs import check_output_file
+
+    check_output_file(out, overwrite=overwrite)  # before the slow part, not after it
     if dtype == "auto":
         shapes, _ = read_state_dict_shapes(base_path)
         floats = [t.dtype for t in shapes.values() if t.is_floating_point() and t.ndim > 1]

@@ -8,6 +8,7 @@ the unit's preprocessor.  Also the preview behind ``huabi preprocess``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,20 +147,20 @@ def prepare_controls(
     return ControlSet(tuple(prepared), sdxl=bundle.family is ModelFamily.SDXL, vae_scale_factor=bundle.vae_scale_factor)
 
 
-def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0) -> Path:
-    """Run the unit's preprocessor and write the map as a PNG (atomically)."""
-    import os
-    import tempfile
+def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Run the unit's preprocessor and write the map (atomically) in the format ``out``'s suffix names.
 
+    An existing folder as ``out`` gets ``<image>-<module>.png`` inside it; an
+    existing file is replaced only with ``overwrite`` (never the input image).
+    """
+    from huabi.service.outputs import check_output_file, image_format_for, save_image_file
+
+    out = Path(out).expanduser()
+    if out.is_dir():
+        out = out / f"{Path(unit.image).stem}-{unit.module}.png"
+    image_format_for(out)
+    check_output_file(out, overwrite=overwrite)
+    if os.path.lexists(out) and os.path.samefile(out, Path(unit.image).expanduser()):
+        raise HuabiError(f"--out {out}: is the input image; choose another file")
     detected = detect_map(unit, seed=seed)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(map_to_uint8(detected)).save(tmp_name, format="PNG")
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return out
+    return save_image_file(Image.fromarray(map_to_uint8(detected)), out, overwrite=overwrite)

@@ -276,6 +276,7 @@ class Engine:
         out_dir: Path | None = None,
         on_progress: ProgressCallback | None = None,
         rng: random.Random | None = None,
+        on_saved: Callable[[GeneratedImage], None] | None = None,
     ) -> list[GeneratedImage]:
         """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
         request = request.with_resolved_seed(rng)
@@ -323,6 +324,7 @@ class Engine:
         return self._run_batches(
             bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
             adapters=adapters, out_dir=out_dir, on_progress=on_progress, steps_per_batch=batch_steps,
+            on_saved=on_saved,
         )
 
     def edit(
@@ -333,6 +335,7 @@ class Engine:
         out_dir: Path | None = None,
         on_progress: ProgressCallback | None = None,
         rng: random.Random | None = None,
+        on_saved: Callable[[GeneratedImage], None] | None = None,
     ) -> list[GeneratedImage]:
         """Image to image, inpainting or outpainting of ``options.init_image``; PNGs to ``out_dir``.
 
@@ -434,6 +437,7 @@ class Engine:
         return self._run_batches(
             bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
             adapters=adapters, out_dir=out_dir, on_progress=on_progress, infotext_size=(work_w, work_h),
+            on_saved=on_saved,
         )
 
     def _run_batches(
@@ -451,6 +455,7 @@ class Engine:
         on_progress: ProgressCallback | None,
         steps_per_batch: int | None = None,
         infotext_size: tuple[int, int] | None = None,
+        on_saved: Callable[[GeneratedImage], None] | None = None,
     ) -> list[GeneratedImage]:
         """The batch loop generate and edit share: ``run_batch(bundle, seeds, variation_seeds,
         on_step)`` makes one batch (with tiling and the per-batch adapters applied), then each
@@ -489,6 +494,8 @@ class Engine:
                 )
                 path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
                 results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+                if on_saved is not None:  # e.g. the CLI lists saved files even if a later batch is interrupted
+                    on_saved(results[-1])
         return results
 
     def apply_loras(self, bundle: ModelBundle, request: GenerationRequest) -> ActiveLoras:

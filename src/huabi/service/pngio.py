@@ -13,6 +13,7 @@ rename) and an existing file is never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from huabi.errors import HuabiError
+from huabi.service.outputs import new_file_mode
 
 INFOTEXT_KEY = "parameters"
 _EXIF_IFD = 0x8769  # pointer to the Exif sub-IFD
@@ -29,63 +31,163 @@ _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 _LEADING_NUMBER = re.compile(r"^(\d+)")
 
 
-def next_image_path(out_dir: str | os.PathLike[str], seed: int, prefix: str = "") -> Path:
-    """The next free name in ``out_dir``, numbered like A1111: ``00000-1234.png``.
+class ClaimedImagePath(type(Path())):  # type: ignore[misc]  # PosixPath or WindowsPath
+    """A numbered output name reserved by ``next_image_path``: an empty file until ``save_png`` fills it.
+
+    The claim is the (device, inode) of that empty file; a path derived from
+    this one (``.parent``, ``.with_name``...) carries no claim.
+    """
+
+    claim: tuple[int, int] | None = None
+
+    def holds_claim(self) -> bool:
+        """True while the file at this path is still the empty placeholder this path claimed."""
+        if self.claim is None:
+            return False
+        try:
+            status = os.lstat(self)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == self.claim and status.st_size == 0
+
+
+def next_image_path(out_dir: str | os.PathLike[str], seed: int, prefix: str = "") -> ClaimedImagePath:
+    """Claim the next free name in ``out_dir``, numbered like A1111: ``00000-1234.png``.
 
     The number is one more than the highest number any file in the folder
     starts with (after ``prefix-`` when a prefix is given), so numbering goes on
-    after deleted files rather than filling gaps. A missing folder starts at 0.
+    after deleted files rather than filling gaps. A missing folder is created
+    and starts at 0.
+
+    The name is claimed atomically: an empty file is created with O_EXCL (the
+    next number is tried if another writer got there first), so any number of
+    processes writing into one folder never collide and never lose an image.
+    Where the platform has ``flock`` the scan and the claim also hold a lock on
+    the folder, so concurrent huabi writers never share a number either.
+    ``save_png`` replaces the placeholder; ``release_claim`` removes an unused one.
     """
     folder = Path(out_dir)
     lead = f"{prefix}-" if prefix else ""
-    highest = -1
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            if not entry.name.startswith(lead):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HuabiError(f"{folder}: cannot create the output folder ({error.strerror or error})") from None
+    with _folder_lock(folder):
+        number = _highest_number(folder, lead) + 1
+        for _attempt in range(100_000):
+            candidate = ClaimedImagePath(folder / f"{lead}{number:05d}-{seed}.png")
+            try:
+                descriptor = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                number += 1  # another writer (or a stray file) took it: try the next number
                 continue
-            match = _LEADING_NUMBER.match(entry.name[len(lead):])
-            if match:
-                highest = max(highest, int(match.group(1)))
-    number = highest + 1
-    while True:  # another writer may have taken the name since the scan
-        candidate = folder / f"{lead}{number:05d}-{seed}.png"
-        if not candidate.exists():
+            except OSError as error:
+                raise HuabiError(f"{candidate}: cannot create the output file ({error.strerror or error})") from None
+            try:
+                status = os.fstat(descriptor)
+            finally:
+                os.close(descriptor)
+            candidate.claim = (status.st_dev, status.st_ino)
             return candidate
-        number += 1
+    raise HuabiError(f"{folder}: no free numbered file name for seed {seed}")
+
+
+def release_claim(path: str | os.PathLike[str]) -> None:
+    """Remove the placeholder of a ``next_image_path`` claim that will not be filled (no-op otherwise)."""
+    if isinstance(path, ClaimedImagePath) and path.holds_claim():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _highest_number(folder: Path, lead: str) -> int:
+    highest = -1
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(lead):
+            continue
+        match = _LEADING_NUMBER.match(entry.name[len(lead):])
+        if match:
+            highest = max(highest, int(match.group(1)))
+    return highest
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An advisory lock on the folder itself (POSIX flock); nothing where that is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: O_EXCL alone keeps names unique
+        yield
+        return
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], infotext: str) -> Path:
     """Write ``image`` as a PNG with ``infotext`` in its ``parameters`` chunk.
 
     Creates the parent folder if needed. Raises ``HuabiError`` if ``path``
-    exists (pick names with ``next_image_path``) or does not end in ``.png``.
+    exists (pick names with ``next_image_path``, whose empty placeholder is the
+    one file this replaces) or does not end in ``.png``. The file gets the mode
+    a new file would get under the umask. If anything fails, a claimed
+    placeholder is released and no partial file stays.
     """
-    target = Path(path)
+    target = path if isinstance(path, ClaimedImagePath) else Path(path)
+    try:
+        return _save_png(image, target, infotext)
+    except BaseException:
+        release_claim(target)
+        raise
+
+
+def _save_png(image: Image.Image, target: Path, infotext: str) -> Path:
     if target.suffix.lower() != ".png":
         raise HuabiError(f"{target}: save_png writes PNG files; give the name a .png suffix")
     if not isinstance(infotext, str):
         raise HuabiError(f"{target}: infotext must be text, got {type(infotext).__name__}")
     if "\0" in infotext:
         raise HuabiError(f"{target}: infotext contains a NUL character, which PNG text cannot hold")
-    if target.exists():
+    claimed = isinstance(target, ClaimedImagePath) and target.holds_claim()
+    if target.exists() and not claimed:
         raise HuabiError(f"{target}: already exists; not overwriting it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HuabiError(f"{target.parent}: cannot create the output folder ({error.strerror or error})") from None
 
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt: what A1111 writes
 
-    handle = tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp", delete=False
-    )
+    try:
+        handle = tempfile.NamedTemporaryFile(
+            dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp", delete=False
+        )
+    except OSError as error:
+        raise HuabiError(f"{target}: cannot write ({error.strerror or error})") from None
     temp = Path(handle.name)
     try:
-        with handle:
-            image.save(handle, format="PNG", pnginfo=info)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _move_without_overwrite(temp, target)
+        try:
+            with handle:
+                image.save(handle, format="PNG", pnginfo=info)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temp, new_file_mode())  # mkstemp makes 0600; outputs follow the umask
+        except OSError as error:  # disk full, quota, I/O error: one line naming the file
+            raise HuabiError(f"{target}: cannot write ({error.strerror or error})") from None
+        if claimed:
+            os.replace(temp, target)  # fills our own empty placeholder, atomically
+        else:
+            _move_without_overwrite(temp, target)
     finally:
         temp.unlink(missing_ok=True)
     return target

@@ -276,6 +276,7 @@ def save_upscaled(result: UpscaleResult, path: Path, parameters: str | None) -> 
     --from`` on the upscaled file still redoes the original)."""
     from PIL.PngImagePlugin import PngInfo
 
+    from huabi.service.outputs import new_file_mode, place_file
     from huabi.service.pngio import INFOTEXT_KEY
 
     info = PngInfo()
@@ -287,7 +288,8 @@ def save_upscaled(result: UpscaleResult, path: Path, parameters: str | None) -> 
     os.close(handle)
     try:
         result.image.save(temp, format="PNG", pnginfo=info)
-        os.replace(temp, path)
+        os.chmod(temp, new_file_mode())
+        place_file(Path(temp), path, overwrite=False)  # a file that appeared meanwhile is kept
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

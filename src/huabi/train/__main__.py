@@ -40,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def install_stop_handlers() -> dict:
+    """Ctrl-C (SIGINT) and SIGTERM both mean: finish the current step, save, exit.
+
+    Returns the flag dict the training loop polls. A second Ctrl-C aborts at
+    once (KeyboardInterrupt), for when saving itself is the thing to stop.
+    """
+    stop = {"requested": False}
+
+    def request_stop(signum, frame) -> None:
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        stop["signal"] = int(signum)
+        name = signal.Signals(signum).name
+        print(f"huabi train: {name}: saving after this step (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,12 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overrides:
             recipe = recipe.with_overrides(**overrides)
         out = args.out if args.out is not None else default_out_path()
-        stop = {"requested": False}
-
-        def request_stop(signum, frame) -> None:  # finish the current step, save, exit
-            stop["requested"] = True
-
-        signal.signal(signal.SIGTERM, request_stop)
+        stop = install_stop_handlers()
         run = RecipeRun(
             data_dir=args.data,
             state_dir=args.state,
@@ -88,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_recipe(run, recipe, stages, force_export=args.force_export)
         except TrainingStopped as exc:
             run.log(f"[recipe] {exc}")
-            return 143
+            return 128 + stop.get("signal", signal.SIGTERM)  # 130 after Ctrl-C, 143 after SIGTERM
         except BaseException as exc:
             run.log(f"[recipe] stopped: {type(exc).__name__}: {exc}")
             raise
