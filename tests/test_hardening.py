@@ -205,3 +205,273 @@ def test_merge_lora_refuses_an_existing_output_before_work(capsys, tmp_path):
     code, _, err = run(capsys, "merge-lora", "huabi-mini", f"{lora}:0.5", "--out", target)
     assert code == 2 and err.strip() == f"huabi: error: --out {target}: already exists (pass --overwrite to replace it)"
     assert target.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def png_with_chunk(path: Path, kind: bytes, data: bytes) -> Path:
+    """An 8x8 PNG with one extra chunk (CRC correct) before IEND."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    end = png.rindex(b"IEND") - 4
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(png[:end] + chunk + png[end:])
+    return path
+
+
+def bomb_png(path: Path, width: int = 60000, height: int = 60000) -> Path:
+    """A tiny PNG whose header claims a huge image (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_bombs(tmp_path_factory) -> dict[str, Path]:
+    import zlib
+
+    folder = tmp_path_factory.mktemp("bombs")
+    inflating = zlib.compress(b"a" * (64 * 2**20), 9)  # 64 MiB of text in ~64 KB
+    return {
+        "huge tEXt": png_with_chunk(folder / "big.png", b"tEXt", b"parameters\0" + b"a" * (2 * 2**20)),
+        "zTXt bomb": png_with_chunk(folder / "z.png", b"zTXt", b"parameters\0\0" + inflating),
+        "iTXt bomb": png_with_chunk(folder / "i.png", b"iTXt", b"parameters\0\1\0\0\0" + inflating),
+    }
+
+
+@pytest.mark.parametrize("case", ["huge tEXt", "zTXt bomb", "iTXt bomb"])
+def test_png_text_bombs_are_one_line_errors_in_info_and_from(capsys, text_bombs, case, tmp_path):
+    path = text_bombs[case]
+    code, out, err = run(capsys, "info", path)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "more than huabi's limit of 1,048,576" in err
+    code, _, err = run(capsys, "generate", "--from", path, "--out", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1 and "limit of 1,048,576" in err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_text_chunk_just_under_the_limit_still_reads(tmp_path):
+    import zlib
+
+    text = "a cat " * 1000 + "\nSteps: 2, Seed: 1"
+    path = png_with_chunk(tmp_path / "ok.png", b"zTXt", b"parameters\0\0" + zlib.compress(text.encode("latin-1")))
+    assert read_infotext(path) == text
+
+
+def test_decompression_bomb_images_are_refused_before_decoding(capsys, sd1_file, tmp_path):
+    from huabi.service.images import load_image, load_mask
+    from huabi.service.upscale import open_image
+
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100
+    limit = "more than huabi's limit of 134,217,728 pixels|larger than huabi's limit of 134,217,728 pixels"
+    for read in (lambda: load_image(bomb, what="IP-Adapter image"), lambda: load_mask(bomb, 64, 64),
+                 lambda: open_image(bomb), lambda: read_infotext(bomb)):
+        with pytest.raises(HuabiError, match=limit):
+            read()
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "white").save(photo)
+    for argv in (["edit", bomb, "a cat", "--model", sd1_file, "--out", tmp_path / "o"],
+                 ["edit", photo, "a cat", "--mask", bomb, "--model", sd1_file, "--steps", "1", "--out", tmp_path / "o"],
+                 ["preprocess", bomb, "--out", tmp_path / "map.png"],
+                 ["upscale", bomb, "--out", tmp_path / "o"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "134,217,728 pixels" in err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def _safetensors(path: Path, header: bytes | dict, data: bytes = b"") -> Path:
+    import json
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.fixture()
+def broken_safetensors(tmp_path) -> dict[str, tuple[Path, str]]:
+    import torch
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(2, 2)}, str(good))
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(good.read_bytes() + b"\0" * 64)
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    return {
+        "deep": (_safetensors(tmp_path / "deep.safetensors", b'{"__metadata__":' + b"[" * 200_000 + b"]" * 200_000 + b"}"),
+                 "header JSON is nested too deeply"),
+        "trailing": (trailing, "64 bytes after the last tensor's data"),
+        "overlap": (_safetensors(tmp_path / "overlap.safetensors", {"a": entry, "b": entry}, b"\0" * 8),
+                    "tensor 'b' overlaps another tensor"),
+        "gap": (_safetensors(tmp_path / "gap.safetensors",
+                             {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
+                "tensor 'a' leaves a gap before it"),
+        "metadata": (_safetensors(tmp_path / "meta.safetensors", {"__metadata__": {"x": [1]}, "a": entry}, b"\0" * 8),
+                     "__metadata__ must map names to strings"),
+        "negative": (_safetensors(tmp_path / "neg.safetensors",
+                                  {"a": {"dtype": "F32", "shape": [-2, -4], "data_offsets": [0, 32]}}, b"\0" * 32),
+                     "bad header entry for tensor 'a'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["deep", "trailing", "overlap", "gap", "metadata", "negative"])
+def test_safetensors_header_attacks_are_one_line_errors(capsys, broken_safetensors, case, tmp_path):
+    path, message = broken_safetensors[case]
+    good = path.with_name("good.safetensors")
+    for argv in (["inspect", "--no-hash", path], ["merge", good, path, "--out", tmp_path / "m.safetensors"],
+                 ["generate", "x", "--model", path, "--out", tmp_path / "o"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_all_integer_checkpoint_is_refused(capsys, sd1_file, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    integers = tmp_path / "ints.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in load_file(str(sd1_file)).items()}, str(integers))
+    code, _, err = run(capsys, "generate", "x", "--model", integers, "--steps", "1", "--out", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "of its layer weights are integers, not floating point" in err
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_diffusers_folder_whose_text_encoder_bin_needs_code(capsys, tmp_path):
+    import torch
+    from tiny_models import write_tiny_diffusers_folder
+
+    folder = write_tiny_diffusers_folder(tmp_path / "pipe", ModelFamily.SD1)
+    marker = tmp_path / "PWNED"
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"weight": _RunsCode(marker)}, folder / "text_encoder" / "pytorch_model.bin")
+    capsys.readouterr()  # the fixture writer's own progress bars
+    code, _, err = run(capsys, "generate", "x", "--model", folder, "--steps", "1", "--out", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "text encoder pytorch_model.bin: this file needs code execution to load" in err
+    assert not marker.exists()
+
+
+def test_code_carrying_adapters_are_refused_in_huabis_words(capsys, sd1_file, tmp_path):
+    import torch
+
+    marker = tmp_path / "PWNED"
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    torch.save({"string_to_param": {"*": _RunsCode(marker)}}, embeddings / "evil.pt")
+    torch.save({"x": _RunsCode(marker)}, tmp_path / "hyper.pt")
+    torch.save({"image_proj": _RunsCode(marker)}, tmp_path / "ipa.bin")
+    image = tmp_path / "face.png"
+    Image.new("RGB", (64, 64)).save(image)
+    common = ["--model", sd1_file, "--steps", "1", "--size", "64x64", "--out", tmp_path / "o"]
+    cases = {
+        "embedding evil.pt": ["generate", "a evil", "--embeddings", embeddings, *common],
+        "hypernetwork hyper.pt": ["generate", "a", "--hypernet", tmp_path / "hyper.pt", *common],
+        "IP-Adapter ipa.bin": ["generate", "a", "--ip-adapter", tmp_path / "ipa.bin", "--ip-image", image, *common],
+    }
+    for named, argv in cases.items():
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"huabi: error: {named}: this file needs code execution to load"), err
+        assert "\x1b" not in err and "weights_only" not in err and "PyTorch 2.6" not in err
+    assert not marker.exists()
+
+
+def test_models_lists_broken_files_as_unreadable(capsys, sd1_file, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(sd1_file, models / "Stable-diffusion" / "fine.safetensors")
+    _safetensors(models / "Stable-diffusion" / "deep.safetensors", b"[" * 200_000 + b"]" * 200_000)
+    (models / "Stable-diffusion" / "junk.ckpt").write_bytes(b"not a pickle at all")
+    code, out, err = run(capsys, "models", "--models-dir", models)
+    assert code == 0, err
+    rows = {line.split("\t")[0]: line.split("\t")[1] for line in out.splitlines()}
+    assert rows["fine"] == "sd1 base epsilon"
+    assert rows["deep"].startswith("unreadable (deep.safetensors: not a safetensors file")
+    assert rows["junk"].startswith("unreadable (junk.ckpt: not a readable PyTorch checkpoint")
+
+
+# --------------------------------------------------------------------------- text and devices
+
+
+def test_invalid_utf8_argument_is_named(capsys):
+    code, _, err = run(capsys, "generate", "caf\udce9")  # how Python passes the byte 0xe9 from argv
+    assert code == 2 and err == "huabi: error: argument 2 ('caf\\xe9') is not valid UTF-8; " \
+                                "check the terminal's encoding (e.g. LANG=C.UTF-8)\n"
+
+
+def test_prompt_files_latin1_binary_and_endless(capsys, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a cat\ncafé\n".encode("latin-1"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+    for path, message in ((latin1, "not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+                          (binary, "contains NUL bytes at offset 8"),
+                          (Path("/dev/zero"), "larger than huabi's limit of 16 MiB")):
+        code, _, err = run(capsys, "generate", "--prompt-file", path, "--out", tmp_path / "o")
+        assert code == 2 and f"prompt file: {path}: {message}" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "device: mps requested but this machine (or torch build) has no mps device"),
+    ("meta", "device: huabi cannot run on 'meta'"),
+    ("tpu:0", "device: unknown device 'tpu:0'"),
+])
+def test_unavailable_devices_are_one_line_errors(capsys, tmp_path, device, message):
+    code, _, err = run(capsys, "generate", "x", "--device", device, "--out", tmp_path / "o")
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_merge_alpha_out_of_range(capsys, sd1_file, tmp_path):
+    for alpha in ("1e30", "-inf", "2.5"):
+        code, _, err = run(capsys, "merge", sd1_file, sd1_file, f"--alpha={alpha}", "--out", tmp_path / "m.safetensors")
+        assert code == 2 and "merge: --alpha must be from -1 to 2" in err
+    code, _, err = run(capsys, "merge", sd1_file, sd1_file, "--mbw", ",".join(["0.5"] * 24 + ["1e30"]),
+                       "--out", tmp_path / "m.safetensors")
+    assert code == 2 and "--mbw value 25 must be from -1 to 2" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_info_shows_control_characters_escaped(capsys, tmp_path):
+    path = save_png(tiny_image(), tmp_path / "x.png", "a cat\x1b]0;owned\x07\x1b[31m \u202eevil\nSteps: 2, Seed: 1")
+    code, out, _ = run(capsys, "info", path)
+    assert code == 0
+    assert out == "a cat\\x1b]0;owned\\x07\\x1b[31m \\u202eevil\nSteps: 2, Seed: 1\n"
+
+
+def test_piping_into_head_is_quiet(tmp_path):
+    path = save_png(tiny_image(), tmp_path / "long.png", "x" * 300_000 + "\nSteps: 2, Seed: 1")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    run_ = subprocess.Popen([sys.executable, "-m", "huabi.cli.main", "info", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_.stdout.read(10)
+    run_.stdout.close()  # what `| head -c 10` does
+    stderr = run_.stderr.read().decode()
+    assert run_.wait(timeout=120) == 141
+    assert stderr == ""

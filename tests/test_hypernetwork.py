@@ -112,7 +112,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
     torch.save({64: [k, v], "layer_structure": [1, 4, 1]}, tmp_path / "shape.pt")
     cases = {
         "corrupt.pt": r"^hypernetwork corrupt\.pt: cannot read it safely",
-        "code.pt": r"^hypernetwork code\.pt: cannot read it safely",
+        "code.pt": r"^hypernetwork code\.pt: this file needs code execution to load .* huabi never executes code",
         "embedding.pt": r"^hypernetwork embedding: no per-width modules found",
         "shape.pt": r"^hypernetwork shape: width 64 k linear\.0\.weight has shape \[128, 64\], expected \[256, 64\]",
         "missing.pt": r"^hypernetwork .*missing\.pt: no such file",

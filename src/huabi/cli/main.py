@@ -236,13 +236,9 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
 
     prompts: list[str | None]
     if args.prompt_file is not None:
-        try:
-            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
-        except OSError as err:
-            raise HuabiError(f"prompt file: {args.prompt_file}: {err.strerror or err}") from err
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            raise HuabiError(f"prompt file: {args.prompt_file} has no prompts (it is empty)")
+        from huabi.service.textfiles import read_prompt_lines
+
+        prompts = read_prompt_lines(args.prompt_file)  # bounded read, UTF-8 or a one-line error
     elif args.prompt is not None:
         prompts = [args.prompt]
     elif args.from_image is not None:
@@ -342,12 +338,29 @@ def print_saved_paths(results) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from huabi.service.pngio import read_infotext
 
-    print(read_infotext(args.image))
+    print(printable_text(read_infotext(args.image)))
     return 0
 
 
+# Bidirectional overrides and isolates can make text read differently from what it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable_text(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ESC, BEL, CR, ...) and bidi overrides shown
+    as ``\\x1b``-style escapes, so a crafted image cannot drive the terminal; newlines and tabs stay."""
+    out = []
+    for char in text:
+        if char in "\n\t":
+            out.append(char)
+        elif char in _BIDI_CONTROLS or (not char.isprintable() and char != " " and ord(char) < 0x100 or char == "\x7f"):
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    from huabi.models.detect import describe_model_file
     from huabi.models.hashes import model_short_hash
     from huabi.service.engine import Engine
 
@@ -357,13 +370,41 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no models in {engine.models_dir}", file=sys.stderr)
         return 0
     for entry in entries:
+        # One broken file must not hide the others: it is listed as unreadable, with the reason.
+        family = _describe_for_listing(entry.path)
         try:
-            family = describe_model_file(entry.path)
-        except HuabiError as err:
-            family = f"unrecognised ({err})"
-        short_hash = model_short_hash(entry.path) if entry.path.is_file() else "-"
-        print(f"{entry.name}\t{family}\t{short_hash}\t{entry.path}")
+            short_hash = model_short_hash(entry.path) if entry.path.is_file() else "-"
+        except (HuabiError, OSError):
+            short_hash = "-"
+        print(printable_text(f"{entry.name}\t{family}\t{short_hash}\t{entry.path}"))
     return 0
+
+
+def _describe_for_listing(path: Path) -> str:
+    """The family line of ``huabi models``; a file that cannot be read is ``unreadable (reason)``,
+    one that reads but is no known model is ``unrecognised (reason)``."""
+    from huabi.models.detect import describe_model_file, detect
+    from huabi.models.formats import read_state_dict_shapes
+
+    def first_line(err: BaseException) -> str:
+        text = str(err).strip()
+        return text.splitlines()[0] if text else type(err).__name__
+
+    if path.suffix.lower() == ".gguf":  # described from its header: any failure is a read failure
+        try:
+            return describe_model_file(path)
+        except Exception as err:  # noqa: BLE001  (a listing survives any one broken file)
+            return f"unreadable ({first_line(err)})"
+    try:
+        tensors, metadata = read_state_dict_shapes(path)
+    except Exception as err:  # noqa: BLE001
+        return f"unreadable ({first_line(err)})"
+    try:
+        found = detect(tensors, metadata=metadata, source=path.name)
+    except Exception as err:  # noqa: BLE001
+        return f"unrecognised ({first_line(err)})"
+    prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
+    return f"{found.family.value} {found.variant.value} {prediction}"
 
 
 class _ProgressBar:
@@ -420,8 +461,25 @@ COMMANDS = {
 }
 
 
+def check_argv_encoding(argv: list[str]) -> None:
+    """Python hands undecodable argv bytes over as lone surrogates; name the argument instead
+    of failing later inside the tokenizer (``huabi generate $'caf\\xe9'``)."""
+    for index, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise HuabiError(f"argument {index} ('{shown}') is not valid UTF-8; "
+                             "check the terminal's encoding (e.g. LANG=C.UTF-8)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_argv_encoding(argv)
+    except HuabiError as err:
+        print(f"huabi: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     parser = build_parser()
     if argv and argv[0] in PASS_THROUGH:
         # Sub-tools parse their own arguments (argparse cannot pass a leading --help through).
@@ -437,6 +495,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("huabi: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> int:
+    """``huabi info x.png | head``: the reader left; stop quietly with SIGPIPE's status, as git does.
+    stdout is pointed at /dev/null so the interpreter's final flush does not complain again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -54,11 +54,11 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from huabi.core.request import MAX_SIDE_PX, GenerationRequest
+from huabi.core.request import MAX_SEED, MAX_SIDE_PX, GenerationRequest
 from huabi.errors import HuabiError
 
 MJ_BATCH_SIZE = 4  # Midjourney returns four images per prompt, shown as a 2x2 grid
-MJ_MAX_SEED = 4294967295
+MJ_MAX_SEED = MAX_SEED  # the one seed rule of GenerationRequest
 SIZE_STEP_PX = 64
 QUALITY_VALUES = (0.25, 0.5, 1.0, 2.0)
 CHAOS_MAX_CFG_PULL = 0.8  # at --chaos 100 an image's CFG scale may fall up to 80% of the way to 1

@@ -19,7 +19,7 @@ from huabi.core.names import (
 )
 from huabi.errors import HuabiError
 
-MAX_SEED = 2**32 - 1  # A1111 draws random seeds below 2**32; larger ones still load from infotext
+MAX_SEED = 2**32 - 1  # one seed rule everywhere (A1111 draws random seeds below 2**32; Midjourney caps --seed here)
 MAX_SIDE_PX = 8192
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
@@ -94,6 +94,9 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise HuabiError("prompt: must be text")
+        for field, label in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
+            if "\0" in str(getattr(self, field)):  # refused now, not at save time after sampling
+                raise HuabiError(f"{label}: contains a NUL character, which an image's infotext cannot hold")
         sampler = canonical_sampler_name(self.sampler)
         if sampler is None:
             raise HuabiError(
@@ -114,14 +117,15 @@ class GenerationRequest:
             raise HuabiError(f"cfg_scale: must be a number from 0 to 100, got {self.cfg_scale!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise HuabiError(f"seed: must be an integer, got {self.seed!r}")
-        if self.seed != -1 and not 0 <= self.seed <= 2**63 - 1 - self.batch_size * self.batch_count:
-            raise HuabiError(f"seed: must be -1 (random) or a non-negative integer, got {self.seed}")
+        if self.seed != -1 and not 0 <= self.seed <= MAX_SEED:  # one rule: CLI, Midjourney --seed, infotext
+            raise HuabiError(f"seed: must be -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if not isinstance(self.tile, bool):
             raise HuabiError(f"tile: must be True or False, got {self.tile!r}")
         if not isinstance(self.variation_seed, int) or isinstance(self.variation_seed, bool):
             raise HuabiError(f"variation_seed: must be an integer, got {self.variation_seed!r}")
-        if self.variation_seed != -1 and not 0 <= self.variation_seed <= 2**63 - 1 - self.batch_size * self.batch_count:
-            raise HuabiError(f"variation_seed: must be -1 (random) or a non-negative integer, got {self.variation_seed}")
+        if self.variation_seed != -1 and not 0 <= self.variation_seed <= MAX_SEED:
+            raise HuabiError(f"variation seed: must be -1 (random) or a whole number from 0 to {MAX_SEED}, "
+                             f"got {self.variation_seed}")
         strength = self.variation_strength
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
             raise HuabiError(f"variation_strength: must be a number from 0 to 1, got {strength!r}")

@@ -97,28 +97,49 @@ def read_safetensors_header(path: Path) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HuabiError(f"{path.name}: not a safetensors file: header is not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:  # "[[[[..." 200,000 deep: refuse rather than overflow the stack
+        raise HuabiError(f"{path.name}: not a safetensors file: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise HuabiError(f"{path.name}: not a safetensors file: header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise HuabiError(f"{path.name}: corrupt safetensors header: __metadata__ must map names to strings")
     data_len = size - 8 - header_len
-    data_end = 0
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype_bytes = _SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
-            start, end = (int(v) for v in entry["data_offsets"])
+            start, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if not all(type(v) is int and v >= 0 for v in (start, end, *shape)):
+                raise ValueError
             numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
+            for dim in shape:
+                numel *= dim
         except (KeyError, TypeError, ValueError):
             raise HuabiError(f"{path.name}: not a safetensors file: bad header entry for tensor {name!r}") from None
-        if end - start != numel * dtype_bytes or start < 0:
+        if end - start != numel * dtype_bytes:
             raise HuabiError(f"{path.name}: corrupt safetensors header: tensor {name!r} offsets do not match its shape")
-        data_end = max(data_end, end)
-    if data_end > data_len:
+        spans.append((start, end, name))
+    # Like the safetensors library: tensors tile the data region exactly, in offset order.
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            problem = "overlaps another tensor" if start < position else "leaves a gap before it"
+            raise HuabiError(f"{path.name}: corrupt safetensors header: tensor {name!r} {problem}")
+        position = end
+    if position > data_len:
         raise HuabiError(
-            f"{path.name}: truncated safetensors file: tensor data needs {data_end} bytes "
+            f"{path.name}: truncated safetensors file: tensor data needs {position} bytes "
             f"but only {data_len} are present (incomplete download?)"
+        )
+    if position < data_len:
+        raise HuabiError(
+            f"{path.name}: corrupt safetensors file: {data_len - position} bytes after the last tensor's data"
         )
     return header
 
@@ -166,9 +187,35 @@ def load_pickle_safely(path: Path, what: str):
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle_refusal(path, exc, what) from None
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HuabiError(f"{what} {path.name}: cannot read it safely ({first_line[:160]})") from None
+        raise HuabiError(f"{what} {path.name}: cannot read it safely ({_plain_first_line(exc)})") from None
+
+
+def pickle_refusal(path: Path, exc: BaseException, what: str = "", noun: str = "file") -> HuabiError:
+    """huabi's own one-line words for a pickle that ``weights_only`` refused (torch's text is a
+    paragraph about its defaults): code-carrying files say so; other failures name the fault."""
+    reason = str(exc).lower()
+    named = f"{what} {path.name}" if what else path.name
+    if "unsupported global" in reason or "reduce" in reason or "global" in reason.split("weightsunpickler error:")[-1]:
+        return HuabiError(
+            f"{named}: this {noun} needs code execution to load (it pickles Python objects, not just tensors) "
+            "and huabi never executes code from a model file; convert it to .safetensors with a tool you trust"
+        )
+    detail = str(exc).split("WeightsUnpickler error:")[-1]
+    if noun == "checkpoint":
+        return HuabiError(f"{named}: not a readable PyTorch checkpoint ({_plain_first_line(detail) or 'bad pickle'})")
+    return HuabiError(f"{named}: cannot read it safely ({_plain_first_line(detail) or 'bad pickle'})")
+
+
+def _plain_first_line(error: object) -> str:
+    """The first line of an error text, ANSI colour codes and control characters removed, at most 160 characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error)).strip()
+    first = text.splitlines()[0] if text else (type(error).__name__ if isinstance(error, BaseException) else "")
+    return "".join(ch if ch.isprintable() else " " for ch in first)[:160]
 
 
 def read_tensor_file(path: Path, what: str) -> dict:
@@ -210,15 +257,7 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         # torch reports both "needs a Python global/callable" and plain garbage as
         # UnpicklingError; only the first is about code execution.
-        reason = str(exc).lower()
-        if "unsupported global" in reason or "reduce" in reason or "global" in reason.split("weightsunpickler error:")[-1]:
-            raise HuabiError(
-                f"{path.name}: this checkpoint needs code execution to load (it pickles Python objects, "
-                f"not just tensors) and huabi never executes code from a model file; "
-                f"convert it to .safetensors with a tool you trust"
-            ) from None
-        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(exc).strip() else "bad pickle"
-        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({detail})") from None
+        raise pickle_refusal(path, exc, noun="checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     # Training checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}.
@@ -360,8 +399,11 @@ def _load_text_encoder(folder: Path, component: str) -> torch.nn.Module:
     model_class = getattr(transformers, class_name)
     try:
         return model_class.from_pretrained(str(folder / component), local_files_only=True)
-    except OSError as exc:
-        raise HuabiError(f"{folder / component}: cannot load text encoder ({str(exc).splitlines()[0]})") from None
+    except pickle.UnpicklingError as exc:  # a .bin text encoder that needs code: the same words as the UNet's
+        weights = next((folder / component).glob("*.bin"), folder / component / "pytorch_model.bin")
+        raise pickle_refusal(weights, exc, "text encoder") from None
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise HuabiError(f"{folder / component}: cannot load text encoder ({_plain_first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------- writing

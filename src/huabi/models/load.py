@@ -138,6 +138,17 @@ def read_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_float_weights(tensors: dict, source: str, skip=()) -> None:
+    """Refuse a file whose layer weights are integers (an all-integer or integer-quantized
+    checkpoint): torch would fail deep inside ``load_state_dict`` with a page of text."""
+    bad = [name for name, tensor in tensors.items()
+           if name.endswith((".weight", ".bias")) and name not in skip
+           and not (tensor.is_floating_point() or tensor.is_complex())]
+    if bad:
+        raise HuabiError(f"{source}: {len(bad)} of its layer weights are integers, not floating point "
+                         f"(first: {bad[0]}, {tensors[bad[0]].dtype}); not a usable model (integer-quantized or corrupted?)")
+
+
 def load_model(
     path: str | Path,
     *,
@@ -174,6 +185,7 @@ def load_model(
         state_dict, metadata = with_companion_parts(path, state_dict, metadata, base)
     else:
         state_dict, metadata = read_state_dict(path)
+    check_float_weights(state_dict, path.name, skip=packed)
     detected: Detected = detect(state_dict, metadata=metadata, source=path.name)
     family = detected.family
 
@@ -186,6 +198,7 @@ def load_model(
     else:
         _pop_prefixed(state_dict, VAE_PREFIX)  # the checkpoint's own VAE is not used
         vae_sd = read_vae_file(vae_source)
+        check_float_weights(vae_sd, vae_source.name)
     provisional_prediction = prediction or detected.prediction
     vae_config = vae_config_from_vae(
         vae_sd,

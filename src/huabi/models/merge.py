@@ -49,6 +49,10 @@ _COPY_FROM_A = ("huabi.", "v_pred")
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 
 
+# The multiplier M: 0..1 interpolates; a little beyond extrapolates (supermerger allows -1..2).
+MIN_ALPHA, MAX_ALPHA = -1.0, 2.0
+
+
 @dataclass(frozen=True)
 class MergeSpec:
     mode: str
@@ -61,6 +65,8 @@ class MergeSpec:
             raise HuabiError(f"merge: unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
         if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
             raise HuabiError(f"merge: alpha must be a number, got {self.alpha!r}")
+        if not MIN_ALPHA <= self.alpha <= MAX_ALPHA:  # far outside this the weights are noise (or inf)
+            raise HuabiError(f"merge: --alpha must be from {MIN_ALPHA:g} to {MAX_ALPHA:g}, got {self.alpha:g}")
         if self.dtype is not None and self.dtype not in ("fp32", "fp16", "bf16"):
             raise HuabiError(f"merge: unknown dtype {self.dtype!r}; valid: fp32, fp16, bf16")
 
@@ -94,6 +100,8 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
             values.append(float(part))
         except ValueError:
             raise HuabiError(f"merge: --mbw value {index + 1} is not a number: {part!r}") from None
+        if not MIN_ALPHA <= values[-1] <= MAX_ALPHA:  # also refuses nan and inf
+            raise HuabiError(f"merge: --mbw value {index + 1} must be from {MIN_ALPHA:g} to {MAX_ALPHA:g}, got {part}")
     return tuple(values)
 
 

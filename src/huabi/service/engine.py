@@ -88,11 +88,29 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise HuabiError(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HuabiError(f"device: {name} requested but no CUDA device is available")
+    except (RuntimeError, TypeError) as err:
+        raise HuabiError(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N, mps)") from None
+    check_device_available(device, name)
     return device
+
+
+def check_device_available(device: torch.device, name: str) -> None:
+    """Refuse, in one line and before any work, a device this torch build or machine lacks."""
+    if device.type == "cpu":
+        return
+    backends = {
+        "cuda": (torch.cuda.is_available, torch.cuda.device_count),
+        "mps": (lambda: torch.backends.mps.is_available(), lambda: 1),
+        "xpu": (lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+                lambda: torch.xpu.device_count() if hasattr(torch, "xpu") else 0),
+    }
+    if device.type not in backends:
+        raise HuabiError(f"device: huabi cannot run on {name!r} (use auto, cpu, cuda, cuda:N, mps)")
+    is_available, count = backends[device.type]
+    if not is_available():
+        raise HuabiError(f"device: {name} requested but this machine (or torch build) has no {device.type} device")
+    if device.index is not None and device.index >= count():
+        raise HuabiError(f"device: {name} requested but there are only {count()} {device.type} device(s)")
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from huabi.errors import HuabiError
+from huabi.service.pngio import open_image
 from huabi.pipelines.img2img import image_to_tensor  # noqa: F401  (re-exported for interfaces)
 from huabi.pipelines.inpaint import mask_to_tensor, tensor_to_mask  # noqa: F401
 
@@ -29,18 +30,10 @@ def canonical_resize_mode(name: str) -> str:
 
 def load_image(path: str | Path, *, what: str = "image") -> Image.Image:
     """An image file as RGB, EXIF rotation applied (an alpha channel is dropped, as A1111's RGB convert does)."""
-    path = Path(path).expanduser()
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise HuabiError(f"{what}: {path}: no such file") from None
-    except IsADirectoryError:
-        raise HuabiError(f"{what}: {path}: is a folder, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise HuabiError(f"{what}: {path}: not a readable image ({type(err).__name__})") from None
+    with open_image(path, what=what) as opened:  # pixel limit and one-line errors
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+        return image.convert("RGB")
 
 
 def load_mask(path: str | Path, width_px: int, height_px: int) -> Image.Image:
@@ -49,22 +42,14 @@ def load_mask(path: str | Path, width_px: int, height_px: int) -> Image.Image:
     A mask of another size is stretched to the image, as A1111 does. An alpha
     channel, if any, counts: transparent pixels are black (kept).
     """
-    path = Path(path).expanduser()
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            mask = ImageOps.exif_transpose(opened)
-            if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-                rgba = mask.convert("RGBA")
-                black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                mask = Image.alpha_composite(black, rgba)
-            mask = mask.convert("L")
-    except FileNotFoundError:
-        raise HuabiError(f"mask: {path}: no such file") from None
-    except IsADirectoryError:
-        raise HuabiError(f"mask: {path}: is a folder, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise HuabiError(f"mask: {path}: not a readable image ({type(err).__name__})") from None
+    with open_image(path, what="mask") as opened:  # pixel limit and one-line errors
+        opened.load()
+        mask = ImageOps.exif_transpose(opened)
+        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            rgba = mask.convert("RGBA")
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            mask = Image.alpha_composite(black, rgba)
+        mask = mask.convert("L")
     if mask.size != (width_px, height_px):
         mask = mask.resize((width_px, height_px), Image.Resampling.BILINEAR)
     return mask

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -206,33 +207,150 @@ def _move_without_overwrite(temp: Path, target: Path) -> None:
         os.replace(temp, target)
 
 
+# Limits on what huabi reads from an image file (docs/limits.md). A 74-byte PNG can claim
+# 60000x60000 pixels, and a few hundred KB of zTXt can inflate to gigabytes: both are
+# refused before any decoding, with one line naming the file.
+MAX_IMAGE_PIXELS = 2**27  # 134,217,728 pixels: e.g. 16384x8192 or 11585x11585
+MAX_TEXT_CHUNK_BYTES = 2**20  # one PNG text chunk, stored or decompressed: 1 MiB (A1111 writes a few KB)
+MAX_PNG_CHUNKS = 100_000  # chunks walked looking for the infotext
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike[str], *, what: str = "image"):
+    """``Image.open`` with huabi's limits and one-line errors: a missing file, a folder, a
+    non-image, a decompression bomb (more than ``MAX_IMAGE_PIXELS``) or a decoding failure
+    inside the ``with`` block all become ``HuabiError`` naming ``what`` and the file."""
+    source = Path(path).expanduser()
+    named = f"{what}: {source}" if what else str(source)
+    try:
+        opened = Image.open(source)
+    except FileNotFoundError:
+        raise HuabiError(f"{named}: no such file") from None
+    except IsADirectoryError:
+        raise HuabiError(f"{named}: is a folder, not an image") from None
+    except Image.DecompressionBombError:
+        raise HuabiError(f"{named}: image is larger than huabi's limit of {MAX_IMAGE_PIXELS:,} pixels "
+                         "(a decompression bomb?)") from None
+    except ValueError as error:  # Pillow's own text-chunk limits
+        raise HuabiError(f"{named}: not a readable image ({_first_line(error)})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise HuabiError(f"{named}: not a readable image ({type(error).__name__})") from None
+    with opened:
+        width, height = opened.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise HuabiError(f"{named}: {width}x{height} is more than huabi's limit of "
+                             f"{MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)")
+        try:
+            yield opened
+        except HuabiError:
+            raise
+        except Image.DecompressionBombError:
+            raise HuabiError(f"{named}: image is larger than huabi's limit of {MAX_IMAGE_PIXELS:,} pixels") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise HuabiError(f"{named}: not a readable image ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:160] if text else type(error).__name__
+
+
 def read_infotext(path: str | os.PathLike[str]) -> str:
     """The infotext stored in an image: PNG ``parameters`` text, or JPEG/WebP EXIF UserComment.
 
-    Raises ``HuabiError`` naming the file if it is missing, not an image, or
-    carries no generation parameters.
+    PNG text chunks are read by huabi itself, within ``MAX_TEXT_CHUNK_BYTES`` and
+    ``MAX_PNG_CHUNKS``. Raises ``HuabiError`` naming the file if it is missing,
+    not an image, over a limit, or carries no generation parameters.
     """
     source = Path(path)
     if not source.is_file():
         raise HuabiError(f"{source}: no such file")
-    try:
-        with Image.open(source) as image:
-            text = _infotext_of(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise HuabiError(f"{source}: not an image file (or one Pillow cannot read)") from None
-    except OSError as error:
-        raise HuabiError(f"{source}: cannot read image ({error})") from None
+    text = read_png_text(source, INFOTEXT_KEY)
+    if text is None:
+        try:
+            with open_image(source, what="") as image:
+                text = _exif_infotext(image)
+        except HuabiError as error:
+            if "not a readable image (UnidentifiedImageError)" in str(error):
+                raise HuabiError(f"{source}: not an image file (or one Pillow cannot read)") from None
+            raise
     if not text or not text.strip():
         raise HuabiError(f"{source}: no generation parameters in this image")
     return text
 
 
-def _infotext_of(image: Image.Image) -> str | None:
+def read_png_text(path: str | os.PathLike[str], key: str) -> str | None:
+    """The first PNG text chunk (tEXt, zTXt or iTXt) named ``key``; None if the file is not a
+    PNG or has no such chunk. Pixel data is skipped, not decoded; a chunk over
+    ``MAX_TEXT_CHUNK_BYTES`` (stored or inflated) is an error, not a memory blow-up."""
+    source = Path(path)
+    wanted = key.encode("latin-1")
+    try:
+        with open(source, "rb") as handle:
+            if handle.read(8) != _PNG_SIGNATURE:
+                return None
+            for _ in range(MAX_PNG_CHUNKS):
+                head = handle.read(8)
+                if len(head) < 8:
+                    return None
+                length = int.from_bytes(head[:4], "big")
+                kind = head[4:]
+                if kind == b"IEND":
+                    return None
+                if kind not in _TEXT_CHUNKS:
+                    handle.seek(length + 4, os.SEEK_CUR)  # data and CRC
+                    continue
+                keyword = handle.read(min(length, 80)).split(b"\0", 1)[0]
+                if keyword != wanted:
+                    handle.seek(length - min(length, 80) + 4, os.SEEK_CUR)
+                    continue
+                if length > MAX_TEXT_CHUNK_BYTES:
+                    raise HuabiError(f"{source}: the {key!r} text chunk is {length:,} bytes, more than huabi's "
+                                     f"limit of {MAX_TEXT_CHUNK_BYTES:,}")
+                handle.seek(-min(length, 80), os.SEEK_CUR)
+                data = handle.read(length)
+                if len(data) < length:
+                    raise HuabiError(f"{source}: truncated PNG (the {key!r} text chunk is cut short)")
+                return _decode_text_chunk(source, kind, data, key)
+    except OSError as error:
+        raise HuabiError(f"{source}: cannot read it ({error.strerror or error})") from None
+    raise HuabiError(f"{source}: more than {MAX_PNG_CHUNKS:,} PNG chunks before the infotext; not reading on")
+
+
+def _decode_text_chunk(source: Path, kind: bytes, data: bytes, key: str) -> str:
+    _keyword, _, rest = data.partition(b"\0")
+    if kind == b"tEXt":
+        return rest.decode("latin-1")
+    if kind == b"zTXt":  # compression method byte, then zlib data
+        return _inflate(source, rest[1:], key).decode("latin-1")
+    # iTXt: compression flag, method, language tag\0, translated keyword\0, UTF-8 text
+    if len(rest) < 2:
+        raise HuabiError(f"{source}: malformed iTXt chunk {key!r}")
+    compressed = rest[0] == 1
+    _language, _, rest = rest[2:].partition(b"\0")
+    _translated, _, text = rest.partition(b"\0")
+    if compressed:
+        text = _inflate(source, text, key)
+    return text.decode("utf-8", errors="replace")
+
+
+def _inflate(source: Path, data: bytes, key: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT_CHUNK_BYTES)
+    except zlib.error:
+        raise HuabiError(f"{source}: the {key!r} text chunk is not valid compressed data") from None
+    if inflater.unconsumed_tail:
+        raise HuabiError(f"{source}: the {key!r} text chunk inflates to more than huabi's limit of "
+                         f"{MAX_TEXT_CHUNK_BYTES:,} bytes (a compression bomb?)")
+    return text
+
+
+def _exif_infotext(image: Image.Image) -> str | None:
+    """JPEG/WebP: A1111's EXIF UserComment (or a ``parameters`` entry Pillow found)."""
     text = image.info.get(INFOTEXT_KEY)
-    if text is None and image.format == "PNG":
-        # Text chunks after the pixel data show up only once the image is loaded.
-        image.load()
-        text = getattr(image, "text", {}).get(INFOTEXT_KEY)
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     if text:

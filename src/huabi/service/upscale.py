@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from huabi.errors import HuabiError
 from huabi.models.upscalers import UpscalerModel
@@ -56,12 +56,11 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise HuabiError(f"image: {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise HuabiError(f"image: {path.name}: not an image file Pillow can read ({type(err).__name__})") from None
+    from huabi.service.pngio import open_image as open_limited
+
+    with open_limited(path, what="image") as image:  # pixel limit and one-line errors
+        image.load()
+        return image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGBA" if "A" in image.getbands() else "RGB")
 
 
 def target_size(width_px: int, height_px: int, scale: float) -> tuple[int, int]:
