@@ -258,8 +258,8 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         # torch reports both "needs a Python global/callable" and plain garbage as
         # UnpicklingError; only the first is about code execution.
         raise pickle_refusal(path, exc, noun="checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001  (a damaged pickle fails in many ways; weights_only ran no code)
+        raise HuabiError(f"{path.name}: not a readable PyTorch checkpoint ({_plain_first_line(exc)})") from None
     # Training checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}.
     while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
