@@ -129,7 +129,7 @@ def bad_inputs(tmp_path: Path, sd1_file: Path) -> dict[str, tuple[list[str], str
     return {
         "unknown sampler": (["generate", "x", "--sampler", "Eular", *common], "unknown sampler 'Eular'; valid: Euler, Euler a"),
         "unknown schedule": (["generate", "x", "--schedule", "Fancy", *common], "unknown schedule type 'Fancy'; valid: Automatic"),
-        "size not multiple of 8": (["generate", "x", "--size", "100x64", *common], "width_px: must be a multiple of 8, got 100"),
+        "size not multiple of 8": (["generate", "x", "--size", "100x64", *common], "--size width: must be a multiple of 8, got 100"),
         "malformed size": (["generate", "x", "--size", "big", *common], "size: expected WIDTHxHEIGHT"),
         "absurd size": (["generate", "x", "--size", "8192x8192", "--batch-size", "64", *common], "GiB free; use a smaller size or batch"),
         "steps < 1": (["generate", "x", "--steps", "0", *common], "steps: must be from 1 to 1000, got 0"),

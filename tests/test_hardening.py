@@ -475,3 +475,89 @@ def test_piping_into_head_is_quiet(tmp_path):
     stderr = run_.stderr.read().decode()
     assert run_.wait(timeout=120) == 141
     assert stderr == ""
+
+
+# --------------------------------------------------------------------------- CLI papercuts
+
+
+def test_mistyped_flag_suggests_the_nearest_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--stpes", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("huabi generate: error: unrecognized argument --stpes; did you mean --steps? "
+                                       "(see huabi generate --help)\n")
+
+
+@pytest.mark.parametrize("argv", [["generate", "x", "--step", "2"], ["merge", "a", "b", "--alph", "0.3", "--out", "m"],
+                                  ["preprocess", "x.png", "--out", "y.png", "--modul", "canny"]])
+def test_abbreviated_flags_are_not_taken(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized argument" in err and len(err.splitlines()) == 1
+
+
+def test_every_generate_flag_is_described_and_samplers_are_listed():
+    from huabi.cli.main import build_parser
+    from huabi.core.names import SAMPLER_NAMES, SCHEDULE_NAMES
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    undescribed = [action.option_strings for action in generate._actions
+                   if action.option_strings and not action.help]
+    assert undescribed == []
+    text = " ".join(generate.format_help().split())
+    assert all(name in text for name in SAMPLER_NAMES) and all(name in text for name in SCHEDULE_NAMES)
+
+
+def test_train_help_says_huabi_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert capsys.readouterr().out.startswith("usage: huabi train ")
+
+
+def test_errors_say_the_users_words(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "x", "--size", "100x64", "--out", tmp_path)
+    assert code == 2 and err == "huabi: error: --size width: must be a multiple of 8, got 100\n"
+    code, _, err = run(capsys, "generate", "x", "--cfg", "500", "--out", tmp_path)
+    assert code == 2 and err.startswith("huabi: error: --cfg: must be a number from 0 to 100")
+
+
+def test_missing_model_lists_what_the_models_folder_holds(capsys, sd1_file, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    code, _, err = run(capsys, "generate", "x", "--model", "dreamshaper", "--models-dir", models, "--out", tmp_path)
+    assert code == 2 and f"in {models} (it holds no models); pass --model PATH" in err
+    shutil.copy(sd1_file, models / "anything-v5.safetensors")
+    code, _, err = run(capsys, "generate", "x", "--model", "dreamshaper", "--models-dir", models, "--out", tmp_path)
+    assert code == 2 and f"in {models} (it holds: anything-v5); pass --model PATH" in err
+    code, _, err = run(capsys, "generate", "x", "--model", "dreamshaper", "--models-dir", tmp_path / "nope",
+                       "--out", tmp_path)
+    assert code == 2 and "(that folder does not exist; set HUABI_MODELS_DIR or --models-dir)" in err
+
+
+def test_quiet_silences_library_progress_bars(capfd, tiny_sd1_folder, tmp_path):
+    capfd.readouterr()
+    code = main(["generate", "x", "--model", str(tiny_sd1_folder), "--steps", "1", "--size", "64x64",
+                 "--out", str(tmp_path), "--quiet"])
+    captured = capfd.readouterr()
+    assert code == 0
+    assert captured.err == ""  # no "Loading weights" / "Writing model shards" bars from transformers
+
+
+def test_first_progress_reading_has_no_absurd_rate(monkeypatch):
+    import io
+
+    from huabi.cli import main as cli_main
+
+    stream = io.StringIO()
+    monkeypatch.setattr(cli_main.sys, "stderr", stream)
+    bar = cli_main._ProgressBar(enabled=True)
+    bar.update(1, 20)  # the first step just finished, microseconds after the bar appeared
+    bar.close()
+    first = stream.getvalue()
+    assert " 1/20 " in first and "?step/s" in first  # no rate from a single reading
+

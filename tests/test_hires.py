@@ -112,7 +112,7 @@ def test_unknown_upscaler_lists_the_valid_names():
 def test_cli_bad_hires_input(capsys, sd1_file, tmp_path):
     code, _out, err = run(capsys, "generate", "x", "--model", sd1_file, "--hires", "--hires-scale", "8",
                           "--out", tmp_path, "--quiet")
-    assert code != 0 and "hires_scale: must be a number from 1 to 4, got 8.0" in err
+    assert code != 0 and "--hires-scale: must be a number from 1 to 4, got 8.0" in err
     code, _out, err = run(capsys, "generate", "x", "--model", sd1_file, "--hires-resize", "big",
                           "--out", tmp_path, "--quiet")
     assert code != 0 and "hires resize: expected WIDTHxHEIGHT such as 1024x1024, got 'big'" in err

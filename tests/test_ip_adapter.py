@@ -363,9 +363,9 @@ def test_bad_inputs_are_one_line_errors(capsys, adapter_models, tiny_sd1_file, t
         (["--model", tiny_sd1_file, "--ip-adapter", "ip-adapter_tiny_sd15", "--ip-image", tmp_path / "missing.png"],
          "IP-Adapter image: " + str(tmp_path / "missing.png") + ": no such file"),
         (["--model", tiny_sd1_file, "--ip-adapter", "ip-adapter_tiny_sd15"],
-         "ip_adapter: an IP-Adapter needs an image (--ip-image) and an image needs --ip-adapter"),
+         "--ip-adapter: an IP-Adapter needs an image (--ip-image) and an image needs --ip-adapter"),
         (["--model", tiny_sd1_file, "--ip-adapter", "ip-adapter_tiny_sd15", "--ip-image", image_path, "--ip-weight", "4"],
-         "ip_weight: must be a number from 0 to 3, got 4.0"),
+         "--ip-weight: must be a number from 0 to 3, got 4.0"),
     ]
     for extra, message in cases:
         code, out, err = run(capsys, "generate", "a cat", *common, *extra)

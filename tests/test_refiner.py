@@ -235,11 +235,12 @@ def test_cli_refiner_errors(capsys, tiny_sdxl_file, refiner_file, tmp_path):
         (("--refiner", tmp_path / "none.safetensors"),
          f"huabi: error: refiner: {tmp_path / 'none.safetensors'}: no such file"),
         (("--refiner", "0123456789ab"),  # e.g. an A1111 image's refiner hash that is not in the models folder
-         f"huabi: error: refiner: no model named or hashed '0123456789ab' in {tmp_path}; pass --refiner PATH"),
+         f"huabi: error: refiner: no model named or hashed '0123456789ab' in {tmp_path} (it holds no models); "
+         "pass --refiner PATH"),
         (("--refiner", tiny_sdxl_file),
          "huabi: error: refiner: tiny_sdxl_base_epsilon is a sdxl model, not an SDXL refiner"),
         (("--refiner", refiner_file, "--refiner-switch-at", "0"),
-         "huabi: error: refiner_switch_at: must be a number above 0 and at most 1, got 0.0"),
+         "huabi: error: --refiner-switch-at: must be a number above 0 and at most 1, got 0.0"),
     ]
     for extra, message in cases:
         code, _out, err = run(capsys, "generate", "x", "--steps", "1", "--size", "64x64", "--quiet",

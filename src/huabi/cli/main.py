@@ -19,13 +19,14 @@ from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
+from huabi.cli.parsing import HuabiArgumentParser, in_user_words, quiet_libraries
 from huabi.errors import HuabiError
 
 EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HuabiArgumentParser(  # no abbreviations, nearest-flag suggestions; sub-parsers inherit it
         prog="huabi", description="huabi (画笔): a local, offline AI painting studio."
     )
     parser.add_argument("--version", action="version", version=f"huabi {__version__}")
@@ -57,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--refiner-hires-pass", choices=("first", "second", "both"),
                      help="with --hires: the pass(es) the refiner takes over in (default second, as A1111)")
     add_attention_adapter_options(gen)
-    gen.add_argument("--batch-size", type=int)
-    gen.add_argument("--batch-count", type=int)
-    gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--batch-size", type=int, metavar="N",
+                     help="images sampled together in one batch, 1..64 (default 1); image i gets seed + i")
+    gen.add_argument("--batch-count", type=int, metavar="N",
+                     help="how many batches to run one after another (default 1)")
+    gen.add_argument("--clip-skip", type=int, metavar="N",
+                     help="use the text encoder's N-th layer from the end, 1..12 (default 1; 2 for many anime models)")
     gen.add_argument("--tile", action="store_true", default=None,
                      help="seamless tileable image (also: --tile at the end of the prompt)")
     gen.add_argument("--mj", action="store_true",
@@ -107,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 def add_sampling_options(parser: argparse.ArgumentParser, *, size_help: str,
                          seed_help: str = "-1 for random (the chosen seed is recorded)") -> None:
     """The sampling flags every image-making command shares (generate, edit, xyz)."""
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale")
-    parser.add_argument("--sampler", help="sampler name as A1111 spells it, e.g. 'DPM++ 2M', 'Euler a'")
-    parser.add_argument("--schedule", help="schedule type: Automatic, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM")
+    from huabi.core.names import SAMPLER_NAMES, SCHEDULE_NAMES
+
+    parser.add_argument("--steps", type=int, metavar="N", help="sampling steps, 1..1000 (default 20)")
+    parser.add_argument("--cfg", dest="cfg_scale", type=float, metavar="SCALE",
+                        help="CFG scale: how closely to follow the prompt, 0..100 (default 7)")
+    parser.add_argument("--sampler", metavar="NAME",
+                        help=f"sampler as A1111 spells it (default DPM++ 2M): {', '.join(SAMPLER_NAMES)}")
+    parser.add_argument("--schedule", metavar="TYPE",
+                        help=f"schedule type (default Automatic: the sampler's own): {', '.join(SCHEDULE_NAMES)}")
     parser.add_argument("--seed", type=int, help=seed_help)
     parser.add_argument("--size", help=size_help)
 
@@ -420,7 +429,9 @@ class _ProgressBar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+            # The clock starts at the first reported step, so the first rate shown is a real one
+            # (not "110376 step/s" from one step over the microseconds since the bar was made).
+            self._bar = tqdm(total=total, initial=done, unit="step", file=sys.stderr, dynamic_ncols=True)
         self._bar.n = done
         self._bar.refresh()
 
@@ -441,7 +452,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from huabi.train.__main__ import main as train_main
 
-    return train_main(list(args.rest))
+    return train_main(list(args.rest), prog="huabi train")
 
 
 PASS_THROUGH = ("data", "train")
@@ -486,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except HuabiError as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"huabi: error: {message}", file=sys.stderr)
+        print(f"huabi: error: {in_user_words(message)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("huabi: interrupted", file=sys.stderr)

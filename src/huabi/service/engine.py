@@ -226,9 +226,17 @@ class Engine:
             for entry in entries:
                 if entry.path.is_file() and model_short_hash(entry.path).startswith(wanted[:10]):
                     return entry.path
-        raise HuabiError(
-            f"model: no model named or hashed {ref!r} in {self.models_dir}; pass --model PATH"
-        )
+        raise HuabiError(f"model: no model named or hashed {ref!r} in {self.models_dir} "
+                         f"({self._models_summary(entries)}); pass --model PATH")
+
+    def _models_summary(self, entries: list[ModelEntry]) -> str:
+        """What the models folder holds, for a missing-model error."""
+        names = [entry.name for entry in entries if entry.name != BUILTIN_MODEL_NAME]
+        if not self.models_dir.is_dir():
+            return "that folder does not exist; set HUABI_MODELS_DIR or --models-dir"
+        if not names:
+            return "it holds no models"
+        return "it holds: " + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
     def load(self, model: str | None, vae: str | None = None) -> ModelBundle:
         path = self.resolve_model_path(model)

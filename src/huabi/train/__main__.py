@@ -15,10 +15,10 @@ from pathlib import Path
 from huabi.errors import HuabiError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser:
     from huabi.train.recipe import DEFAULT_DATA_DIR, DEFAULT_STATE_DIR, STAGES
 
-    parser = argparse.ArgumentParser(prog="python -m huabi.train", description="huabi's training recipes")
+    parser = argparse.ArgumentParser(prog=prog, description="huabi's training recipes", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     mini = sub.add_parser("mini", help="train (or resume) the built-in huabi-mini model")
     mini.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help=f"captioned image folder (default {DEFAULT_DATA_DIR})")
@@ -62,10 +62,10 @@ def install_stop_handlers() -> dict:
     return stop
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.train") -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         import torch
 
