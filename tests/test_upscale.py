@@ -237,7 +237,7 @@ def test_cli_with_model_file(tmp_path, capsys):
 def test_bad_inputs(tmp_path, capsys):
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
-    with pytest.raises(HuabiError, match=r"image: notes.png: not an image file"):
+    with pytest.raises(HuabiError, match=r"image: .*notes.png: not a readable image \(UnidentifiedImageError\)$"):
         open_image(not_image)
     with pytest.raises(HuabiError, match=r"image: .*missing.png: no such file"):
         open_image(tmp_path / "missing.png")
