@@ -268,5 +268,5 @@ def test_bad_inputs(tmp_path, capsys):
     assert main(["upscale", str(not_image)]) == 2
     assert main(["upscale", str(not_image), "--scale", "12"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert errors == ["huabi: error: image: notes.png: not an image file Pillow can read (UnidentifiedImageError)",
+    assert errors == [f"huabi: error: image: {not_image}: not a readable image (UnidentifiedImageError)",
                       "huabi: error: scale: must be a number from 1 to 8, got 12.0"]
