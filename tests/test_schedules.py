@@ -193,6 +193,7 @@ AUTOMATIC = {
     "DPM2 a": "Karras",
     "DPM++ 2M": "Karras",
     "DPM++ 2M SDE": "Exponential",
+    "DPM++ 3M SDE": "Exponential",
     "DPM++ SDE": "Karras",
     "DPM++ 2S a": "Karras",
     "DDIM": "DDIM",
@@ -208,7 +209,7 @@ def test_automatic_table_covers_every_sampler():
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_automatic_resolves_to_a1111_default(diffusers_schedule, sampler):
     assert default_schedule_for(sampler) == AUTOMATIC[sampler]
-    if sampler in ("DPM2", "DPM2 a"):
+    if sampler in ("DPM2", "DPM2 a", "DPM++ 3M SDE"):
         return
     auto = compute_sigmas("Automatic", sampler, 9, diffusers_schedule)
     explicit = compute_sigmas(AUTOMATIC[sampler], sampler, 9, diffusers_schedule)

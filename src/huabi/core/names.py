@@ -14,6 +14,7 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "DPM2 a",
     "DPM++ 2M",
     "DPM++ 2M SDE",
+    "DPM++ 3M SDE",
     "DPM++ SDE",
     "DPM++ 2S a",
     "DDIM",
@@ -29,6 +30,9 @@ SCHEDULE_NAMES: tuple[str, ...] = (
     "Simple",
     "Normal",
     "DDIM",
+    "Beta",
+    "Align Your Steps",
+    "KL Optimal",
 )
 
 
@@ -42,11 +46,16 @@ def canonical_sampler_name(name: str) -> str | None:
 
 
 def canonical_schedule_name(name: str) -> str | None:
+    """Match a schedule type case-insensitively; ComfyUI's names (``sgm_uniform``, ``ddim_uniform``,
+    ``kl_optimal``, ``beta``) and A1111's API names are accepted too."""
     key = name.strip().lower().replace("_", " ")
     for canonical in SCHEDULE_NAMES:
         if key == canonical.lower():
             return canonical
-    return None
+    return _SCHEDULE_ALIASES.get(key)
+
+
+_SCHEDULE_ALIASES = {"ddim uniform": "DDIM", "ays": "Align Your Steps", "automatic": "Automatic"}
 
 
 # Aliases A1111 accepts in its API and that old infotexts carry.
@@ -60,12 +69,29 @@ _SAMPLER_ALIASES = {
     "k_dpm_2_a": "DPM2 a",
     "k_dpmpp_2m": "DPM++ 2M",
     "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_3m_sde": "DPM++ 3M SDE",
     "k_dpmpp_sde": "DPM++ SDE",
     "k_dpmpp_2s_a": "DPM++ 2S a",
     "k_lcm": "LCM",
     "ddim": "DDIM",
     "unipc": "UniPC",
     "lcm": "LCM",
+    # ComfyUI's KSampler names (its "_gpu" variants only move the Brownian tree to the GPU).
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_sde_gpu": "DPM++ SDE",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpmpp_3m_sde_gpu": "DPM++ 3M SDE",
+    "uni_pc": "UniPC",
     # A1111 < 1.9 wrote the schedule into the sampler name.
     "dpm++ 2m karras": "DPM++ 2M",
     "dpm++ sde karras": "DPM++ SDE",

@@ -176,18 +176,70 @@ def sigmas_ddim_uniform(n: int, schedule: DiscreteSchedule) -> Tensor:
     return torch.cat([schedule.sigmas[index], last]).to(torch.float32)
 
 
+def sigmas_beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """A1111's "Beta" (Lee et al. 2024, "Beta Sampling is All You Need"): sigma_min + (sigma_max -
+    sigma_min) * Beta(alpha, beta).ppf(q) for q from 1 down to 0, then 0. alpha = beta = 0.6 are
+    A1111's defaults; the same curve as diffusers' ``use_beta_sigmas``."""
+    from scipy.special import betaincinv  # scipy comes with torchsde; imported only when used
+
+    _check_steps(n)
+    _check_sigma_range(sigma_min, sigma_max)
+    if not (alpha > 0 and beta > 0):
+        raise HuabiError(f"beta schedule: alpha and beta must be > 0, got {alpha!r}, {beta!r}")
+    quantiles = 1.0 - torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    ppf = torch.from_numpy(betaincinv(alpha, beta, quantiles.numpy()))
+    return _append_zero(sigma_min + ppf * (sigma_max - sigma_min))
+
+
+# NVIDIA's published 10-step "Align Your Steps" sigmas (research.nvidia.com/labs/toronto-ai/
+# AlignYourSteps/howto.html) with A1111's last value 0.029 (the trained sigma_min).
+AYS_SIGMAS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SIGMAS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+
+
+def sigmas_align_your_steps(n: int, *, sdxl: bool = False) -> Tensor:
+    """A1111's "Align Your Steps": the published 11-value table for SD 1.x or SDXL, log-linearly
+    interpolated (NVIDIA's recipe) to n values when n is not 11, then 0."""
+    _check_steps(n)
+    table = torch.tensor(AYS_SIGMAS_SDXL if sdxl else AYS_SIGMAS_SD1, dtype=torch.float64)
+    if n == table.numel():
+        return _append_zero(table)
+    # Interpolate log-sigma over an even grid in [0, 1], as the how-to's loglinear_interp does.
+    log_table = table.flip(0).log()
+    grid = torch.linspace(0.0, 1.0, table.numel(), dtype=torch.float64)
+    wanted = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    index = torch.clamp(torch.searchsorted(grid, wanted, right=True) - 1, 0, table.numel() - 2)
+    weight = (wanted - grid[index]) / (grid[index + 1] - grid[index])
+    values = (log_table[index] + weight * (log_table[index + 1] - log_table[index])).exp()
+    return _append_zero(values.flip(0))
+
+
+def sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """A1111's "KL Optimal" (from the Align Your Steps paper): n + 1 sigmas evenly spaced in
+    arctan(sigma) from sigma_max to sigma_min. Stated exception to "last = 0", as in A1111:
+    the last step ends at sigma_min, not at 0."""
+    _check_steps(n)
+    _check_sigma_range(sigma_min, sigma_max)
+    fraction = torch.arange(n + 1, dtype=torch.float64) / n
+    angles = fraction * math.atan(sigma_min) + (1.0 - fraction) * math.atan(sigma_max)
+    return angles.tan().to(torch.float32)
+
+
 def default_schedule_for(sampler_name: str) -> str:
     """The schedule A1111 uses for ``sampler_name`` when the user picks "Automatic"."""
     return get_sampler(sampler_name).default_schedule
 
 
-def compute_sigmas(schedule_name: str, sampler_name: str, steps: int, schedule: DiscreteSchedule) -> Tensor:
+def compute_sigmas(
+    schedule_name: str, sampler_name: str, steps: int, schedule: DiscreteSchedule, *, sdxl: bool = False
+) -> Tensor:
     """Sigmas for ``steps`` steps of ``sampler_name`` under the named schedule type.
 
     "Automatic" resolves to the sampler's default.  Samplers flagged
     ``discard_penultimate_sigma`` (DPM2, DPM2 a) get ``steps + 1`` sigmas with
     the next-to-last dropped, as A1111 does, so they still take ``steps`` steps
-    but skip the tiny step just above zero.
+    but skip the tiny step just above zero. ``sdxl`` picks the SDXL table of
+    "Align Your Steps" (the SD 1.x one otherwise, as A1111).
     """
     spec = get_sampler(sampler_name)
     name = canonical_schedule_name(schedule_name) if isinstance(schedule_name, str) else None
@@ -209,6 +261,12 @@ def compute_sigmas(schedule_name: str, sampler_name: str, steps: int, schedule: 
         sigmas = sigmas_simple(n, schedule)
     elif name == "DDIM":
         sigmas = sigmas_ddim_uniform(n, schedule)
+    elif name == "Beta":
+        sigmas = sigmas_beta(n, schedule.sigma_min, schedule.sigma_max)
+    elif name == "Align Your Steps":
+        sigmas = sigmas_align_your_steps(n, sdxl=sdxl)
+    elif name == "KL Optimal":
+        sigmas = sigmas_kl_optimal(n, schedule.sigma_min, schedule.sigma_max)
     else:  # pragma: no cover - SCHEDULE_NAMES and this table are kept in step by a test
         raise HuabiError(f"schedule: no implementation for {name!r}")
     if spec.discard_penultimate_sigma:
@@ -221,9 +279,12 @@ __all__ = [
     "compute_sigmas",
     "default_schedule_for",
     "scaled_linear_alphas_cumprod",
+    "sigmas_align_your_steps",
+    "sigmas_beta",
     "sigmas_ddim_uniform",
     "sigmas_exponential",
     "sigmas_karras",
+    "sigmas_kl_optimal",
     "sigmas_normal",
     "sigmas_sgm_uniform",
     "sigmas_simple",

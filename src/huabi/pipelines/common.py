@@ -232,7 +232,8 @@ def denoise(
     """
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
-    sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule).to(device)
+    sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule,
+                            sdxl=bundle.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)).to(device)
     # Variation seeds / seed resize (A1111) change only the first draw; ancestral noise
     # still continues each image's own seed stream.
     if variation is None:
