@@ -561,3 +561,20 @@ def test_first_progress_reading_has_no_absurd_rate(monkeypatch):
     first = stream.getvalue()
     assert " 1/20 " in first and "?step/s" in first  # no rate from a single reading
 
+
+
+def test_models_folder_embeddings_are_used_without_a_flag(tmp_path, monkeypatch):
+    from huabi.service.engine import Engine
+
+    models = tmp_path / "models"
+    (models / "embeddings").mkdir(parents=True)
+    monkeypatch.delenv("HUABI_EMBEDDINGS_DIR", raising=False)
+    monkeypatch.setenv("HUABI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HUABI_MODELS_DIR", str(models))
+    assert Engine(device="cpu", dtype="fp32").embeddings_dir == models / "embeddings"
+    assert Engine(device="cpu", dtype="fp32", models_dir=models).embeddings_dir == models / "embeddings"
+    monkeypatch.setenv("HUABI_EMBEDDINGS_DIR", str(tmp_path / "mine"))
+    assert Engine(device="cpu", dtype="fp32").embeddings_dir == tmp_path / "mine"  # the explicit setting wins
+    monkeypatch.delenv("HUABI_EMBEDDINGS_DIR")
+    (models / "embeddings").rmdir()
+    assert Engine(device="cpu", dtype="fp32").embeddings_dir == tmp_path / "home" / "embeddings"

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one request per combination of the prompt's {a|b} choices and wildcards")
     gen.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
                      help="textual-inversion embeddings folder, used by file name in prompts "
-                          "(default: $HUABI_EMBEDDINGS_DIR, $HUABI_HOME/embeddings or ~/huabi/embeddings)")
+                          "(default: $HUABI_EMBEDDINGS_DIR, MODELS_DIR/embeddings, $HUABI_HOME/embeddings "
+                          "or ~/huabi/embeddings)")
     lora_cli.add_lora_flag(gen)
     control_cli.add_control_options(gen)
     _add_model_options(gen)

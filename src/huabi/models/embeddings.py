@@ -47,11 +47,15 @@ _SDXL_KEYS: dict[ModelFamily, tuple[str, ...]] = {
 _SINGLE = ""
 
 
-def default_embeddings_dir() -> Path:
-    """``$HUABI_EMBEDDINGS_DIR``, else ``$HUABI_HOME/embeddings``, else ``~/huabi/embeddings``."""
+def default_embeddings_dir(models_dir: str | Path | None = None) -> Path:
+    """``$HUABI_EMBEDDINGS_DIR``; else ``<models folder>/embeddings`` when it exists (one root
+    holds everything: ``Stable-diffusion/``, ``Lora/``, ``embeddings/``... as in A1111's
+    ``models/``); else ``$HUABI_HOME/embeddings``, else ``~/huabi/embeddings``."""
     override = os.environ.get("HUABI_EMBEDDINGS_DIR")
     if override:
         return Path(override)
+    if models_dir is not None and (Path(models_dir).expanduser() / "embeddings").is_dir():
+        return Path(models_dir).expanduser() / "embeddings"
     home = os.environ.get("HUABI_HOME")
     return (Path(home) if home else Path.home() / "huabi") / "embeddings"
 

@@ -173,14 +173,15 @@ class Engine:
         gguf_on_the_fly: bool = False,
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
-        ``$HUABI_EMBEDDINGS_DIR``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
+        ``$HUABI_EMBEDDINGS_DIR``, ``<models_dir>/embeddings``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
         a missing default folder just means no embeddings, a missing given one is an error)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.models_dir = models_dir or default_models_dir()
         if embeddings_dir is not None and not Path(embeddings_dir).expanduser().is_dir():
             raise HuabiError(f"embeddings: {embeddings_dir}: no such folder")
-        self.embeddings_dir = Path(embeddings_dir).expanduser() if embeddings_dir is not None else default_embeddings_dir()
+        self.embeddings_dir = (Path(embeddings_dir).expanduser() if embeddings_dir is not None
+                               else default_embeddings_dir(self.models_dir))  # <models>/embeddings counts
         self._loaded: tuple[tuple, ModelBundle] | None = None
         self._refiner: tuple[tuple, ModelBundle] | None = None  # the SDXL refiner, kept loaded beside the base
         self._loras = LoraPatcher()  # LoRAs applied to the loaded model (kept while requests repeat them)
