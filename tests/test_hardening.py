@@ -578,3 +578,18 @@ def test_models_folder_embeddings_are_used_without_a_flag(tmp_path, monkeypatch)
     monkeypatch.delenv("HUABI_EMBEDDINGS_DIR")
     (models / "embeddings").rmdir()
     assert Engine(device="cpu", dtype="fp32").embeddings_dir == tmp_path / "home" / "embeddings"
+
+
+def test_from_drops_settings_huabi_does_not_apply(capsys, sd1_file, tmp_path):
+    from huabi.core.infotext import parse_infotext
+
+    source = save_png(tiny_image(), tmp_path / "a1111.png",
+                      "a cat\nSteps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 5, Size: 64x64, "
+                      "ENSD: 31337, Token merging ratio: 0.3, Lora hashes: \"x: 0123456789ab\", Some extension: kept")
+    code, out, err = run(capsys, "generate", "--from", source, "--model", sd1_file, "--out", tmp_path / "o", "--quiet")
+    assert code == 0, err
+    assert ("note: " in err and "ENSD, Token merging ratio not applied (huabi does not implement them) "
+            "and not copied into the new infotext" in err)
+    params = parse_infotext(read_infotext(Path(out.split()[0]))).params
+    assert "ENSD" not in params and "Token merging ratio" not in params
+    assert params["Some extension"] == "kept"  # keys huabi does not know stay as they were

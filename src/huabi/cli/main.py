@@ -272,7 +272,9 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
         if grid and "batch_size" not in fields:
             fields["batch_size"] = MJ_BATCH_SIZE
         if args.from_image is not None:
-            request = request_from_infotext(read_infotext(args.from_image), **fields)
+            recorded_text = read_infotext(args.from_image)
+            _note_unimplemented(recorded_text, args.from_image)
+            request = request_from_infotext(recorded_text, **fields)
         else:
             request = GenerationRequest(**fields)
         request = control_cli.apply_control_args(request, args)
@@ -285,6 +287,15 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
             request = request.replace(prompt=lora_cli.prompt_with_loras(request.prompt, args.loras))
         jobs.append(GenerateJob(request, mj, grid))
     return jobs
+
+
+def _note_unimplemented(text: str, image) -> None:
+    from huabi.core.infotext import unimplemented_keys
+
+    skipped = unimplemented_keys(text)
+    if skipped:
+        print(f"huabi: note: {image}: {', '.join(skipped)} not applied (huabi does not implement "
+              f"{'it' if len(skipped) == 1 else 'them'}) and not copied into the new infotext", file=sys.stderr)
 
 
 def expand_job(job: GenerateJob, native_size_px: int, args: argparse.Namespace) -> list:

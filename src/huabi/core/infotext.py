@@ -437,6 +437,18 @@ def _unquote(value: str) -> str:
     return value
 
 
+# A1111 settings huabi does not implement. ``request_from_infotext`` drops them (they would
+# otherwise be written into the new image's infotext as if applied); see ``unimplemented_keys``.
+UNIMPLEMENTED_KEYS = ("ENSD", "Token merging ratio", "Token merging ratio hr", "NGMS", "Face restoration",
+                      "FP8 weight", "Cache FP16 weight for LoRA")
+
+
+def unimplemented_keys(text: str) -> list[str]:
+    """The keys of an infotext that ``request_from_infotext`` drops because huabi does not apply them."""
+    params = parse_infotext(text).params
+    return [key for key in params if key in UNIMPLEMENTED_KEYS]
+
+
 def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
     """A ``GenerationRequest`` that redoes the image described by ``text``.
 
@@ -445,7 +457,7 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
     VAE -> vae (by name), Tiling -> tile. "Model hash" goes into ``model`` when present, else
     "Model"; the service resolves a hash or name to a file. Every other key,
     and the records "Model", "Model hash", "VAE hash" and "Version", is kept in
-    ``extra`` in its original order; ``format_infotext`` re-emits the former
+    ``extra`` in its original order, except ``UNIMPLEMENTED_KEYS`` (dropped); ``format_infotext`` re-emits the former
     and writes the records afresh from what was actually loaded.
     ``overrides`` replace fields (``model=...`` also drops the recorded model
     keys, ``vae=...`` the VAE ones).
@@ -548,7 +560,8 @@ def request_from_infotext(text: str, **overrides: object) -> GenerationRequest:
 
         fields["controlnets"] = tuple(parse_unit_infotext(params[key]) for key in control_keys)
         mapped.update(control_keys)
-    dropped: set[str] = set()
+    # Settings huabi does not apply: copying them would claim the new image used them.
+    dropped: set[str] = set(UNIMPLEMENTED_KEYS)
     if "model" in overrides:
         dropped |= {"Model", "Model hash"}
     if "vae" in overrides:
