@@ -18,6 +18,7 @@ same numbers (the tests check this against pytorch-fid, clean-fid and torch-fide
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +57,13 @@ def frechet_distance(stats_1: FeatureStatistics, stats_2: FeatureStatistics, *, 
     if mu_1.shape != mu_2.shape or sigma_1.shape != sigma_2.shape:
         raise HuabiError(f"FID: the two feature sets have different dimensions ({mu_1.shape[0]} vs {mu_2.shape[0]})")
     diff = mu_1 - mu_2
-    covmean, _ = linalg.sqrtm(sigma_1.dot(sigma_2), disp=False)
-    if not np.isfinite(covmean).all():
-        # a singular product (fewer images than dimensions): regularise as the references do
-        offset = np.eye(sigma_1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma_1 + offset).dot(sigma_2 + offset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's "singular matrix" notice: handled just below
+        covmean = linalg.sqrtm(sigma_1.dot(sigma_2))
+        if not np.isfinite(covmean).all():
+            # a singular product (fewer images than dimensions): regularise as the references do
+            offset = np.eye(sigma_1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma_1 + offset).dot(sigma_2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise HuabiError(f"FID: the matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
