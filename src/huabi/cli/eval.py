@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for row in report["variants"]:
         numbers = ", ".join(f"{name} {m['value']:.4g}" + (f" ± {m['std']:.2g}" if m.get("std") is not None else "")
                             for name, m in row["metrics"].items())
-        print(f"{row['variant']}: {numbers}")
+        print(f"{row['variant']} | {numbers}")
     if args.json is not None:
         _write_json(args.json, report)
     print(args.out / "report.html")
