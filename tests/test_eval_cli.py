@@ -231,3 +231,22 @@ def test_compare_writes_an_offline_html_and_json_report(tmp_path, options, capsy
 def test_compare_rejects_a_single_value_before_loading_anything(tmp_path, capsys):
     assert main(["eval", "compare", "--vary", "Steps: 4", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "huabi: error: compare: --vary needs at least two values to compare, got 'Steps: 4'"
+
+
+def test_inception_features_by_name_from_the_models_folder(tmp_path, options, monkeypatch, capsys):
+    from test_eval_equivalence import random_inception_file
+
+    models = tmp_path / "models"
+    (models / "eval").mkdir(parents=True)
+    random_inception_file(models / "eval" / "my-inception.pth")
+    monkeypatch.setenv("HUABI_MODELS_DIR", str(models))
+    images = shapes_set(tmp_path / "few", 4, seed=5, size_px=40)
+    out = tmp_path / "is.json"
+    assert main(["eval", "is", str(images), "--features", "my-inception", "--splits", "2", "--device", "cpu",
+                 "--cache-dir", str(options.cache_dir), "--json", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("IS: ") and "FID Inception-v3 (my-inception.pth)" in lines[-1]
+    assert "weights not recognised as the published ones" in lines[-2]
+    data = json.loads(out.read_text())
+    assert data["details"] == {"splits": 2, "classes": 1008} and data["value"] >= 1.0
+    assert data["extractor"]["resize"] == "tf1" and data["extractor"]["comparable_to_published"] is False

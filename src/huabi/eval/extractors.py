@@ -225,6 +225,24 @@ def huabi_mini_extractor(device: torch.device, *, clip_path: Path | None = None,
     )
 
 
+FEATURES_SUBFOLDER = "eval"  # MODELS/eval/: where --features NAME is looked up
+
+
+def find_features(features: str | Path, models_dir: Path | None = None) -> Path:
+    """A path as given, else a file or folder named so (with or without its suffix) in MODELS/eval/."""
+    from huabi.service.engine import default_models_dir
+
+    path = Path(features).expanduser()
+    if path.exists():
+        return path
+    folder = (models_dir or default_models_dir()) / FEATURES_SUBFOLDER
+    if folder.is_dir() and len(path.parts) == 1:
+        for candidate in sorted(folder.iterdir()):
+            if candidate.name == path.name or candidate.stem == path.name:
+                return candidate
+    raise HuabiError(f"{features}: feature extractor weights not found (as a path, or in {folder})")
+
+
 def load_extractor(features: str | Path | None = None, *, device: str | torch.device = "cpu", resize: str = "tf1") -> Extractor:
     """``features``: None (huabi-mini), or a local Inception/CLIP weights file or folder."""
     from huabi.service.engine import resolve_device
@@ -232,9 +250,7 @@ def load_extractor(features: str | Path | None = None, *, device: str | torch.de
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if features is None:
         return huabi_mini_extractor(device)
-    path = Path(features).expanduser()
-    if not path.exists():
-        raise HuabiError(f"{path}: feature extractor weights not found")
+    path = find_features(features)
     if path.is_dir():
         return _clip_extractor(path, device)
     from huabi.models.clip_features import looks_like_clip
