@@ -250,3 +250,12 @@ def test_inception_features_by_name_from_the_models_folder(tmp_path, options, mo
     data = json.loads(out.read_text())
     assert data["details"] == {"splits": 2, "classes": 1008} and data["value"] >= 1.0
     assert data["extractor"]["resize"] == "tf1" and data["extractor"]["comparable_to_published"] is False
+
+
+def test_in_memory_images_give_the_same_vectors_as_their_files(real_set, session):
+    from huabi.eval.folders import list_images
+
+    paths = list_images(real_set)[:5]
+    from_files = session.vectors(paths, "files")
+    from_memory = session.vectors_from_images([Image.open(p) for p in paths])
+    np.testing.assert_allclose(from_memory, from_files, rtol=1e-6, atol=1e-7)

@@ -100,6 +100,18 @@ class Session:
         return compute_features(paths, self.extractor, cache=self._cache, batch_size=self.options.batch_size,
                                 progress=self.options.progress, description=description)
 
+    def vectors_from_images(self, images: Sequence) -> np.ndarray:
+        """Feature vectors of in-memory PIL images (no cache): for a trainer's before/after samples."""
+        import torch
+
+        rows = []
+        for start in range(0, len(images), self.options.batch_size):
+            batch = torch.stack([self.extractor.prepare(image) for image in images[start : start + self.options.batch_size]])
+            rows.append(self.extractor.embed(batch))
+        if not rows:
+            raise HuabiError("no images given")
+        return np.concatenate(rows)
+
     def folder(self, folder: str | Path, role: str) -> tuple[list[Path], np.ndarray]:
         paths = list_images(folder, recursive=self.options.recursive)
         return paths, self.vectors(paths, f"{role} ({Path(folder).name})")
