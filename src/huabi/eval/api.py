@@ -10,7 +10,6 @@ number can be compared with published ones (the default huabi-mini towers: never
 
 from __future__ import annotations
 
-import warnings as _warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,12 +161,6 @@ class Session:
 
 def _sets(**folders: tuple[str | Path, int]) -> dict:
     return {role: {"folder": str(folder), "images": count} for role, (folder, count) in folders.items()}
-
-
-def _warn(report: MetricReport) -> MetricReport:
-    for note in report.warnings:
-        _warnings.warn(note, stacklevel=3)
-    return report
 
 
 def fid(real: str | Path, generated: str | Path, options: EvalOptions = EvalOptions(), *, session: Session | None = None) -> MetricReport:

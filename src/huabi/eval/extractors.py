@@ -15,7 +15,6 @@ cached vector is only reused by the same network fed the same way.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,11 @@ CLIP_NOTE = ("Features from {name}: comparable with published CLIP scores / CLIP
              "OpenAI weights (huabi cannot verify that); otherwise compare runs with each other only.")
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file (models.hashes' cache: computed once per file version)."""
+    from huabi.models.hashes import model_sha256
+
+    return model_sha256(path)
 
 
 @dataclass
@@ -152,7 +150,7 @@ class ClipExtractor(Extractor):
         text = self.text_features(list(labels))
         text = text / np.linalg.norm(text, axis=1, keepdims=True)
         image = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        return float(model.logit_scale.exp()) * image @ text.T
+        return float(model.logit_scale.detach().exp()) * image @ text.T
 
 
 class _VisionEmbeddings(torch.nn.Module):
@@ -166,38 +164,6 @@ class _VisionEmbeddings(torch.nn.Module):
         return _features(self.clip.get_image_features(pixel_values=pixel_values))
 
 
-def _vision_only_from_pair(path: Path, device: torch.device) -> torch.nn.Module:
-    """The image tower of a huabi CLIP pair, without needing the checkpoint's text tower."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from huabi.models.clip_pair import CLIP_CONFIG_KEY
-    from huabi.models.formats import read_safetensors
-    import json
-
-    tensors, metadata = read_safetensors(path)
-    if CLIP_CONFIG_KEY not in metadata:
-        raise HuabiError(f"{path.name}: not a huabi CLIP pair (no {CLIP_CONFIG_KEY!r} in its metadata)")
-    config = json.loads(metadata[CLIP_CONFIG_KEY])
-    vision_config = CLIPVisionConfig.from_dict({**config["vision_config"], "projection_dim": config.get("projection_dim", 512)})
-    model = CLIPVisionModelWithProjection(vision_config)
-    weights = {k: v.float() for k, v in tensors.items() if k.startswith(("vision_model.", "visual_projection."))}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise HuabiError(f"{path.name}: CLIP-pair image tower does not match its config (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    model = model.to(device).eval().requires_grad_(False)
-
-    class Tower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model(pixel_values=pixel_values).image_embeds
-
-    return Tower()
-
-
 def huabi_mini_extractor(device: torch.device, *, clip_path: Path | None = None, checkpoint: Path | None = None) -> ClipExtractor:
     """The default: huabi-mini's CLIP pair (image tower; the text tower is the checkpoint's)."""
     from huabi.service.engine import builtin_model_path
@@ -206,7 +172,9 @@ def huabi_mini_extractor(device: torch.device, *, clip_path: Path | None = None,
     clip_path = clip_path or checkpoint.with_name(checkpoint.stem + "-clip.safetensors")
     if not clip_path.is_file():
         raise HuabiError(f"{clip_path}: huabi-mini's CLIP pair is missing (reinstall huabi, or pass --features FILE)")
-    vision = _vision_only_from_pair(clip_path, device)
+    from huabi.models.clip_features import load_clip_pair_vision
+
+    vision = load_clip_pair_vision(clip_path, device=device)
     image_px = int(vision.model.config.image_size)
 
     def load_full():

@@ -124,3 +124,37 @@ def config_summary(model) -> str:
     return (f"CLIP ViT (width {vision.hidden_size}, {vision.num_hidden_layers} layers, patch {vision.patch_size}, "
             f"{vision.image_size}px, projection {model.config.projection_dim})")
 
+
+
+def load_clip_pair_vision(path: str | Path, *, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The image tower of a huabi CLIP pair (``pixel_values -> image embeds``), without the
+    checkpoint's text tower; ``.model.config`` is its ``CLIPVisionConfig``."""
+    import json
+
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from huabi.models.clip_pair import CLIP_CONFIG_KEY
+    from huabi.models.formats import read_safetensors
+
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    if CLIP_CONFIG_KEY not in metadata:
+        raise HuabiError(f"{path.name}: not a huabi CLIP pair (no {CLIP_CONFIG_KEY!r} in its metadata)")
+    config = json.loads(metadata[CLIP_CONFIG_KEY])
+    vision_config = CLIPVisionConfig.from_dict({**config["vision_config"], "projection_dim": config.get("projection_dim", 512)})
+    model = CLIPVisionModelWithProjection(vision_config)
+    weights = {k: v.float() for k, v in tensors.items() if k.startswith(("vision_model.", "visual_projection."))}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise HuabiError(f"{path.name}: CLIP-pair image tower does not match its config (missing {missing[:2]}, unexpected {unexpected[:2]})")
+    return _ImageEmbeds(model.to(device).eval().requires_grad_(False))
+
+
+class _ImageEmbeds(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).image_embeds
