@@ -15,6 +15,7 @@ from pathlib import Path
 from huabi import __version__
 from huabi.cli import control as control_cli
 from huabi.cli import edit as edit_cli
+from huabi.cli import eval as eval_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
 from huabi.cli import upscale as upscale_cli
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
     models_cli.add_parsers(commands)
+    eval_cli.add_parser(commands)
     return parser
 
 
@@ -481,6 +483,7 @@ COMMANDS = {
     "preprocess": control_cli.cmd_preprocess,
     "merge-lora": lora_cli.cmd_merge_lora,
     **models_cli.COMMANDS,
+    "eval": eval_cli.cmd_eval,
 }
 
 
