@@ -401,7 +401,7 @@ class UserTrainer:
             added = tokenizer.add_tokens(self.ti_tokens)
             if added != count:
                 raise HuabiError(f"token-string {config.token_string!r} is already a token of the tokenizer; pick a new word")
-            encoder.resize_token_embeddings(len(tokenizer))
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             embedding = encoder.get_input_embeddings()
             rows = tokenizer.convert_tokens_to_ids(self.ti_tokens)
             with torch.no_grad():
