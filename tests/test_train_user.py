@@ -148,7 +148,7 @@ def test_oft_rotation_is_orthogonal_and_constrained():
 
 def test_metadata_keys_present_and_parseable(tiny_sd1_file, tmp_path):
     from huabi.models.inspect import format_inspection, inspect_file
-    from huabi.models.lora import lora_short_hash, read_lora_file
+    from huabi.models.lora import lora_short_hash
 
     result = quiet(config_for(tmp_path, tiny_sd1_file, max_train_steps=1, shuffle_caption=True, keep_tokens=1)).run()
     with safe_open(str(result.output), "pt") as handle:
@@ -167,7 +167,6 @@ def test_metadata_keys_present_and_parseable(tiny_sd1_file, tmp_path):
     assert json.loads(meta["ss_network_args"]) == {"algo": "lora"}
     # A1111's LoRA hash: sshs_model_hash equals the file's own AutoV3 hash
     assert lora_short_hash(result.output, meta) == lora_short_hash(result.output, {})
-    assert read_lora_file(result.output).family_hint() is ModelFamily.SD1
     report = format_inspection(inspect_file(result.output, with_hashes=False))
     assert "training: steps 1; images (with repeats) 12; resolution (64, 64)" in report
     assert "trigger words: zq style, stripes" in report

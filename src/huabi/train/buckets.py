@@ -172,12 +172,14 @@ class BucketPlan:
             counts[index] = (images + 1, with_repeats + self.repeats[entry])
         lines = ["bucket  size        aspect  images  with repeats"]
         for index, bucket in enumerate(self.buckets):
+            if bucket == self.remaining_bucket and index not in counts:
+                continue  # trained together with the remaining bucket (same size)
             images, with_repeats = counts.get(index, (0, 0))
             lines.append(f"{index:>6}  {str(bucket):<10}  {bucket.aspect:6.3f}  {images:>6}  {with_repeats:>12}")
         if -1 in counts:
             images, with_repeats = counts[-1]
             lines.append(f"remain  {str(self.remaining_bucket):<10}  {1.0:6.3f}  {images:>6}  {with_repeats:>12}"
-                         f"  (buckets with fewer than {self.batch_size} images)")
+                         f"  (the {self.remaining_bucket} bucket + buckets with fewer than {self.batch_size})")
         if self.dropped:
             lines.append(f"dropped {len(self.dropped)} image(s): aspect ratio too far from every bucket")
         return "\n".join(lines)

@@ -398,6 +398,9 @@ class UserTrainer:
         bundle.tokenizers = [copy.deepcopy(t) for t in bundle.tokenizers]  # never change a shared tokenizer
         params, self.trainable = [], {}
         for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, bundle.tokenizers)):
+            vocabulary = tokenizer.get_vocab()
+            if any(t in vocabulary or f"{t}</w>" in vocabulary for t in self.ti_tokens):
+                raise HuabiError(f"token-string {config.token_string!r} is already a token of the tokenizer; pick a new word")
             added = tokenizer.add_tokens(self.ti_tokens)
             if added != count:
                 raise HuabiError(f"token-string {config.token_string!r} is already a token of the tokenizer; pick a new word")
