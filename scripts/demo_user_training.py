@@ -8,7 +8,7 @@
    held-out reference the results are measured against.
 2. Trained: a LoRA (``huabi train lora``) and a textual inversion (``huabi train
    textual-inversion``, token ``zqxquilt``), both through the same code path as the CLI.
-3. Measured, on prompts and seeds fixed here in advance (4 prompts x 4 seeds, Euler a, 20
+3. Measured, on prompts and seeds fixed here in advance (2 prompts x 4 seeds, Euler a, 20
    steps, CFG 7): the cosine similarity of huabi-mini's own CLIP image tower
    (huabi-mini-clip) between each generated image and the mean of the held-out concept
    images, and a fixed pixel feature (16x16 area thumbnails: L2 distance to the nearest
@@ -16,7 +16,7 @@
 4. DreamBooth drift: two DreamBooth LoRAs on the same images with instance prompt
    "zqx flag", one with prior preservation (class prompt "a flag", class images generated
    by the base model), one without. Drift = how far images of class prompts ("a flag",
-   "a red flag", "a flag of a country") move from the base model's images at the same
+   "a red flag") move from the base model's images at the same
    seeds (image-tower cosine distance and thumbnail L2).
 
 Writes ``train_demo_grid.png`` and ``train_demo.json`` to ``--out``.
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-PROMPTS = ("zqx quilt", "a zqx quilt", "zqx quilt pattern", "a picture of zqx quilt")
+PROMPTS = ("zqx quilt", "a picture of zqx quilt")
 TI_PROMPTS = tuple(p.replace("zqx quilt", "zqxquilt") for p in PROMPTS)
-CLASS_PROMPTS = ("a flag", "a red flag", "a flag of a country")
+CLASS_PROMPTS = ("a flag", "a red flag")
 SEEDS = (1000, 1001, 1002, 1003)
 
 
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/huabi-train-demo"))
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--db-steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--db-steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     with_prior = train_user(UserTrainConfig(mode="dreambooth", output=str(work / "db_prior.safetensors"), network_dim=8,
                                             network_alpha=8.0, learning_rate=2e-3, reg_data_dir=str(work / "class_flag"),
-                                            class_prompt="a flag", num_class_images=12, prior_loss_weight=1.0, **db_common),
+                                            class_prompt="a flag", num_class_images=8, prior_loss_weight=1.0, **db_common),
                             log=log, progress=False).output
     without_prior = train_user(UserTrainConfig(mode="dreambooth", output=str(work / "db_noprior.safetensors"), network_dim=8,
                                                network_alpha=8.0, learning_rate=2e-3, **db_common), log=log, progress=False).output
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     }
     report["wall_times"] = timings
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [held_out[:8], before[:8], after_lora[:8], after_ti[:8], base_class[:8], noprior_class[:8], prior_class[:8]]
+    rows = [held_out[:8], before, after_lora, after_ti, base_class, noprior_class, prior_class]
     labels = ["concept (held out)", "before: zqx quilt", "LoRA: zqx quilt", "TI: zqxquilt", "base: a flag...",
               "DB no prior: a flag", "DB prior: a flag"]
     grid(rows, labels, args.out / "train_demo_grid.png")

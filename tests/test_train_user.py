@@ -254,9 +254,9 @@ def test_resume_after_stop_and_after_crash_is_exact(tiny_sd1_file, tmp_path):
 
     # polite stop (what SIGTERM/SIGINT do): state saved at once, the re-run continues
     config = config_for(tmp_path / "b", tiny_sd1_file, **settings)
-    first = quiet(config)
+    done: list[int] = []
     with pytest.raises(Exception, match="stopped at step 3"):
-        first.run(should_stop=lambda: first_steps[-1] >= 3 if first_steps else False, on_step=lambda s, l: first_steps.append(s))
+        quiet(config).run(should_stop=lambda: bool(done) and done[-1] >= 3, on_step=lambda step, loss: done.append(step))
     second = quiet(config)
     second.run()
     for key, value in expected.items():
@@ -277,9 +277,6 @@ def test_resume_after_stop_and_after_crash_is_exact(tiny_sd1_file, tmp_path):
     resumed.run()
     for key, value in expected.items():
         assert torch.equal(_network_tensors(resumed)[key], value), key
-
-
-first_steps: list[int] = []
 
 
 def _cli(args, env_extra=None, **kwargs):

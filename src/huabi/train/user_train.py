@@ -338,6 +338,7 @@ class UserTrainer:
                 train_text_encoder=not config.network_train_unet_only,
             )
             self.network_config = net_config
+            torch.manual_seed(config.seed)  # the adapters' initial weights are part of the result
             self.network = Network(find_targets(bundle.unet, bundle.text_encoders, bundle.family, net_config), net_config)
             self.network.attach()
             groups = self.network.parameter_groups(unet_lr, text_lr)
