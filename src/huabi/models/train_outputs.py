@@ -17,7 +17,6 @@ import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from huabi.errors import HuabiError

@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily, Prediction
