@@ -115,15 +115,19 @@ def test_lora_file_loads_in_huabi_and_diffusers(family, tiny_model_factory, tmp_
     assert max_difference(all_tensors(ours), all_tensors(theirs)) < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["locon", "loha", "oft"])
-def test_lycoris_kinds_round_trip_through_huabi(kind, tiny_sd1_file, tmp_path):
+@pytest.mark.parametrize(("kind", "family"), [("locon", "sd1"), ("loha", "sd1"), ("oft", "sd1"), ("lora", "sd2"),
+                                              ("lora", "huabi_mini")])
+def test_lycoris_kinds_and_families_round_trip_through_huabi(kind, family, tiny_model_factory, tmp_path):
+    from huabi.models.family import Prediction
     from huabi.service.adapters import LoraPatcher, LoraUse
 
+    prediction = Prediction.V if family == "sd2" else Prediction.EPSILON  # SD2-768-v: the v-prediction target
+    tiny_sd1_file = tiny_model_factory(ModelFamily(family), prediction=prediction)
     trainer = quiet(config_for(tmp_path, tiny_sd1_file, network_module=kind, network_alpha=0.5 if kind == "oft" else 2.0,
                                max_train_steps=2, network_train_unet_only=True))
     result = trainer.run()
     keys = set(load_file(result.output))
-    suffix = {"locon": ".lora_down.weight", "loha": ".hada_w1_a", "oft": ".oft_diag"}[kind]
+    suffix = {"locon": ".lora_down.weight", "lora": ".lora_down.weight", "loha": ".hada_w1_a", "oft": ".oft_diag"}[kind]
     assert any(k.endswith(suffix) for k in keys)
     if kind == "locon":
         assert any("resnets" in k and k.endswith("conv1.lora_down.weight") for k in keys)

@@ -87,6 +87,7 @@ class UserTrainConfig:
     save_precision: str = "fp16"  # fp16, bf16 or float for the written file
     # saving, samples, resume
     save_every_n_steps: int = 0
+    save_every_n_epochs: int = 0
     save_state_dir: str | None = None  # default: <output>.state
     sample_every_n_steps: int = 0
     sample_prompts: str | None = None
@@ -120,6 +121,8 @@ class UserTrainConfig:
         for name in ("caption_dropout_rate", "network_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise HuabiError(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.save_every_n_steps < 0 or self.save_every_n_epochs < 0:
+            raise HuabiError("save-every-n-steps and save-every-n-epochs must be >= 0")
         if self.keep_tokens < 0 or self.lr_warmup_steps < 0 or self.min_snr_gamma < 0 or self.noise_offset < 0:
             raise HuabiError("keep-tokens, lr-warmup-steps, min-snr-gamma and noise-offset must be >= 0")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
@@ -158,7 +161,7 @@ class UserTrainConfig:
 
     def resume_record(self) -> dict[str, Any]:
         """Settings that must match for a resume (the ones that change the result)."""
-        ignored = {"max_train_steps", "save_every_n_steps", "save_state_dir", "sample_every_n_steps", "sample_prompts",
+        ignored = {"max_train_steps", "save_every_n_steps", "save_every_n_epochs", "save_state_dir", "sample_every_n_steps", "sample_prompts",
                    "sample_sampler", "output", "output_name", "training_comment", "cache_latents_to_disk", "cache_dir",
                    "device", "num_class_images", "class_prompt"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}

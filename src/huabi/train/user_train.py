@@ -570,7 +570,10 @@ class UserTrainer:
                     bar.update(1)
                 if on_step is not None:
                     on_step(step, total)
-                due = config.save_every_n_steps and step % config.save_every_n_steps == 0
+                due = bool(config.save_every_n_steps and step % config.save_every_n_steps == 0)
+                if config.save_every_n_epochs:  # an epoch ends inside this step's micro-batches
+                    per_save = config.save_every_n_epochs * self.batches_per_epoch
+                    due = due or (step * accumulate) // per_save > ((step - 1) * accumulate) // per_save
                 if due or step == config.max_train_steps:
                     self.save_state(step)
                     if due and step < config.max_train_steps:
