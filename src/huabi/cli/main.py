@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="build the offline captioned dataset (huabi data build --help)",
                                add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)
-    train = commands.add_parser("train", help="train models, e.g. the built-in huabi-mini (huabi train mini --help)",
+    train = commands.add_parser("train", help="train a LoRA, DreamBooth, TI or fine-tune, or huabi-mini (huabi train lora --help)",
                                 add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
 

@@ -101,6 +101,8 @@ def _lora_summary(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             ranks.add(int(tensor.shape[1]))
         elif key.endswith(".lokr_w1") or key.endswith(".lokr_w1_a"):
             kinds["LoKr"] += 1
+        elif key.endswith((".oft_diag", ".oft_blocks")):
+            kinds["OFT"] += 1
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
         base = "sdxl (text encoders te1/te2)"
     elif any(k.startswith("lora_te_") for k in keys):
@@ -117,7 +119,30 @@ def _lora_summary(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     for name in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name"):
         if name in metadata:
             summary[name] = metadata[name]
+    training = _training_summary(metadata)
+    if training:
+        summary["training"] = training
     return summary
+
+
+def _training_summary(metadata: dict[str, str]) -> str:
+    """kohya's training record in one line: steps, images, resolution, LR, and the trigger words."""
+    parts = []
+    for key, label in (("ss_steps", "steps"), ("ss_num_train_images", "images (with repeats)"), ("ss_resolution", "resolution"),
+                       ("ss_learning_rate", "lr"), ("ss_optimizer", "optimizer"), ("ss_mixed_precision", "precision")):
+        if metadata.get(key):
+            parts.append(f"{label} {metadata[key]}")
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except ValueError:
+        frequency = {}
+    counts: Counter = Counter()
+    for tags in frequency.values() if isinstance(frequency, dict) else ():
+        if isinstance(tags, dict):
+            counts.update({str(k): int(v) for k, v in tags.items() if isinstance(v, (int, float))})
+    if counts:
+        parts.append("trigger words: " + ", ".join(tag for tag, _ in counts.most_common(5)))
+    return "; ".join(parts)
 
 
 def _embedding_summary(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

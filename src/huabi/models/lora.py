@@ -6,7 +6,8 @@ Formats read (one file may mix module types, as LyCORIS files do):
   ``lora_te1_``/``lora_te2_`` (SDXL's two text encoders), each module with
   ``.lora_down.weight``/``.lora_up.weight``/``.alpha`` (LoRA, LoCon for convs,
   ``.lora_mid.weight`` for LoCon's CP form), ``.hada_w1_a``... (LoHa, with
-  ``hada_t1/t2`` CP), ``.lokr_w1``... (LoKr) or ``.diff``/``.diff_b`` (full diffs).
+  ``hada_t1/t2`` CP), ``.lokr_w1``... (LoKr), ``.oft_diag``/``.oft_blocks`` (OFT) or
+  ``.diff``/``.diff_b`` (full diffs).
   kohya names the UNet after the module tree it trained: diffusers names for
   SD1/SD2 (``down_blocks_0_attentions_0_...``), the original LDM names for SDXL
   (``input_blocks_4_1_...``); both are accepted for every family. A module's
@@ -56,7 +57,7 @@ _PARAMETER_NAMES = tuple(sorted((
     "lora_linear_layer.down.weight", "lora_linear_layer.up.weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b",
+    "diff", "diff_b", "oft_diag", "oft_blocks",
 ), key=len, reverse=True))
 # Old diffusers attention-processor names -> the module they change.
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
@@ -92,6 +93,8 @@ class LoraModule:
             return "lokr"
         if "diff" in names:
             return "full"
+        if "oft_diag" in names or "oft_blocks" in names:
+            return "oft"
         raise HuabiError(
             f"module {self.key} has parameters ({', '.join(sorted(names))}) of a network type huabi does not "
             "support (supported: LoRA/LoCon, LoHa, LoKr, full diff)"
@@ -296,6 +299,11 @@ def module_delta(
     kind = module.kind
     rank: int | None = None
     bias = None
+    if kind == "oft":  # a rotation of the base weight: only its shape is checked here (see oft_change)
+        blocks = params.get("oft_diag", params.get("oft_blocks"))
+        if blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2] or blocks.shape[0] * blocks.shape[1] != int(weight_shape[0]):
+            raise _ShapeMismatch(tuple(blocks.shape), tuple(weight_shape))
+        return torch.zeros(tuple(weight_shape)), None, 1.0
     if kind == "lora":
         down, up = params["lora_down.weight"].float(), params["lora_up.weight"].float()
         rank = int(down.shape[0])
@@ -342,6 +350,31 @@ def module_delta(
     if "scale" in params:
         scale = float(params["scale"].float().reshape(-1)[0])
     return delta.reshape(tuple(weight_shape)), bias, scale
+
+
+def oft_change(module: LoraModule, base_weight: Tensor) -> Tensor:
+    """OFT's weight change ``R^T W - W`` per block of output rows (LyCORIS diag-oft / kohya OFT).
+
+    ``R`` is the constrained Cayley transform of the skew part ``Q = B - B^T`` of the stored
+    blocks: ``Q`` is scaled down to Frobenius norm ``c`` when larger (``c`` = the file's alpha
+    for LyCORIS ``oft_diag``, ``alpha * out_dim`` for kohya ``oft_blocks``; 0: none), then
+    ``R = (I + Q)(I - Q)^-1``. (A1111 uses the first-order ``R = I + Q``; the two agree to
+    second order in ``Q``.) The user's multiplier scales the change, as for other types.
+    """
+    kohya = "oft_blocks" in module.params and "oft_diag" not in module.params
+    blocks = module.params["oft_blocks" if kohya else "oft_diag"].float().to(base_weight.device)
+    base = base_weight.float()
+    alpha = module.alpha or 0.0
+    constraint = alpha * base.shape[0] if kohya else alpha
+    skew = blocks - blocks.transpose(1, 2)
+    if constraint > 0:
+        norm = skew.norm()
+        skew = skew * (norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8)
+    eye = torch.eye(blocks.shape[1], device=blocks.device).expand_as(blocks)
+    rotation = (eye + skew) @ torch.linalg.inv(eye - skew)
+    grouped = base.reshape(blocks.shape[0], blocks.shape[1], *base.shape[1:])
+    rotated = torch.einsum("knm,kn...->km...", rotation, grouped).reshape(base.shape)
+    return rotated - base
 
 
 def dora_change(scaled_delta: Tensor, base_weight: Tensor, dora_scale: Tensor) -> Tensor:
@@ -529,7 +562,10 @@ def lora_deltas(
             if multiplier == 0:
                 continue
             weight = target.module.weight
-            delta, bias, scale = module_delta(module, tuple(weight.shape), dyn_dim=dyn_dim)
+            if module.kind == "oft":
+                delta, bias, scale = oft_change(module, weight.detach()), None, 1.0
+            else:
+                delta, bias, scale = module_delta(module, tuple(weight.shape), dyn_dim=dyn_dim)
             delta = delta.to(weight.device) * scale
             if "dora_scale" in module.params:  # A1111: scale, renormalise, then the multiplier
                 delta = dora_change(delta, weight.detach(), module.params["dora_scale"])

@@ -1,6 +1,8 @@
-"""``python -m huabi.train mini [--data DIR] [--state DIR] [--out FILE] [--stage STAGE]``.
+"""``python -m huabi.train mini [--data DIR] [--state DIR] [--out FILE] [--stage STAGE]``
+and ``python -m huabi.train lora|dreambooth|textual-inversion|finetune DATASET_DIR ...``.
 
-Runs (or resumes) the huabi-mini recipe; safe to re-run at any time. See docs/training.md.
+``mini`` runs (or resumes) the huabi-mini recipe; safe to re-run at any time. See
+docs/training.md. The user-training commands are in ``huabi.train.user_cli``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
 
     parser = argparse.ArgumentParser(prog=prog, description="huabi's training recipes", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    for mode in ("lora", "dreambooth", "textual-inversion", "finetune"):  # parsed by huabi.train.user_cli
+        sub.add_parser(mode, help=f"train a {mode} on your images (kohya flags; huabi train {mode} --help)", add_help=False)
     mini = sub.add_parser("mini", help="train (or resume) the built-in huabi-mini model")
     mini.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help=f"captioned image folder (default {DEFAULT_DATA_DIR})")
     mini.add_argument("--state", type=Path, default=DEFAULT_STATE_DIR, help=f"state dir outside the repo (default {DEFAULT_STATE_DIR})")
@@ -65,6 +69,17 @@ def install_stop_handlers() -> dict:
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.train") -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from huabi.train.user_config import MODES
+
+    if argv and argv[0] in MODES:  # user training: lora, dreambooth, textual-inversion, finetune
+        from huabi.train.user_cli import main as user_main
+
+        try:
+            return user_main(argv[0], argv[1:])
+        except HuabiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser(prog).parse_args(argv)
     try:
         import torch
