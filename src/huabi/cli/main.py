@@ -17,6 +17,7 @@ from huabi.cli import control as control_cli
 from huabi.cli import edit as edit_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
+from huabi.cli import serve as serve_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.errors import HuabiError
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_cli.add_parser(commands)
     lora_cli.add_parser(commands)
     models_cli.add_parsers(commands)
+    serve_cli.add_parser(commands)
     return parser
 
 
@@ -403,6 +405,7 @@ COMMANDS = {
     "preprocess": control_cli.cmd_preprocess,
     "merge-lora": lora_cli.cmd_merge_lora,
     **models_cli.COMMANDS,
+    "serve": serve_cli.cmd_serve,
 }
 
 
