@@ -35,7 +35,14 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: _refuse(address))
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: _refuse(host) if host not in ("127.0.0.1", "::1", "localhost") else [])
+    original_getaddrinfo = socket.getaddrinfo
+
+    def guarded_getaddrinfo(host, *args, **kwargs):  # loopback names resolve (local test servers)
+        if host in ("127.0.0.1", "::1", "localhost"):
+            return original_getaddrinfo(host, *args, **kwargs)
+        _refuse(host)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
     yield
 
 

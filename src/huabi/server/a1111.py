@@ -94,7 +94,9 @@ def decode_image(data: object, what: str, limits: Limits) -> Image.Image:
         raise BadRequest(f"{what}: not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+    except Image.DecompressionBombError:  # Pillow's own header check, far above this server's limit
+        raise BadRequest(f"{what}: larger than this server accepts ({limits.max_pixels} pixels)") from None
+    except (UnidentifiedImageError, OSError):
         raise BadRequest(f"{what}: not an image Pillow can read") from None
     width, height = image.size  # from the header: nothing is decompressed yet
     if width * height > limits.max_pixels or max(width, height) > limits.max_side_px:
@@ -345,7 +347,7 @@ def img2img_options(payload: Mapping, ctx: Context) -> tuple[dict, dict]:
         options["image_cfg_scale"] = float(p["image_cfg_scale"])
     if p.get("mask"):
         mask = decode_image(p["mask"], "mask", ctx.limits)
-        options["mask"] = ctx.save_input(mask.convert("L") if mask.mode not in ("L", "1") else mask, "mask")
+        options["mask"] = ctx.save_input(mask, "mask")  # alpha and modes handled by the engine's load_mask
         blur = p.get("mask_blur")
         if blur is None:
             if p.get("mask_blur_x") != p.get("mask_blur_y"):

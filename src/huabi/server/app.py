@@ -157,6 +157,11 @@ class Server:
 
     def context(self, job_id: str) -> Context:
         def save_input(image: Image.Image, role: str) -> str:
+            from PIL import ImageOps
+
+            image = ImageOps.exif_transpose(image)  # the orientation the CLI would apply to the file
+            if image.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             path = self.data_dir / "inputs" / job_id / f"{role}.png"

@@ -637,8 +637,6 @@ def _safe_options(server: Server, raw: dict, kind: str, job_id: str) -> dict:
     for key in ("image", "mask"):
         if options.get(key) is not None:
             image = a1111.decode_image(options[key], key, limits)
-            if key == "mask":
-                image = image.convert("L")
             options[key] = ctx.save_input(image, key)
     for name in ("styles",):
         if options.get(name) is not None and not (isinstance(options[name], list)

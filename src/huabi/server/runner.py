@@ -168,8 +168,9 @@ def cli_arguments(kind: str, options: Mapping[str, object], config: RunnerConfig
         if not options.get("image"):
             raise HuabiError("image: an edit needs an init image")
         positional.append(str(options["image"]))
-    positional.append(prompt or "")
-    return argv + ["--", *positional]
+    if prompt is not None:  # no prompt: --from's recorded one (an empty string would replace it)
+        positional.append(prompt)
+    return argv + ["--", *positional] if positional else argv
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
