@@ -36,8 +36,14 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, models_dir):
-    process = ServerProcess(tmp_path_factory.mktemp("serve") / "data", models_dir, "--model", TINY).start()
+def cli_outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli_outputs")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models_dir, cli_outputs):
+    process = ServerProcess(tmp_path_factory.mktemp("serve") / "data", models_dir, "--model", TINY,
+                            "--gallery-folder", str(cli_outputs)).start()
     yield process
     process.stop()
 
@@ -160,6 +166,7 @@ def test_unsupported_fields_are_refused_with_a_message(server):
                           ({"sampler_name": "Nope"}, "sampler"),
                           ({"width": 65}, "width"),
                           ({"bogus_field": 1}, "bogus_field"),
+                          ({"steps": "many"}, "wrong type"),
                           ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "ADetailer"),
                           ({"override_settings": {"img2img_fix_steps": True}}, "img2img_fix_steps")):
         response = server.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
@@ -290,6 +297,18 @@ def test_gallery_search_favourite_redo_delete(server):
     assert server.get(again["url"]).content == original  # --from the infotext: the same PNG again
     assert server.delete(f"/huabi/v1/gallery/{again['id']}").json()["deleted"] == again["id"]
     assert server.get(f"/huabi/v1/gallery/{again['id']}").status_code == 404
+
+
+def test_gallery_indexes_the_cli_outputs(server, models_dir, cli_outputs):
+    assert cli_main(["generate", "a green kettle from the cli", "--seed", "31", "--steps", "2", "--size", "64x64",
+                     "--model", str(models_dir / f"{TINY}.safetensors"), "--out", str(cli_outputs), "--quiet"]) == 0
+    (cli_outputs / "notes.png").write_bytes(b"not a png")  # skipped, not an error
+    assert server.post("/huabi/v1/gallery/scan").json() == {"added": 1}
+    assert server.post("/huabi/v1/gallery/scan").json() == {"added": 0}  # indexed once
+    (hit,) = server.get("/huabi/v1/gallery", params={"q": "green kettle"}).json()["images"]
+    assert hit["seed"] == 31 and hit["job_id"] is None and hit["model"] == TINY
+    (png,) = [p for p in cli_outputs.glob("*.png") if p.name != "notes.png"]
+    assert server.get(hit["url"]).content == png.read_bytes()
 
 
 # ----------------------------------------------------------------------------- limits and path safety

@@ -32,6 +32,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path,
                        help="queue database, outputs, gallery (default: $HUABI_HOME/server or ~/huabi/server)")
     serve.add_argument("--model", help="the checkpoint used until a client picks another (name in the models folder)")
+    serve.add_argument("--gallery-folder", dest="gallery_folders", type=Path, action="append", default=[],
+                       metavar="DIR", help="also show the images in DIR (e.g. the CLI's outputs) in the gallery; "
+                                           "indexed at start and on POST /huabi/v1/gallery/scan (repeatable)")
     serve.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
                        help="textual-inversion embeddings folder")
     serve.add_argument("--wildcards", dest="wildcards_dir", type=Path, metavar="DIR", help="wildcards folder")
@@ -81,7 +84,8 @@ def config_from_args(args: argparse.Namespace):
                     max_side_px=args.max_side, max_batch_images=args.max_batch, max_prompt_chars=args.max_prompt,
                     max_queued=args.max_queue)
     return ServerConfig(data_dir=(args.data_dir or default_data_dir()).expanduser(), runner=runner, limits=limits,
-                        credentials=credentials, default_model=args.model)
+                        credentials=credentials, default_model=args.model,
+                        gallery_folders=tuple(folder.expanduser().resolve() for folder in args.gallery_folders))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

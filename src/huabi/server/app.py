@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     credentials: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
     default_model: str | None = None
+    gallery_folders: tuple[Path, ...] = ()  # folders of images made elsewhere (the CLI's outputs) to index
 
 
 def parse_credentials(text: str) -> tuple[tuple[str, str], ...]:
@@ -170,6 +172,11 @@ class Server:
 
         return Context(self.catalog, self.config.limits, dict(self.settings), save_input)
 
+    def scan_gallery(self) -> int:
+        from huabi.server.jobs import scan_folders
+
+        return scan_folders(self.store, self.data_dir, self.config.gallery_folders)
+
     # -- submitting ---------------------------------------------------------------------
 
     def submit(self, kind: str, options: dict, *, source: str, meta: dict, priority: int, job_id: str) -> str:
@@ -206,6 +213,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def lifespan(_app):
         server.queue.recover()
         server.queue.start()
+        if config.gallery_folders:  # indexed in the background: the server answers meanwhile
+            threading.Thread(target=server.scan_gallery, name="huabi-gallery-scan", daemon=True).start()
         yield
         server.queue.shutdown()
         server.store.close()

@@ -12,6 +12,7 @@ import os
 import queue as queue_module
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -234,8 +235,12 @@ class JobQueue:
             results = self.executor.run(job, out_dir, running.control)
         except JobStopped as stopped:
             results = getattr(stopped, "results", [])
-            status = INTERRUPTED if running.interrupted else CANCELLED
-            error = "interrupted" if running.interrupted else "cancelled while running"
+            if self._stop:  # the server is shutting down: the job did not finish, say so
+                status, error = FAILED, "the server stopped while this job ran; submit it again"
+            elif running.interrupted:
+                status, error = INTERRUPTED, "interrupted"
+            else:
+                status, error = CANCELLED, "cancelled while running"
         except HuabiError as err:
             status, error = FAILED, str(err).splitlines()[0] if str(err) else type(err).__name__
         except Exception as err:  # noqa: BLE001 - a job's crash must not take the worker down
@@ -250,6 +255,24 @@ class JobQueue:
     def record(self, result: ImageResult, *, job_id: str | None = None) -> int:
         """Put one image file into the gallery (with a thumbnail); returns its gallery id."""
         return record_image(self.store, self.data_dir, result.path, result.infotext, job_id=job_id)
+
+
+def scan_folders(store: Store, data_dir: Path, folders) -> int:
+    """Record the PNGs with infotext in ``folders`` (e.g. the CLI's outputs) that the gallery lacks."""
+    from huabi.service.pngio import read_infotext
+
+    added = 0
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.png")):
+            if path.name.startswith(".") or store.has_image_path(str(path.resolve())):
+                continue
+            try:
+                infotext = read_infotext(path)
+            except HuabiError:
+                continue  # not a generated image (no parameters) or unreadable
+            record_image(store, data_dir, path, infotext)
+            added += 1
+    return added
 
 
 def record_image(store: Store, data_dir: Path, path: Path, infotext: str, *, job_id: str | None = None) -> int:
@@ -268,7 +291,7 @@ def record_image(store: Store, data_dir: Path, path: Path, infotext: str, *, job
     try:
         with Image.open(path) as image:
             image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            thumb_path = thumbs / f"{abs(hash(str(path))):x}-{path.stem}.webp"
+            thumb_path = thumbs / f"{uuid.uuid4().hex[:12]}-{path.stem}.webp"
             temp = thumb_path.with_name(f".{thumb_path.name}.tmp")
             image.convert("RGB").save(temp, format="WEBP", quality=85)
             os.replace(temp, thumb_path)

@@ -63,7 +63,12 @@ def add_routes(app: FastAPI, server: Server) -> None:
         job_id = queue.new_id()
         mapper = a1111.txt2img_options if kind == "generate" else a1111.img2img_options
         queue.check_room()
-        options, parameters = await run_in_threadpool(mapper, payload, server.context(job_id))
+        try:
+            options, parameters = await run_in_threadpool(mapper, payload, server.context(job_id))
+        except HuabiError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:  # e.g. "steps": "many"
+            raise BadRequest(f"request: a field has the wrong type ({err})") from None
         await run_in_threadpool(server.submit, kind, options, source="a1111", meta={"parameters": parameters},
                                 priority=0, job_id=job_id)
         job = await _wait(server, job_id)
@@ -391,7 +396,12 @@ def add_routes(app: FastAPI, server: Server) -> None:
             raise BadRequest("options: must be an object of huabi option names (as the CLI spells them)")
         queue.check_room()
         job_id = queue.new_id()
-        options = await run_in_threadpool(_safe_options, server, raw, kind, job_id)
+        try:
+            options = await run_in_threadpool(_safe_options, server, raw, kind, job_id)
+        except HuabiError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:
+            raise BadRequest(f"options: a value has the wrong type ({err})") from None
         await run_in_threadpool(server.submit, kind, options, source=str(body.get("source", "huabi"))[:32],
                                 meta={}, priority=priority, job_id=job_id)
         return {"id": job_id, "status": "queued", "position": queue.position(job_id)}
@@ -509,6 +519,11 @@ def add_routes(app: FastAPI, server: Server) -> None:
                 (server.data_dir / image.thumbnail).unlink(missing_ok=True)
         return {"deleted": image_id}
 
+    @app.post("/huabi/v1/gallery/scan")
+    async def gallery_scan():
+        """Index new images in the server's --gallery-folder folders (never a folder a client names)."""
+        return {"added": await run_in_threadpool(server.scan_gallery)}
+
     @app.post("/huabi/v1/gallery/{image_id}/redo", status_code=202)
     async def gallery_redo(image_id: int):
         """Generate again from the image's infotext, as `huabi generate --from IMAGE` does."""
@@ -553,9 +568,10 @@ def _sse(event: dict) -> str:
 
 
 def _inside_data(server: Server, path: Path) -> bool:
+    """Files the server may delete: its own outputs and the gallery folders it was given."""
     from huabi.server.catalog import inside
 
-    return inside(path, server.data_dir)
+    return any(inside(path, folder) for folder in (server.data_dir, *server.config.gallery_folders))
 
 
 def _job_view(server: Server, job) -> dict:

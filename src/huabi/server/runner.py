@@ -206,16 +206,18 @@ class Runner:
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config
         self._engine = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one job (or tool call) on the device at a time
+        self._engine_lock = threading.Lock()
 
     @property
     def engine(self):
-        if self._engine is None:
-            from huabi.service.engine import Engine
+        with self._engine_lock:  # created once, whichever thread asks first
+            if self._engine is None:
+                from huabi.service.engine import Engine
 
-            self._engine = Engine(device=self.config.device, dtype=self.config.dtype,
-                                  models_dir=self.config.models_dir, embeddings_dir=self.config.embeddings_dir)
-        return self._engine
+                self._engine = Engine(device=self.config.device, dtype=self.config.dtype,
+                                      models_dir=self.config.models_dir, embeddings_dir=self.config.embeddings_dir)
+            return self._engine
 
     def run(self, kind: str, options: Mapping[str, object], out_dir: Path, control: RunControl) -> list[ImageResult]:
         """Make the images of one job into ``out_dir``. Raises JobStopped (with the finished
@@ -266,10 +268,6 @@ class Runner:
 
     def models(self):
         return list(self.engine.iter_models())
-
-    def loaded_model_name(self) -> str | None:
-        loaded = self.engine._loaded  # noqa: SLF001 - read-only peek; the new Studio API will expose it
-        return loaded[1].name if loaded is not None else None
 
     def default_model_name(self) -> str:
         from huabi.service.engine import BUILTIN_MODEL_NAME

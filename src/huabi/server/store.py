@@ -197,6 +197,9 @@ class Store:
             return int(cursor.lastrowid)
         return int(self._query("SELECT id FROM images WHERE path = ?", (path,))[0][0])
 
+    def has_image_path(self, path: str) -> bool:
+        return bool(self._query("SELECT 1 FROM images WHERE path = ?", (path,)))
+
     def image(self, image_id: int) -> GalleryImage | None:
         rows = self._query("SELECT * FROM images WHERE id = ?", (image_id,))
         return _image(rows[0]) if rows else None
