@@ -203,6 +203,26 @@ def test_progress_during_a_job_and_interrupt_stops_only_the_running_job(server, 
     assert after["status"] == "done" and after["images"][0]["seed"] == 3
 
 
+def test_batches_equal_the_cli_and_skip_ends_only_the_current_batch(server, models_dir, tmp_path):
+    body = server.post("/sdapi/v1/txt2img", json={"prompt": "batches", "seed": 20, "steps": 2, "width": 64,
+                                                   "height": 64, "batch_size": 2, "n_iter": 2}).json()
+    assert json.loads(body["info"])["all_seeds"] == [20, 21, 22, 23]
+    out = tmp_path / "cli"
+    assert cli_main(["generate", "batches", "--seed", "20", "--steps", "2", "--size", "64x64", "--batch-size", "2",
+                     "--batch-count", "2", "--sampler", "Euler", "--model", str(models_dir / f"{TINY}.safetensors"),
+                     "--out", str(out), "--quiet"]) == 0
+    assert [base64.b64decode(image) for image in body["images"]] == [p.read_bytes() for p in sorted(out.glob("*.png"))]
+    # skip: the first of three batches is cut short, the other two are made
+    job = server.post("/huabi/v1/jobs", json={"options": {"prompt": "skip", "seed": 40, "steps": 200,
+                                                          "size": "64x64", "batch_count": 3}}).json()["id"]
+    progress = server.wait_running(job, min_step=2)
+    assert progress["state"]["sampling_steps"] == 600 and progress["state"]["sampling_step"] < 200
+    assert server.post("/sdapi/v1/skip").json()["skipped"] == job
+    finished = server.wait_job(job)
+    assert finished["status"] == "done"
+    assert [image["seed"] for image in finished["images"]] == [41, 42]  # batch 0 skipped, 1 and 2 made
+
+
 def test_cancel_one_queued_job_only(server):
     submit = lambda seed, steps: server.post("/huabi/v1/jobs", json={  # noqa: E731
         "options": {"prompt": "q", "seed": seed, "steps": steps, "size": "64x64"}}).json()["id"]

@@ -200,6 +200,22 @@ def validate(kind: str, options: Mapping[str, object], config: RunnerConfig) -> 
         request_from_args(args)
 
 
+def split_batches(request) -> list:
+    """``request`` (seeds resolved) as one request per batch, each making exactly the images and
+    files that batch makes in the whole request: image i of batch b keeps seed + b * batch_size + i."""
+    if request.batch_count == 1 or request.controlnets:  # control maps are seeded once per request
+        return [request]
+    step = 0 if request.variation_strength != 0 else 1
+    batches = []
+    for batch in range(request.batch_count):
+        offset = batch * request.batch_size
+        changes = {"batch_count": 1, "seed": request.seed + step * offset}
+        if request.variation_strength != 0:
+            changes["variation_seed"] = request.variation_seed + offset
+        batches.append(request.replace(**changes))
+    return batches
+
+
 class Runner:
     """Owns one Engine (one device) and runs jobs on it, one at a time."""
 
@@ -221,48 +237,53 @@ class Runner:
 
     def run(self, kind: str, options: Mapping[str, object], out_dir: Path, control: RunControl) -> list[ImageResult]:
         """Make the images of one job into ``out_dir``. Raises JobStopped (with the finished
-        images in ``.results``) when ``control.stop`` is set mid-job."""
+        images in ``.results``) when ``control.stop`` is set mid-job; ``control.skip`` ends the
+        current batch and goes on with the next (A1111's skip)."""
         args = parse_arguments(cli_arguments(kind, options, self.config))
         results: list[ImageResult] = []
-
-        def progress(done: int, total: int) -> None:
-            if control.stop.is_set():
-                raise JobStopped()
-            if control.skip.is_set():
-                raise ImageSkipped()
-            control.on_progress(done, total, "sampling")
-
         with self._lock:
             try:
-                for request, call in self._calls(kind, args):
-                    control.skip.clear()
-                    if control.stop.is_set():
-                        raise JobStopped()
-                    try:
-                        made = call(request, out_dir, progress)
-                    except ImageSkipped:
-                        continue
-                    results.extend(ImageResult(r.path, r.seed, r.infotext) for r in made)
+                for calls in self._call_groups(kind, args):
+                    for index, (request, call) in enumerate(calls):
+                        control.skip.clear()
+                        if control.stop.is_set():
+                            raise JobStopped()
+
+                        def progress(done: int, total: int, _index=index, _count=len(calls)) -> None:
+                            if control.stop.is_set():
+                                raise JobStopped()
+                            if control.skip.is_set():
+                                raise ImageSkipped()
+                            control.on_progress(_index * total + done, _count * total, "sampling")
+
+                        try:
+                            made = call(request, out_dir, progress)
+                        except ImageSkipped:
+                            continue
+                        results.extend(ImageResult(r.path, r.seed, r.infotext) for r in made)
             except JobStopped as stopped:
                 stopped.results = results  # type: ignore[attr-defined]
                 raise
         return results
 
-    def _calls(self, kind: str, args: argparse.Namespace):
-        """(request, call) pairs in the order the CLI runs them."""
+    def _call_groups(self, kind: str, args: argparse.Namespace):
+        """Lists of (request, call) in the order the CLI runs them, one list per prompt; a request's
+        batches are separate calls (same seeds, same files), so progress spans the whole job and
+        skip/interrupt keep the finished batches."""
         engine = self.engine
         if kind == "edit":
             from huabi.cli.edit import request_from_args
 
             request, edit_options = request_from_args(args)
-            yield request, lambda req, out, cb: engine.edit(req, edit_options, out_dir=out, on_progress=cb)
+            # One call: the outpaint fill and control maps are seeded once from the request's seed.
+            yield [(request, lambda req, out, cb: engine.edit(req, edit_options, out_dir=out, on_progress=cb))]
             return
         from huabi.cli.main import expand_job, jobs_from_args
 
         for job in jobs_from_args(args):
             bundle = engine.load(job.request.model, job.request.vae)
-            for request in expand_job(job, bundle.native_size_px, args):
-                yield request, lambda req, out, cb: engine.generate(req, out_dir=out, on_progress=cb)
+            yield [(batch, lambda req, out, cb: engine.generate(req, out_dir=out, on_progress=cb))
+                   for request in expand_job(job, bundle.native_size_px, args) for batch in split_batches(request)]
 
     # -- what the engine knows, for the listing routes ---------------------------------
 
