@@ -46,6 +46,7 @@ def main() -> None:
             wait_for(lambda: driver.execute_script(
                 "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)"),
                 what="the images to load")
+            wait_for(lambda: driver.find_element(By.ID, "queue-count").text == "", what="the queue to show empty")
             args.out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(args.out))
             print(args.out)

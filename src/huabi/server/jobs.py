@@ -210,15 +210,18 @@ class JobQueue:
                 if self._stop:
                     return
                 self._running = _Running(job)
+            finished = None
             try:
-                self._run(self._running)
+                finished = self._run(self._running)
             finally:
                 self._running = None
                 self.progress = Progress()
                 with self._finished:
                     self._finished.notify_all()
+                if finished is not None:  # after the worker is idle, so listeners see the queue as it is
+                    self._emit(finished)
 
-    def _run(self, running: _Running) -> None:
+    def _run(self, running: _Running) -> dict:
         job = running.job
         self.progress = Progress(job_id=job.id, phase="loading", started=time.time())
         self._emit({"event": "started", "job": job.id})
@@ -248,7 +251,7 @@ class JobQueue:
             status, error = FAILED, f"internal error: {type(err).__name__}: {err}"
         image_ids = [self.record(result, job_id=job.id) for result in results]
         self.store.finish_job(job.id, status, error=error, images=image_ids)
-        self._emit({"event": "finished", "job": job.id, "status": status, "error": error, "images": image_ids})
+        return {"event": "finished", "job": job.id, "status": status, "error": error, "images": image_ids}
 
     # -- gallery ------------------------------------------------------------------------
 
