@@ -411,7 +411,7 @@ def test_full_queue_is_503_with_retry_after(tmp_path, models_dir):
 def test_auth_401_on_every_route(tmp_path, models_dir):
     process = ServerProcess(tmp_path / "data", models_dir, "--model", TINY, auth=("ann", "s3cret")).start()
     try:
-        routes = [("GET", "/"), ("GET", "/webui/app.js"), ("GET", "/docs"), ("GET", "/openapi.json"),
+        routes = [("GET", "/"), ("GET", "/webui/app.js"), ("GET", "/openapi.json"),
                   ("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/img2img"), ("GET", "/sdapi/v1/progress"),
                   ("POST", "/sdapi/v1/interrupt"), ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"),
                   ("GET", "/sdapi/v1/sd-models"), ("POST", "/sdapi/v1/png-info"), ("GET", "/controlnet/model_list"),
@@ -432,6 +432,27 @@ def test_auth_401_on_every_route(tmp_path, models_dir):
 def test_non_loopback_host_needs_auth(capsys):
     assert cli_main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "--api-auth" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_one_line_error(capsys, tmp_path, models_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli_main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+                         "--models-dir", str(models_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_api_auth_and_unknown_model_are_one_line_errors(capsys, tmp_path, models_dir):
+    assert cli_main(["serve", "--api-auth", "nopassword", "--data-dir", str(tmp_path)]) == 2
+    assert "USER:PASS" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", "no-such-model", "--data-dir", str(tmp_path),
+                     "--models-dir", str(models_dir), "--port", "1"]) == 2
+    assert "no checkpoint named 'no-such-model'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- crash recovery

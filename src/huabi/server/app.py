@@ -219,7 +219,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         server.queue.shutdown()
         server.store.close()
 
-    app = FastAPI(title="huabi", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No /docs page: FastAPI's Swagger UI loads its scripts from a CDN, and huabi works offline.
+    # The machine-readable description stays at /openapi.json.
+    app = FastAPI(title="huabi", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
     @app.exception_handler(QueueFull)
