@@ -485,3 +485,15 @@ def test_kill_9_mid_job_loses_nothing(tmp_path, models_dir):
             assert png.read_bytes().endswith(b"IEND\xaeB`\x82")
     finally:
         restarted.stop()
+
+
+def test_network_guard_resolves_loopback_names_only():
+    import socket
+
+    from conftest import NetworkAccessError
+
+    assert socket.getaddrinfo("localhost", 80)  # test servers are reached by name
+    with pytest.raises(NetworkAccessError):
+        socket.getaddrinfo("example.com", 80)
+    with pytest.raises(NetworkAccessError):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)

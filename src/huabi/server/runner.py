@@ -87,6 +87,7 @@ _CONTROL_FLAGS = {
     "threshold_b": "--control-threshold-b",
     "mask": "--control-mask",
 }
+_PARSE_LOCK = threading.Lock()
 OPTION_NAMES = frozenset({"prompt", "image", "styles", "controlnets", *_FLAGS})
 
 
@@ -179,7 +180,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
     errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
+        # redirect_stderr swaps the process-wide sys.stderr: one parse at a time, or two request
+        # threads could restore each other's buffer and leave stderr pointing at one.
+        with _PARSE_LOCK, contextlib.redirect_stderr(errors):
             return build_parser().parse_args(list(argv))
     except SystemExit:
         lines = [line for line in errors.getvalue().splitlines() if line.strip()]
