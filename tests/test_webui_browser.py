@@ -58,10 +58,14 @@ def browser_server(tmp_path):
     models = tmp_path / "models"
     write_tiny_single_file(models, ModelFamily.SD1, filename="tiny_sd1.safetensors")
     process = ServerProcess(tmp_path / "data", models, "--model", "tiny_sd1").start()
-    driver = chromium_driver(tmp_path / "profile")
-    yield process, driver
-    driver.quit()
-    process.stop()
+    try:  # the server stops even if the browser fails to start
+        driver = chromium_driver(tmp_path / "profile")
+        try:
+            yield process, driver
+        finally:
+            driver.quit()
+    finally:
+        process.stop()
 
 
 def test_generate_see_progress_and_result_then_find_it_in_the_gallery(browser_server, tmp_path):
