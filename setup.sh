@@ -16,6 +16,8 @@ esac
 
 # Data for the built-in model's dataset (issue 3) and the tests that build a slice of it.
 APT_PACKAGES="fonts-noto-color-emoji unicode-data unicode-cldr-core openclipart-png openclipart-svg libcairo2"
+# The web UI's browser test (issue 15) drives Debian's chromium through its chromedriver.
+if [ "$MODE" = "dev" ]; then APT_PACKAGES="$APT_PACKAGES chromium chromium-driver"; fi
 PYTHON="${PYTHON:-python3}"
 
 if [ "$MODE" != "run" ]; then

@@ -34,8 +34,22 @@ def no_network(monkeypatch):
         _refuse(address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: _refuse(address))
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: _refuse(host) if host not in ("127.0.0.1", "::1", "localhost") else [])
+    original_create_connection = socket.create_connection
+
+    def guarded_create_connection(address, *args, **kwargs):  # loopback only (test servers, chromedriver)
+        if address[0] in ("127.0.0.1", "::1", "localhost"):
+            return original_create_connection(address, *args, **kwargs)
+        _refuse(address)
+
+    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
+    original_getaddrinfo = socket.getaddrinfo
+
+    def guarded_getaddrinfo(host, *args, **kwargs):  # loopback names resolve (local test servers)
+        if host in ("127.0.0.1", "::1", "localhost"):
+            return original_getaddrinfo(host, *args, **kwargs)
+        _refuse(host)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
     yield
 
 

@@ -18,6 +18,7 @@ from huabi.cli import edit as edit_cli
 from huabi.cli import eval as eval_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
+from huabi.cli import serve as serve_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.cli.parsing import HuabiArgumentParser, in_user_words, quiet_libraries
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_parser(commands)
     models_cli.add_parsers(commands)
     eval_cli.add_parser(commands)
+    serve_cli.add_parser(commands)
     return parser
 
 
@@ -484,6 +486,7 @@ COMMANDS = {
     "merge-lora": lora_cli.cmd_merge_lora,
     **models_cli.COMMANDS,
     "eval": eval_cli.cmd_eval,
+    "serve": serve_cli.cmd_serve,
 }
 
 

@@ -1,0 +1,310 @@
+"""The job queue: stored before acknowledged, run one at a time, in priority then arrival order.
+
+Where a job runs is behind ``Executor`` (one method); ``LocalExecutor`` runs it
+in this process through ``runner.Runner``. A scale-out executor (issue 21) only
+has to implement ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_module
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from huabi.errors import HuabiError
+from huabi.server.runner import ImageResult, JobStopped, RunControl, Runner
+from huabi.server.store import CANCELLED, DONE, FAILED, FINISHED, INTERRUPTED, Job, Store, new_job_id
+
+log = logging.getLogger("huabi.server")
+THUMBNAIL_PX = 256
+
+
+class QueueFull(HuabiError):
+    pass
+
+
+class Executor(Protocol):
+    def run(self, job: Job, out_dir: Path, control: RunControl) -> list[ImageResult]:
+        """Make the job's images into ``out_dir``; raise JobStopped when ``control.stop`` is set."""
+
+
+@dataclass
+class LocalExecutor:
+    runner: Runner
+
+    def run(self, job: Job, out_dir: Path, control: RunControl) -> list[ImageResult]:
+        return self.runner.run(job.kind, job.options, out_dir, control)
+
+
+@dataclass
+class Progress:
+    """What /progress reports about the running job (read without a lock: a snapshot of plain values)."""
+
+    job_id: str | None = None
+    step: int = 0
+    total: int = 0
+    phase: str = "idle"
+    started: float = 0.0
+    preview: bytes | None = None  # PNG bytes of the live preview, when the engine provides one
+
+
+@dataclass
+class _Running:
+    job: Job
+    control: RunControl = field(default_factory=RunControl)
+    interrupted: bool = False
+
+
+class JobQueue:
+    def __init__(self, store: Store, executor: Executor, data_dir: Path, *, max_queued: int = 100) -> None:
+        self.store = store
+        self.executor = executor
+        self.data_dir = data_dir
+        self.max_queued = max_queued
+        self.progress = Progress()
+        self._running: _Running | None = None
+        self._wake = threading.Condition()
+        self._finished = threading.Condition()
+        self._listeners: list[queue_module.Queue] = []
+        self._listeners_lock = threading.Lock()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """After a crash: jobs left running are reported failed, half-written files removed.
+        Queued jobs simply run again (they are still 'queued' in the database)."""
+        failed = self.store.fail_interrupted_runs()
+        outputs = self.data_dir / "outputs"
+        if outputs.is_dir():
+            for leftover in outputs.rglob(".*.tmp"):  # save_png's temp files: a write cut short
+                leftover.unlink(missing_ok=True)
+        for job_id in failed:
+            log.warning("job %s was running when the server stopped: reported failed", job_id)
+        return failed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="huabi-queue", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            if self._running is not None:
+                self._running.control.stop.set()
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- client actions -----------------------------------------------------------------
+
+    def new_id(self) -> str:
+        return new_job_id()
+
+    def check_room(self) -> None:
+        if self.store.count_queued() >= self.max_queued:
+            raise QueueFull(f"queue: {self.max_queued} jobs are waiting already; try again later")
+
+    def submit(self, kind: str, options: dict, *, source: str, meta: dict | None = None, priority: int = 0,
+               job_id: str | None = None) -> str:
+        """Store the job (durably) and wake the worker; returns its id."""
+        self.check_room()
+        job_id = job_id or new_job_id()
+        self.store.add_job(job_id, kind, options, source=source, meta=meta or {}, priority=priority)
+        self._emit({"event": "queued", "job": job_id})
+        with self._wake:
+            self._wake.notify_all()
+        return job_id
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel one job: a queued one never runs, the running one stops. Its status, or None if unknown."""
+        if self.store.cancel_queued(job_id):
+            self._emit({"event": "finished", "job": job_id, "status": CANCELLED})
+            with self._finished:
+                self._finished.notify_all()
+            return CANCELLED
+        running = self._running
+        if running is not None and running.job.id == job_id:
+            running.control.stop.set()
+            return "cancelling"
+        job = self.store.job(job_id)
+        return job.status if job else None
+
+    def interrupt_current(self) -> str | None:
+        """A1111's /interrupt: stop only the running job (its finished images are kept)."""
+        running = self._running
+        if running is None:
+            return None
+        running.interrupted = True
+        running.control.stop.set()
+        return running.job.id
+
+    def skip_current(self) -> str | None:
+        running = self._running
+        if running is None:
+            return None
+        running.control.skip.set()
+        return running.job.id
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._finished:
+            while True:
+                job = self.store.job(job_id)
+                if job is None or job.status in FINISHED:
+                    return job
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return job
+                self._finished.wait(timeout=min(remaining, 1.0) if remaining is not None else 1.0)
+
+    def position(self, job_id: str) -> int | None:
+        """0 for the running job, 1.. for queued ones in run order; None once finished."""
+        running = self._running
+        if running is not None and running.job.id == job_id:
+            return 0
+        waiting = sorted(self.store.jobs(("queued",), limit=10_000), key=lambda j: (-j.priority, j.seq))
+        for index, job in enumerate(waiting, start=1):
+            if job.id == job_id:
+                return index
+        return None
+
+    def listen(self) -> queue_module.Queue:
+        listener: queue_module.Queue = queue_module.Queue(maxsize=1000)
+        with self._listeners_lock:
+            self._listeners.append(listener)
+        return listener
+
+    def unlisten(self, listener: queue_module.Queue) -> None:
+        with self._listeners_lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _emit(self, event: dict) -> None:
+        with self._listeners_lock:
+            for listener in self._listeners:
+                try:
+                    listener.put_nowait(event)
+                except queue_module.Full:  # a stalled client loses events, never blocks the worker
+                    pass
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop:
+                    job = self.store.claim_next()
+                    if job is not None:
+                        break
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    return
+                self._running = _Running(job)
+            finished = None
+            try:
+                finished = self._run(self._running)
+            finally:
+                self._running = None
+                self.progress = Progress()
+                with self._finished:
+                    self._finished.notify_all()
+                if finished is not None:  # after the worker is idle, so listeners see the queue as it is
+                    self._emit(finished)
+
+    def _run(self, running: _Running) -> dict:
+        job = running.job
+        self.progress = Progress(job_id=job.id, phase="loading", started=time.time())
+        self._emit({"event": "started", "job": job.id})
+
+        def on_progress(done: int, total: int, phase: str) -> None:
+            self.progress = Progress(job_id=job.id, step=done, total=total, phase=phase,
+                                     started=self.progress.started)
+            self._emit({"event": "progress", "job": job.id, "step": done, "total": total, "phase": phase})
+
+        running.control.on_progress = on_progress
+        out_dir = self.data_dir / "outputs" / time.strftime("%Y-%m-%d")
+        status, error, results = DONE, None, []
+        try:
+            results = self.executor.run(job, out_dir, running.control)
+        except JobStopped as stopped:
+            results = getattr(stopped, "results", [])
+            if self._stop:  # the server is shutting down: the job did not finish, say so
+                status, error = FAILED, "the server stopped while this job ran; submit it again"
+            elif running.interrupted:
+                status, error = INTERRUPTED, "interrupted"
+            else:
+                status, error = CANCELLED, "cancelled while running"
+        except HuabiError as err:
+            status, error = FAILED, str(err).splitlines()[0] if str(err) else type(err).__name__
+        except Exception as err:  # noqa: BLE001 - a job's crash must not take the worker down
+            log.exception("job %s crashed", job.id)
+            status, error = FAILED, f"internal error: {type(err).__name__}: {err}"
+        image_ids = [self.record(result, job_id=job.id) for result in results]
+        self.store.finish_job(job.id, status, error=error, images=image_ids)
+        return {"event": "finished", "job": job.id, "status": status, "error": error, "images": image_ids}
+
+    # -- gallery ------------------------------------------------------------------------
+
+    def record(self, result: ImageResult, *, job_id: str | None = None) -> int:
+        """Put one image file into the gallery (with a thumbnail); returns its gallery id."""
+        return record_image(self.store, self.data_dir, result.path, result.infotext, job_id=job_id)
+
+
+def scan_folders(store: Store, data_dir: Path, folders) -> int:
+    """Record the PNGs with infotext in ``folders`` (e.g. the CLI's outputs) that the gallery lacks."""
+    from huabi.service.pngio import read_infotext
+
+    added = 0
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.png")):
+            if path.name.startswith(".") or store.has_image_path(str(path.resolve())):
+                continue
+            try:
+                infotext = read_infotext(path)
+            except HuabiError:
+                continue  # not a generated image (no parameters) or unreadable
+            record_image(store, data_dir, path, infotext)
+            added += 1
+    return added
+
+
+def record_image(store: Store, data_dir: Path, path: Path, infotext: str, *, job_id: str | None = None) -> int:
+    from huabi.core.infotext import parse_infotext
+
+    parsed = parse_infotext(infotext)
+    params = parsed.params
+    width = height = None
+    if "Size" in params and "x" in params["Size"]:
+        w, _, h = params["Size"].partition("x")
+        width, height = (int(w), int(h)) if w.isdigit() and h.isdigit() else (None, None)
+    seed = int(params["Seed"]) if params.get("Seed", "").isdigit() else None
+    thumbs = data_dir / "thumbnails"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    thumb_name = None
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            thumb_path = thumbs / f"{uuid.uuid4().hex[:12]}-{path.stem}.webp"
+            temp = thumb_path.with_name(f".{thumb_path.name}.tmp")
+            image.convert("RGB").save(temp, format="WEBP", quality=85)
+            os.replace(temp, thumb_path)
+            thumb_name = str(thumb_path.relative_to(data_dir))
+    except OSError as err:
+        log.warning("no thumbnail for %s: %s", path, err)
+    try:
+        stored_path = str(path.resolve().relative_to(data_dir.resolve()))
+    except ValueError:
+        stored_path = str(path.resolve())
+    return store.add_image(job_id=job_id, path=stored_path, thumbnail=thumb_name, prompt=parsed.prompt,
+                           negative_prompt=parsed.negative_prompt, seed=seed, model=params.get("Model"),
+                           sampler=params.get("Sampler"), width=width, height=height, infotext=infotext)
