@@ -59,7 +59,23 @@ def test_aspect_size_keeps_native_pixel_count_on_a_64_grid():
     assert aspect_size_px((16, 9), 512) == (704, 384)
     assert aspect_size_px((16, 9), 1024) == (1344, 768)  # SDXL's own bucket
     assert aspect_size_px((1, 1), 768) == (768, 768)
-    assert aspect_size_px((8, 1), 64) == (192, 64)  # never below 64
+    assert aspect_size_px((8, 1), 512) == (1472, 192)
+
+
+def test_aspect_size_on_a_small_model_uses_its_own_grid():
+    # huabi-mini (native 128): SD1's sizes at a quarter scale, not 128x128 for every ratio
+    assert aspect_size_px((3, 2), 128) == (160, 112)
+    assert aspect_size_px((2, 3), 128) == (112, 160)
+    assert aspect_size_px((16, 9), 128) == (176, 96)
+    assert aspect_size_px((1, 1), 128) == (128, 128)
+    assert aspect_size_px((8, 1), 128) == (368, 48)
+    assert aspect_size_px((8, 1), 64) == (184, 24)  # never below one grid step (native / 8)
+    for ratio in [(3, 2), (4, 3), (7, 5), (21, 9), (9, 16)]:
+        width_px, height_px = aspect_size_px(ratio, 128)
+        assert width_px % 16 == 0 and height_px % 16 == 0
+        assert width_px / height_px != 1.0
+        assert abs(width_px * height_px / 128**2 - 1) < 0.15
+        assert abs((width_px / height_px) / (ratio[0] / ratio[1]) - 1) < 0.10
     for ratio in [(3, 2), (4, 3), (7, 5), (21, 9), (9, 16)]:
         width_px, height_px = aspect_size_px(ratio, 512)
         assert width_px % 64 == 0 and height_px % 64 == 0

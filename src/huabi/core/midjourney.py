@@ -10,9 +10,11 @@ so each is mapped to the Stable Diffusion control that has the same effect):
 
 - ``--ar W:H`` / ``--aspect W:H``: a size with about the model's native pixel
   count (native_size_px squared) and that aspect ratio. Each side is
-  ``sqrt(native² · W/H)`` (resp. ``· H/W``) rounded to the nearest multiple of 64,
-  at least 64. Native 512, ``--ar 3:2`` -> 640x448; ``--ar 16:9`` -> 704x384;
-  native 1024, ``--ar 16:9`` -> 1344x768 (SDXL's own bucket).
+  ``sqrt(native² · W/H)`` (resp. ``· H/W``) rounded to the nearest multiple of the
+  grid, at least one grid step. The grid is 64 px, or native/8 for models under 512 px
+  (SD1's 64 at 512, scaled: huabi-mini's 128 -> 16). Native 512, ``--ar 3:2`` -> 640x448;
+  ``--ar 16:9`` -> 704x384; native 1024, ``--ar 16:9`` -> 1344x768 (SDXL's own bucket);
+  native 128, ``--ar 3:2`` -> 160x112.
 - ``--no a, b``: appended to the negative prompt with ", ".
 - ``--seed N``: the seed, 0 to 4294967295 (Midjourney's range).
 - ``--chaos N`` / ``--c N``, 0 to 100: more varied images within a batch. With
@@ -199,13 +201,15 @@ def _parse_value(name: str, spelled: str, value: str) -> object:
 
 def aspect_size_px(aspect: tuple[int, int], native_size_px: int) -> tuple[int, int]:
     """(width_px, height_px) with about native_size_px² pixels and the given W:H ratio."""
+    # A fixed 64 px grid would snap every ratio back to 128x128 on a 128 px model.
+    grid_px = max(8, min(SIZE_STEP_PX, native_size_px // 8))
     ratio_w, ratio_h = aspect
     area = native_size_px * native_size_px
     width_px = math.sqrt(area * ratio_w / ratio_h)
     height_px = math.sqrt(area * ratio_h / ratio_w)
 
     def snap(side: float) -> int:
-        return min(MAX_SIDE_PX, max(SIZE_STEP_PX, SIZE_STEP_PX * round(side / SIZE_STEP_PX)))
+        return min(MAX_SIDE_PX, max(grid_px, grid_px * round(side / grid_px)))
 
     return snap(width_px), snap(height_px)
 

@@ -41,6 +41,20 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
         "--steps", action="append", default=[], metavar="STAGE=N",
         help="override a stage's step count (e.g. unet=200 for a trial run in a scratch state dir)",
     )
+    v2 = sub.add_parser("mini-v2", help="train (or resume) huabi-mini v2, warm-started from the shipped v1 files")
+    from huabi.train.mini_v2 import DEFAULT_V2_STATE_DIR, V2_STAGES
+
+    v2.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help=f"captioned image folder (default {DEFAULT_DATA_DIR})")
+    v2.add_argument("--state", type=Path, default=DEFAULT_V2_STATE_DIR, help=f"state dir outside the repo (default {DEFAULT_V2_STATE_DIR})")
+    v2.add_argument("--out", type=Path, default=None, help="exported checkpoint (default src/huabi/assets/models/huabi-mini.safetensors)")
+    v2.add_argument("--base-model", type=Path, default=None, help="the v1 checkpoint to start from (default: the shipped one)")
+    v2.add_argument("--stage", choices=(*V2_STAGES, "all"), default="all")
+    v2.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    v2.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    v2.add_argument("--repo-log", type=Path, default=None, help="copy train.log here when a stage finishes")
+    v2.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
+    v2.add_argument("--snapshot", action="store_true", help="only export the model with the UNet stage's last saved state (EMA) to --out")
+    v2.add_argument("--steps", action="append", default=[], metavar="unet=N", help="the UNet stage's step count (extends a finished stage)")
     return parser
 
 
@@ -89,6 +103,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.trai
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.command == "mini-v2":
+            return _main_v2(args)
         recipe = MiniRecipe()
         overrides: dict[str, dict] = {}
         for item in args.steps:
@@ -127,6 +143,42 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.trai
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _main_v2(args) -> int:
+    import torch
+
+    from huabi.train.common import TrainingStopped
+    from huabi.train.mini_v2 import V2_STAGES, MiniV2Recipe, run_v2, write_v2_export
+    from huabi.train.recipe import RecipeRun, clip_out_path_for, default_out_path
+
+    recipe = MiniV2Recipe()
+    for item in args.steps:
+        stage, _, count = item.partition("=")
+        if stage != "unet" or not count.isdigit() or int(count) < 1:
+            raise HuabiError(f"--steps expects unet=N with N >= 1 (v2 trains only the UNet), got {item!r}")
+        recipe = recipe.with_overrides(unet={"steps": int(count)})
+    out = args.out if args.out is not None else default_out_path()
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    run = RecipeRun(
+        data_dir=args.data, state_dir=args.state, out_path=out, clip_out_path=clip_out_path_for(out),
+        device=torch.device(args.device), repo_log=args.repo_log, should_stop=lambda: stop["requested"],
+    )
+    if args.snapshot:
+        summary = write_v2_export(run, recipe, snapshot=True)
+        print(f"{summary['out']} ({summary['size_mb']} MB, UNet step {summary['unet_step']})")
+        return 0
+    stages = V2_STAGES if args.stage == "all" else (args.stage,)
+    try:
+        run_v2(run, recipe, stages, base_model=args.base_model, force_export=args.force_export)
+    except TrainingStopped as exc:
+        run.log(f"[recipe] {exc}")
+        return 143
+    except BaseException as exc:
+        run.log(f"[recipe] stopped: {type(exc).__name__}: {exc}")
+        raise
     return 0
 
 

@@ -83,8 +83,13 @@ def build_cache(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     log: Callable[[str], None] = lambda message: None,
+    scaling_factor: float | None = None,
 ) -> LatentTextCache:
-    """Encode every image and every caption variant once; returns the loaded cache."""
+    """Encode every image and every caption variant once; returns the loaded cache.
+
+    ``scaling_factor`` fixes the latent scale (a warm-started UNet needs its base's);
+    by default it is ``1 / std`` of the new latents.
+    """
     if token_ids.shape != (len(images.captions), CLIP_CONTEXT):
         raise HuabiError(f"token_ids must be [{len(images.captions)}, {CLIP_CONTEXT}], got {list(token_ids.shape)}")
     cache_dir = Path(cache_dir)
@@ -93,7 +98,7 @@ def build_cache(
     if meta_path.exists():
         meta_path.unlink()  # an old complete marker must not vouch for new files
     latents = encode_latents(vae, images, batch_size=batch_size, device=device, precision=precision, log=log)
-    scaling = latent_scaling_factor(latents)
+    scaling = latent_scaling_factor(latents) if scaling_factor is None else float(scaling_factor)
     atomic_torch_save(latents, cache_dir / "latents.pt")
 
     text_encoder.eval()
@@ -118,7 +123,10 @@ def build_cache(
         "caption_ids": images.caption_ids,
     }
     atomic_write_text(meta_path, json.dumps(meta))
-    log(f"[cache] {len(latents)} latents {list(latents.shape[1:])}, latent std {1 / scaling:.4f} -> scaling factor {scaling:.5f}; {len(token_ids)} captions")
+    log(
+        f"[cache] {len(latents)} latents {list(latents.shape[1:])}, latent std {float(latents.double().std()):.4f}, "
+        f"scaling factor {scaling:.5f}; {len(token_ids)} captions"
+    )
     return load_cache(cache_dir)
 
 

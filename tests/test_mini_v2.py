@@ -1,0 +1,200 @@
+"""huabi-mini v2: the warm start from v1 is exact, the recipe's stages run, resume and export,
+and `--ar` on a 128 px model gives the asked-for shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from huabi.errors import HuabiError
+from huabi.train.mini_v2 import MiniV2Recipe, run_v2, warm_start_unet, write_v2_export
+from huabi.train.recipe import RecipeRun, run_recipe, tiny_recipe
+from huabi.train.unet import UNetModelConfig, UNetTrainConfig
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 190, 40), "yellow": (230, 210, 20)}
+
+
+def tiny_v2_recipe(**unet_fields) -> MiniV2Recipe:
+    """The v2 recipe shrunk to tiny_recipe()'s model: its UNet gains attention on the first level."""
+    v1 = tiny_recipe()
+    fields = dict(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, seed=5, log_every_steps=1, ema_decay=0.9, precision="bf16")
+    fields.update(unet_fields)
+    return MiniV2Recipe(
+        size_px=v1.size_px,
+        unet_model=UNetModelConfig(**{**v1.unet_model.__dict__, "attention_levels": (True, True)}),
+        unet=UNetTrainConfig(**fields),
+        cache_batch_size=8,
+        model_sha256="",
+        clip_sha256="",
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-data")
+    for name, rgb in COLOURS.items():
+        for shape in ("circle", "square"):
+            image = Image.new("RGB", (48, 48), "white")
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((8, 8, 40, 40), fill=rgb)
+            image.save(root / f"{name}_{shape}.png")
+            (root / f"{name}_{shape}.txt").write_text(f"a {name} {shape}\n{name}, {shape}\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def v1_files(folder, tmp_path_factory):
+    """A tiny 'v1' trained by the v1 recipe: the file pair v2 warm-starts from."""
+    root = tmp_path_factory.mktemp("v1")
+    run = RecipeRun(data_dir=folder, state_dir=root / "state", out_path=root / "mini.safetensors",
+                    clip_out_path=root / "mini-clip.safetensors", log=lambda m: None)
+    run_recipe(run, tiny_recipe())
+    return run.out_path, run.clip_out_path
+
+
+def _v2_run(folder, tmp_path, messages=None, name="mini.safetensors") -> RecipeRun:
+    return RecipeRun(data_dir=folder, state_dir=tmp_path / "state", out_path=tmp_path / "out" / name,
+                     clip_out_path=tmp_path / "out" / name.replace(".safetensors", "-clip.safetensors"),
+                     log=(messages.append if messages is not None else (lambda m: None)))
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+def test_warm_start_computes_exactly_what_the_base_unet_did():
+    base_config = UNetModelConfig(block_out_channels=(32, 64), attention_levels=(False, True), head_dim=32, cross_attention_dim=64, sample_size=8)
+    base = base_config.build(seed=1)
+    with torch.no_grad():  # non-trivial weights everywhere (fresh diffusers init zeroes some outputs)
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grown_config = UNetModelConfig(**{**base_config.__dict__, "attention_levels": (True, True)})
+    grown = warm_start_unet(grown_config, base, seed=2)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in base.parameters())
+    assert "down_blocks.0.attentions.0.proj_in.weight" in grown.state_dict()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected = base(x, t, encoder_hidden_states=context).sample
+        got = grown(x, t, encoder_hidden_states=context).sample
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the new blocks are not dead: their proj_out gets a gradient
+    grown(x, t, encoder_hidden_states=context).sample.pow(2).mean().backward()
+    assert grown.down_blocks[0].attentions[0].proj_out.weight.grad.abs().sum() > 0
+
+
+def test_warm_start_refuses_layouts_that_change_more_than_attention():
+    base = UNetModelConfig(block_out_channels=(32, 64), attention_levels=(False, True), head_dim=32, cross_attention_dim=64).build()
+    deeper = UNetModelConfig(block_out_channels=(32, 64), layers_per_block=2, attention_levels=(False, True), head_dim=32, cross_attention_dim=64)
+    with pytest.raises(HuabiError, match=r"^the v2 layout (adds .*resnets.*, which is not part of a new attention block|changes the shape of .*); cannot warm-start$"):
+        warm_start_unet(deeper, base)
+    wider = UNetModelConfig(block_out_channels=(32, 96), attention_levels=(False, True), head_dim=32, cross_attention_dim=64)
+    with pytest.raises(HuabiError, match=r"^the v2 layout changes the shape of .* \(\[64.*\] -> \[96.*\]\); cannot warm-start$"):
+        warm_start_unet(wider, base)
+
+
+def test_v2_recipe_end_to_end(folder, v1_files, tmp_path):
+    """base -> cache -> unet -> export: the export keeps v1's VAE, text encoder, scale and CLIP pair
+    and carries the grown UNet; re-running skips; more steps reopen the UNet; snapshots work."""
+    from huabi.models.load import load_model
+
+    v1_model, v1_clip = v1_files
+    messages: list[str] = []
+    run = _v2_run(folder, tmp_path, messages)
+    recipe = tiny_v2_recipe()
+    run_v2(run, recipe, base_model=v1_model)
+    for stage in ("base", "cache", "unet", "export"):
+        assert (tmp_path / "state" / stage / "done.json").exists()
+    assert any("warm start from v1" in m for m in messages)
+    old, new = _tensors(v1_model), _tensors(run.out_path)
+    for key in old:
+        if key.startswith(("first_stage_model.", "cond_stage_model.")) or key == "huabi.vae_scaling_factor":
+            assert torch.equal(old[key], new[key]), key
+    unet_keys_new = {k for k in new if k.startswith("model.diffusion_model.")}
+    unet_keys_old = {k for k in old if k.startswith("model.diffusion_model.")}
+    assert unet_keys_old < unet_keys_new  # the same blocks plus the new attention
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.") for k in unet_keys_new - unet_keys_old)
+    assert run.clip_out_path.read_bytes() == v1_clip.read_bytes()
+    scaling = json.loads((tmp_path / "state" / "cache" / "meta.json").read_text())["scaling_factor"]
+    assert scaling == pytest.approx(float(old["huabi.vae_scaling_factor"]), rel=1e-6)
+    bundle = load_model(run.out_path, compute_hash=False)
+    assert bundle.unet.config.down_block_types == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"] or \
+        tuple(bundle.unet.config.down_block_types) == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    with safe_open(str(run.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.unet_step"] == "3/3"
+        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2"
+
+    # the last saved state is the final one: a snapshot equals the export
+    snap = _v2_run(folder, tmp_path, name="snap.safetensors")
+    write_v2_export(snap, recipe, snapshot=True)
+    snapshot = _tensors(snap.out_path)
+    assert snapshot.keys() == new.keys() and all(torch.equal(snapshot[k], new[k]) for k in new)
+
+    messages.clear()
+    run_v2(run, recipe, base_model=v1_model)
+    assert [m for m in messages if "already done" in m] == [f"[{s}] already done, skipping" for s in ("base", "cache", "unet", "export")]
+    longer = recipe.with_overrides(unet={"steps": 5})
+    messages.clear()
+    run_v2(run, longer, base_model=v1_model)
+    assert "[unet] finished at 3 steps; extending to 5" in messages
+    with safe_open(str(run.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.unet_step"] == "5/5"
+
+
+def test_v2_resume_after_interruption_is_exact(folder, v1_files, tmp_path):
+    v1_model, _ = v1_files
+    straight = _v2_run(folder, tmp_path / "a")
+    run_v2(straight, tiny_v2_recipe(steps=4), base_model=v1_model)
+    stopped = _v2_run(folder, tmp_path / "b")
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    stopped.should_stop = stop_after_two
+    from huabi.train.common import TrainingStopped
+
+    with pytest.raises(TrainingStopped):
+        run_v2(stopped, tiny_v2_recipe(steps=4), base_model=v1_model)
+    assert not (tmp_path / "b" / "state" / "unet" / "done.json").exists()
+    stopped.should_stop = None
+    run_v2(stopped, tiny_v2_recipe(steps=4), base_model=v1_model)
+    a, b = _tensors(straight.out_path), _tensors(stopped.out_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_stage_checks_the_v1_file(folder, v1_files, tmp_path):
+    v1_model, _ = v1_files
+    recipe = MiniV2Recipe(**{**tiny_v2_recipe().__dict__, "model_sha256": "0" * 64})
+    with pytest.raises(HuabiError, match=r"^mini\.safetensors is not huabi-mini v1 \(sha256 [0-9a-f]{12}, expected 000000000000\); get v1 with: git show 8a20066:"):
+        run_v2(_v2_run(folder, tmp_path), recipe, base_model=v1_model)
+    with pytest.raises(HuabiError, match=r"^warm-start file .*nothing\.safetensors is missing"):
+        run_v2(_v2_run(folder, tmp_path), tiny_v2_recipe(), base_model=tmp_path / "nothing.safetensors")
+    with pytest.raises(HuabiError, match=r"^the v2 recipe trains only the UNet; cannot override 'vae'$"):
+        tiny_v2_recipe().with_overrides(vae={"steps": 3})
+
+
+def test_v2_command_line_errors(capsys):
+    from huabi.train.__main__ import main
+
+    assert main(["mini-v2", "--steps", "clip=3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps expects unet=N with N >= 1 (v2 trains only the UNet), got 'clip=3'"
+
+
+def test_aspect_ratio_on_a_128px_model_gives_that_shape(capsys, tiny_mini_file, tmp_path):
+    """`--ar 3:2` on huabi-mini (native 128) used to snap back to 128x128."""
+    from huabi.cli.main import main
+
+    code = main(["generate", "a red apple --ar 3:2", "--model", str(tiny_mini_file), "--steps", "2",
+                 "--batch-size", "1", "--out", str(tmp_path), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    images = [line for line in captured.out.splitlines() if not line.rsplit("/", 1)[-1].startswith("grid-")]
+    assert len(images) == 1
+    assert Image.open(images[0]).size == (160, 112)
