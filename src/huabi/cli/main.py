@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
     info.add_argument("image", type=Path)
 
+    system = commands.add_parser("system", help="the processor, its speed features, and the dtype/threads/backends "
+                                                "huabi chooses for it")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
     models = commands.add_parser("models", help="list the models huabi can find")
     models.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
 
@@ -332,6 +336,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_system(args: argparse.Namespace) -> int:
+    from huabi.service.device_choice import system_report
+    from huabi.service.engine import resolve_device
+
+    for line in system_report(resolve_device(args.device)):
+        print(line)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from huabi.models.detect import describe_model_file
     from huabi.models.hashes import model_short_hash
@@ -394,6 +407,7 @@ PASS_THROUGH = ("data", "train")
 COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
+    "system": cmd_system,
     "models": cmd_models,
     "data": cmd_data,
     "train": cmd_train,
@@ -415,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
+        from huabi.service.device_choice import configure_threads
+
+        configure_threads()  # physical cores, not hyper-threads (OMP_NUM_THREADS / HUABI_THREADS win)
         return COMMANDS[args.command](args)
     except HuabiError as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

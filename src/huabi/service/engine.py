@@ -100,9 +100,12 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on CUDA and fp32 on the CPU (bf16 on CPU is opt-in: faster, ~1% error)."""
+    """'auto' is fp16 on CUDA; on the CPU bf16 where this processor runs it natively and
+    faster, else fp32 (see :mod:`huabi.service.device_choice`)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        from huabi.service.device_choice import auto_dtype
+
+        return auto_dtype(device).dtype
     if name not in _DTYPES:
         raise HuabiError(f"dtype: unknown dtype {name!r}; valid: auto, fp32, fp16, bf16")
     dtype = _DTYPES[name]
@@ -554,9 +557,10 @@ class Engine:
                 "use a smaller size or batch"
             )
 
-    @staticmethod
-    def _extra_infotext(bundle: ModelBundle) -> dict[str, str]:
-        extra: dict[str, str] = {}
+    def _extra_infotext(self, bundle: ModelBundle) -> dict[str, str]:
+        from huabi.service.device_choice import precision_infotext
+
+        extra: dict[str, str] = precision_infotext(self.device, self.dtype)  # always set: drops a stale --from copy
         if bundle.vae_name:
             if bundle.vae_short_hash:
                 extra["VAE hash"] = bundle.vae_short_hash
