@@ -159,6 +159,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+    parser.add_argument("--backend", default="torch",
+                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -304,7 +306,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if job.mj.ignored:

@@ -38,6 +38,8 @@ from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_in
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
+from huabi.service.cpu_backend import BackendChoice, lora_state_key
+from huabi.service.device_choice import precision_infotext
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
@@ -156,6 +158,7 @@ class Engine:
         embeddings_dir: Path | None = None,
         base_model: Path | None = None,
         gguf_on_the_fly: bool = False,
+        backend: str = "torch",
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
         ``$HUABI_EMBEDDINGS_DIR``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
@@ -172,6 +175,8 @@ class Engine:
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
+        # torch, openvino or openvino-int8 (huabi.service.cpu_backend); OpenVINO graphs are cached on disk.
+        self.backend = BackendChoice(backend, dtype=self.dtype)
 
     # -- models -------------------------------------------------------------------
 
@@ -463,6 +468,12 @@ class Engine:
         The infotext size is ``infotext_size``, or the size the pipeline reports (hires: the
         first pass's, as A1111 records it).
         """
+        # The execution backend (torch, or OpenVINO graphs converted at first use) and the
+        # precision, recorded when not the device's reference (always set: drops stale --from copies).
+        bundle, backend_name = self.backend.job_bundle(
+            bundle, request, lora_state=lora_state_key(loras), adapters_active=adapters.active, device=self.device,
+            on_the_fly_gguf=self.gguf_on_the_fly)
+        extra = {**extra, **precision_infotext(self.device, self.dtype, backend_name)}
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
@@ -557,10 +568,9 @@ class Engine:
                 "use a smaller size or batch"
             )
 
-    def _extra_infotext(self, bundle: ModelBundle) -> dict[str, str]:
-        from huabi.service.device_choice import precision_infotext
-
-        extra: dict[str, str] = precision_infotext(self.device, self.dtype)  # always set: drops a stale --from copy
+    @staticmethod
+    def _extra_infotext(bundle: ModelBundle) -> dict[str, str]:
+        extra: dict[str, str] = {}
         if bundle.vae_name:
             if bundle.vae_short_hash:
                 extra["VAE hash"] = bundle.vae_short_hash
