@@ -145,7 +145,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     request, options = request_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
     progress = _ProgressBar(enabled=not args.quiet)
     try:
         results = engine.edit(request, options, out_dir=args.out, on_progress=progress.update)

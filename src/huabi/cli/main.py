@@ -161,6 +161,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
     parser.add_argument("--backend", default="torch",
                         help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
+    parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
+                        help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode/encode images larger than 512 px in overlapping tiles (less memory)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -306,7 +310,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if job.mj.ignored:

@@ -55,11 +55,33 @@ def parse_backend(name: str) -> tuple[str, bool]:
 class BackendChoice:
     """What an engine runs jobs on; holds the OpenVINO runtime (converted graphs) if any."""
 
-    def __init__(self, name: str, *, dtype: torch.dtype, cache_dir: Path | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, name: str, *, dtype: torch.dtype, device: torch.device | None = None,
+                 cache_dir: Path | None = None, threads: int | None = None, preview: str = "cheap",
+                 preview_every: int = 1, vae_decoder: str = "full", vae_tiling: bool = False) -> None:
+        from huabi.service.previews import parse_decoder_spec
+
         self.name, self.int8 = parse_backend(name)
+        self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self._runtime = None
         self._converted: tuple[tuple, ModelBundle] | None = None
+        self.preview_spec = preview
+        preview_method, _ = parse_decoder_spec(preview, "preview")
+        if preview_method not in ("cheap", "taesd", "none"):
+            raise HuabiError(f"preview: {preview!r} is not a preview method; valid: cheap, taesd:PATH, none")
+        if not isinstance(preview_every, int) or preview_every < 1:
+            raise HuabiError(f"preview every: must be a whole number of steps >= 1, got {preview_every!r}")
+        self.preview_every = preview_every
+        self._previewer: tuple[int, object] | None = None
+        decoder_method, decoder_path = parse_decoder_spec(vae_decoder, "vae decoder")
+        if decoder_method not in ("full", "taesd"):
+            raise HuabiError(f"vae decoder: {vae_decoder!r}; valid: full, taesd:PATH")
+        self._tiny_decoder = None
+        if decoder_method == "taesd":
+            from huabi.models.taesd import load_taesd
+
+            self._tiny_decoder = load_taesd(decoder_path, device=self.device)
+        self.vae_tiling = bool(vae_tiling)
         if self.name == "openvino":
             if "openvino" not in available_backends():
                 raise HuabiError("backend: openvino is not installed; pip install 'huabi[openvino]' "
@@ -80,8 +102,36 @@ class BackendChoice:
         return self._runtime
 
     def job_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
-                   adapters_active: bool, device: torch.device, on_the_fly_gguf: bool = False) -> tuple[ModelBundle, str]:
-        """``(bundle to run, backend name for the infotext)`` for one job."""
+                   adapters_active: bool, device: torch.device,
+                   on_the_fly_gguf: bool = False) -> tuple[ModelBundle, dict[str, str | None]]:
+        """``(bundle to run, infotext keys)`` for one job: the backend's modules, then the
+        VAE decoder choice (TAESD, tiles). Keys that do not apply are None (dropped)."""
+        from huabi.service.device_choice import precision_infotext
+        from huabi.service.previews import with_vae
+
+        job, backend_name = self._backend_bundle(bundle, request, lora_state=lora_state,
+                                                 adapters_active=adapters_active, device=device,
+                                                 on_the_fly_gguf=on_the_fly_gguf)
+        job = with_vae(job, tiny_decoder=self._tiny_decoder, tiled=self.vae_tiling)
+        infotext = precision_infotext(device, self.dtype, backend_name)
+        infotext["VAE Decoder"] = f"TAESD ({self._tiny_decoder.name})" if self._tiny_decoder is not None else None
+        return job, infotext
+
+    def previewer(self, bundle: ModelBundle):
+        """The live-preview maker for ``bundle`` (None with ``preview="none"``); TAESD loaded once."""
+        from huabi.service.previews import make_previewer
+
+        if self.preview_spec.strip().lower() == "none":
+            return None
+        if self._previewer is None or self._previewer[0] != bundle.family:
+            self._previewer = (bundle.family, make_previewer(self.preview_spec, bundle))
+        return self._previewer[1]
+
+    def preview_due(self, done: int, total: int) -> bool:
+        return done % self.preview_every == 0 or done == total
+
+    def _backend_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
+                        adapters_active: bool, device: torch.device, on_the_fly_gguf: bool) -> tuple[ModelBundle, str]:
         if self._runtime is None:
             return bundle, "torch"
         reasons = openvino_unsupported(request, adapters_active=adapters_active, device=device,
