@@ -110,6 +110,23 @@ def test_unsupported_features_fall_back_to_torch_with_a_message(tiny_model_facto
     assert np.array_equal(tiled, reference)
 
 
+def test_int8_weights_cost_a_measured_amount(tiny_model_factory, tmp_path, monkeypatch):
+    pytest.importorskip("nncf")
+    monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path))
+    model = tiny_model_factory(ModelFamily.SD1)
+    reference, _ = images(Engine(device="cpu", dtype="fp32"), model)
+    fp32_graph, _ = images(Engine(device="cpu", dtype="fp32", backend="openvino"), model)
+    engine = Engine(device="cpu", dtype="fp32", backend="openvino-int8")
+    int8, results = images(engine, model)
+    assert "Backend: OpenVINO int8" in results[0].infotext
+    assert sorted(p.name.split("-")[-1] for p in tmp_path.joinpath("openvino").iterdir() if p.name.startswith("unet")) \
+        == ["fp32", "int8"]  # separate cache entries
+    int8_error = np.abs(int8 - reference).mean()
+    fp32_error = np.abs(fp32_graph - reference).mean()
+    # Weight-only int8 changes the image more than fp32 OpenVINO does, but stays close.
+    assert fp32_error < int8_error < 12, (fp32_error, int8_error)
+
+
 def test_unknown_backend_is_a_clear_error():
     from huabi.errors import HuabiError
 
