@@ -40,6 +40,19 @@ def test_openvino_matches_torch_for_every_family(family, tiny_model_factory, tmp
     assert engine.backend.runtime.conversions == 2  # UNet + VAE decoder, once for the whole batch
 
 
+def test_openvino_bf16_precision_is_close_to_fp32(tiny_model_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path))
+    model = tiny_model_factory(ModelFamily.SD1)
+    reference, _ = images(Engine(device="cpu", dtype="fp32"), model)
+    engine = Engine(device="cpu", dtype="bf16", backend="openvino")
+    assert engine.backend.runtime.precision == "bf16"
+    converted, results = images(engine, model)
+    torch_bf16, _ = images(Engine(device="cpu", dtype="bf16"), model)
+    assert "Dtype: bf16, Backend: OpenVINO" in results[0].infotext
+    # bf16 rounding: a few pixel steps on average, like torch's own bf16.
+    assert np.abs(converted - reference).mean() < max(3.0, 2 * np.abs(torch_bf16 - reference).mean())
+
+
 def test_inpainting_variant_and_img2img_run_in_openvino(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path))
     model = tiny_model_factory(ModelFamily.SD1, UNetVariant.INPAINT)  # 9 input channels
