@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Golden images must not depend on the test machine's CPU: `--dtype auto` stays fp32 here
+# (tests of the per-machine choice inject CPU flags and probe results instead).
+os.environ.setdefault("HUABI_AUTO_DTYPE", "fp32")
 
 
 class NetworkAccessError(RuntimeError):

@@ -149,7 +149,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     check_output_folder(args.out)  # fail before any model loads, not after the run
     request, options = request_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
     progress = _ProgressBar(enabled=not args.quiet)
     saved: list = []
     try:

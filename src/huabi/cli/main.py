@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
     info.add_argument("image", type=Path)
 
+    system = commands.add_parser("system", help="the processor, its speed features, and the dtype/threads/backends "
+                                                "huabi chooses for it")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
     models = commands.add_parser("models", help="list the models huabi can find")
     models.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
 
@@ -169,6 +173,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+    parser.add_argument("--backend", default="torch",
+                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
+    parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
+                        help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode/encode images larger than 512 px in overlapping tiles (less memory)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -323,7 +333,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
     for job in jobs:
         bundle = engine.load(job.request.model, job.request.vae)
         if job.mj.ignored:
@@ -383,6 +394,13 @@ def printable_text(text: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+def cmd_system(args: argparse.Namespace) -> int:
+    from huabi.service.device_choice import system_report
+    from huabi.service.engine import resolve_device
+
+    for line in system_report(resolve_device(args.device)):
+        print(line)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -476,6 +494,7 @@ PASS_THROUGH = ("data", "train")
 COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
+    "system": cmd_system,
     "models": cmd_models,
     "data": cmd_data,
     "train": cmd_train,
@@ -518,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         quiet_libraries()
     try:
+        from huabi.service.device_choice import configure_threads
+
+        configure_threads()  # physical cores, not hyper-threads (OMP_NUM_THREADS / HUABI_THREADS win)
         return COMMANDS[args.command](args)
     except HuabiError as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

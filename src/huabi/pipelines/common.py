@@ -270,9 +270,12 @@ def denoise(
         denoiser = wrap_denoiser(denoiser)
     total = len(sigmas) - 1
 
-    def report(i: int, *_unused) -> None:
+    def report(i: int, _total=None, _x=None, denoised=None, *_unused) -> None:
         if on_step is not None:
-            on_step(i + 1, total)
+            if getattr(on_step, "wants_latents", False):  # live previews (huabi.service.previews)
+                on_step(i + 1, total, denoised=denoised)
+            else:
+                on_step(i + 1, total)
 
     if total == 0:  # strength 0: nothing to denoise
         return x

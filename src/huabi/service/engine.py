@@ -38,6 +38,8 @@ from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_in
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
+from huabi.service.cpu_backend import BackendChoice, lora_state_key
+from huabi.service.previews import PreviewCallback
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
@@ -118,9 +120,12 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on CUDA and fp32 on the CPU (bf16 on CPU is opt-in: faster, ~1% error)."""
+    """'auto' is fp16 on CUDA; on the CPU bf16 where this processor runs it natively and
+    faster, else fp32 (see :mod:`huabi.service.device_choice`)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        from huabi.service.device_choice import auto_dtype
+
+        return auto_dtype(device).dtype
     if name not in _DTYPES:
         raise HuabiError(f"dtype: unknown dtype {name!r}; valid: auto, fp32, fp16, bf16")
     dtype = _DTYPES[name]
@@ -171,6 +176,11 @@ class Engine:
         embeddings_dir: Path | None = None,
         base_model: Path | None = None,
         gguf_on_the_fly: bool = False,
+        backend: str = "torch",
+        preview: str = "cheap",
+        preview_every: int = 1,
+        vae_decoder: str = "full",
+        vae_tiling: bool = False,
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
         ``$HUABI_EMBEDDINGS_DIR``, ``<models_dir>/embeddings``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
@@ -188,6 +198,11 @@ class Engine:
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
+        # torch, openvino or openvino-int8 (huabi.service.cpu_backend); OpenVINO graphs are cached on disk.
+        # preview: cheap | taesd:PATH (live previews for on_preview); vae_decoder: full | taesd:PATH;
+        # vae_tiling: decode/encode large images in tiles (huabi.service.previews).
+        self.backend = BackendChoice(backend, dtype=self.dtype, device=self.device, preview=preview,
+                                     preview_every=preview_every, vae_decoder=vae_decoder, vae_tiling=vae_tiling)
 
     # -- models -------------------------------------------------------------------
 
@@ -304,8 +319,10 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         rng: random.Random | None = None,
         on_saved: Callable[[GeneratedImage], None] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GeneratedImage]:
-        """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
+        """Run every batch of ``request``; save PNGs to ``out_dir`` when given.
+        ``on_preview(done, total, images)`` gets live previews (see ``preview=``)."""
         request = request.with_resolved_seed(rng)
         bundle = self.load(request.model, request.vae)
         refiner = self.refiner_stage(request, bundle)
@@ -352,6 +369,7 @@ class Engine:
             bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
             adapters=adapters, out_dir=out_dir, on_progress=on_progress, steps_per_batch=batch_steps,
             on_saved=on_saved,
+            on_preview=on_preview,
         )
 
     def edit(
@@ -363,6 +381,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         rng: random.Random | None = None,
         on_saved: Callable[[GeneratedImage], None] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GeneratedImage]:
         """Image to image, inpainting or outpainting of ``options.init_image``; PNGs to ``out_dir``.
 
@@ -465,6 +484,7 @@ class Engine:
             bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
             adapters=adapters, out_dir=out_dir, on_progress=on_progress, infotext_size=(work_w, work_h),
             on_saved=on_saved,
+            on_preview=on_preview,
         )
 
     def _run_batches(
@@ -483,6 +503,7 @@ class Engine:
         steps_per_batch: int | None = None,
         infotext_size: tuple[int, int] | None = None,
         on_saved: Callable[[GeneratedImage], None] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GeneratedImage]:
         """The batch loop generate and edit share: ``run_batch(bundle, seeds, variation_seeds,
         on_step)`` makes one batch (with tiling and the per-batch adapters applied), then each
@@ -492,16 +513,27 @@ class Engine:
         The infotext size is ``infotext_size``, or the size the pipeline reports (hires: the
         first pass's, as A1111 records it).
         """
+        # The execution backend (torch, or OpenVINO graphs converted at first use) and the
+        # precision, recorded when not the device's reference (always set: drops stale --from copies).
+        bundle, backend_infotext = self.backend.job_bundle(
+            bundle, request, lora_state=lora_state_key(loras), adapters_active=adapters.active, device=self.device,
+            on_the_fly_gguf=self.gguf_on_the_fly)
+        extra = {**extra, **backend_infotext}
+        previewer = self.backend.previewer(bundle) if on_preview is not None else None
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
             variation_seeds = variation_batches[batch_index] if variation_batches else None
 
-            def on_step(done: int, total: int, _index=batch_index) -> None:
+            def on_step(done: int, total: int, _index=batch_index, denoised=None) -> None:
+                per_batch = steps_per_batch or total
                 if on_progress is not None:
-                    per_batch = steps_per_batch or total
                     on_progress(_index * per_batch + min(done, per_batch), per_batch * len(batches))
+                if previewer is not None and denoised is not None and self.backend.preview_due(done, total):
+                    on_preview(_index * per_batch + min(done, per_batch), per_batch * len(batches), previewer(denoised))
+
+            on_step.wants_latents = previewer is not None  # the pipelines then pass the denoised latents
 
             # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
             tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()

@@ -1,0 +1,170 @@
+"""The engine's one hook into execution backends: which modules a job runs on.
+
+``BackendChoice.job_bundle(bundle, request, ...)`` returns the bundle a job should use:
+the torch bundle itself, or a copy whose UNet and VAE decoder run in OpenVINO. Jobs
+that need something the converted graph cannot do run in torch, with a one-line
+message naming the feature (logged as a warning on the ``huabi`` logger).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from huabi.backends import BACKENDS, available_backends
+from huabi.core.request import GenerationRequest
+from huabi.errors import HuabiError
+from huabi.models.bundle import ModelBundle
+from huabi.models.family import ModelFamily
+
+log = logging.getLogger("huabi")
+
+BACKEND_INFOTEXT_NAMES = {"torch": "torch", "openvino": "OpenVINO", "openvino-int8": "OpenVINO int8"}
+
+
+def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, device: torch.device,
+                         on_the_fly_gguf: bool = False) -> list[str]:
+    """The features of ``request`` the OpenVINO graphs cannot run (empty: it can)."""
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"device {device} (OpenVINO runs here on the CPU only)")
+    if request.controlnets:
+        reasons.append("ControlNet (extra UNet residual inputs)")
+    if adapters_active:
+        reasons.append("hypernetworks / IP-Adapter (attention processors)")
+    if request.tile:
+        reasons.append("seamless tiling (circular padding)")
+    if on_the_fly_gguf:
+        reasons.append("GGUF on-the-fly dequantization")
+    return reasons
+
+
+def parse_backend(name: str) -> tuple[str, bool]:
+    """``torch``, ``openvino`` or ``openvino-int8`` -> (backend, int8)."""
+    name = (name or "torch").strip().lower()
+    if name == "openvino-int8":
+        return "openvino", True
+    if name not in BACKENDS:
+        raise HuabiError(f"backend: unknown backend {name!r}; valid: torch, openvino, openvino-int8")
+    return name, False
+
+
+class BackendChoice:
+    """What an engine runs jobs on; holds the OpenVINO runtime (converted graphs) if any."""
+
+    def __init__(self, name: str, *, dtype: torch.dtype, device: torch.device | None = None,
+                 cache_dir: Path | None = None, threads: int | None = None, preview: str = "cheap",
+                 preview_every: int = 1, vae_decoder: str = "full", vae_tiling: bool = False) -> None:
+        from huabi.service.previews import parse_decoder_spec
+
+        self.name, self.int8 = parse_backend(name)
+        self.dtype = dtype
+        self.device = device or torch.device("cpu")
+        self._runtime = None
+        self._converted: tuple[tuple, ModelBundle] | None = None
+        self.preview_spec = preview
+        preview_method, _ = parse_decoder_spec(preview, "preview")
+        if preview_method not in ("cheap", "taesd", "none"):
+            raise HuabiError(f"preview: {preview!r} is not a preview method; valid: cheap, taesd:PATH, none")
+        if not isinstance(preview_every, int) or preview_every < 1:
+            raise HuabiError(f"preview every: must be a whole number of steps >= 1, got {preview_every!r}")
+        self.preview_every = preview_every
+        self._previewer: tuple[int, object] | None = None
+        decoder_method, decoder_path = parse_decoder_spec(vae_decoder, "vae decoder")
+        if decoder_method not in ("full", "taesd"):
+            raise HuabiError(f"vae decoder: {vae_decoder!r}; valid: full, taesd:PATH")
+        self._tiny_decoder = None
+        if decoder_method == "taesd":
+            from huabi.models.taesd import load_taesd
+
+            self._tiny_decoder = load_taesd(decoder_path, device=self.device)
+        self.vae_tiling = bool(vae_tiling)
+        if self.name == "openvino":
+            if "openvino" not in available_backends():
+                raise HuabiError("backend: openvino is not installed; pip install 'huabi[openvino]' "
+                                 "(or use --backend torch)")
+            from huabi.backends.openvino import OpenVINORuntime
+            from huabi.service.device_choice import default_cache_dir
+
+            self._runtime = OpenVINORuntime((cache_dir or default_cache_dir()) / "openvino",
+                                            precision="bf16" if dtype == torch.bfloat16 else "f32",
+                                            int8=self.int8, threads=threads)
+
+    @property
+    def infotext_name(self) -> str:
+        return BACKEND_INFOTEXT_NAMES["openvino-int8" if self.int8 else self.name]
+
+    @property
+    def runtime(self):
+        return self._runtime
+
+    def job_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
+                   adapters_active: bool, device: torch.device,
+                   on_the_fly_gguf: bool = False) -> tuple[ModelBundle, dict[str, str | None]]:
+        """``(bundle to run, infotext keys)`` for one job: the backend's modules, then the
+        VAE decoder choice (TAESD, tiles). Keys that do not apply are None (dropped)."""
+        from huabi.service.device_choice import precision_infotext
+        from huabi.service.previews import with_vae
+
+        job, backend_name = self._backend_bundle(bundle, request, lora_state=lora_state,
+                                                 adapters_active=adapters_active, device=device,
+                                                 on_the_fly_gguf=on_the_fly_gguf)
+        job = with_vae(job, tiny_decoder=self._tiny_decoder, tiled=self.vae_tiling)
+        infotext = precision_infotext(device, self.dtype, backend_name)
+        infotext["VAE Decoder"] = f"TAESD ({self._tiny_decoder.name})" if self._tiny_decoder is not None else None
+        return job, infotext
+
+    def previewer(self, bundle: ModelBundle):
+        """The live-preview maker for ``bundle`` (None with ``preview="none"``); TAESD loaded once."""
+        from huabi.service.previews import make_previewer
+
+        if self.preview_spec.strip().lower() == "none":
+            return None
+        if self._previewer is None or self._previewer[0] != bundle.family:
+            self._previewer = (bundle.family, make_previewer(self.preview_spec, bundle))
+        return self._previewer[1]
+
+    def preview_due(self, done: int, total: int) -> bool:
+        return done % self.preview_every == 0 or done == total
+
+    def _backend_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
+                        adapters_active: bool, device: torch.device, on_the_fly_gguf: bool) -> tuple[ModelBundle, str]:
+        if self._runtime is None:
+            return bundle, "torch"
+        reasons = openvino_unsupported(request, adapters_active=adapters_active, device=device,
+                                       on_the_fly_gguf=on_the_fly_gguf)
+        if reasons:
+            log.warning("huabi: note: OpenVINO cannot run %s; this job runs in torch", "; ".join(reasons))
+            return bundle, "torch"
+        key = (id(bundle), id(bundle.unet), lora_state)
+        if self._converted is not None and self._converted[0] == key:
+            return self._converted[1], self.infotext_name
+        self._converted = None
+        converted = convert_bundle(self._runtime, bundle)
+        self._converted = (key, converted)
+        return converted, self.infotext_name
+
+
+def convert_bundle(runtime, bundle: ModelBundle) -> ModelBundle:
+    """A copy of ``bundle`` whose UNet and VAE decoder run in OpenVINO (text encoders: torch)."""
+    config = bundle.unet.config
+    pooled = time_ids = None
+    if bundle.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER):
+        time_ids = 6 if bundle.family is ModelFamily.SDXL else 5
+        pooled = int(config.projection_class_embeddings_input_dim) - time_ids * int(config.addition_time_embed_dim)
+    unet = runtime.unet(bundle.unet, bundle.short_hash, context_width=int(config.cross_attention_dim),
+                        pooled_width=pooled, time_ids=time_ids)
+    vae = runtime.vae(bundle.vae, bundle.vae_short_hash or bundle.short_hash)
+    return dataclasses.replace(bundle, unet=unet, vae=vae)
+
+
+def lora_state_key(loras) -> tuple:
+    """What identifies the LoRA set merged into the weights (files, sizes, dates, strengths)."""
+    state = []
+    for use in loras.uses:
+        stat = Path(use.path).stat()
+        state.append((str(use.path), stat.st_size, stat.st_mtime_ns, use.te_weight, use.unet_weight, use.dyn_dim))
+    return tuple(state)
