@@ -190,3 +190,16 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | Non
         tensors = {k: (v.to(dtype) if v.is_floating_point() and v.ndim >= 2 else v) for k, v in tensors.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+def plain_clip(model) -> torch.nn.Module:
+    """The same CLIP tower as a ``CLIPTextModel`` (no projection), as diffusers' FluxPipeline expects."""
+    from transformers import CLIPTextModel
+
+    plain = CLIPTextModel(model.config).eval()
+    inner = {k.removeprefix("text_model."): v for k, v in model.state_dict().items() if k.startswith("text_model.")}
+    target = plain.state_dict()
+    if any(k.startswith("text_model.") for k in target):
+        inner = {"text_model." + k: v for k, v in inner.items()}
+    plain.load_state_dict(inner, strict=True)
+    return plain

@@ -750,6 +750,8 @@ def _is_transformer_key(bare: str) -> bool:
 def _convert_packed(packed: Mapping[str, Any], bare: Mapping[str, torch.Tensor], layout: str) -> dict[str, Any]:
     """Map packed GGUF weights to diffusers names. Quantization blocks run along a row, so a fused
     weight (qkv, linear1) or the final adaLN's swapped halves split by whole rows and stay packed."""
+    import gguf
+
     from huabi.models.gguf_io import PackedWeight
     from huabi.models.transformer_families import flux_rows, flux_shape, sd3_rows, sd3_shape
 
@@ -766,10 +768,15 @@ def _convert_packed(packed: Mapping[str, Any], bare: Mapping[str, torch.Tensor],
             result[row.diffusers[0]] = weight
             continue
         total = weight.shape[0]
-        if weight.raw.ndim != 2 or weight.raw.shape[0] != total:
-            raise HuabiError(f"GGUF tensor {row.original} is stored flattened; load with gguf_on_the_fly=False")
+        block_values = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[weight.qtype]][0]
+        columns = math.prod(weight.shape[1:])
+        if columns % block_values or weight.raw.numel() % total:
+            raise HuabiError(f"GGUF tensor {row.original}: rows do not hold whole quantization blocks; load with gguf_on_the_fly=False")
+        # The bytes are the blocks in order; with whole blocks per row (also when ComfyUI-GGUF stored the
+        # tensor flattened to rows of 256) each weight row is one contiguous run of bytes.
+        by_row = weight.raw.reshape(total, -1)
         sizes = {"qkv": [total // 3] * 3, "linear1": [hidden] * 3 + [total - 3 * hidden], "swap": [total // 2] * 2}[row.op]
-        parts = torch.split(weight.raw, sizes, dim=0)
+        parts = torch.split(by_row, sizes, dim=0)
         if row.op == "swap":
             result[row.diffusers[0]] = PackedWeight(torch.cat([parts[1], parts[0]]), weight.qtype, weight.shape)
             continue

@@ -7,7 +7,7 @@ estimate is the original latent at every step, and the final latent keeps the or
 Conditioning follows diffusers' pipelines (the reference the tests compare against):
 
 * SD3: CLIP-L and CLIP-G penultimate hidden states side by side (768 + 1280), zero-padded to T5's
-  width and followed by T5's 256 tokens (77 zero tokens when T5 is absent, as the seed describes);
+  width and followed by T5's 256 tokens (256 zero tokens when T5 is absent, as the seed describes);
   pooled = projected CLIP-L ++ projected CLIP-G. CFG with the negative prompt at ``cfg_scale``.
 * FLUX: CLIP-L's pooled output (no projection) and T5's tokens (512 for dev, 256 for schnell);
   dev takes the distilled guidance value as an input ("Distilled CFG Scale", default 3.5); real CFG
@@ -150,8 +150,8 @@ def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, 
     clip = torch.cat(clip_states, dim=-1)
     if encoders.t5 is not None:
         t5 = encoders.t5(_ids(t5_tokenizer(), texts, t5_tokens, device))[0]
-    else:  # SD3 without T5: zero tokens where T5's would be
-        t5 = torch.zeros(len(texts), CLIP_MAX_LENGTH, joint_dim, device=device, dtype=clip.dtype)
+    else:  # SD3 without T5: zero tokens where T5's would be (diffusers: max_sequence_length of them)
+        t5 = torch.zeros(len(texts), t5_tokens, joint_dim, device=device, dtype=clip.dtype)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return FlowConditioning(torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(dtype), torch.cat(pooled, dim=-1).to(dtype))
 
@@ -339,11 +339,12 @@ def flow_generate(
 
     # 3. Seeded noise (CPU, per image), mixed with the init latent for img2img.
     shape = (bundle.latent_channels, h, w)
-    noise = initial_noise(seeds, shape, device=device, dtype=torch.float32)
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # sampler arithmetic
+    noise = initial_noise(seeds, shape, device=device, dtype=work_dtype)
     init_latent = None
     sigma_start = float(sigmas[0])
     if init_image is not None:
-        init_latent = encode_image(bundle, init_image, device).expand(batch, -1, -1, -1)
+        init_latent = encode_image(bundle, init_image, device).to(work_dtype).expand(batch, -1, -1, -1)
         x = (1.0 - sigma_start) * init_latent + sigma_start * noise
     else:
         x = noise * sigma_start
@@ -360,13 +361,13 @@ def flow_generate(
         def denoiser(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the masked wrapper
             return latent_mask * inner(x_in, sigma) + (1 - latent_mask) * init_latent
 
-    noise_sampler = SeededNoiseSampler(seeds, shape, device=device) if name == "Euler a" else None
+    noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=work_dtype) if name == "Euler a" else None
 
     def step_callback(i: int, total: int, _x, _denoised) -> None:
         if on_step is not None:
             on_step(i + 1, total)
 
-    latents = sampler(denoiser, x, sigmas.to(torch.float32), noise=noise_sampler, on_step=step_callback)
+    latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
     if latent_mask is not None:
         latents = latent_mask * latents + (1 - latent_mask) * init_latent
 
