@@ -19,6 +19,7 @@ from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
+from huabi.cli.flow_options import add_flow_options, text_encoder_files, with_flow_extras
 from huabi.errors import HuabiError
 
 EXIT_ERROR = 2
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_lora_flag(gen)
     control_cli.add_control_options(gen)
     _add_model_options(gen)
+    add_flow_options(gen)
     add_output_options(gen)
 
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
@@ -300,9 +302,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = jobs_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
+                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), text_encoder_files=text_encoder_files(args))
     for job in jobs:
-        bundle = engine.load(job.request.model, job.request.vae)
+        bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
         if job.mj.ignored:
             print(
                 f"huabi: note: ignored {', '.join(job.mj.ignored)} (they pick Midjourney's own models; "
@@ -314,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for request in requests:
             progress = _ProgressBar(enabled=not args.quiet)
             try:
-                results = engine.generate(request, out_dir=args.out, on_progress=progress.update)
+                results = engine.generate(with_flow_extras(request, args), out_dir=args.out, on_progress=progress.update)
             finally:
                 progress.close()
             for result in results:

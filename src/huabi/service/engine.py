@@ -38,6 +38,7 @@ from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_in
 from huabi.pipelines.txt2img import txt2img
 from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
+from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for, run_flow_edit, run_flow_job
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
@@ -153,6 +154,7 @@ class Engine:
         embeddings_dir: Path | None = None,
         base_model: Path | None = None,
         gguf_on_the_fly: bool = False,
+        text_encoder_files: dict[str, Path] | None = None,
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
         ``$HUABI_EMBEDDINGS_DIR``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
@@ -169,6 +171,10 @@ class Engine:
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
+        # SD3/FLUX (service/flow_jobs.py): separate clip_l/clip_g/t5xxl files, the loaded model, memory mode.
+        self.text_encoder_files = {k: Path(v).expanduser() for k, v in (text_encoder_files or {}).items() if v}
+        self._flow_loaded = None
+        self.flow_low_memory = False
 
     # -- models -------------------------------------------------------------------
 
@@ -212,11 +218,14 @@ class Engine:
             f"model: no model named or hashed {ref!r} in {self.models_dir}; pass --model PATH"
         )
 
-    def load(self, model: str | None, vae: str | None = None) -> ModelBundle:
+    def load(self, model: str | None, vae: str | None = None, extra: tuple = ()) -> ModelBundle:
         path = self.resolve_model_path(model)
         vae_path = Path(vae).expanduser() if vae else None
         if vae_path is not None and not vae_path.exists():
             raise HuabiError(f"vae: {vae}: no such file")
+        if is_flow_model(path):  # SD3/SD3.5/FLUX.1: their own loader (a FlowBundle), see service/flow_jobs.py
+            return load_flow_for(self, path, vae_path, dict(extra))
+        self._flow_loaded = None
         base = self.base_model if path.suffix.lower() == ".gguf" else None
         if base is not None and not base.exists():  # a name or hash in the models folder, as --model takes
             try:
@@ -279,7 +288,9 @@ class Engine:
     ) -> list[GeneratedImage]:
         """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
         request = request.with_resolved_seed(rng)
-        bundle = self.load(request.model, request.vae)
+        bundle = self.load(request.model, request.vae, request.extra)
+        if isinstance(bundle, FlowBundle):
+            return run_flow_job(self, bundle, request, out_dir=out_dir, on_progress=on_progress)
         refiner = self.refiner_stage(request, bundle)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
@@ -352,7 +363,9 @@ class Engine:
         mask = None
         if options.mask_image is not None:
             mask = load_mask(options.mask_image, image.width, image.height)
-        bundle = self.load(request.model, request.vae)
+        bundle = self.load(request.model, request.vae, request.extra)
+        if isinstance(bundle, FlowBundle):
+            return run_flow_edit(self, bundle, request, options, image, mask, out_dir=out_dir, on_progress=on_progress)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         if request.width_px and request.height_px:
