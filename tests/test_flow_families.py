@@ -357,3 +357,45 @@ def test_t5_tokenizer_matches_sentencepiece():
     for text in ["a red apple on a wooden table", "Photo of a CAT, 4k, (masterpiece:1.2)", "naïve café — 東京 2026!"]:
         ours = tokenizer(text).input_ids
         assert ours == processor.encode(text) + [1], text  # T5 appends </s> (id 1)
+
+
+# --------------------------------------------------------------------------- full-size configs (meta tensors)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_full_size_shipped_configs_detect_and_infer_back(family):
+    """The shipped full-size config, built on the meta device, written in the original layout:
+    detection names the family and the config inferred from the shapes is the shipped one."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from huabi.models.flow_load import flow_vae_config, flux_config_from_diffusers, reference_config, sd3_config_from_diffusers
+    from huabi.models.transformer_families import flux_to_original, sd3_to_original
+
+    shipped = reference_config(f"{family.value}_transformer")
+    cls = FluxTransformer2DModel if family.is_flux else SD3Transformer2DModel
+    with torch.device("meta"):
+        module = cls(**shipped)
+    diffusers_sd = dict(module.state_dict())
+    original = flux_to_original(diffusers_sd) if family.is_flux else sd3_to_original(diffusers_sd)
+    assert detect_transformer({"model.diffusion_model." + k: v for k, v in original.items()}).family is family
+    inferred = (flux_config_from_diffusers if family.is_flux else sd3_config_from_diffusers)(diffusers_sd)
+    for key, value in inferred.items():
+        want = shipped[key]
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == want, key
+    vae_name = "flux_vae" if family.is_flux else "sd3_vae"
+    with torch.device("meta"):
+        vae = AutoencoderKL(**reference_config(vae_name))
+    assert flow_vae_config(vae.state_dict(), family) == reference_config(vae_name)
+
+
+def test_full_size_t5_config_inferred_from_shapes():
+    from transformers import T5Config, T5EncoderModel
+
+    from huabi.models.flow_load import reference_config, t5_config_from_shapes
+
+    shipped = reference_config("t5xxl")
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**shipped, is_encoder_decoder=False))
+    inferred = t5_config_from_shapes(model.state_dict())
+    for key, value in shipped.items():
+        assert getattr(inferred, key) == value, key
