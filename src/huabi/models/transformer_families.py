@@ -418,3 +418,13 @@ def transformer_to_diffusers(bare: Mapping[str, torch.Tensor], layout: str) -> d
     if layout == "sd3":
         return sd3_to_diffusers(bare)
     return dict(bare)
+
+
+def original_tensor_to_diffusers(row: Row, tensor: torch.Tensor, hidden: int | None = None) -> dict[str, torch.Tensor]:
+    """One original-layout tensor (or a weight delta of its shape) split/swapped into its diffusers tensors."""
+    return _apply_rows({row.original: tensor}, [row], to_diffusers=True, what="transformer tensor", hidden=hidden)
+
+
+def rows_for(family_layout: str, original_names: Mapping[str, torch.Tensor]) -> list[Row]:
+    """The conversion rows of a transformer given (some of) its original names and shapes."""
+    return flux_rows(flux_shape(original_names)) if family_layout == "flux" else sd3_rows(sd3_shape(original_names))

@@ -150,8 +150,9 @@ def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> 
     from huabi.core.prompt_parser import extract_extra_networks
 
     prompt, tags = extract_extra_networks(request.prompt)
-    if tags:
-        raise HuabiError(f"prompt: <{tags[0].kind}:...> tags (LoRA etc.) are not supported for {family.label} yet")
+    unsupported = [tag for tag in tags if tag.kind.lower() not in ("lora", "lyco")]
+    if unsupported:
+        raise HuabiError(f"prompt: <{unsupported[0].kind}:...> tags are not supported for {family.label}")
     negative, _ = extract_extra_networks(request.negative_prompt)
     flow = FlowRequest(
         prompt=prompt, negative_prompt=negative, steps=request.steps, cfg_scale=cfg, sampler=request.sampler,
@@ -192,19 +193,52 @@ def run_flow_job(
     recorded = request.replace(cfg_scale=cfg_ran, schedule=flow.schedule)
     batches = request.image_seeds()
     results = []
-    for batch_index, seeds in enumerate(batches):
-        def on_step(done: int, total: int, _index=batch_index) -> None:
-            if on_progress is not None:
-                on_progress(_index * total + done, total * len(batches))
+    patch, lora_hashes = apply_flow_loras(engine, bundle, request)
+    try:
+        for batch_index, seeds in enumerate(batches):
+            def on_step(done: int, total: int, _index=batch_index) -> None:
+                if on_progress is not None:
+                    on_progress(_index * total + done, total * len(batches))
 
-        result = flow_generate(bundle, flow, seeds, device=engine.device, init_image=init_image, strength=strength,
-                               mask=mask, on_step=on_step)
-        for image, seed in zip(result.images, result.seeds):
-            infotext = format_infotext(recorded, seed=seed, width_px=width_px, height_px=height_px, model_name=bundle.name,
-                                       model_hash=bundle.short_hash, extra=extra, version=f"huabi {__version__}")
-            path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
-            results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+            result = flow_generate(bundle, flow, seeds, device=engine.device, init_image=init_image, strength=strength,
+                                   mask=mask, on_step=on_step)
+            for image, seed in zip(result.images, result.seeds):
+                infotext = format_infotext(recorded, seed=seed, width_px=width_px, height_px=height_px, model_name=bundle.name,
+                                           model_hash=bundle.short_hash, extra={**extra, "Lora hashes": lora_hashes},
+                                           version=f"huabi {__version__}")
+                path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
+                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+    finally:
+        if patch is not None:
+            patch.restore()  # the loaded model keeps its base weights between jobs
     return results
+
+
+def apply_flow_loras(engine, bundle: FlowBundle, request):
+    """Merge the prompt's ``<lora:name:weight>`` files into the transformer; (patch to restore, "Lora hashes")."""
+    from huabi.core.prompt_parser import extract_extra_networks
+    from huabi.models.flow_lora import FlowLoraPatch, lora_deltas
+    from huabi.models.formats import read_state_dict
+    from huabi.models.lora import lora_short_hash
+    from huabi.service.adapters import lora_folders, lora_uses, parse_lora_hashes
+
+    _, tags = extract_extra_networks(request.prompt)
+    folders = lora_folders(engine.models_dir) + [engine.models_dir / "loras"]  # ComfyUI's folder name too
+    uses = lora_uses(tags, folders, parse_lora_hashes(dict(request.extra).get("Lora hashes")))
+    if not uses:
+        return None, None
+    patch = FlowLoraPatch(bundle.transformer)
+    hashes = []
+    try:
+        for use in uses:
+            tensors, metadata = read_state_dict(use.path)
+            deltas, _report = lora_deltas(tensors, bundle.family, bundle.transformer, weight=use.unet_weight, source=use.path.name)
+            patch.apply(deltas, source=use.path.name)
+            hashes.append(f"{use.name}: {lora_short_hash(use.path, metadata)}")
+    except BaseException:
+        patch.restore()
+        raise
+    return patch, ", ".join(hashes)
 
 
 def run_flow_edit(engine, bundle: FlowBundle, request, options, image, mask, *, out_dir, on_progress) -> list:
