@@ -184,8 +184,8 @@ def read_transformer_gguf(path: Path, *, on_the_fly: bool) -> tuple[dict[str, to
 def write_transformer_gguf(original: Mapping[str, torch.Tensor], out_path: str | Path, qtype_name: str, *, arch: str) -> dict[str, int]:
     """Write a FLUX/SD3 transformer (original names, no prefix) as a ComfyUI-GGUF file, atomically.
 
-    Same rules as ``gguf_io.write_gguf_unet`` (1-D and small tensors in F32, the flatten-to-256
-    trick for odd last dimensions); architecture ``flux`` or ``sd3`` as ComfyUI-GGUF names them.
+    Same rules as ``gguf_io.write_gguf_unet`` (1-D and small tensors in F32) but no flatten-to-256
+    trick (ComfyUI-GGUF uses it for UNets only); architecture ``flux`` or ``sd3`` as ComfyUI-GGUF names them.
     """
     import os
     import tempfile
@@ -193,7 +193,9 @@ def write_transformer_gguf(original: Mapping[str, torch.Tensor], out_path: str |
     import gguf
     from gguf import GGMLQuantizationType, quants
 
-    from huabi.models.gguf_io import ORIG_SHAPE_PREFIX, WRITE_TYPES, _tensor_plan
+    from gguf import GGML_QUANT_SIZES
+
+    from huabi.models.gguf_io import WRITE_TYPES, _tensor_plan
 
     qtype_name = qtype_name.upper()
     if qtype_name not in WRITE_TYPES:
@@ -207,10 +209,12 @@ def write_transformer_gguf(original: Mapping[str, torch.Tensor], out_path: str |
     for name, tensor in original.items():
         tensor = tensor.detach().to("cpu")
         stored, flat = _tensor_plan(name, tensor.float(), qtype_name)
-        values = tensor.float().numpy()
         if flat is not None:
-            writer.add_array(ORIG_SHAPE_PREFIX + name, [int(d) for d in tensor.shape])
-            values = values.reshape(flat)
+            # ComfyUI-GGUF flattens odd rows only for UNet architectures; FLUX/SD3 files keep real shapes
+            # (diffusers' GGUF loader needs them), so a row that is not whole blocks is stored F16.
+            block = GGML_QUANT_SIZES[GGMLQuantizationType[stored]][0]
+            stored = stored if tensor.shape[-1] % block == 0 else "F16"
+        values = tensor.float().numpy()
         if stored == "F32":
             data = values
         elif stored == "F16":
