@@ -141,6 +141,13 @@ def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> 
     """The pipeline's request from a ``GenerationRequest``, the infotext extras, and the CFG scale that ran."""
     extra = dict(request.extra)
     family = bundle.family
+    unsupported = [name for name, used in (
+        ("hires fix", request.hires), ("refiner", request.refiner), ("ControlNet", request.controlnets),
+        ("hypernetwork", request.hypernetwork), ("IP-Adapter", request.ip_adapter), ("tiling", request.tile),
+        ("variation seed", request.variation_strength > 0), ("seed resize", request.seed_resize_from_px),
+    ) if used]
+    if unsupported:
+        raise HuabiError(f"{family.label}: {', '.join(unsupported)} not supported for this family yet")
     schedule = "Simple" if request.schedule == "Automatic" else request.schedule
     distilled = float(extra.get("Distilled CFG Scale", FLUX_DEFAULT_GUIDANCE))
     shift = float(extra["Shift"]) if "Shift" in extra else None
