@@ -653,6 +653,26 @@ def is_flow_model(path: str | Path) -> bool:
     return False
 
 
+def describe_flow_file(path: str | Path) -> str:
+    """One line for listings, e.g. ``"flux_dev transformer (bf16) + vae"`` (names and shapes only, nothing loaded)."""
+    path = Path(path)
+    if path.is_dir():
+        source = TensorSource(_read_folder_files(path / "transformer"))
+        return f"{detect_transformer(source.shapes(), source=path.name).family.value} diffusers folder"
+    if path.suffix.lower() == ".gguf":
+        from huabi.models.gguf_io import gguf_tensor_types
+
+        tensors, _, _ = read_transformer_gguf(path, on_the_fly=True)
+        types = ", ".join(f"{k} {v}" for k, v in sorted(gguf_tensor_types(path).items()))
+        return f"{detect_transformer(tensors, source=path.name).family.value} transformer (GGUF: {types})"
+    shapes = TensorSource([path]).shapes()
+    found = detect_transformer(shapes, source=path.name)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in shapes.items() if k.startswith(found.prefix) and t.ndim == 2})
+    parts = [name for name, has in (("clip_l", found.has_clip_l), ("clip_g", found.has_clip_g), ("t5xxl", found.has_t5),
+                                    ("vae", found.has_vae)) if has]
+    return f"{found.family.value} transformer ({'/'.join(dtypes)})" + (f" + {', '.join(parts)}" if parts else "")
+
+
 def load_flow_model(
     path: str | Path,
     *,

@@ -46,7 +46,8 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 BUILTIN_MODEL_NAME = "huabi-mini"
 # Sub-folders of the models folder that hold adapters, VAEs, upscalers: never listed as checkpoints.
 NON_CHECKPOINT_FOLDERS = frozenset(name.lower() for name in (
-    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings"))
+    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings",
+    "text_encoders", "text_encoder", "clip", "loras"))  # SD3/FLUX parts (ComfyUI/Forge folder names)
 
 
 @dataclass(frozen=True)
