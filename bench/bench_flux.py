@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=1)
     parser.add_argument("--single", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=CONFIGS, help="run only these configurations")
+    parser.add_argument("--files", type=Path, help="keep the generated model files in this folder and reuse them")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,9 +163,11 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.folder, args.steps, args.size, args.t5_tokens)))
         return
     with tempfile.TemporaryDirectory(prefix="bench_flux_") as tmp:
-        folder = Path(tmp)
+        folder = args.files or Path(tmp)
         started = time.perf_counter()
-        build_files(folder, args.double, args.single)
+        if not (folder / "flux-bench-bf16.safetensors").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            build_files(folder, args.double, args.single)
         print(f"files written in {time.perf_counter() - started:.1f} s: "
               + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.0f} MiB" for p in sorted(folder.glob("flux-bench-*"))), flush=True)
         results = {}

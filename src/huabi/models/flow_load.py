@@ -747,6 +747,7 @@ def load_flow_model(
         bare = tensors
     converted = transformer_to_diffusers(bare, detected.layout)
     packed_converted = _convert_packed(packed, bare, detected.layout) if packed else {}
+    packed.clear()  # fused weights were split into new byte arrays: drop the originals before building
     del bare
     transformer = build_transformer(family, converted, device=device, dtype=dtype, packed=packed_converted)
     del converted
