@@ -66,6 +66,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     add_control_options(edit)
     _add_model_options(edit)
+    from huabi.cli.flow_options import add_flow_options
+
+    add_flow_options(edit)
     add_output_options(edit)
     return edit
 
@@ -140,6 +143,7 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    from huabi.cli.flow_options import text_encoder_files, with_flow_extras
     from huabi.cli.main import _ProgressBar
     from huabi.service.engine import Engine
 
@@ -150,7 +154,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     request, options = request_from_args(args)
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
-                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
+                    text_encoder_files=text_encoder_files(args))
+    request = with_flow_extras(request, args)
     progress = _ProgressBar(enabled=not args.quiet)
     saved: list = []
     try:

@@ -22,6 +22,7 @@ from huabi.cli import serve as serve_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
 from huabi.cli.parsing import HuabiArgumentParser, in_user_words, quiet_libraries
+from huabi.cli.flow_options import add_flow_options, text_encoder_files, with_flow_extras
 from huabi.errors import HuabiError
 
 EXIT_ERROR = 2
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_lora_flag(gen)
     control_cli.add_control_options(gen)
     _add_model_options(gen)
+    add_flow_options(gen)
     add_output_options(gen)
 
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
@@ -334,9 +336,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
-                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False))
+                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
+                    text_encoder_files=text_encoder_files(args))
     for job in jobs:
-        bundle = engine.load(job.request.model, job.request.vae)
+        bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
         if job.mj.ignored:
             print(
                 f"huabi: note: ignored {', '.join(job.mj.ignored)} (they pick Midjourney's own models; "
@@ -349,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress = _ProgressBar(enabled=not args.quiet)
             saved: list = []
             try:
-                results = engine.generate(request, out_dir=args.out, on_progress=progress.update,
+                results = engine.generate(with_flow_extras(request, args), out_dir=args.out, on_progress=progress.update,
                                           on_saved=saved.append)
             except KeyboardInterrupt:
                 progress.close()

@@ -233,6 +233,10 @@ def describe_model_file(path) -> str:
         from huabi.models.inspect import describe_gguf
 
         return describe_gguf(path)
+    from huabi.models.flow_load import describe_flow_file, is_flow_model
+
+    if is_flow_model(path):  # SD3/SD3.5/FLUX.1 transformer files and folders
+        return describe_flow_file(path)
     found = detect_file(path)
     prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
     return f"{found.family.value} {found.variant.value} {prediction}"

@@ -40,6 +40,7 @@ from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.cpu_backend import BackendChoice, lora_state_key
 from huabi.service.previews import PreviewCallback
+from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for, run_flow_edit, run_flow_job
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.tiling import circular_padding
 
@@ -47,7 +48,8 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 BUILTIN_MODEL_NAME = "huabi-mini"
 # Sub-folders of the models folder that hold adapters, VAEs, upscalers: never listed as checkpoints.
 NON_CHECKPOINT_FOLDERS = frozenset(name.lower() for name in (
-    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings"))
+    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings",
+    "text_encoders", "text_encoder", "clip", "loras"))  # SD3/FLUX parts (ComfyUI/Forge folder names)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class Engine:
         preview_every: int = 1,
         vae_decoder: str = "full",
         vae_tiling: bool = False,
+        text_encoder_files: dict[str, Path] | None = None,
     ) -> None:
         """``embeddings_dir``: textual-inversion files used by name in prompts (default
         ``$HUABI_EMBEDDINGS_DIR``, ``<models_dir>/embeddings``, ``$HUABI_HOME/embeddings`` or ``~/huabi/embeddings``;
@@ -203,6 +206,10 @@ class Engine:
         # vae_tiling: decode/encode large images in tiles (huabi.service.previews).
         self.backend = BackendChoice(backend, dtype=self.dtype, device=self.device, preview=preview,
                                      preview_every=preview_every, vae_decoder=vae_decoder, vae_tiling=vae_tiling)
+        # SD3/FLUX (service/flow_jobs.py): separate clip_l/clip_g/t5xxl files, the loaded model, memory mode.
+        self.text_encoder_files = {k: Path(v).expanduser() for k, v in (text_encoder_files or {}).items() if v}
+        self._flow_loaded = None
+        self.flow_low_memory = False
 
     # -- models -------------------------------------------------------------------
 
@@ -254,11 +261,14 @@ class Engine:
             return "it holds no models"
         return "it holds: " + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
-    def load(self, model: str | None, vae: str | None = None) -> ModelBundle:
+    def load(self, model: str | None, vae: str | None = None, extra: tuple = ()) -> ModelBundle:
         path = self.resolve_model_path(model)
         vae_path = Path(vae).expanduser() if vae else None
         if vae_path is not None and not vae_path.exists():
             raise HuabiError(f"vae: {vae}: no such file")
+        if is_flow_model(path):  # SD3/SD3.5/FLUX.1: their own loader (a FlowBundle), see service/flow_jobs.py
+            return load_flow_for(self, path, vae_path, dict(extra))
+        self._flow_loaded = None
         base = self.base_model if path.suffix.lower() == ".gguf" else None
         if base is not None and not base.exists():  # a name or hash in the models folder, as --model takes
             try:
@@ -324,7 +334,9 @@ class Engine:
         """Run every batch of ``request``; save PNGs to ``out_dir`` when given.
         ``on_preview(done, total, images)`` gets live previews (see ``preview=``)."""
         request = request.with_resolved_seed(rng)
-        bundle = self.load(request.model, request.vae)
+        bundle = self.load(request.model, request.vae, request.extra)
+        if isinstance(bundle, FlowBundle):
+            return run_flow_job(self, bundle, request, out_dir=out_dir, on_progress=on_progress)
         refiner = self.refiner_stage(request, bundle)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
@@ -401,7 +413,9 @@ class Engine:
         mask = None
         if options.mask_image is not None:
             mask = load_mask(options.mask_image, image.width, image.height)
-        bundle = self.load(request.model, request.vae)
+        bundle = self.load(request.model, request.vae, request.extra)
+        if isinstance(bundle, FlowBundle):
+            return run_flow_edit(self, bundle, request, options, image, mask, out_dir=out_dir, on_progress=on_progress)
         loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         if request.width_px and request.height_px:

@@ -1,0 +1,277 @@
+"""SD3/SD3.5 and FLUX.1 jobs behind today's Engine: one adapter, one dispatch point per job kind.
+
+``Engine.load`` hands transformer-family files to :func:`load_flow_for`; ``Engine.generate`` and
+``Engine.edit`` hand a loaded ``FlowBundle`` to :func:`run_flow_job`. Everything family-specific
+lives here and in ``pipelines/flow.py``, so the rebuilt engine can call the same two functions.
+
+Request mapping (Forge's conventions, so its PNGs and huabi's read each other):
+
+* ``Distilled CFG Scale`` (FLUX dev guidance, default 3.5) and ``Shift`` travel in
+  ``GenerationRequest.extra`` (CLI ``--distilled-cfg`` / ``--shift``; ``--from`` keeps them).
+* ``CFG scale``: SD3's CFG. For FLUX real CFG runs only with a negative prompt and a scale
+  above 1; otherwise the image records ``CFG scale: 1`` (what ran), as Forge does for FLUX.
+* ``Schedule type``: ``Automatic`` means ``Simple``. Samplers: Euler, Euler a, Heun, DPM++ 2M.
+* Separately loaded files are recorded as Forge writes them: ``Module 1: ae``, ``Module 2: clip_l``...
+  On ``--from`` they are found again by name in the models folder.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from huabi.errors import HuabiError
+from huabi.models.flow_load import FlowBundle, find_part, is_flow_model, load_flow_model
+from huabi.pipelines.flow import FLUX_DEFAULT_GUIDANCE, FlowRequest, flow_generate
+
+__all__ = ["FlowBundle", "is_flow_model", "load_flow_for", "run_flow_job", "run_flow_edit", "flow_request", "estimate_flow_memory"]
+
+_PART_NAMES = ("clip_l", "clip_g", "t5xxl")
+
+
+def _recorded_modules(extra: Mapping[str, str]) -> dict[str, str]:
+    """Forge's ``Module N: name`` entries, classified by name (ae/vae, clip_l, clip_g, t5xxl)."""
+    found: dict[str, str] = {}
+    for key, value in extra.items():
+        if not key.startswith("Module "):
+            continue
+        lowered = value.lower()
+        kind = "t5xxl" if "t5" in lowered else "clip_g" if "clip_g" in lowered else "clip_l" if "clip_l" in lowered else "vae"
+        found[kind] = value
+    return found
+
+
+def _by_name(models_dir: Path, kind: str, name: str) -> Path | None:
+    folders = ("vae", "VAE") if kind == "vae" else ("text_encoders", "clip", "text_encoder", "CLIP")
+    for folder in folders:
+        for suffix in (".safetensors", ".gguf"):
+            candidate = models_dir / folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_flow_for(engine, path: Path, vae: Path | None, extra: Mapping[str, str] | None = None) -> FlowBundle:
+    """Load (or reuse) an SD3/FLUX model for ``engine``: parts from the engine's flags, else the
+    names a ``--from`` infotext recorded, else the models folder's usual files."""
+    parts: dict[str, Path | None] = {name: engine.text_encoder_files.get(name) for name in _PART_NAMES}
+    parts["vae"] = vae
+    for kind, name in _recorded_modules(dict(extra or {})).items():
+        if parts.get(kind) is None:
+            parts[kind] = _by_name(engine.models_dir, kind, name)
+    key = (str(path.resolve()), tuple(str(parts[k]) for k in (*_PART_NAMES, "vae")), engine.device, engine.dtype, engine.gguf_on_the_fly)
+    cached = engine._flow_loaded
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    engine._flow_loaded = None
+    engine._loaded = None  # one model resident at a time
+    gc.collect()
+    check_flow_memory(engine, path, parts)
+    from huabi.models.hashes import HashCache
+
+    bundle = load_flow_model(
+        path, clip_l=parts["clip_l"], clip_g=parts["clip_g"], t5xxl=parts["t5xxl"], vae=parts["vae"],
+        models_dir=engine.models_dir, device=engine.device, dtype=engine.dtype, gguf_on_the_fly=True,
+        low_memory=engine.flow_low_memory, hash_cache=HashCache(),
+    )
+    engine._flow_loaded = (key, bundle)
+    return bundle
+
+
+# --------------------------------------------------------------------------- memory guard
+
+
+def _file_bytes_at(path: Path, dtype: torch.dtype) -> int:
+    """Bytes a weight file takes once loaded: fp8 and GGUF-packed tensors stay as stored, others in ``dtype``."""
+    element = torch.finfo(dtype).bits // 8
+    if path.is_dir():
+        return sum(_file_bytes_at(p, dtype) for p in path.rglob("*.safetensors"))
+    if path.suffix.lower() == ".gguf":
+        return path.stat().st_size
+    if path.suffix.lower() != ".safetensors":
+        return path.stat().st_size
+    from huabi.models.formats import read_safetensors_header
+
+    total = 0
+    for name, entry in read_safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        total += count * (1 if entry["dtype"].startswith("F8") else element)
+    return total
+
+
+def estimate_flow_memory(path: Path, parts: Mapping[str, Path | None], dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes with everything resident, bytes in low-memory mode: the larger of encoders and transformer)."""
+    main = _file_bytes_at(path, dtype)
+    others = sum(_file_bytes_at(p, dtype) for p in parts.values() if p is not None and p.exists())
+    return main + others, max(main, others)
+
+
+def check_flow_memory(engine, path: Path, parts: Mapping[str, Path | None]) -> None:
+    """Refuse what cannot fit, saying what would; switch to low-memory mode when that is enough."""
+    from huabi.service.engine import available_memory_bytes
+
+    everything, low = estimate_flow_memory(path, parts, engine.dtype)
+    available = available_memory_bytes(engine.device)
+    headroom = 1.15  # activations, the VAE decode and allocator slack
+    if everything * headroom <= available:
+        return
+    if low * headroom <= available:
+        engine.flow_low_memory = True  # text encoders loaded per job and released before the transformer runs
+        return
+    gib = 2**30
+    raise HuabiError(
+        f"memory: {path.name} needs about {everything / gib:.1f} GiB with its text encoders in "
+        f"{str(engine.dtype).removeprefix('torch.')} ({low / gib:.1f} GiB at best, encoders loaded one at a time) "
+        f"but {engine.device} has {available / gib:.1f} GiB free; use a GGUF Q8_0/Q4_0 or fp8 transformer file, "
+        f"t5xxl_fp8_e4m3fn for the T5 encoder, or --dtype bf16"
+    )
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> tuple[FlowRequest, dict[str, object], float]:
+    """The pipeline's request from a ``GenerationRequest``, the infotext extras, and the CFG scale that ran."""
+    extra = dict(request.extra)
+    family = bundle.family
+    unsupported = [name for name, used in (
+        ("hires fix", request.hires), ("refiner", request.refiner), ("ControlNet", request.controlnets),
+        ("hypernetwork", request.hypernetwork), ("IP-Adapter", request.ip_adapter), ("tiling", request.tile),
+        ("variation seed", request.variation_strength > 0), ("seed resize", request.seed_resize_from_px),
+    ) if used]
+    if unsupported:
+        raise HuabiError(f"{family.label}: {', '.join(unsupported)} not supported for this family yet")
+    schedule = "Simple" if request.schedule == "Automatic" else request.schedule
+    distilled = float(extra.get("Distilled CFG Scale", FLUX_DEFAULT_GUIDANCE))
+    shift = float(extra["Shift"]) if "Shift" in extra else None
+    cfg = float(request.cfg_scale)
+    if family.is_flux and not (request.negative_prompt.strip() and cfg > 1.0):
+        cfg = 1.0  # FLUX is guidance-distilled: no real CFG unless asked for with a negative prompt
+    from huabi.core.prompt_parser import extract_extra_networks
+
+    prompt, tags = extract_extra_networks(request.prompt)
+    unsupported = [tag for tag in tags if tag.kind.lower() not in ("lora", "lyco")]
+    if unsupported:
+        raise HuabiError(f"prompt: <{unsupported[0].kind}:...> tags are not supported for {family.label}")
+    negative, _ = extract_extra_networks(request.negative_prompt)
+    flow = FlowRequest(
+        prompt=prompt, negative_prompt=negative, steps=request.steps, cfg_scale=cfg, sampler=request.sampler,
+        schedule=schedule, width_px=width_px, height_px=height_px, distilled_guidance=distilled, shift=shift,
+    )
+    infotext: dict[str, object] = {}
+    if family.is_flux and bundle.transformer.config.guidance_embeds:
+        infotext["Distilled CFG Scale"] = distilled
+    if shift is not None:
+        infotext["Shift"] = shift
+    for number, module in enumerate(bundle.modules, start=1):
+        infotext[f"Module {number}"] = module
+    return flow, infotext, cfg
+
+
+def run_flow_job(
+    engine,
+    bundle: FlowBundle,
+    request,
+    *,
+    out_dir: Path | None,
+    on_progress: Callable[[int, int], None] | None,
+    init_image=None,
+    mask=None,
+    strength: float = 1.0,
+    edit_extra: Mapping[str, object] | None = None,
+) -> list:
+    """Every batch of ``request`` through the flow pipeline; PNGs with Forge-style infotext."""
+    from huabi import __version__
+    from huabi.core.infotext import format_infotext
+    from huabi.service.engine import GeneratedImage
+    from huabi.service.pngio import next_image_path, save_png
+
+    width_px = request.width_px or (init_image.width // 16 * 16 if init_image is not None else bundle.native_size_px)
+    height_px = request.height_px or (init_image.height // 16 * 16 if init_image is not None else bundle.native_size_px)
+    flow, extra, cfg_ran = flow_request(request, bundle, width_px, height_px)
+    extra.update(edit_extra or {})
+    recorded = request.replace(cfg_scale=cfg_ran, schedule=flow.schedule)
+    batches = request.image_seeds()
+    results = []
+    patch, lora_hashes = apply_flow_loras(engine, bundle, request)
+    try:
+        for batch_index, seeds in enumerate(batches):
+            def on_step(done: int, total: int, _index=batch_index) -> None:
+                if on_progress is not None:
+                    on_progress(_index * total + done, total * len(batches))
+
+            result = flow_generate(bundle, flow, seeds, device=engine.device, init_image=init_image, strength=strength,
+                                   mask=mask, on_step=on_step)
+            for image, seed in zip(result.images, result.seeds):
+                infotext = format_infotext(recorded, seed=seed, width_px=width_px, height_px=height_px, model_name=bundle.name,
+                                           model_hash=bundle.short_hash, extra={**extra, "Lora hashes": lora_hashes},
+                                           version=f"huabi {__version__}")
+                path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
+                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+    finally:
+        if patch is not None:
+            patch.restore()  # the loaded model keeps its base weights between jobs
+    return results
+
+
+def apply_flow_loras(engine, bundle: FlowBundle, request):
+    """Merge the prompt's ``<lora:name:weight>`` files into the transformer; (patch to restore, "Lora hashes")."""
+    from huabi.core.prompt_parser import extract_extra_networks
+    from huabi.models.flow_lora import FlowLoraPatch, lora_deltas
+    from huabi.models.formats import read_state_dict
+    from huabi.models.lora import lora_short_hash
+    from huabi.service.adapters import lora_folders, lora_uses, parse_lora_hashes
+
+    _, tags = extract_extra_networks(request.prompt)
+    folders = lora_folders(engine.models_dir) + [engine.models_dir / "loras"]  # ComfyUI's folder name too
+    uses = lora_uses(tags, folders, parse_lora_hashes(dict(request.extra).get("Lora hashes")))
+    if not uses:
+        return None, None
+    patch = FlowLoraPatch(bundle.transformer)
+    hashes = []
+    try:
+        for use in uses:
+            tensors, metadata = read_state_dict(use.path)
+            deltas, _report = lora_deltas(tensors, bundle.family, bundle.transformer, weight=use.unet_weight, source=use.path.name)
+            patch.apply(deltas, source=use.path.name)
+            hashes.append(f"{use.name}: {lora_short_hash(use.path, metadata)}")
+    except BaseException:
+        patch.restore()
+        raise
+    return patch, ", ".join(hashes)
+
+
+def run_flow_edit(engine, bundle: FlowBundle, request, options, image, mask, *, out_dir, on_progress) -> list:
+    """img2img / inpainting for SD3/FLUX: the init image at the working size (multiples of 16), the
+    sampler starting at the sigma ``options.denoising_strength`` selects; white mask areas repainted."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    if options.outpaint is not None or getattr(options, "instruct", False):
+        raise HuabiError(f"edit: outpainting and instruct editing are not supported for {bundle.family.label} yet")
+    work_w = request.width_px or max(16, image.width // 16 * 16)
+    work_h = request.height_px or max(16, image.height // 16 * 16)
+    image = image.convert("RGB").resize((work_w, work_h), Image.LANCZOS)
+    extra: dict[str, object] = {"Denoising strength": options.denoising_strength}
+    if mask is not None:
+        mask = mask.convert("L").resize((work_w, work_h), Image.LANCZOS)
+        if options.invert_mask:
+            mask = ImageOps.invert(mask)
+            extra["Mask mode"] = "Inpaint not masked"
+        if options.mask_blur_px:
+            mask = mask.filter(ImageFilter.GaussianBlur(options.mask_blur_px))
+        extra["Mask blur"] = options.mask_blur_px
+    return run_flow_job(engine, bundle, request.replace(width_px=work_w, height_px=work_h), out_dir=out_dir,
+                        on_progress=on_progress, init_image=image, mask=mask, strength=options.denoising_strength,
+                        edit_extra=extra)
+
+
+def find_parts_for_listing(models_dir: Path) -> dict[str, Path | None]:
+    """The parts the models folder would supply (for ``huabi models`` listings and messages)."""
+    return {name: find_part(models_dir, name) for name in (*_PART_NAMES, "vae")}
