@@ -131,6 +131,19 @@ def units_from_args(args: argparse.Namespace, recorded: tuple = ()) -> tuple:
     return tuple(result)
 
 
+def control_input(args: argparse.Namespace):
+    """The ControlNet flags as the service's :class:`huabi.service.requests.ControlInput` (None: no flags)."""
+    from huabi.service.requests import ControlInput
+
+    units = getattr(args, "control_units", None) or []
+    loose = getattr(args, "control_loose", None) or {}
+    errors = getattr(args, "control_errors", None) or []
+    if not (units or errors or any(loose.values())):
+        return None
+    return ControlInput(units=tuple(units), fill={name: tuple(values) for name, values in loose.items()},
+                        errors=tuple(errors))
+
+
 def apply_control_args(request, args: argparse.Namespace):
     """``request`` with the ControlNet units of the flags (a --from request keeps its recorded ones)."""
     units = units_from_args(args, request.controlnets)

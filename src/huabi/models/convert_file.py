@@ -175,7 +175,8 @@ def _read_source(src: Path, options: ConvertOptions) -> tuple[dict[str, torch.Te
 
     if src.suffix.lower() != ".gguf":
         return read_state_dict(src)
-    from huabi.models.gguf_io import read_gguf, with_companion_parts
+    from huabi.models.formats import with_companion_parts
+    from huabi.models.gguf_io import read_gguf
 
     tensors, metadata = read_gguf(src)
     tensors, metadata = with_companion_parts(src, tensors, metadata, options.base)

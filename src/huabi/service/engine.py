@@ -8,12 +8,11 @@ batch, and writes PNGs with infotext.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -28,25 +27,39 @@ from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
-from huabi.models.family import UNetVariant
+from huabi.core.family import UNetVariant
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
 from huabi.pipelines.common import noise_variation
 from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
 from huabi.pipelines.instruct import check_instruct_model, instruct_pix2pix
+from huabi.pipelines.patches import (
+    FIRST_PASS,
+    ModelContextPatch,
+    Patch,
+    RefinerPatch,
+    UNetHookPatch,
+    patched_model,
+    patches_infotext,
+    refiner_passes,
+)
 from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_infotext
 from huabi.pipelines.txt2img import txt2img
-from huabi.service.adapters import ActiveLoras, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
+from huabi.service.model_files import (  # noqa: F401 -- also importable from here, as before
+    BUILTIN_MODEL_NAME,
+    MODEL_SUFFIXES,
+    NON_CHECKPOINT_FOLDERS,
+    ModelEntry,
+    builtin_model_path,
+    default_models_dir,
+    iter_models,
+    resolve_model_path,
+)
+from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.pngio import next_image_path, save_png
+from huabi.service.progress import Cancellation, ProgressCallback, ProgressEvent, StopSampling
 from huabi.service.tiling import circular_padding
-
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
-BUILTIN_MODEL_NAME = "huabi-mini"
-# Sub-folders of the models folder that hold adapters, VAEs, upscalers: never listed as checkpoints.
-NON_CHECKPOINT_FOLDERS = frozenset(name.lower() for name in (
-    "Lora", "LyCORIS", "hypernetworks", "ControlNet", "ipadapter", "clip_vision", "VAE", "ESRGAN", "embeddings"))
-
 
 @dataclass(frozen=True)
 class GeneratedImage:
@@ -57,12 +70,11 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    path: Path
+class Job:
+    """One job: a request, and for an edit its edit inputs (init image, mask, strength, outpaint, instruct)."""
 
-
-ProgressCallback = Callable[[int, int], None]  # (steps done in the whole job, total steps)
+    request: GenerationRequest
+    edit: EditOptions | None = None
 
 
 class BatchResult(Protocol):
@@ -75,12 +87,42 @@ class BatchResult(Protocol):
     embeddings_used: tuple[str, ...]
 
 
-def default_models_dir() -> Path:
-    return Path(os.environ.get("HUABI_MODELS_DIR", Path.home() / "huabi" / "models"))
+class RunBatch(Protocol):
+    def __call__(self, bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None,
+                 on_step: Callable[[ProgressEvent], None], embeddings: EmbeddingLibrary) -> BatchResult: ...
 
 
-def builtin_model_path() -> Path:
-    return Path(str(resources.files("huabi") / "assets" / "models" / f"{BUILTIN_MODEL_NAME}.safetensors"))
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a prepared job makes one batch: ``run_batch`` calls the pipeline (txt2img, hires,
+    img2img, inpaint, instruct) with the job's patches; ``recorded`` is the request the infotext
+    records; progress counts ``steps_per_batch`` (None: what the pipeline reports)."""
+
+    run_batch: RunBatch
+    recorded: GenerationRequest
+    steps_per_batch: int | None = None
+    infotext_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything a job needs, checked and loaded: the model, the plan, the patches entered around
+    every batch (LoRA, tiling, attention adapters) and the job's infotext keys."""
+
+    bundle: ModelBundle
+    request: GenerationRequest  # seed resolved
+    recorded: GenerationRequest
+    plan: BatchPlan
+    embeddings: EmbeddingLibrary
+    model_patches: tuple[Patch, ...]
+    extra: dict
+
+
+def _counting(on_progress: Callable[[int, int], None] | None) -> ProgressCallback | None:
+    """An event callback for an older ``(done, total)`` callback."""
+    if on_progress is None:
+        return None
+    return lambda event: on_progress(event.step, event.total)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -174,43 +216,11 @@ class Engine:
 
     def iter_models(self) -> Iterator[ModelEntry]:
         """Checkpoint files and diffusers folders under the models folder, sorted by path."""
-        builtin = builtin_model_path()
-        if builtin.exists():
-            yield ModelEntry(BUILTIN_MODEL_NAME, builtin)
-        if not self.models_dir.is_dir():
-            return
-        for path in sorted(self.models_dir.rglob("*")):
-            if path.relative_to(self.models_dir).parts[0].lower() in NON_CHECKPOINT_FOLDERS:
-                continue
-            if path.is_file() and path.suffix in MODEL_SUFFIXES:
-                yield ModelEntry(path.stem, path)
-            elif path.is_dir() and (path / "model_index.json").exists():
-                yield ModelEntry(path.name, path)
+        return iter_models(self.models_dir)
 
     def resolve_model_path(self, ref: str | None) -> Path:
         """A path, a name in the models folder, or an A1111 short hash; None is the built-in model."""
-        if ref is None or ref == BUILTIN_MODEL_NAME:
-            builtin = builtin_model_path()
-            if builtin.exists():
-                return builtin
-            raise HuabiError(f"model: the built-in model file {builtin} is missing; reinstall huabi or pass --model PATH")
-        path = Path(ref).expanduser()
-        if path.exists():
-            return path
-        if path.suffix in MODEL_SUFFIXES or os.sep in ref:
-            raise HuabiError(f"model: {ref}: no such file")
-        entries = list(self.iter_models())
-        for entry in entries:
-            if entry.name == ref or entry.path.name == ref:
-                return entry.path
-        wanted = ref.lower()
-        if all(c in "0123456789abcdef" for c in wanted) and len(wanted) >= 8:
-            for entry in entries:
-                if entry.path.is_file() and model_short_hash(entry.path).startswith(wanted[:10]):
-                    return entry.path
-        raise HuabiError(
-            f"model: no model named or hashed {ref!r} in {self.models_dir}; pass --model PATH"
-        )
+        return resolve_model_path(ref, self.models_dir)
 
     def load(self, model: str | None, vae: str | None = None) -> ModelBundle:
         path = self.resolve_model_path(model)
@@ -267,63 +277,37 @@ class Engine:
 
         return upscale
 
-    # -- generation -----------------------------------------------------------------
+    # -- jobs -----------------------------------------------------------------------
+
+    def run(
+        self,
+        job: Job | GenerationRequest,
+        *,
+        out_dir: Path | None = None,
+        on_event: ProgressCallback | None = None,
+        cancel: Cancellation | None = None,
+        rng: random.Random | None = None,
+    ) -> list[GeneratedImage]:
+        """The one entry point: prepare ``job`` (every check, model and patch), then run its batches.
+
+        Text to image, image to image, inpainting, outpainting and instruct edits are plans
+        of the same batch loop (:meth:`prepare` picks one from ``job.edit``). PNGs go to
+        ``out_dir`` when given; ``on_event`` receives a :class:`ProgressEvent` per sampling
+        step; ``cancel`` stops the job early (interrupt: no more batches; skip: this batch).
+        """
+        prepared = self.prepare(job if isinstance(job, Job) else Job(job), rng=rng)
+        return self._run_batches(prepared, out_dir=out_dir, on_event=on_event, cancel=cancel)
 
     def generate(
         self,
         request: GenerationRequest,
         *,
         out_dir: Path | None = None,
-        on_progress: ProgressCallback | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
         rng: random.Random | None = None,
     ) -> list[GeneratedImage]:
-        """Run every batch of ``request``; save PNGs to ``out_dir`` when given."""
-        request = request.with_resolved_seed(rng)
-        bundle = self.load(request.model, request.vae)
-        refiner = self.refiner_stage(request, bundle)
-        loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
-        adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
-        width_px = request.width_px or bundle.native_size_px
-        height_px = request.height_px or bundle.native_size_px
-        self.check_memory(bundle, width_px, height_px, request.batch_size)
-        # Record the schedule "Automatic" resolved to, so the infotext stays exact even if
-        # a later huabi changes a sampler's default.
-        recorded = request
-        if request.schedule == "Automatic":
-            recorded = request.replace(schedule=default_schedule_for(request.sampler))
-        # Listed per job (cheap), so files added meanwhile count; read only when a prompt uses them.
-        embeddings = self.embeddings_for(bundle)
-        batch_steps = request.steps + ((request.hires_steps or request.steps) if request.hires else 0)
-        pixel_upscaler = self.hires_pixel_upscaler(request) if request.hires else None
-        if request.hires:
-            hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
-            self.check_memory(bundle, hires_w, hires_h, request.batch_size)
-        # ControlNet units: models loaded and maps made once per request; each pass gets its UNet hook.
-        from huabi.service.control import prepare_controls
-
-        control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
-                                   seed=request.seed)
-        control_hooks = control.hooks if control is not None else None
-        control_hires_hooks = control.hires_hooks() if control is not None else None
-        extra = self._extra_infotext(bundle)
-        extra.update(refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None))
-        if control is not None:
-            extra.update(control.infotext())
-
-        def run_batch(job_bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None, on_step) -> BatchResult:
-            if request.hires:
-                return hires_txt2img(
-                    job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
-                    variation_seeds=variation_seeds, unet_kwargs_for=control_hooks,
-                    hires_unet_kwargs_for=control_hires_hooks, pixel_upscaler=pixel_upscaler, refiner=refiner,
-                )
-            return txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
-                           unet_kwargs_for=control_hooks, variation_seeds=variation_seeds, refiner=refiner)
-
-        return self._run_batches(
-            bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
-            adapters=adapters, out_dir=out_dir, on_progress=on_progress, steps_per_batch=batch_steps,
-        )
+        """Text to image (the older entry point): ``run(Job(request))`` with a ``(done, total)`` callback."""
+        return self.run(Job(request), out_dir=out_dir, on_event=_counting(on_progress), rng=rng)
 
     def edit(
         self,
@@ -331,10 +315,82 @@ class Engine:
         options: EditOptions,
         *,
         out_dir: Path | None = None,
-        on_progress: ProgressCallback | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
         rng: random.Random | None = None,
     ) -> list[GeneratedImage]:
-        """Image to image, inpainting or outpainting of ``options.init_image``; PNGs to ``out_dir``.
+        """An edit (the older entry point): ``run(Job(request, options))`` with a ``(done, total)`` callback."""
+        return self.run(Job(request, options), out_dir=out_dir, on_event=_counting(on_progress), rng=rng)
+
+    def prepare(self, job: Job, *, rng: random.Random | None = None) -> PreparedJob:
+        """Every check, model and patch of ``job``, before any sampling: an unsupported
+        combination or a bad input fails here with one line, and nothing is written."""
+        request = job.request.with_resolved_seed(rng)
+        edit = job.edit
+        image = mask = None
+        if edit is not None:
+            from huabi.service.images import load_image, load_mask
+
+            image = load_image(edit.init_image, what="image")
+            if edit.mask_image is not None:
+                mask = load_mask(edit.mask_image, image.width, image.height)
+        bundle = self.load(request.model, request.vae)
+        refiner = self.refiner_stage(request, bundle) if edit is None else None
+        lora = self.lora_patch(bundle, request)  # before any text encoding (text-encoder LoRA)
+        adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
+        model_patches: list[Patch] = [lora]
+        if request.tile:  # circular padding in the UNet and the VAE decoder, per batch
+            model_patches.append(ModelContextPatch(lambda b: circular_padding(b.unet, b.vae.decoder)))
+        model_patches.append(ModelContextPatch(adapters.applied, adapters.infotext(request)))
+        embeddings = self.embeddings_for(bundle)  # listed per job: files added meanwhile count
+        extra = self._extra_infotext(bundle)
+        if edit is None:
+            plan = self._plan_txt2img(request, bundle, refiner, extra)
+        else:
+            plan = self._plan_edit(request, edit, bundle, image, mask, extra)
+        # Record the schedule "Automatic" resolved to, so the infotext stays exact even if
+        # a later huabi changes a sampler's default.
+        recorded = plan.recorded
+        if request.schedule == "Automatic":
+            recorded = recorded.replace(schedule=default_schedule_for(request.sampler))
+        return PreparedJob(
+            bundle=bundle, request=request, recorded=recorded, plan=plan, embeddings=embeddings,
+            model_patches=tuple(model_patches), extra=extra,
+        )
+
+    def _plan_txt2img(self, request: GenerationRequest, bundle: ModelBundle, refiner: RefinerStage | None,
+                      extra: dict) -> BatchPlan:
+        width_px = request.width_px or bundle.native_size_px
+        height_px = request.height_px or bundle.native_size_px
+        self.check_memory(bundle, width_px, height_px, request.batch_size)
+        pixel_upscaler = self.hires_pixel_upscaler(request) if request.hires else None
+        if request.hires:
+            hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
+            self.check_memory(bundle, hires_w, hires_h, request.batch_size)
+        patches: list[Patch] = []
+        refiner_keys = refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None)
+        if refiner is not None:
+            passes = refiner_passes(request.refiner_hires_pass) if request.hires else (FIRST_PASS,)
+            patches.append(RefinerPatch(refiner, passes, refiner_keys))
+        extra.update(refiner_keys)
+        control = self.control_patch(bundle, request)  # models loaded and maps made once per job
+        if control is not None:
+            patches.insert(0, control)
+            extra.update(control.infotext())
+        steps = request.steps + ((request.hires_steps or request.steps) if request.hires else 0)
+
+        def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
+            if request.hires:
+                return hires_txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step,
+                                     embeddings=embeddings, variation_seeds=variation_seeds,
+                                     pixel_upscaler=pixel_upscaler, patches=patches)
+            return txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
+                           variation_seeds=variation_seeds, patches=patches)
+
+        return BatchPlan(run_batch, recorded=request, steps_per_batch=steps)
+
+    def _plan_edit(self, request: GenerationRequest, options: EditOptions, bundle: ModelBundle,
+                   image: Image.Image, mask: Image.Image | None, extra: dict) -> BatchPlan:
+        """Image to image, inpainting, outpainting or an instruct edit of ``image``.
 
         The working size is ``request``'s size, else the init image's rounded to
         multiples of 8 (the init image is resized to it with ``options.resize_mode``;
@@ -345,16 +401,8 @@ class Engine:
         from huabi.core.request import INPAINT_AREAS
         from huabi.pipelines.img2img import img2img
         from huabi.pipelines.inpaint import inpaint, outpaint_canvas
-        from huabi.service.images import RESIZE_MODES, default_size, load_image, load_mask, resize_image
+        from huabi.service.images import RESIZE_MODES, default_size, resize_image
 
-        request = request.with_resolved_seed(rng)
-        image = load_image(options.init_image, what="image")
-        mask = None
-        if options.mask_image is not None:
-            mask = load_mask(options.mask_image, image.width, image.height)
-        bundle = self.load(request.model, request.vae)
-        loras = self.apply_loras(bundle, request)  # before any text encoding (text-encoder LoRA)
-        adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         if request.width_px and request.height_px:
             work_w, work_h = request.width_px, request.height_px
         else:
@@ -368,11 +416,6 @@ class Engine:
             image, mask = outpaint_canvas(image, options, request.seed)
             work_w, work_h = image.size
         self.check_memory(bundle, work_w, work_h, request.batch_size)
-        recorded = request.replace(width_px=work_w, height_px=work_h)
-        if request.schedule == "Automatic":
-            recorded = recorded.replace(schedule=default_schedule_for(request.sampler))
-        embeddings = self.embeddings_for(bundle)
-        extra = self._extra_infotext(bundle)
         # InstructPix2Pix models always edit by instruction (as in A1111); --instruct insists on one.
         instruct = options.instruct or bundle.variant is UNetVariant.INSTRUCT_PIX2PIX
         if instruct:
@@ -381,8 +424,12 @@ class Engine:
                 raise HuabiError(f"instruct: {bundle.name} is an InstructPix2Pix model; it edits whole images "
                                  "(no --mask or --outpaint)")
             extra["Image CFG scale"] = options.image_cfg_scale
+        patches: list[Patch] = []
         refiner = self.refiner_stage(request, bundle)
-        extra.update(refiner_infotext(refiner))
+        refiner_keys = refiner_infotext(refiner)
+        if refiner is not None:
+            patches.append(RefinerPatch(refiner, (FIRST_PASS,), refiner_keys))
+        extra.update(refiner_keys)
         extra["Denoising strength"] = options.denoising_strength
         if options.resize_mode != "just":
             extra["Resize mode"] = RESIZE_MODES[options.resize_mode]
@@ -399,8 +446,6 @@ class Engine:
                 f"{side}={value}" for side, value in zip(("left", "right", "up", "down"), options.outpaint) if value
             )
         # ControlNet: units without an image use the edit's image (and mask), as sd-webui-controlnet does.
-        from huabi.service.control import prepare_controls
-
         control_crop = None
         if only_masked and request.controlnets:  # "Only masked": the controls see the model's box too
             from huabi.core.masks import crop_region
@@ -408,99 +453,111 @@ class Engine:
 
             box = crop_region(prepare_mask(mask, options), options.padding_px, work_w, work_h)
             control_crop = (box, image.size) if box is not None else None
-        control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
-                                   seed=request.seed, fallback_image=image, fallback_mask=mask, crop=control_crop)
+        control = self.control_patch(bundle, request, fallback_image=image, fallback_mask=mask, crop=control_crop)
         if control is not None:
-            import functools
-
+            patches.insert(0, control)
             extra.update(control.infotext())
-            img2img = functools.partial(img2img, unet_kwargs_for=control.hooks)
-            inpaint = functools.partial(inpaint, unet_kwargs_for=control.hooks)
 
-        def run_batch(job_bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None, on_step) -> BatchResult:
+        def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
             variation = noise_variation(bundle, request, variation_seeds)
             if instruct:
                 return instruct_pix2pix(job_bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
                                         denoising_strength=options.denoising_strength, device=self.device,
-                                        on_step=on_step, embeddings=embeddings, variation=variation)
+                                        on_step=on_step, embeddings=embeddings, variation=variation,
+                                        patches=patches)
             if mask is None:
                 return img2img(job_bundle, request, image, seeds, denoising_strength=options.denoising_strength,
                                device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
-                               refiner=refiner)
+                               patches=patches)
             return inpaint(job_bundle, request, image, mask, seeds, options, device=self.device, on_step=on_step,
                            embeddings=embeddings, working_size=(work_w, work_h) if only_masked else None,
-                           variation=variation, refiner=refiner)
+                           variation=variation, patches=patches)
 
-        return self._run_batches(
-            bundle, request, recorded, run_batch, extra=extra, embeddings=embeddings, loras=loras,
-            adapters=adapters, out_dir=out_dir, on_progress=on_progress, infotext_size=(work_w, work_h),
-        )
+        return BatchPlan(run_batch, recorded=request.replace(width_px=work_w, height_px=work_h),
+                         infotext_size=(work_w, work_h))
 
     def _run_batches(
         self,
-        bundle: ModelBundle,
-        request: GenerationRequest,
-        recorded: GenerationRequest,
-        run_batch: Callable[[ModelBundle, list[int], list[int] | None, Callable[[int, int], None]], BatchResult],
+        job: PreparedJob,
         *,
-        extra: dict,
-        embeddings: EmbeddingLibrary,
-        loras: ActiveLoras,
-        adapters: AttentionAdapters,
         out_dir: Path | None,
-        on_progress: ProgressCallback | None,
-        steps_per_batch: int | None = None,
-        infotext_size: tuple[int, int] | None = None,
+        on_event: ProgressCallback | None,
+        cancel: Cancellation | None,
     ) -> list[GeneratedImage]:
-        """The batch loop generate and edit share: ``run_batch(bundle, seeds, variation_seeds,
-        on_step)`` makes one batch (with tiling and the per-batch adapters applied), then each
-        image gets its infotext (``recorded``'s parameters + ``extra``) and, with ``out_dir``, a PNG.
+        """The batch loop every plan shares: enter the model patches, make one batch, then give each
+        image its infotext (the recorded parameters + the patches' and plan's keys) and, with
+        ``out_dir``, a PNG.
 
-        Progress counts ``steps_per_batch`` per batch, or the total each pipeline reports.
-        The infotext size is ``infotext_size``, or the size the pipeline reports (hires: the
+        Progress counts the plan's steps per batch, or the total each pipeline reports.
+        The infotext size is the plan's, or the size the pipeline reports (hires: the
         first pass's, as A1111 records it).
         """
+        request, plan = job.request, job.plan
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set
         results: list[GeneratedImage] = []
         for batch_index, seeds in enumerate(batches):
+            if cancel is not None and cancel.interrupted:
+                break
             variation_seeds = variation_batches[batch_index] if variation_batches else None
 
-            def on_step(done: int, total: int, _index=batch_index) -> None:
-                if on_progress is not None:
-                    per_batch = steps_per_batch or total
-                    on_progress(_index * per_batch + min(done, per_batch), per_batch * len(batches))
+            def on_step(event: ProgressEvent, _index=batch_index) -> None:
+                if on_event is not None:
+                    per_batch = plan.steps_per_batch or event.total
+                    on_event(replace(event, step=_index * per_batch + min(event.step, per_batch),
+                                     total=per_batch * len(batches), batch=_index, batch_count=len(batches)))
+                if cancel is not None and cancel.should_stop():
+                    raise StopSampling
 
-            # Tiling: circular padding in the UNet and the VAE decoder for this batch only.
-            tiling = circular_padding(bundle.unet, bundle.vae.decoder) if request.tile else contextlib.nullcontext()
-            with tiling, adapters.applied(bundle) as job_bundle:
-                result = run_batch(job_bundle, seeds, variation_seeds, on_step)
-            batch_extra = dict(extra)
+            with patched_model(job.model_patches, job.bundle) as job_bundle:
+                result = plan.run_batch(job_bundle, seeds, variation_seeds, on_step, job.embeddings)
+            if cancel is not None:
+                cancel.take_skip()  # a skip ends one batch only
+            batch_extra = dict(job.extra)
             # Always set: a stale value copied from a --from image must not survive.
-            batch_extra["TI hashes"] = embeddings.ti_hashes(result.embeddings_used)
-            batch_extra["Lora hashes"] = loras.infotext_hashes  # None drops a stale copy from --from
-            batch_extra.update(adapters.infotext(request))
-            width_px, height_px = infotext_size or (result.width_px, result.height_px)
+            batch_extra["TI hashes"] = job.embeddings.ti_hashes(result.embeddings_used)
+            batch_extra.update(patches_infotext(job.model_patches))
+            width_px, height_px = plan.infotext_size or (result.width_px, result.height_px)
             for image, seed, variation_seed in zip(result.images, result.seeds, variation_seeds or [None] * len(seeds)):
                 infotext = format_infotext(
-                    recorded, seed=seed, variation_seed=variation_seed, width_px=width_px, height_px=height_px,
-                    model_name=bundle.name, model_hash=bundle.short_hash, extra=batch_extra,
+                    job.recorded, seed=seed, variation_seed=variation_seed, width_px=width_px, height_px=height_px,
+                    model_name=job.bundle.name, model_hash=job.bundle.short_hash, extra=batch_extra,
                     version=f"huabi {__version__}",
                 )
                 path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
                 results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
         return results
 
-    def apply_loras(self, bundle: ModelBundle, request: GenerationRequest) -> ActiveLoras:
-        """Patch ``bundle`` with the LoRA/LyCORIS tags of ``request.prompt`` (A1111 takes a batch's
-        tags from its first prompt; negative-prompt tags are removed but not applied, as there).
-        Files come from ``models_dir/Lora`` and ``models_dir/LyCORIS`` or a path; a request
-        without tags gets the base weights back. Call before encoding any text."""
+    # -- patches --------------------------------------------------------------------
+
+    def lora_patch(self, bundle: ModelBundle, request: GenerationRequest) -> LoraPatch:
+        """The LoRA/LyCORIS tags of ``request.prompt``, resolved and applied to ``bundle`` now (A1111
+        takes a batch's tags from its first prompt; negative-prompt tags are removed but not applied,
+        as there). Files come from ``models_dir/Lora`` and ``models_dir/LyCORIS`` or a path; a
+        request without tags gets the base weights back. Call before encoding any text."""
         from huabi.core.prompt_parser import extract_extra_networks
 
         _text, tags = extract_extra_networks(request.prompt)
         known = parse_lora_hashes(dict(request.extra).get("Lora hashes"))  # from --from: finds renamed files
-        return self._loras.activate(bundle, lora_uses(tags, lora_folders(self.models_dir), known))
+        patch = LoraPatch(self._loras, lora_uses(tags, lora_folders(self.models_dir), known))
+        patch.activate(bundle)
+        return patch
+
+    def apply_loras(self, bundle: ModelBundle, request: GenerationRequest) -> ActiveLoras:
+        """Patch ``bundle`` with ``request``'s LoRA tags now (see :meth:`lora_patch`); what is active."""
+        return self.lora_patch(bundle, request).active
+
+    def control_patch(self, bundle: ModelBundle, request: GenerationRequest, **fallbacks) -> UNetHookPatch | None:
+        """ControlNet/T2I-Adapter units: models loaded and maps made once per job; each pass gets its own
+        UNet hook (the hires pass a larger hint). ``fallbacks``: an edit's image/mask/crop for units
+        without their own image."""
+        from huabi.service.control import prepare_controls
+
+        control = prepare_controls(bundle, request.controlnets, models_dir=self.models_dir, device=self.device,
+                                   seed=request.seed, **fallbacks)
+        if control is None:
+            return None
+        return UNetHookPatch(control.hooks, control.infotext(), hires_factory=control.hires_hooks())
 
     def load_refiner(self, ref: str) -> ModelBundle:
         """The SDXL refiner by path, name or hash, kept loaded beside the base model.
