@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models import gguf_io
-from huabi.models.files import new_file_mode  # noqa: F401 -- its older home
+from huabi.models.files import atomic_path, new_file_mode  # noqa: F401 -- new_file_mode: its older home
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -385,15 +384,8 @@ def write_safetensors_atomic(
             raise HuabiError(f"{path.name}: safetensors metadata must map str to str; got {key!r}: {type(value).__name__}")
     # safetensors refuses shared/non-contiguous storage; give each tensor its own.
     prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(_unshare(prepared), tmp_name, metadata=dict(metadata) if metadata else None)
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(_unshare(prepared), str(temp), metadata=dict(metadata) if metadata else None)
     return path
 
 

@@ -23,8 +23,6 @@ the maintained ``gguf`` package (its numpy quantizers), atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +198,7 @@ def write_gguf_unet(
     import gguf
     from gguf import GGMLQuantizationType, quants
 
-    from huabi.models.files import new_file_mode
+    from huabi.models.files import atomic_path
 
     qtype_name = qtype_name.upper()
     if qtype_name not in WRITE_TYPES:
@@ -233,19 +231,11 @@ def write_gguf_unet(
         writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[stored])
         counts[stored] = counts.get(stored, 0) + 1
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(handle)
-    try:
-        writer.write_header_to_file(path=tmp_name)
+    with atomic_path(out_path) as temp:
+        writer.write_header_to_file(path=temp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return counts
 
 

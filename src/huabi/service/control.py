@@ -148,18 +148,10 @@ def prepare_controls(
 
 def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0) -> Path:
     """Run the unit's preprocessor and write the map as a PNG (atomically)."""
-    import os
-    import tempfile
+    from huabi.models.files import atomic_path
 
     detected = detect_map(unit, seed=seed)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(map_to_uint8(detected)).save(tmp_name, format="PNG")
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(out, suffix=".png") as temp:
+        Image.fromarray(map_to_uint8(detected)).save(temp, format="PNG")
     return out

@@ -639,18 +639,19 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
     return grid
 
 
-def next_grid_path(out_dir: Path) -> Path:
-    """The next free ``grid-NNNN.png`` in ``out_dir`` (A1111's grid names)."""
+def next_grid_path(out_dir: Path, prefix: str = "grid-") -> Path:
+    """The next free ``<prefix>NNNN.png`` in ``out_dir``, after the highest number there (A1111's
+    grid names: ``grid-0000.png``, ``xyz_grid-0000.png``)."""
     highest = -1
     if out_dir.is_dir():
         for entry in out_dir.iterdir():
-            stem = entry.name[len("grid-"):].split(".")[0].split("-")[0]
-            if entry.name.startswith("grid-") and stem.isdigit():
-                highest = max(highest, int(stem))
+            number = entry.name[len(prefix):].split(".")[0].split("-")[0]
+            if entry.name.startswith(prefix) and number.isdigit():
+                highest = max(highest, int(number))
     number = highest + 1
-    while (out_dir / f"grid-{number:04d}.png").exists():
+    while (out_dir / f"{prefix}{number:04d}.png").exists():
         number += 1
-    return out_dir / f"grid-{number:04d}.png"
+    return out_dir / f"{prefix}{number:04d}.png"
 
 
 def save_grid(results: Sequence[GeneratedImage], out_dir: Path) -> Path:

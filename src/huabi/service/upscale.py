@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_path
 from huabi.models.upscalers import UpscalerModel
 
 MIN_SCALE = 1.0
@@ -282,15 +282,8 @@ def save_upscaled(result: UpscaleResult, path: Path, parameters: str | None) -> 
     if parameters:
         info.add_itxt(INFOTEXT_KEY, parameters)
     info.add_itxt(POSTPROCESS_KEY, postprocess_infotext(result.scale, result.upscaler))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".huabi-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".png") as temp:
         result.image.save(temp, format="PNG", pnginfo=info)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
     return path
 
 
