@@ -41,19 +41,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace):  # -> XYZPlan
     """The base request from the flags and the three axes, validated (no model is loaded)."""
-    from huabi.cli.common import parse_size
+    from huabi.cli.common import request_values
     from huabi.core.request import GenerationRequest
     from huabi.core.xyz import parse_axis_spec, plan_xyz
+    from huabi.service.requests import request_fields
 
-    fields = {
-        name: getattr(args, name)
-        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip",
-                     "model", "vae")
-        if getattr(args, name, None) is not None
-    }
-    if args.size is not None:
-        fields["width_px"], fields["height_px"] = parse_size(args.size)
-    base = GenerationRequest(prompt=args.prompt, **fields)
+    base = GenerationRequest(prompt=args.prompt, **request_fields(request_values(args)))
     axes = [parse_axis_spec(spec, name=name) for spec, name in
             ((args.x_axis, "X"), (args.y_axis, "Y"), (args.z_axis, "Z"))]
     return plan_xyz(base, *axes)

@@ -1,51 +1,44 @@
-"""The engine: the one place that owns loaded models and runs generation jobs.
+"""The engine: the one place that owns loaded models and runs jobs.
 
-Interfaces (CLI, API, web UI) build a ``GenerationRequest`` and hand it here.
-The engine resolves which model file a request means, keeps the most recently
-used model loaded (loading is the slow part), runs the pipeline batch by
-batch, and writes PNGs with infotext.
+Interfaces build requests with :mod:`huabi.service.requests` and hand a :class:`Job` to
+:meth:`Engine.run`, the one entry point: :meth:`Engine.prepare` resolves and loads the model,
+collects the job's patches (:mod:`huabi.pipelines.patches`) and picks its plan
+(:mod:`huabi.service.plans`); the batch loop enters the patches, runs the pipeline, reports
+progress events, honours cancellation and writes PNGs with infotext. The most recently used model
+stays loaded (loading is the slow part).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from PIL import Image
 
 from huabi import __version__
 from huabi.core.infotext import format_infotext
-from huabi.core.request import EditOptions, GenerationRequest, is_upscaler_path
+from huabi.core.request import EditOptions, GenerationRequest
 from huabi.core.schedules import default_schedule_for
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.embeddings import EmbeddingLibrary, default_embeddings_dir
-from huabi.core.family import UNetVariant
 from huabi.models.hashes import model_short_hash
 from huabi.models.load import load_model
-from huabi.pipelines.common import noise_variation
-from huabi.pipelines.hires import PixelUpscaler, hires_txt2img
-from huabi.pipelines.instruct import check_instruct_model, instruct_pix2pix
-from huabi.pipelines.patches import (
-    FIRST_PASS,
-    ModelContextPatch,
-    Patch,
-    RefinerPatch,
-    UNetHookPatch,
-    patched_model,
-    patches_infotext,
-    refiner_passes,
+from huabi.pipelines.patches import ModelContextPatch, Patch, UNetHookPatch, patched_model, patches_infotext
+from huabi.pipelines.refiner import RefinerStage, check_refiner_pair
+from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
+from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
+from huabi.service.devices import (  # noqa: F401 -- also importable from here, as before
+    available_memory_bytes,
+    estimate_peak_bytes,
+    resolve_device,
+    resolve_dtype,
 )
-from huabi.pipelines.refiner import RefinerStage, check_refiner_pair, refiner_infotext
-from huabi.pipelines.txt2img import txt2img
-from huabi.service.model_files import (  # noqa: F401 -- also importable from here, as before
+from huabi.service.grids import image_grid, next_grid_path, save_grid  # noqa: F401 -- as before
+from huabi.service.model_files import (  # noqa: F401 -- as before
     BUILTIN_MODEL_NAME,
     MODEL_SUFFIXES,
     NON_CHECKPOINT_FOLDERS,
@@ -55,11 +48,11 @@ from huabi.service.model_files import (  # noqa: F401 -- also importable from he
     iter_models,
     resolve_model_path,
 )
-from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
-from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
+from huabi.service.plans import BatchPlan, BatchResult, RunBatch, plan_edit, plan_txt2img  # noqa: F401
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.progress import Cancellation, ProgressCallback, ProgressEvent, StopSampling
 from huabi.service.tiling import circular_padding
+
 
 @dataclass(frozen=True)
 class GeneratedImage:
@@ -75,33 +68,6 @@ class Job:
 
     request: GenerationRequest
     edit: EditOptions | None = None
-
-
-class BatchResult(Protocol):
-    """What every pipeline returns for one batch (txt2img, hires, img2img, inpaint, instruct)."""
-
-    images: list[Image.Image]
-    seeds: list[int]
-    width_px: int
-    height_px: int
-    embeddings_used: tuple[str, ...]
-
-
-class RunBatch(Protocol):
-    def __call__(self, bundle: ModelBundle, seeds: list[int], variation_seeds: list[int] | None,
-                 on_step: Callable[[ProgressEvent], None], embeddings: EmbeddingLibrary) -> BatchResult: ...
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a prepared job makes one batch: ``run_batch`` calls the pipeline (txt2img, hires,
-    img2img, inpaint, instruct) with the job's patches; ``recorded`` is the request the infotext
-    records; progress counts ``steps_per_batch`` (None: what the pipeline reports)."""
-
-    run_batch: RunBatch
-    recorded: GenerationRequest
-    steps_per_batch: int | None = None
-    infotext_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,64 +89,6 @@ def _counting(on_progress: Callable[[int, int], None] | None) -> ProgressCallbac
     if on_progress is None:
         return None
     return lambda event: on_progress(event.step, event.total)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise HuabiError(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HuabiError(f"device: {name} requested but no CUDA device is available")
-    return device
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on CUDA and fp32 on the CPU (bf16 on CPU is opt-in: faster, ~1% error)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise HuabiError(f"dtype: unknown dtype {name!r}; valid: auto, fp32, fp16, bf16")
-    dtype = _DTYPES[name]
-    if dtype is torch.float16 and device.type == "cpu":
-        raise HuabiError("dtype: fp16 is not supported on the CPU; use fp32 or bf16")
-    return dtype
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * 2**30  # unknown platform: assume a typical desktop
-
-
-def estimate_peak_bytes(bundle: ModelBundle, width_px: int, height_px: int, batch_size: int, dtype: torch.dtype) -> int:
-    """A deliberately rough upper bound on activation memory for one batch.
-
-    The VAE decoder's full-resolution blocks dominate at large sizes (decoded one
-    image at a time); self-attention at the first UNet level grows with the
-    square of the latent token count when the attention kernel materialises it.
-    """
-    element = torch.finfo(dtype).bits // 8
-    pixels = width_px * height_px
-    decoder_channels = int(bundle.vae.config.block_out_channels[0])
-    vae_bytes = pixels * decoder_channels * element * 6
-    tokens = pixels // bundle.vae_scale_factor**2
-    unet_bytes = 2 * batch_size * tokens * int(bundle.unet.config.block_out_channels[0]) * element * 40
-    return vae_bytes + unet_bytes
 
 
 class Engine:
@@ -251,32 +159,6 @@ class Engine:
         self._loaded = (key, bundle)
         return bundle
 
-    def hires_pixel_upscaler(self, request: GenerationRequest) -> PixelUpscaler | None:
-        """The image resizer for a pixel-space hires upscaler: None (Lanczos) unless it is a model file."""
-        if not is_upscaler_path(request.hires_upscaler):
-            return None
-        from huabi.models.upscalers import load_upscaler
-        from huabi.service.upscale import upscale_with_model
-
-        path = Path(request.hires_upscaler).expanduser()
-        if not path.is_file():
-            raise HuabiError(f"hires upscaler: {request.hires_upscaler}: no such file")
-        model = load_upscaler(path, device=self.device)
-        device = self.device
-
-        def upscale(image: Image.Image, width_px: int, height_px: int) -> Image.Image:
-            # Model passes until the target is covered, then Lanczos to the exact size (as A1111).
-            current = image
-            for _ in range(4):
-                if current.width >= width_px and current.height >= height_px:
-                    break
-                current = upscale_with_model(current, model, device=device)
-            if current.size != (width_px, height_px):
-                current = current.resize((width_px, height_px), resample=Image.LANCZOS)
-            return current
-
-        return upscale
-
     # -- jobs -----------------------------------------------------------------------
 
     def run(
@@ -344,9 +226,9 @@ class Engine:
         embeddings = self.embeddings_for(bundle)  # listed per job: files added meanwhile count
         extra = self._extra_infotext(bundle)
         if edit is None:
-            plan = self._plan_txt2img(request, bundle, refiner, extra)
+            plan = plan_txt2img(self, request, bundle, refiner, extra)
         else:
-            plan = self._plan_edit(request, edit, bundle, image, mask, extra)
+            plan = plan_edit(self, request, edit, bundle, image, mask, extra)
         # Record the schedule "Automatic" resolved to, so the infotext stays exact even if
         # a later huabi changes a sampler's default.
         recorded = plan.recorded
@@ -356,125 +238,6 @@ class Engine:
             bundle=bundle, request=request, recorded=recorded, plan=plan, embeddings=embeddings,
             model_patches=tuple(model_patches), extra=extra,
         )
-
-    def _plan_txt2img(self, request: GenerationRequest, bundle: ModelBundle, refiner: RefinerStage | None,
-                      extra: dict) -> BatchPlan:
-        width_px = request.width_px or bundle.native_size_px
-        height_px = request.height_px or bundle.native_size_px
-        self.check_memory(bundle, width_px, height_px, request.batch_size)
-        pixel_upscaler = self.hires_pixel_upscaler(request) if request.hires else None
-        if request.hires:
-            hires_w, hires_h = request.hires_target_px(width_px, height_px, bundle.vae_scale_factor)
-            self.check_memory(bundle, hires_w, hires_h, request.batch_size)
-        patches: list[Patch] = []
-        refiner_keys = refiner_infotext(refiner, request.refiner_hires_pass if request.hires else None)
-        if refiner is not None:
-            passes = refiner_passes(request.refiner_hires_pass) if request.hires else (FIRST_PASS,)
-            patches.append(RefinerPatch(refiner, passes, refiner_keys))
-        extra.update(refiner_keys)
-        control = self.control_patch(bundle, request)  # models loaded and maps made once per job
-        if control is not None:
-            patches.insert(0, control)
-            extra.update(control.infotext())
-        steps = request.steps + ((request.hires_steps or request.steps) if request.hires else 0)
-
-        def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
-            if request.hires:
-                return hires_txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step,
-                                     embeddings=embeddings, variation_seeds=variation_seeds,
-                                     pixel_upscaler=pixel_upscaler, patches=patches)
-            return txt2img(job_bundle, request, seeds, device=self.device, on_step=on_step, embeddings=embeddings,
-                           variation_seeds=variation_seeds, patches=patches)
-
-        return BatchPlan(run_batch, recorded=request, steps_per_batch=steps)
-
-    def _plan_edit(self, request: GenerationRequest, options: EditOptions, bundle: ModelBundle,
-                   image: Image.Image, mask: Image.Image | None, extra: dict) -> BatchPlan:
-        """Image to image, inpainting, outpainting or an instruct edit of ``image``.
-
-        The working size is ``request``'s size, else the init image's rounded to
-        multiples of 8 (the init image is resized to it with ``options.resize_mode``;
-        a mask of another size is stretched to the init image first, as A1111
-        does). "Only masked" keeps the init image's own size and scales just the
-        masked box to the working size. Outpainting extends the (resized) image.
-        """
-        from huabi.core.request import INPAINT_AREAS
-        from huabi.pipelines.img2img import img2img
-        from huabi.pipelines.inpaint import inpaint, outpaint_canvas
-        from huabi.service.images import RESIZE_MODES, default_size, resize_image
-
-        if request.width_px and request.height_px:
-            work_w, work_h = request.width_px, request.height_px
-        else:
-            work_w, work_h = default_size(image, bundle.vae_scale_factor)
-        only_masked = mask is not None and options.inpaint_area == "masked"
-        if not only_masked:
-            image = resize_image(image, work_w, work_h, options.resize_mode)
-            if mask is not None:
-                mask = resize_image(mask.convert("RGB"), work_w, work_h, options.resize_mode).convert("L")
-        if options.outpaint is not None:
-            image, mask = outpaint_canvas(image, options, request.seed)
-            work_w, work_h = image.size
-        self.check_memory(bundle, work_w, work_h, request.batch_size)
-        # InstructPix2Pix models always edit by instruction (as in A1111); --instruct insists on one.
-        instruct = options.instruct or bundle.variant is UNetVariant.INSTRUCT_PIX2PIX
-        if instruct:
-            check_instruct_model(bundle)
-            if mask is not None:
-                raise HuabiError(f"instruct: {bundle.name} is an InstructPix2Pix model; it edits whole images "
-                                 "(no --mask or --outpaint)")
-            extra["Image CFG scale"] = options.image_cfg_scale
-        patches: list[Patch] = []
-        refiner = self.refiner_stage(request, bundle)
-        refiner_keys = refiner_infotext(refiner)
-        if refiner is not None:
-            patches.append(RefinerPatch(refiner, (FIRST_PASS,), refiner_keys))
-        extra.update(refiner_keys)
-        extra["Denoising strength"] = options.denoising_strength
-        if options.resize_mode != "just":
-            extra["Resize mode"] = RESIZE_MODES[options.resize_mode]
-        if mask is not None:
-            extra["Mask blur"] = options.mask_blur_px
-            extra["Masked content"] = options.masked_content
-            if options.invert_mask:
-                extra["Mask mode"] = "Inpaint not masked"
-            extra["Inpaint area"] = INPAINT_AREAS[options.inpaint_area]
-            if only_masked:
-                extra["Masked area padding"] = options.padding_px
-        if options.outpaint is not None:
-            extra["Outpaint"] = ",".join(
-                f"{side}={value}" for side, value in zip(("left", "right", "up", "down"), options.outpaint) if value
-            )
-        # ControlNet: units without an image use the edit's image (and mask), as sd-webui-controlnet does.
-        control_crop = None
-        if only_masked and request.controlnets:  # "Only masked": the controls see the model's box too
-            from huabi.core.masks import crop_region
-            from huabi.pipelines.inpaint import prepare_mask
-
-            box = crop_region(prepare_mask(mask, options), options.padding_px, work_w, work_h)
-            control_crop = (box, image.size) if box is not None else None
-        control = self.control_patch(bundle, request, fallback_image=image, fallback_mask=mask, crop=control_crop)
-        if control is not None:
-            patches.insert(0, control)
-            extra.update(control.infotext())
-
-        def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
-            variation = noise_variation(bundle, request, variation_seeds)
-            if instruct:
-                return instruct_pix2pix(job_bundle, request, image, seeds, image_cfg_scale=options.image_cfg_scale,
-                                        denoising_strength=options.denoising_strength, device=self.device,
-                                        on_step=on_step, embeddings=embeddings, variation=variation,
-                                        patches=patches)
-            if mask is None:
-                return img2img(job_bundle, request, image, seeds, denoising_strength=options.denoising_strength,
-                               device=self.device, on_step=on_step, embeddings=embeddings, variation=variation,
-                               patches=patches)
-            return inpaint(job_bundle, request, image, mask, seeds, options, device=self.device, on_step=on_step,
-                           embeddings=embeddings, working_size=(work_w, work_h) if only_masked else None,
-                           variation=variation, patches=patches)
-
-        return BatchPlan(run_batch, recorded=request.replace(width_px=work_w, height_px=work_h),
-                         infotext_size=(work_w, work_h))
 
     def _run_batches(
         self,
@@ -624,39 +387,3 @@ class Engine:
         return extra
 
 
-def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
-    """The images side by side in rows of ``columns`` (default ceil(sqrt(n)): 4 images make 2x2,
-    as Midjourney shows them)."""
-    if not images:
-        raise HuabiError("grid: no images to put in a grid")
-    cols = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    cell_w = max(image.width for image in images)
-    cell_h = max(image.height for image in images)
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
-    for index, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((index % cols) * cell_w, (index // cols) * cell_h))
-    return grid
-
-
-def next_grid_path(out_dir: Path, prefix: str = "grid-") -> Path:
-    """The next free ``<prefix>NNNN.png`` in ``out_dir``, after the highest number there (A1111's
-    grid names: ``grid-0000.png``, ``xyz_grid-0000.png``)."""
-    highest = -1
-    if out_dir.is_dir():
-        for entry in out_dir.iterdir():
-            number = entry.name[len(prefix):].split(".")[0].split("-")[0]
-            if entry.name.startswith(prefix) and number.isdigit():
-                highest = max(highest, int(number))
-    number = highest + 1
-    while (out_dir / f"{prefix}{number:04d}.png").exists():
-        number += 1
-    return out_dir / f"{prefix}{number:04d}.png"
-
-
-def save_grid(results: Sequence[GeneratedImage], out_dir: Path) -> Path:
-    """Save the results as one grid PNG carrying the first image's infotext (as A1111 does)."""
-    if not results:
-        raise HuabiError("grid: no images to put in a grid")
-    grid = image_grid([result.image for result in results])
-    return save_png(grid, next_grid_path(out_dir), results[0].infotext)
