@@ -8,7 +8,7 @@ from PIL import Image
 from huabi.cli.main import main
 from huabi.eval.faithfulness import FaithfulnessConfig, clip_image_features, clip_score, clip_text_features, generate_images, to_pixels
 from huabi.models.clip_pair import load_clip_pair
-from huabi.models.detect import detect_file
+from huabi.models.inspect import detect_file
 from huabi.models.family import ModelFamily
 from huabi.service.engine import BUILTIN_MODEL_NAME, Engine, builtin_model_path
 from huabi.service.pngio import read_infotext

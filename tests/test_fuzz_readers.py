@@ -152,7 +152,7 @@ def random_file(rng: random.Random, magic: bytes) -> bytes:
 
 
 def safetensors_readers() -> dict[str, Callable[[Path], object]]:
-    from huabi.models.detect import detect_file
+    from huabi.models.inspect import detect_file
     from huabi.models.formats import read_safetensors_header, read_state_dict, read_state_dict_shapes, read_tensor_file
     from huabi.models.inspect import inspect_file
     from huabi.models.lora import read_lora_file

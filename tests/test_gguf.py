@@ -262,7 +262,7 @@ def test_metadata_and_listing(tiny_sd1_file, sd1_state, tmp_path):
     assert metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     engine = Engine(device="cpu", dtype="fp32", models_dir=models)
     assert [e.name for e in engine.iter_models() if e.path.suffix == ".gguf"] == ["unet-Q4_0"]
-    from huabi.models.detect import describe_model_file
+    from huabi.models.inspect import describe_model_file
 
     assert describe_model_file(out) == "sd1 base GGUF UNet (Q4_0), needs --base"  # `huabi models` line
 

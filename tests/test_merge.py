@@ -179,7 +179,7 @@ def test_inpainting_merge_as_a1111(parents, tmp_path):
     assert torch.equal(merged[UNET + "out.2.weight"], ta[UNET + "out.2.weight"] + (tb[UNET + "out.2.weight"] - tc[UNET + "out.2.weight"]))
     recipe = json.loads(metadata["sd_merge_recipe"])
     assert recipe["is_inpainting"] is True and recipe["is_instruct_pix2pix"] is False
-    from huabi.models.detect import detect_file
+    from huabi.models.inspect import detect_file
 
     assert detect_file(out).variant is UNetVariant.INPAINT
     # the other way round (ordinary A, inpainting B) is refused, naming the key

@@ -135,7 +135,7 @@ def test_marker_must_be_int_scalar(sd1_state_dict):
 
 
 def test_detect_file_reads_only_the_header(tiny_model_factory):
-    from huabi.models.detect import describe_model_file, detect_file
+    from huabi.models.inspect import describe_model_file, detect_file
     from huabi.models.formats import read_state_dict_shapes
 
     path = tiny_model_factory(ModelFamily.HUABI_MINI)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from huabi.errors import HuabiError
 
 # flag -> (ControlUnit field, converter)
 _UNIT_FLAGS: dict[str, tuple[str, type]] = {
@@ -56,7 +55,7 @@ class _UnitAction(argparse.Action):
             value = convert(values)
         except ValueError:
             parser.error(f"argument {option_string}: invalid value {values!r}")
-        # Errors wait for units_from_args: the CLI reports HuabiErrors as "huabi: error: ...".
+        # Errors wait for the request builder (with_controls): the CLI reports HuabiErrors as "huabi: error: ...".
         errors = getattr(namespace, "control_errors", None) or []
         setattr(namespace, "control_errors", errors)
         if not units:
@@ -104,37 +103,24 @@ def add_control_options(parser: argparse.ArgumentParser) -> None:
                        help="inpaint_only: the mask (white = repaint; edit uses its --mask by default)")
 
 
-def units_from_args(args: argparse.Namespace, recorded: tuple = ()) -> tuple:
-    """The ControlUnits the flags ask for; ``recorded``: units parsed from a --from infotext."""
-    from dataclasses import replace
+def control_input(args: argparse.Namespace):
+    """The ControlNet flags as the service's :class:`huabi.service.requests.ControlInput` (None: no flags)."""
+    from huabi.service.requests import ControlInput
 
-    from huabi.core.control import ControlUnit
-
-    errors = getattr(args, "control_errors", None)
-    if errors:
-        raise HuabiError(errors[0])
     units = getattr(args, "control_units", None) or []
-    loose = getattr(args, "control_loose", None) or {name: [] for name in _LOOSE_ALLOWED}
-    if units:
-        if any(loose.values()):
-            raise HuabiError("--control-image: give it after --controlnet MODEL (it sets that unit)")
-        return tuple(ControlUnit(**unit) for unit in units)
-    result = list(recorded)
-    for field, values in loose.items():
-        if len(values) > len(result):
-            raise HuabiError(
-                f"--control-{field}: {len(values)} given but there are {len(result)} ControlNet units "
-                "(start a unit with --controlnet MODEL)"
-            )
-        for index, value in enumerate(values):
-            result[index] = replace(result[index], **{field: value})
-    return tuple(result)
+    loose = getattr(args, "control_loose", None) or {}
+    errors = getattr(args, "control_errors", None) or []
+    if not (units or errors or any(loose.values())):
+        return None
+    return ControlInput(units=tuple(units), fill={name: tuple(values) for name, values in loose.items()},
+                        errors=tuple(errors))
 
 
 def apply_control_args(request, args: argparse.Namespace):
     """``request`` with the ControlNet units of the flags (a --from request keeps its recorded ones)."""
-    units = units_from_args(args, request.controlnets)
-    return request if units == request.controlnets else request.replace(controlnets=units)
+    from huabi.service.requests import with_controls
+
+    return with_controls(request, control_input(args))
 
 
 # ------------------------------------------------------------------------------ huabi preprocess

@@ -6,7 +6,8 @@
     huabi edit photo.png "make it snowy" --instruct --image-cfg-scale 1.5
     huabi edit photo.png --from edited.png          # every parameter from edited.png's infotext
 
-Only argument parsing lives here; the work is ``Engine.edit``. This module
+Only argument parsing lives here; the request is built by :func:`huabi.service.requests.edit_job`
+and run by the engine. This module
 imports nothing heavy: the ``huabi`` parser is built on every command.
 """
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``edit`` on the ``huabi`` sub-command parser."""
-    from huabi.cli.main import (  # at call time: main imports this module
-        _add_model_options,
+    from huabi.cli.common import (
+        add_model_options,
         add_attention_adapter_options,
         add_output_options,
         add_refiner_options,
@@ -65,7 +66,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from huabi.cli.control import add_control_options
 
     add_control_options(edit)
-    _add_model_options(edit)
+    add_model_options(edit)
     from huabi.cli.flow_options import add_flow_options
 
     add_flow_options(edit)
@@ -75,92 +76,39 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, EditOptions]
     """The request and edit options from the flags (and --from's infotext), validated before any model loads."""
-    from huabi.cli.main import parse_size
-    from huabi.core.infotext import EDIT_KEYS, HIRES_KEYS, edit_fields_from_infotext, request_from_infotext
-    from huabi.core.request import EditOptions, GenerationRequest, parse_outpaint
-    from huabi.errors import HuabiError
-    from huabi.service.images import canonical_resize_mode
+    from huabi.cli.control import control_input
+    from huabi.cli.common import request_values
     from huabi.service.pngio import read_infotext
+    from huabi.service.requests import edit_job
 
-    fields = {
-        name: getattr(args, name)
-        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size",
-                     "batch_count", "clip_skip", "model", "vae", "refiner", "refiner_switch_at",
-                     "hypernetwork", "hypernetwork_strength", "ip_adapter", "ip_image", "ip_weight", "ip_image_encoder")
-        if getattr(args, name, None) is not None
-    }
-    if args.size is not None:
-        fields["width_px"], fields["height_px"] = parse_size(args.size)
-    if args.prompt is not None:
-        fields["prompt"] = args.prompt
-    edit_fields: dict[str, object] = {}
-    if args.from_image is not None:
-        text = read_infotext(args.from_image)
-        request = request_from_infotext(text, **fields)
-        edit_fields = edit_fields_from_infotext(text)
-        # The edit keys live in EditOptions now; left in extra they would outlive a changed option.
-        # A text-to-image PNG's hires fix does not apply to an edit (A1111's img2img has none).
-        dropped = set(EDIT_KEYS) | set(HIRES_KEYS)
-        request = request.replace(hires=False,
-                                  extra=tuple((key, value) for key, value in request.extra if key not in dropped))
-        outpaint = edit_fields.get("outpaint")
-        if outpaint is not None and args.outpaint is None and args.size is None and request.width_px:
-            # "Size" records the outpainted canvas; the working size is the image's before extension.
-            left, right, up, down = outpaint
-            request = request.replace(width_px=request.width_px - left - right,
-                                      height_px=request.height_px - up - down)
-    elif args.prompt is None:
-        raise HuabiError("prompt: give a prompt, or --from PNG to reuse an edited image's parameters")
-    else:
-        request = GenerationRequest(**fields)
-    overrides = {
-        "denoising_strength": args.strength,
-        "resize_mode": canonical_resize_mode(args.resize_mode) if args.resize_mode is not None else None,
-        "mask_blur_px": args.mask_blur,
-        "masked_content": args.masked_content,
-        "inpaint_area": args.inpaint_area,
-        "padding_px": args.padding,
-        "invert_mask": args.invert_mask,
-        "outpaint": parse_outpaint(args.outpaint) if args.outpaint is not None else None,
-        "instruct": args.instruct,
+    edit_values = {
+        "denoising_strength": args.strength, "resize_mode": args.resize_mode, "mask_blur_px": args.mask_blur,
+        "masked_content": args.masked_content, "inpaint_area": args.inpaint_area, "padding_px": args.padding,
+        "invert_mask": args.invert_mask, "outpaint": args.outpaint, "instruct": args.instruct,
         "image_cfg_scale": args.image_cfg_scale,
     }
-    edit_fields.update({name: value for name, value in overrides.items() if value is not None})
-    if args.image_cfg_scale is not None:
-        edit_fields["instruct"] = True  # an image scale on its own means an instruct edit
-    if "denoising_strength" not in edit_fields:
-        # InstructPix2Pix starts from pure noise (strength 1); plain img2img keeps A1111's 0.75.
-        edit_fields["denoising_strength"] = 1.0 if edit_fields.get("instruct") else 0.75
-    options = EditOptions(
-        init_image=str(args.image),
-        mask_image=str(args.mask) if args.mask is not None else None,
-        **edit_fields,
+    return edit_job(
+        args.image, args.prompt, request_values(args), edit_values, mask_image=args.mask,
+        from_infotext=read_infotext(args.from_image) if args.from_image is not None else None,
+        control=control_input(args),
     )
-    from huabi.cli.control import apply_control_args
-
-    request = apply_control_args(request, args)
-    return request, options
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from huabi.cli.flow_options import text_encoder_files, with_flow_extras
-    from huabi.cli.main import _ProgressBar
-    from huabi.service.engine import Engine
-
+    from huabi.cli.common import ProgressBar, make_studio
+    from huabi.cli.flow_options import with_flow_extras
     from huabi.cli.main import print_saved_paths
+    from huabi.service.engine import Job
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
     request, options = request_from_args(args)
-    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir, base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
-                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
-                    text_encoder_files=text_encoder_files(args))
+    studio = make_studio(args)
     request = with_flow_extras(request, args)
-    progress = _ProgressBar(enabled=not args.quiet)
+    progress = ProgressBar(enabled=not args.quiet)
     saved: list = []
     try:
-        results = engine.edit(request, options, out_dir=args.out, on_progress=progress.update, on_saved=saved.append)
+        results = studio.run(Job(request, options), out_dir=args.out, on_event=progress.update, on_saved=saved.append)
     except KeyboardInterrupt:
         progress.close()
         print_saved_paths(saved)

@@ -12,12 +12,9 @@ Only argument parsing lives here; nothing heavy is imported at parse time.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from huabi.errors import HuabiError
-
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+from huabi.service.requests import lora_tag, prompt_with_loras, split_lora_spec  # noqa: F401 -- also here, as before
 
 
 def add_lora_flag(parser: argparse.ArgumentParser) -> None:
@@ -25,33 +22,6 @@ def add_lora_flag(parser: argparse.ArgumentParser) -> None:
                         help="apply a LoRA/LyCORIS (name in MODELS/Lora or MODELS/LyCORIS, or a path) with "
                              "weight W (default 1; NAME:TE:UNET for separate text-encoder/UNet weights); "
                              "repeatable; same as <lora:NAME:W> in the prompt")
-
-
-def split_lora_spec(spec: str, what: str = "--lora") -> tuple[str, tuple[float, ...]]:
-    """``NAME[:W[:W2]]`` -> (name, weights); numbers are taken from the end so paths keep their text."""
-    parts = spec.split(":")
-    weights: list[float] = []
-    while len(parts) > 1 and len(weights) < 2 and _NUMBER.fullmatch(parts[-1].strip()):
-        weights.insert(0, float(parts.pop()))
-    name = ":".join(parts).strip()
-    if not name:
-        raise HuabiError(f"{what}: expected NAME[:WEIGHT], got {spec!r}")
-    if len(parts) > 1 and "/" not in name:
-        raise HuabiError(f"{what}: {spec!r}: the weight after ':' must be a number")
-    return name, tuple(weights)
-
-
-def lora_tag(spec: str) -> str:
-    name, weights = split_lora_spec(spec)
-    return "<lora:" + ":".join([name, *(f"{w:g}" for w in weights)]) + ">"
-
-
-def prompt_with_loras(prompt: str, specs: list[str]) -> str:
-    """The prompt with one ``<lora:...>`` tag per flag appended (A1111 appends its default LoRA the same way)."""
-    tags = "".join(lora_tag(spec) for spec in specs)
-    if not tags:
-        return prompt
-    return f"{prompt} {tags}" if prompt and not prompt.endswith(" ") else prompt + tags
 
 
 # --------------------------------------------------------------------------- merge-lora

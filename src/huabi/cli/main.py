@@ -9,11 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from huabi import __version__
 from huabi.cli import control as control_cli
+from huabi.cli.common import (  # noqa: F401 -- importable from here, as before
+    ProgressBar,
+    add_attention_adapter_options,
+    add_model_options,
+    add_output_options,
+    add_refiner_options,
+    add_sampling_options,
+    make_studio,
+    parse_size,
+    request_values,
+)
 from huabi.cli import edit as edit_cli
 from huabi.cli import eval as eval_cli
 from huabi.cli import lora as lora_cli
@@ -21,9 +31,12 @@ from huabi.cli import models_cli
 from huabi.cli import serve as serve_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
+from huabi.cli.flow_options import add_flow_options, with_flow_extras
 from huabi.cli.parsing import HuabiArgumentParser, in_user_words, quiet_libraries
-from huabi.cli.flow_options import add_flow_options, text_encoder_files, with_flow_extras
 from huabi.errors import HuabiError
+
+_ProgressBar = ProgressBar  # the older name
+_add_model_options = add_model_options
 
 EXIT_ERROR = 2
 
@@ -86,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or ~/huabi/embeddings)")
     lora_cli.add_lora_flag(gen)
     control_cli.add_control_options(gen)
-    _add_model_options(gen)
+    add_model_options(gen)
     add_flow_options(gen)
     add_output_options(gen)
 
@@ -119,103 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, *, size_help: str,
-                         seed_help: str = "-1 for random (the chosen seed is recorded)") -> None:
-    """The sampling flags every image-making command shares (generate, edit, xyz)."""
-    from huabi.core.names import SAMPLER_NAMES, SCHEDULE_NAMES
-
-    parser.add_argument("--steps", type=int, metavar="N", help="sampling steps, 1..1000 (default 20)")
-    parser.add_argument("--cfg", dest="cfg_scale", type=float, metavar="SCALE",
-                        help="CFG scale: how closely to follow the prompt, 0..100 (default 7)")
-    parser.add_argument("--sampler", metavar="NAME",
-                        help=f"sampler as A1111 spells it (default DPM++ 2M): {', '.join(SAMPLER_NAMES)}")
-    parser.add_argument("--schedule", metavar="TYPE",
-                        help=f"schedule type (default Automatic: the sampler's own): {', '.join(SCHEDULE_NAMES)}")
-    parser.add_argument("--seed", type=int, help=seed_help)
-    parser.add_argument("--size", help=size_help)
-
-
-def add_refiner_options(parser: argparse.ArgumentParser) -> None:
-    """The SDXL refiner flags (generate, edit)."""
-    parser.add_argument("--refiner", metavar="MODEL",
-                        help="SDXL refiner (path, or name/hash in the models folder) that takes over from the base")
-    parser.add_argument("--refiner-switch-at", type=float, metavar="F",
-                        help="fraction of the steps after which the refiner takes over, above 0 to 1 (default 0.8)")
-
-
-def add_attention_adapter_options(parser: argparse.ArgumentParser) -> None:
-    """Hypernetwork and IP-Adapter flags (generate, edit)."""
-    parser.add_argument("--hypernet", dest="hypernetwork", metavar="NAME|PATH",
-                        help="A1111 hypernetwork (.pt) from the models folder's hypernetworks/ "
-                             "(or use <hypernet:NAME:STRENGTH> in the prompt)")
-    parser.add_argument("--hypernet-strength", dest="hypernetwork_strength", type=float, metavar="S",
-                        help="hypernetwork strength (default 1)")
-    parser.add_argument("--ip-adapter", metavar="NAME|PATH",
-                        help="IP-Adapter model (image prompt) from the models folder's ipadapter/ or ControlNet/")
-    parser.add_argument("--ip-image", metavar="IMAGE", help="the image prompt for --ip-adapter")
-    parser.add_argument("--ip-weight", type=float, metavar="W", help="IP-Adapter weight, 0..3 (default 1)")
-    parser.add_argument("--ip-image-encoder", metavar="NAME|PATH",
-                        help="CLIP image encoder (default: the first in clip_vision/ that fits the adapter)")
-
-
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint path, or a name/hash in the models folder (default: built-in)")
-    parser.add_argument("--vae", help="a separate VAE file that replaces the checkpoint's")
-    parser.add_argument("--base", type=Path, metavar="CHECKPOINT",
-                        help="for a GGUF UNet --model: the checkpoint (path, name or hash) that supplies "
-                             "text encoders and VAE")
-    parser.add_argument("--gguf-on-the-fly", action="store_true",
-                        help="keep a GGUF UNet's quantized weights packed and dequantize each at use "
-                             "(less memory, a little slower; not with LoRAs)")
-    parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
-    parser.add_argument("--backend", default="torch",
-                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
-    parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
-                        help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
-    parser.add_argument("--vae-tiling", action="store_true",
-                        help="decode/encode images larger than 512 px in overlapping tiles (less memory)")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise HuabiError(f"size: expected WIDTHxHEIGHT such as 512x768, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def default_styles_file() -> Path:
-    home = os.environ.get("HUABI_HOME")
-    return (Path(home) if home else Path.home() / "huabi") / "styles.csv"
-
-
-def read_styles(path: Path) -> dict:
-    from huabi.core.styles import parse_styles_csv
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HuabiError(f"styles: {path}: no such file (--style needs a styles.csv; pass --styles-file PATH)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise HuabiError(f"styles: {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from err
-    return parse_styles_csv(text, source=str(path))
-
-
-@dataclass(frozen=True)
-class GenerateJob:
-    """One prompt's request plus its Midjourney parameters (applied once the model's native size is known)."""
-
-    request: object  # GenerationRequest
-    mj: object  # MJParams
-    grid: bool  # Midjourney-style: save a grid of the results
-
-
 def requests_from_args(args: argparse.Namespace) -> list:
     """Build one GenerationRequest per prompt from the flags (and --from / --prompt-file).
 
@@ -224,46 +140,13 @@ def requests_from_args(args: argparse.Namespace) -> list:
     return [job.request for job in jobs_from_args(args)]
 
 
-def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
-    """One job per prompt: styles applied, Midjourney parameters parsed off the prompt."""
-    from huabi.core.infotext import request_from_infotext
-    from huabi.core.midjourney import MJ_BATCH_SIZE, MJParams, parse_midjourney
-    from huabi.core.request import GenerationRequest
-    from huabi.core.styles import apply_styles
+def jobs_from_args(args: argparse.Namespace) -> list:
+    """One job per prompt (the service's :func:`huabi.service.requests.prompt_jobs` on the flags)."""
     from huabi.service.pngio import read_infotext
+    from huabi.service.requests import prompt_jobs
+    from huabi.service.textfiles import read_prompt_lines
 
-    overrides = {
-        name: getattr(args, name)
-        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed",
-                     "batch_size", "batch_count", "clip_skip", "model", "vae", "tile",
-                     "variation_seed", "variation_strength", "hires", "hires_scale", "hires_upscaler",
-                     "hires_steps", "hires_denoise", "refiner", "refiner_switch_at",
-                     "hypernetwork", "hypernetwork_strength", "ip_adapter", "ip_image", "ip_weight", "ip_image_encoder")
-        if getattr(args, name, None) is not None
-    }
-    if any(overrides.get(name) is not None for name in ("hires_scale", "hires_upscaler", "hires_steps", "hires_denoise")):
-        overrides["hires"] = True  # a hires setting on its own means hires fix on
-    if getattr(args, "refiner_hires_pass", None) is not None:
-        overrides["refiner_hires_pass"] = {"both": "both passes"}.get(args.refiner_hires_pass,
-                                                                      f"{args.refiner_hires_pass} pass")
-    if getattr(args, "hires_resize", None) is not None:
-        try:
-            overrides["hires_resize_px"] = parse_size(args.hires_resize)
-        except HuabiError:
-            raise HuabiError(f"hires resize: expected WIDTHxHEIGHT such as 1024x1024, got {args.hires_resize!r}") from None
-        overrides["hires"] = True
-    if getattr(args, "seed_resize_from", None) is not None:
-        try:
-            overrides["seed_resize_from_px"] = parse_size(args.seed_resize_from)
-        except HuabiError:
-            raise HuabiError(f"seed resize from: expected WIDTHxHEIGHT such as 512x512, got {args.seed_resize_from!r}") from None
-    if args.size is not None:
-        overrides["width_px"], overrides["height_px"] = parse_size(args.size)
-
-    prompts: list[str | None]
     if args.prompt_file is not None:
-        from huabi.service.textfiles import read_prompt_lines
-
         prompts = read_prompt_lines(args.prompt_file)  # bounded read, UTF-8 or a one-line error
     elif args.prompt is not None:
         prompts = [args.prompt]
@@ -271,38 +154,17 @@ def jobs_from_args(args: argparse.Namespace) -> list[GenerateJob]:
         prompts = [None]
     else:
         raise HuabiError("prompt: give a prompt, --prompt-file FILE or --from IMAGE")
-
-    style_names = list(getattr(args, "styles", None) or [])
-    styles = None
-    if style_names:
-        styles_file = getattr(args, "styles_file", None) or default_styles_file()
-        styles = read_styles(styles_file)
-
-    jobs = []
-    for prompt in prompts:
-        fields = dict(overrides)
-        mj = MJParams()
-        if prompt is not None:
-            fields["prompt"], mj = parse_midjourney(prompt)
-        grid = bool(getattr(args, "mj", False)) or mj.used
-        if grid and "batch_size" not in fields:
-            fields["batch_size"] = MJ_BATCH_SIZE
-        if args.from_image is not None:
-            recorded_text = read_infotext(args.from_image)
-            _note_unimplemented(recorded_text, args.from_image)
-            request = request_from_infotext(recorded_text, **fields)
-        else:
-            request = GenerationRequest(**fields)
-        request = control_cli.apply_control_args(request, args)
-        if styles is not None:
-            prompt_text, negative = apply_styles(
-                request.prompt, request.negative_prompt, styles, style_names, source=str(styles_file)
-            )
-            request = request.replace(prompt=prompt_text, negative_prompt=negative)
-        if getattr(args, "loras", None):  # --lora flags become tags, recorded with the prompt
-            request = request.replace(prompt=lora_cli.prompt_with_loras(request.prompt, args.loras))
-        jobs.append(GenerateJob(request, mj, grid))
-    return jobs
+    recorded_text = None
+    if args.from_image is not None:
+        recorded_text = read_infotext(args.from_image)
+        _note_unimplemented(recorded_text, args.from_image)
+    return prompt_jobs(
+        prompts, request_values(args),
+        from_infotext=recorded_text,
+        styles=getattr(args, "styles", None) or (), styles_file=getattr(args, "styles_file", None),
+        loras=getattr(args, "loras", None) or (), mj_grid=bool(getattr(args, "mj", False)),
+        control=control_cli.control_input(args),
+    )
 
 
 def _note_unimplemented(text: str, image) -> None:
@@ -314,46 +176,29 @@ def _note_unimplemented(text: str, image) -> None:
               f"{'it' if len(skipped) == 1 else 'them'}) and not copied into the new infotext", file=sys.stderr)
 
 
-def expand_job(job: GenerateJob, native_size_px: int, args: argparse.Namespace) -> list:
-    """The concrete requests of one job: MJ parameters applied, seed resolved, wildcards and chaos expanded."""
-    from huabi.core.midjourney import apply_to_request, chaos_requests
-    from huabi.service.wildcards import default_wildcards_dir, expand_request
-
-    request = apply_to_request(job.request, job.mj, native_size_px).with_resolved_seed()
-    wildcards_dir = getattr(args, "wildcards_dir", None) or default_wildcards_dir()
-    expanded = expand_request(request, wildcards_dir=wildcards_dir, combinatorial=bool(getattr(args, "combinatorial", False)))
-    if job.mj.chaos:
-        expanded = [varied for each in expanded for varied in chaos_requests(each, job.mj.chaos)]
-    return expanded
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from huabi.service.engine import Engine, save_grid
+    from huabi.service.engine import save_grid
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
     jobs = jobs_from_args(args)
-    engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
-                    embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                    gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
-                    vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
-                    text_encoder_files=text_encoder_files(args))
+    studio = make_studio(args)
     for job in jobs:
-        bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
+        requests = studio.expand(job, wildcards_dir=getattr(args, "wildcards_dir", None),
+                                 combinatorial=bool(getattr(args, "combinatorial", False)))
         if job.mj.ignored:
             print(
                 f"huabi: note: ignored {', '.join(job.mj.ignored)} (they pick Midjourney's own models; "
                 "huabi uses the model you load)",
                 file=sys.stderr,
             )
-        requests = expand_job(job, bundle.native_size_px, args)
         job_results = []
         for request in requests:
-            progress = _ProgressBar(enabled=not args.quiet)
+            progress = ProgressBar(enabled=not args.quiet)
             saved: list = []
             try:
-                results = engine.generate(with_flow_extras(request, args), out_dir=args.out, on_progress=progress.update,
-                                          on_saved=saved.append)
+                results = studio.run(with_flow_extras(request, args), out_dir=args.out, on_event=progress.update,
+                                     on_saved=saved.append)
             except KeyboardInterrupt:
                 progress.close()
                 print_saved_paths(saved)  # Ctrl-C: say what was kept before main says "interrupted"
@@ -397,9 +242,11 @@ def printable_text(text: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
 def cmd_system(args: argparse.Namespace) -> int:
     from huabi.service.device_choice import system_report
-    from huabi.service.engine import resolve_device
+    from huabi.service.devices import resolve_device
 
     for line in system_report(resolve_device(args.device)):
         print(line)
@@ -429,14 +276,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _describe_for_listing(path: Path) -> str:
     """The family line of ``huabi models``; a file that cannot be read is ``unreadable (reason)``,
     one that reads but is no known model is ``unrecognised (reason)``."""
-    from huabi.models.detect import describe_model_file, detect
+    from huabi.models.detect import detect
+    from huabi.models.flow_load import is_flow_model
     from huabi.models.formats import read_state_dict_shapes
+    from huabi.models.inspect import describe_model_file
 
     def first_line(err: BaseException) -> str:
         text = str(err).strip()
         return text.splitlines()[0] if text else type(err).__name__
 
-    if path.suffix.lower() == ".gguf":  # described from its header: any failure is a read failure
+    if path.suffix.lower() == ".gguf" or is_flow_model(path):  # described from the header: any failure is a read failure
         try:
             return describe_model_file(path)
         except Exception as err:  # noqa: BLE001  (a listing survives any one broken file)
@@ -451,30 +300,6 @@ def _describe_for_listing(path: Path) -> str:
         return f"unrecognised ({first_line(err)})"
     prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
     return f"{found.family.value} {found.variant.value} {prediction}"
-
-
-class _ProgressBar:
-    """A tqdm bar on stderr, created lazily so --quiet costs nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar = None
-
-    def update(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            # The clock starts at the first reported step, so the first rate shown is a real one
-            # (not "110376 step/s" from one step over the microseconds since the bar was made).
-            self._bar = tqdm(total=total, initial=done, unit="step", file=sys.stderr, dynamic_ncols=True)
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from huabi.cli.main import _ProgressBar
+    from huabi.cli.common import ProgressBar
     from huabi.errors import HuabiError
     from huabi.service.upscale import check_scale, next_output_path, open_image, save_upscaled, upscale_image
 
@@ -56,7 +56,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
         device = resolve_device(args.device)
         model = load_upscaler(args.model, device=device)
-    progress = _ProgressBar(enabled=not args.quiet and model is not None)
+    progress = ProgressBar(enabled=not args.quiet and model is not None)
     try:
         result = upscale_image(image, args.scale, model=model, tile_px=args.tile_px, device=device,
                                on_tile=progress.update)

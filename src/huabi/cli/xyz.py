@@ -21,7 +21,7 @@ AXIS_HELP = (
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``xyz`` on the ``huabi`` sub-command parser."""
-    from huabi.cli.main import _add_model_options, add_output_options, add_sampling_options  # at call time: main imports this module
+    from huabi.cli.common import add_model_options, add_output_options, add_sampling_options
 
     xyz = commands.add_parser("xyz", help="X/Y/Z plot: a grid of images over up to three varied parameters")
     xyz.add_argument("prompt", help="the prompt (Prompt S/R replaces text in it)")
@@ -32,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_sampling_options(xyz, size_help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)",
                          seed_help="-1 for random: resolved once, the same for every cell")
     xyz.add_argument("--clip-skip", type=int)
-    _add_model_options(xyz)
+    add_model_options(xyz)
     xyz.add_argument("--embeddings", dest="embeddings_dir", type=Path, metavar="DIR",
                      help="textual-inversion embeddings folder (default as for generate)")
     add_output_options(xyz)
@@ -41,26 +41,19 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace):  # -> XYZPlan
     """The base request from the flags and the three axes, validated (no model is loaded)."""
-    from huabi.cli.main import parse_size
+    from huabi.cli.common import request_values
     from huabi.core.request import GenerationRequest
     from huabi.core.xyz import parse_axis_spec, plan_xyz
+    from huabi.service.requests import request_fields
 
-    fields = {
-        name: getattr(args, name)
-        for name in ("negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "seed", "clip_skip",
-                     "model", "vae")
-        if getattr(args, name, None) is not None
-    }
-    if args.size is not None:
-        fields["width_px"], fields["height_px"] = parse_size(args.size)
-    base = GenerationRequest(prompt=args.prompt, **fields)
+    base = GenerationRequest(prompt=args.prompt, **request_fields(request_values(args)))
     axes = [parse_axis_spec(spec, name=name) for spec, name in
             ((args.x_axis, "X"), (args.y_axis, "Y"), (args.z_axis, "Z"))]
     return plan_xyz(base, *axes)
 
 
 def cmd_xyz(args: argparse.Namespace) -> int:
-    from huabi.cli.main import _ProgressBar
+    from huabi.cli.common import ProgressBar
     from huabi.service.engine import Engine
     from huabi.service.xyz import run_xyz
 
@@ -71,7 +64,7 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     engine = Engine(device=args.device, dtype=args.dtype, models_dir=args.models_dir,
                     embeddings_dir=args.embeddings_dir, base_model=getattr(args, "base", None),
                     gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False))
-    progress = _ProgressBar(enabled=not args.quiet)
+    progress = ProgressBar(enabled=not args.quiet)
     try:
         result = run_xyz(engine, plan, out_dir=args.out, on_progress=progress.update)
     finally:

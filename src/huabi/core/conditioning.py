@@ -65,7 +65,7 @@ from torch import Tensor
 
 from huabi.core.prompt_parser import is_break, parse_prompt_attention
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 
 CHUNK_TOKENS = 75  # content tokens per chunk; + BOS + EOS = 77
 COMMA_BACKTRACK_TOKENS = 20

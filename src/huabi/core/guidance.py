@@ -15,7 +15,7 @@ import torch
 
 from huabi.core.prompt_parser import schedule_entry_index
 from huabi.errors import HuabiError
-from huabi.models.family import Prediction
+from huabi.core.family import Prediction
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class NoiseSampler(Protocol):
     def __call__(self, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor: ...
 
 
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
+def check_seeds(seeds: Sequence[int]) -> list[int]:
     if isinstance(seeds, (int, str, bytes)) or len(seeds) == 0:
         raise HuabiError("seeds: must be a non-empty list of integers, one per image")
     checked = []
@@ -36,7 +36,7 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     return checked
 
 
-def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 0 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise HuabiError(f"shape: must be positive integers per image, e.g. (4, 64, 64), got {shape!r}")
     return tuple(shape)
@@ -54,8 +54,8 @@ def initial_noise(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Unit-variance starting noise ``[len(seeds), *shape]``; image i from ``seeds[i]`` alone."""
-    seeds = _check_seeds(seeds)
-    shape = _check_shape(shape)
+    seeds = check_seeds(seeds)
+    shape = check_shape(shape)
     noise = torch.stack([torch.randn(shape, generator=_cpu_generator(s)) for s in seeds])
     return noise.to(device=device, dtype=dtype)
 
@@ -79,8 +79,8 @@ class SeededNoiseSampler:
         dtype: torch.dtype = torch.float32,
         skip_initial: bool = True,
     ) -> None:
-        self.seeds = _check_seeds(seeds)
-        self.shape = _check_shape(shape)
+        self.seeds = check_seeds(seeds)
+        self.shape = check_shape(shape)
         self.device = torch.device(device)
         self.dtype = dtype
         self._generators = [_cpu_generator(s) for s in self.seeds]
@@ -110,7 +110,7 @@ class BrownianNoiseSampler:
     def __init__(self, x: Tensor, sigma_min: float, sigma_max: float, seeds: Sequence[int]) -> None:
         import torchsde  # imported here: only the SDE samplers need it
 
-        self.seeds = _check_seeds(seeds)
+        self.seeds = check_seeds(seeds)
         if x.ndim < 2 or x.shape[0] != len(self.seeds):
             raise HuabiError(
                 f"seeds: need one seed per image, got {len(self.seeds)} seeds for a batch of {x.shape[0] if x.ndim else 0}"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from huabi.core.noise import check_seeds, check_shape  # the same checks as plain noise
 from huabi.errors import HuabiError
 
 # A1111 falls back to a plain weighted sum when the two noises are almost parallel
@@ -99,10 +100,8 @@ def variation_noise(
     drawn at before pasting (None or equal to the target: no resize). With
     strength 0 and no resize this equals :func:`huabi.core.noise.initial_noise`.
     """
-    from huabi.core.noise import _check_seeds, _check_shape  # same checks as plain noise
-
-    seeds = _check_seeds(seeds)
-    shape = _check_shape(shape)
+    seeds = check_seeds(seeds)
+    shape = check_shape(shape)
     if len(shape) != 3:
         raise HuabiError(f"shape: variation noise needs (channels, latent_h, latent_w), got {shape!r}")
     if not isinstance(variation_strength, (int, float)) or isinstance(variation_strength, bool) \
@@ -112,7 +111,7 @@ def variation_noise(
     if use_variation:
         if variation_seeds is None:
             raise HuabiError("variation_seeds: needed when variation_strength is not 0")
-        variation_seeds = _check_seeds(variation_seeds)
+        variation_seeds = check_seeds(variation_seeds)
         if len(variation_seeds) != len(seeds):
             raise HuabiError(
                 f"variation_seeds: need one per image, got {len(variation_seeds)} for {len(seeds)} seeds"

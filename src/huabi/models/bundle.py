@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from huabi.models.family import ModelFamily, Prediction, UNetVariant
+from huabi.core.family import ModelFamily, Prediction, UNetVariant
 
 
 @dataclass

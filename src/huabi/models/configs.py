@@ -29,7 +29,7 @@ from huabi.models.detect import (
     Detected,
     marker_value,
 )
-from huabi.models.family import ModelFamily, Prediction
+from huabi.core.family import ModelFamily, Prediction
 
 SD_VAE_SCALING_FACTOR = 0.18215
 SDXL_VAE_SCALING_FACTOR = 0.13025

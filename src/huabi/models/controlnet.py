@@ -44,7 +44,7 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models.convert import _rename, unet_key_table
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 
 ORIGINAL_PREFIX = "control_model."
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")

@@ -108,18 +108,10 @@ def transform_tensors(
 
 def write_ckpt_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
     """A ``.ckpt`` as LDM/A1111 write it: ``{"state_dict": {...}}``, via a temp file and ``os.replace``."""
-    from huabi.models.formats import new_file_mode
+    from huabi.models.files import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, tmp_name)
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, temp)
     return path
 
 
@@ -175,7 +167,8 @@ def _read_source(src: Path, options: ConvertOptions) -> tuple[dict[str, torch.Te
 
     if src.suffix.lower() != ".gguf":
         return read_state_dict(src)
-    from huabi.models.gguf_io import read_gguf, with_companion_parts
+    from huabi.models.formats import with_companion_parts
+    from huabi.models.gguf_io import read_gguf
 
     tensors, metadata = read_gguf(src)
     tensors, metadata = with_companion_parts(src, tensors, metadata, options.base)

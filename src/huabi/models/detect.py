@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily, Prediction, UNetVariant
+from huabi.core.family import ModelFamily, Prediction, UNetVariant
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -212,31 +212,3 @@ def marker_value(state_dict: Mapping[str, torch.Tensor], name: str) -> float | i
     if tensor.numel() != 1:
         raise HuabiError(f"marker {name} must be a scalar tensor, got shape {tuple(tensor.shape)}")
     return tensor.item()
-
-
-def detect_file(path) -> Detected:
-    """Detect a model file or diffusers folder (safetensors: from the header, weights unread)."""
-    from pathlib import Path
-
-    from huabi.models.formats import read_state_dict_shapes
-
-    path = Path(path)
-    tensors, metadata = read_state_dict_shapes(path)
-    return detect(tensors, metadata=metadata, source=path.name)
-
-
-def describe_model_file(path) -> str:
-    """One line for listings, e.g. ``"sdxl base epsilon"`` (``"sd2 base prediction decided at load"`` when unknown)."""
-    from pathlib import Path
-
-    if Path(path).suffix.lower() == ".gguf":  # a UNet alone: described from the GGUF header, not detected
-        from huabi.models.inspect import describe_gguf
-
-        return describe_gguf(path)
-    from huabi.models.flow_load import describe_flow_file, is_flow_model
-
-    if is_flow_model(path):  # SD3/SD3.5/FLUX.1 transformer files and folders
-        return describe_flow_file(path)
-    found = detect_file(path)
-    prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
-    return f"{found.family.value} {found.variant.value} {prediction}"

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 from huabi.models.formats import read_tensor_file
 from huabi.models.hashes import HashCache
 

@@ -16,13 +16,14 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models import gguf_io
+from huabi.models.files import atomic_path, new_file_mode  # noqa: F401 -- new_file_mode: its older home
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -61,9 +62,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if suffix in PICKLE_SUFFIXES:
         return read_pickle_checkpoint(path), {}
     if suffix == ".gguf":
-        from huabi.models.gguf_io import read_gguf
-
-        return read_gguf(path)
+        return gguf_io.read_gguf(path)
     raise HuabiError(
         f"{path.name}: unsupported model file type {suffix or '(no extension)'!r}; "
         f"expected .safetensors, .ckpt, .pt, .pth, .bin, .gguf or a diffusers folder"
@@ -325,7 +324,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     tensors, so detection treats folders and single files alike.
     """
     from huabi.models.convert import unet_to_original, vae_to_original
-    from huabi.models.family import ModelFamily
+    from huabi.core.family import ModelFamily
 
     folder = Path(folder)
     index_path = folder / "model_index.json"
@@ -427,28 +426,9 @@ def write_safetensors_atomic(
             raise HuabiError(f"{path.name}: safetensors metadata must map str to str; got {key!r}: {type(value).__name__}")
     # safetensors refuses shared/non-contiguous storage; give each tensor its own.
     prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(_unshare(prepared), tmp_name, metadata=dict(metadata) if metadata else None)
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(_unshare(prepared), str(temp), metadata=dict(metadata) if metadata else None)
     return path
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 minus the umask); mkstemp's temp files are 0o600."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:  # reading the umask without changing it
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -498,3 +478,56 @@ _SAFETENSORS_TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
 }
+
+
+# --------------------------------------------------------------------------- GGUF UNet + base checkpoint
+
+
+def with_companion_parts(
+    gguf_path: Path,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    base: str | Path | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The GGUF's UNet with everything else (text encoders, VAE, schedule, markers) from ``base``.
+
+    Without ``base``, a GGUF that carries its own original-layout parts (as
+    stable-diffusion.cpp can write) is used as it is; a UNet-only one is an error.
+    """
+    if base is None:
+        if gguf_io.has_companion_parts(state_dict):
+            return state_dict, metadata
+        raise HuabiError(
+            f"{gguf_path.name}: a GGUF UNet file has no text encoder or VAE; pass the checkpoint they come "
+            f"from with --base (as ComfyUI loads CLIP and VAE from a checkpoint next to the GGUF UNet)"
+        )
+    base_path = Path(base)
+    if gguf_io.is_gguf_path(base_path):
+        raise HuabiError(f"base: {base_path.name} is a GGUF file; the base must be a checkpoint with text encoders and a VAE")
+    base_tensors, base_metadata = read_state_dict(base_path)
+    merged = {k: v for k, v in base_tensors.items() if not k.startswith(gguf_io.UNET_PREFIX)}
+    if not any(k.startswith(gguf_io.UNET_PREFIX) for k in base_tensors) and not merged:
+        raise HuabiError(f"base: {base_path.name} has no weights")
+    base_unet = {k: v for k, v in base_tensors.items() if k.startswith(gguf_io.UNET_PREFIX)}
+    unet = {k: v for k, v in state_dict.items() if k.startswith(gguf_io.UNET_PREFIX)}
+    _check_unet_matches_base(gguf_path, unet, base_unet, base_path)
+    merged.update(unet)
+    combined = dict(base_metadata)
+    combined.update(metadata)
+    return merged, combined
+
+
+def _check_unet_matches_base(gguf_path: Path, unet: Mapping[str, torch.Tensor], base_unet: Mapping[str, torch.Tensor], base_path: Path) -> None:
+    """The GGUF UNet must be the base's architecture: same keys and shapes (names the first difference)."""
+    if not base_unet:
+        return  # a base without a UNet (text encoders + VAE only) cannot be compared; loading checks shapes
+    for key in sorted(set(unet) | set(base_unet)):
+        if key not in base_unet:
+            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} is not in the base (another family?)")
+        if key not in unet:
+            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: it lacks {key} (another family?)")
+        if tuple(unet[key].shape) != tuple(base_unet[key].shape):
+            raise HuabiError(
+                f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} has shape "
+                f"{tuple(unet[key].shape)}, the base {tuple(base_unet[key].shape)}"
+            )

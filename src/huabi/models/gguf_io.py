@@ -23,8 +23,6 @@ the maintained ``gguf`` package (its numpy quantizers), atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ def is_gguf_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
-def _reader(path: Path):
+def gguf_reader(path: Path):
     import gguf
 
     if not path.is_file():
@@ -74,14 +72,14 @@ def _field_value(field) -> object:
 def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     """The GGUF key/value metadata (architecture, file type, shapes...), without reading tensors."""
     path = Path(path)
-    reader = _reader(path)
+    reader = gguf_reader(path)
     return {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
 def gguf_tensor_types(path: str | Path) -> dict[str, int]:
     """How many tensors of each GGML type (``{"Q8_0": 180, "F32": 506}``) the file holds."""
     counts: dict[str, int] = {}
-    for tensor in _reader(Path(path)).tensors:
+    for tensor in gguf_reader(Path(path)).tensors:
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
     return counts
 
@@ -95,7 +93,7 @@ def read_gguf(path: str | Path, *, _skip_types: tuple[str, ...] = ()) -> tuple[d
     from gguf import GGMLQuantizationType, quants
 
     path = Path(path)
-    reader = _reader(path)
+    reader = gguf_reader(path)
     fields = reader.fields
     arch_field = fields.get("general.architecture")
     arch = str(_field_value(arch_field)) if arch_field is not None else None
@@ -153,65 +151,13 @@ def has_companion_parts(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(not key.startswith(UNET_PREFIX) for key in state_dict)
 
 
-def with_companion_parts(
-    gguf_path: Path,
-    state_dict: dict[str, torch.Tensor],
-    metadata: dict[str, str],
-    base: str | Path | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The GGUF's UNet with everything else (text encoders, VAE, schedule, markers) from ``base``.
-
-    Without ``base``, a GGUF that carries its own original-layout parts (as
-    stable-diffusion.cpp can write) is used as it is; a UNet-only one is an error.
-    """
-    from huabi.models.formats import read_state_dict
-
-    if base is None:
-        if has_companion_parts(state_dict):
-            return state_dict, metadata
-        raise HuabiError(
-            f"{gguf_path.name}: a GGUF UNet file has no text encoder or VAE; pass the checkpoint they come "
-            f"from with --base (as ComfyUI loads CLIP and VAE from a checkpoint next to the GGUF UNet)"
-        )
-    base_path = Path(base)
-    if is_gguf_path(base_path):
-        raise HuabiError(f"base: {base_path.name} is a GGUF file; the base must be a checkpoint with text encoders and a VAE")
-    base_tensors, base_metadata = read_state_dict(base_path)
-    merged = {k: v for k, v in base_tensors.items() if not k.startswith(UNET_PREFIX)}
-    if not any(k.startswith(UNET_PREFIX) for k in base_tensors) and not merged:
-        raise HuabiError(f"base: {base_path.name} has no weights")
-    base_unet = {k: v for k, v in base_tensors.items() if k.startswith(UNET_PREFIX)}
-    unet = {k: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
-    _check_unet_matches_base(gguf_path, unet, base_unet, base_path)
-    merged.update(unet)
-    combined = dict(base_metadata)
-    combined.update(metadata)
-    return merged, combined
-
-
-def _check_unet_matches_base(gguf_path: Path, unet: Mapping[str, torch.Tensor], base_unet: Mapping[str, torch.Tensor], base_path: Path) -> None:
-    """The GGUF UNet must be the base's architecture: same keys and shapes (names the first difference)."""
-    if not base_unet:
-        return  # a base without a UNet (text encoders + VAE only) cannot be compared; loading checks shapes
-    for key in sorted(set(unet) | set(base_unet)):
-        if key not in base_unet:
-            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} is not in the base (another family?)")
-        if key not in unet:
-            raise HuabiError(f"{gguf_path.name}: UNet does not match base {base_path.name}: it lacks {key} (another family?)")
-        if tuple(unet[key].shape) != tuple(base_unet[key].shape):
-            raise HuabiError(
-                f"{gguf_path.name}: UNet does not match base {base_path.name}: {key} has shape "
-                f"{tuple(unet[key].shape)}, the base {tuple(base_unet[key].shape)}"
-            )
-
-
 # --------------------------------------------------------------------------- writing
 
 
 def architecture_for(state_dict: Mapping[str, torch.Tensor], *, source: str) -> str:
     """ComfyUI-GGUF's architecture name for an original-layout checkpoint: ``sd1`` or ``sdxl``."""
     from huabi.models.detect import detect
-    from huabi.models.family import ModelFamily
+    from huabi.core.family import ModelFamily
 
     family = detect(state_dict, source=source).family
     return "sdxl" if family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) else "sd1"
@@ -252,7 +198,7 @@ def write_gguf_unet(
     import gguf
     from gguf import GGMLQuantizationType, quants
 
-    from huabi.models.formats import new_file_mode
+    from huabi.models.files import atomic_path
 
     qtype_name = qtype_name.upper()
     if qtype_name not in WRITE_TYPES:
@@ -285,19 +231,11 @@ def write_gguf_unet(
         writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[stored])
         counts[stored] = counts.get(stored, 0) + 1
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(handle)
-    try:
-        writer.write_header_to_file(path=tmp_name)
+    with atomic_path(out_path) as temp:
+        writer.write_header_to_file(path=temp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return counts
 
 
@@ -352,7 +290,7 @@ def read_gguf_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     """
     path = Path(path)
     tensors, metadata = read_gguf(path, _skip_types=ON_THE_FLY_TYPES)
-    reader = _reader(path)
+    reader = gguf_reader(path)
     prefixed = any(t.name.startswith(UNET_PREFIX) for t in reader.tensors)
     packed: dict[str, PackedWeight] = {}
     for tensor in reader.tensors:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from huabi.errors import HuabiError
@@ -79,17 +78,12 @@ class HashCache:
         return data if isinstance(data, dict) else {}
 
     def _write(self, entries: dict[str, dict]) -> None:
-        tmp_name: str | None = None
+        from huabi.models.files import atomic_write_text
+
         try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp_name = tempfile.mkstemp(prefix=".hashes.", suffix=".tmp", dir=self.cache_file.parent)
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(entries, out, indent=1, sort_keys=True)
-            os.replace(tmp_name, self.cache_file)
+            atomic_write_text(self.cache_file, json.dumps(entries, indent=1, sort_keys=True))
         except OSError:
-            # A read-only cache dir must not stop a model from loading; we just rehash next time.
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
+            pass  # a read-only cache dir must not stop a model from loading; we just rehash next time
 
     def sha256(self, path: str | Path) -> str:
         """Full SHA-256 of ``path`` (for a folder: its UNet weights), from the cache when still valid."""

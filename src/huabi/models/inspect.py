@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.detect import Detected, detect
 
 _FAMILY_NAMES = {
     "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL base",
@@ -190,9 +191,9 @@ def inspect_file(path: str | Path, *, with_hashes: bool = True) -> dict[str, Any
 
 
 def _inspect_gguf(path: Path) -> dict[str, Any]:
-    from huabi.models.gguf_io import ORIG_SHAPE_PREFIX, UNET_PREFIX, _reader
+    from huabi.models.gguf_io import ORIG_SHAPE_PREFIX, UNET_PREFIX, gguf_reader
 
-    reader = _reader(path)
+    reader = gguf_reader(path)
     metadata = {}
     for name, field in reader.fields.items():
         if name.startswith(("GGUF.", ORIG_SHAPE_PREFIX)):
@@ -356,3 +357,25 @@ def describe_gguf(path: str | Path) -> str:
     quantized = [name for name in info["dtypes"] if name not in ("F32", "F16", "BF16")]
     kind = ", ".join(quantized) or ", ".join(info["dtypes"])
     return f"{info.get('family', 'unknown')} {info.get('variant', '')} GGUF UNet ({kind}), needs --base".replace("  ", " ")
+
+
+def detect_file(path) -> Detected:
+    """Detect a model file or diffusers folder (safetensors: from the header, weights unread)."""
+    from huabi.models.formats import read_state_dict_shapes
+
+    path = Path(path)
+    tensors, metadata = read_state_dict_shapes(path)
+    return detect(tensors, metadata=metadata, source=path.name)
+
+
+def describe_model_file(path) -> str:
+    """One line for listings, e.g. ``"sdxl base epsilon"`` (``"sd2 base prediction decided at load"`` when unknown)."""
+    if Path(path).suffix.lower() == ".gguf":  # a UNet alone: described from the GGUF header, not detected
+        return describe_gguf(path)
+    from huabi.models.flow_load import describe_flow_file, is_flow_model
+
+    if is_flow_model(path):  # SD3/SD3.5/FLUX.1 transformer files and folders
+        return describe_flow_file(path)
+    found = detect_file(path)
+    prediction = found.prediction.value if found.prediction_known else "prediction decided at load"
+    return f"{found.family.value} {found.variant.value} {prediction}"

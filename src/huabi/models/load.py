@@ -27,7 +27,7 @@ from huabi.models.configs import (
 )
 from huabi.models.convert import check_against_module, is_diffusers_vae, unet_to_diffusers, vae_to_diffusers
 from huabi.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect
-from huabi.models.family import Prediction
+from huabi.core.family import Prediction
 from huabi.models.formats import read_state_dict
 from huabi.models.hashes import HashCache
 
@@ -176,7 +176,8 @@ def load_model(
     # 1. read and detect
     packed: dict = {}  # GGUF weights kept quantized (on the fly), by original UNet key
     if path.suffix.lower() == ".gguf":  # a UNet-only GGUF takes text encoders and VAE from ``base``
-        from huabi.models.gguf_io import read_gguf_packed, with_companion_parts
+        from huabi.models.formats import with_companion_parts
+        from huabi.models.gguf_io import read_gguf_packed
 
         if gguf_on_the_fly:
             state_dict, metadata, packed = read_gguf_packed(path)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 LORA_HASH_DIGITS = 12  # A1111's "Lora hashes" short hash

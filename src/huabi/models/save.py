@@ -21,7 +21,7 @@ from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.convert import unet_to_original, vae_to_original
 from huabi.models.detect import MARKER_HEAD_DIM, MARKER_NATIVE_SIZE, MARKER_VAE_SCALING, MARKER_VERSION, UNET_PREFIX, VAE_PREFIX
-from huabi.models.family import ModelFamily, Prediction, UNetVariant
+from huabi.core.family import ModelFamily, Prediction, UNetVariant
 from huabi.models.formats import HUABI_FOLDER_MARKERS_FILE, write_safetensors_atomic
 
 HUABI_MARKER_FORMAT_VERSION = 1

@@ -48,7 +48,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 from huabi.models.tokenizer import load_tokenizers  # re-exported: callers find both halves here
 
 __all__ = [

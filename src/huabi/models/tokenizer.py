@@ -26,7 +26,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from huabi.errors import HuabiError
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -13,13 +13,15 @@ from PIL import Image
 from huabi.core.conditioning import EmbeddingLookup, encode_a1111_prompts, sdxl_add_time_ids
 from huabi.core.guidance import CFGDenoiser, PredictionDenoiser, ScheduledInputs, UNetInputs
 from huabi.core.noise import BrownianNoiseSampler, SeededNoiseSampler, initial_noise
+from huabi.core.progress import ProgressEvent, StopSampling
 from huabi.core.request import GenerationRequest
 from huabi.core.prompt_parser import ExtraNetworkTag, extract_extra_networks, prompt_schedule, split_composable
 from huabi.core.samplers import get_sampler
 from huabi.core.variation import NoiseVariation
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import ModelFamily, UNetVariant
+from huabi.core.family import ModelFamily, UNetVariant
+from huabi.pipelines.patches import FIRST_PASS, DenoisePass, Patch, as_patches, combined_unet_kwargs, wrapped_denoiser
 
 if TYPE_CHECKING:
     from huabi.pipelines.refiner import RefinerStage
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 REFINER_AESTHETIC_SCORE = 6.0
 REFINER_NEGATIVE_AESTHETIC_SCORE = 2.5
 
-StepCallback = Callable[[int, int], None]  # (step done, total steps)
+StepCallback = Callable[[ProgressEvent], None]  # one event per sampling step of a pass
 TextEncoder = Callable[[str, bool], UNetInputs]  # (text in force at a step, is negative) -> UNet inputs
 
 
@@ -210,6 +212,8 @@ def denoise(
     init_latent: torch.Tensor | None = None,
     denoising_strength: float = 1.0,
     image_channels: torch.Tensor | None = None,
+    patches: Sequence[Patch] = (),
+    pass_name: str = FIRST_PASS,
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
     guided_denoiser: Callable[..., Callable] | None = None,
     refiner: "RefinerStage | None" = None,
@@ -221,19 +225,22 @@ def denoise(
     sampler runs only the tail of the ``steps``-step schedule picked by
     ``denoising_strength`` (see :func:`img2img_sigmas`), starting from
     ``init_latent + noise * sigma_start``.  ``image_channels`` replaces the extra
-    UNet inputs that text-to-image would give inpainting/pix2pix models;
-    ``wrap_denoiser`` wraps the guided denoiser (inpainting re-imposes the kept
-    area there), so samplers never know.  ``guided_denoiser`` replaces
-    :class:`CFGDenoiser` (same arguments; instruct-pix2pix's three-way guidance);
-    ``refiner`` (:class:`huabi.pipelines.refiner.RefinerStage`) hands the guided
-    denoiser over to an SDXL refiner at its switch point.
-    ``unet_kwargs_for(sigmas run, latent shape)`` makes the UNet hook of this pass
-    (:class:`PredictionDenoiser`'s ``unet_kwargs``; ControlNet residuals).
+    UNet inputs that text-to-image would give inpainting/pix2pix models.
+
+    ``patches`` (:mod:`huabi.pipelines.patches`) change this pass in one place: their
+    ``unet_kwargs`` hooks go to the UNet (ControlNet residuals) and their ``wrap`` faces
+    wrap the guided denoiser in list order (instruct guidance, refiner hand-over,
+    inpainting's blend), so samplers never know.  ``pass_name`` tells them which pass
+    this is ("first pass" or "hires").  ``on_step`` receives a
+    :class:`huabi.core.progress.ProgressEvent` per step (step/total of this pass, phase,
+    the denoised latent) and may raise :class:`huabi.core.progress.StopSampling` to end
+    the loop early: the latest denoised latent is returned (A1111's interrupt/skip).
+    ``wrap_denoiser``, ``guided_denoiser``, ``refiner`` and ``unet_kwargs_for`` are the
+    older spellings of the same patches (see :func:`huabi.pipelines.patches.as_patches`).
     """
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
-    sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule,
-                            sdxl=bundle.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)).to(device)
+    sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule).to(device)
     # Variation seeds / seed resize (A1111) change only the first draw; ancestral noise
     # still continues each image's own seed stream.
     if variation is None:
@@ -256,31 +263,31 @@ def denoise(
     # Per-step conditioning (prompt editing, alternation) and AND sub-prompts; the CFG
     # denoiser picks each call's entry by counting its calls, as A1111 does.
     conds, uncond = guidance.conditioning(schedule_steps(sampler_name, steps))
-    denoiser: Callable = (guided_denoiser or CFGDenoiser)(
-        PredictionDenoiser(bundle.unet, schedule, bundle.prediction,
-                           unet_kwargs_for(sigmas, shape) if unet_kwargs_for is not None else None),
+    patches = as_patches(patches, unet_kwargs_for=unet_kwargs_for, refiner=refiner, guided_denoiser=guided_denoiser,
+                         wrap_denoiser=wrap_denoiser)
+    this_pass = DenoisePass(bundle, pass_name, sigmas, shape, sampler_name, steps, cfg_scale, device)
+    denoiser: Callable = CFGDenoiser(
+        PredictionDenoiser(bundle.unet, schedule, bundle.prediction, combined_unet_kwargs(patches, this_pass)),
         [(cond.with_channels(channels), weight) for cond, weight in conds],
         uncond.with_channels(channels),
         cfg_scale,
     )
-    if refiner is not None:
-        denoiser = refiner.handover(denoiser, bundle, sampler_name=sampler_name, steps=steps, shape=shape,
-                                    cfg_scale=cfg_scale, device=device)
-    if wrap_denoiser is not None:
-        denoiser = wrap_denoiser(denoiser)
+    denoiser = wrapped_denoiser(patches, denoiser, this_pass)
     total = len(sigmas) - 1
+    latest = [x]
 
-    def report(i: int, _total=None, _x=None, denoised=None, *_unused) -> None:
+    def report(i: int, _total: int, _x: torch.Tensor, denoised: torch.Tensor) -> None:
+        latest[0] = denoised
         if on_step is not None:
-            if getattr(on_step, "wants_latents", False):  # live previews (huabi.service.previews)
-                on_step(i + 1, total, denoised=denoised)
-            else:
-                on_step(i + 1, total)
+            on_step(ProgressEvent(i + 1, total, phase=this_pass.phase, latent=denoised))
 
     if total == 0:  # strength 0: nothing to denoise
         return x
     with torch.inference_mode():
-        return spec.fn(denoiser, x, sigmas, noise=noise_sampler, on_step=report)
+        try:
+            return spec.fn(denoiser, x, sigmas, noise=noise_sampler, on_step=report)
+        except StopSampling:
+            return latest[0]
 
 
 def img2img_sigmas(sigmas: torch.Tensor, denoising_strength: float) -> torch.Tensor:

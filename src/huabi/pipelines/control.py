@@ -149,8 +149,11 @@ class ControlNetHook:
             dtype = next(model.parameters()).dtype
             cond = hint.to(device=call.sample.device, dtype=dtype).expand(rows, -1, -1, -1)
             added = None if call.added is None else {k: v.to(dtype) for k, v in call.added.items()}
+            # Inpainting / instruct-pix2pix UNets take extra image channels after the latent; a
+            # ControlNet sees the latent only (as sd-webui-controlnet and diffusers feed it).
+            sample = call.sample[:, : int(model.config.in_channels)]
             down_res, mid_res = model(
-                call.sample.to(dtype), call.timestep, encoder_hidden_states=call.context.to(dtype),
+                sample.to(dtype), call.timestep, encoder_hidden_states=call.context.to(dtype),
                 controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False,
             )
             residuals = list(down_res) + [mid_res]

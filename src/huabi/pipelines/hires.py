@@ -21,12 +21,13 @@ feeds them the first pass's decoded image instead).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from huabi.core.conditioning import EmbeddingLookup
+from huabi.core.progress import ProgressEvent
 from huabi.core.request import HIRES_LATENT_MODES, GenerationRequest
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
@@ -39,6 +40,7 @@ from huabi.pipelines.common import (
     noise_variation,
 )
 from huabi.pipelines.img2img import encode_image
+from huabi.pipelines.patches import HIRES_PASS, Patch, RefinerPatch, UNetHookPatch, refiner_passes
 
 # (image, width_px, height_px) -> the image at exactly that size.
 PixelUpscaler = Callable[[Image.Image, int, int], Image.Image]
@@ -115,21 +117,24 @@ def hires_txt2img(
     embeddings: EmbeddingLookup | None = None,
     variation_seeds: Sequence[int] | None = None,
     pixel_upscaler: PixelUpscaler | None = None,
-    unet_kwargs_for=None,  # UNet hook factories for denoise (ControlNet): first pass, second pass
+    patches: Sequence[Patch] = (),
+    unet_kwargs_for=None,  # older spellings of patches: ControlNet hook factories (first, second pass),
     hires_unet_kwargs_for=None,
     first_pass: Callable[..., torch.Tensor] | None = None,
-    refiner=None,
+    refiner=None,  # and the refiner stage (in the passes request.refiner_hires_pass names)
 ) -> HiresResult:
     """Text to image with A1111's hires fix; ``request.hires`` need not be set (this is the fix).
 
     ``pixel_upscaler`` resizes decoded images for non-latent upscalers (default
     Lanczos; the engine passes a model upscaler for a file path).  ``on_step``
-    sees ``(done, total)`` over both passes: the first pass's ``request.steps``
-    then ``hires_steps`` (or ``request.steps``) scaled over the steps actually run.
+    sees events counted over both passes: the first pass's ``request.steps``
+    then ``hires_steps`` (or ``request.steps``) scaled over the steps actually run, with
+    the phase ("first pass", "hires", or "refiner" once the refiner took over).
     ``first_pass`` replaces step 1's denoise (same keyword arguments as
-    :func:`denoise`).  ``refiner`` (a :class:`huabi.pipelines.refiner.RefinerStage`)
-    hands over in the pass(es) ``request.refiner_hires_pass`` names: A1111's default
-    "second pass", or "first pass", or "both passes" (each pass starts on the base model).
+    :func:`denoise`).  ``patches`` apply to both passes; each sees which pass it is in
+    (ControlNet makes the second pass's own hint; the refiner patch hands over in the
+    pass(es) ``request.refiner_hires_pass`` names: A1111's default "second pass", or
+    "first pass", or "both passes", each pass starting on the base model).
     """
     # 1. First pass at the request's size.
     width_px = request.width_px or bundle.native_size_px
@@ -141,13 +146,20 @@ def hires_txt2img(
     hires_steps = request.hires_steps or request.steps
     total_steps = request.steps + hires_steps
 
-    def first_step(done: int, _total: int) -> None:
-        if on_step is not None:
-            on_step(min(done, request.steps), total_steps)
+    if unet_kwargs_for is not None or hires_unet_kwargs_for is not None:
+        hook = UNetHookPatch(unet_kwargs_for or (lambda *_: None), hires_factory=hires_unet_kwargs_for or (lambda *_: None))
+        patches = (hook, *patches)
+    if refiner is not None:
+        patches = (*patches, RefinerPatch(refiner, refiner_passes(request.refiner_hires_pass)))
 
-    def second_step(done: int, total: int) -> None:
+    def first_step(event: ProgressEvent) -> None:
         if on_step is not None:
-            on_step(request.steps + round(done * hires_steps / max(total, 1)), total_steps)
+            on_step(replace(event, step=min(event.step, request.steps), total=total_steps))
+
+    def second_step(event: ProgressEvent) -> None:
+        if on_step is not None:
+            done = request.steps + round(event.step * hires_steps / max(event.total, 1))
+            on_step(replace(event, step=done, total=total_steps))
 
     guidance = encode_guidance(
         bundle, request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
@@ -159,8 +171,7 @@ def hires_txt2img(
     latents = run_first(
         bundle, guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=first_step,
-        variation=variation, unet_kwargs_for=unet_kwargs_for,
-        refiner=refiner if request.refiner_hires_pass in ("first pass", "both passes") else None,
+        variation=variation, patches=patches,
     )
 
     # 2. Upscale to the (cover) size, then crop to the target.
@@ -185,8 +196,7 @@ def hires_txt2img(
         bundle, hires_guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=hires_steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=target_shape, device=device, on_step=second_step,
         variation=variation, init_latent=latents, denoising_strength=float(request.hires_denoise),
-        unet_kwargs_for=hires_unet_kwargs_for,
-        refiner=refiner if request.refiner_hires_pass in ("second pass", "both passes") else None,
+        patches=patches, pass_name=HIRES_PASS,
     )
 
     # 4. Decode to pixels.

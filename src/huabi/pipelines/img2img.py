@@ -19,7 +19,8 @@ from huabi.core.request import GenerationRequest
 from huabi.core.variation import NoiseVariation
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import UNetVariant
+from huabi.core.family import UNetVariant
+from huabi.pipelines.patches import Patch
 from huabi.pipelines.common import StepCallback, decode_latents, denoise, encode_guidance, latent_shape
 
 
@@ -81,7 +82,8 @@ def img2img(
     wrap_denoiser: Callable[[Callable], Callable] | None = None,
     init_latent: torch.Tensor | None = None,
     variation: NoiseVariation | None = None,
-    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    patches: Sequence[Patch] = (),
+    unet_kwargs_for=None,  # older spellings of patches (ControlNet hook factory, refiner stage, guidance)
     refiner=None,
     guided_denoiser: Callable[..., Callable] | None = None,
 ) -> Img2ImgResult:
@@ -122,7 +124,7 @@ def img2img(
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=on_step,
         init_latent=init_latent, denoising_strength=float(denoising_strength),
         image_channels=image_channels, wrap_denoiser=wrap_denoiser, variation=variation,
-        unet_kwargs_for=unet_kwargs_for,
+        patches=patches, unet_kwargs_for=unet_kwargs_for,
         refiner=refiner, guided_denoiser=guided_denoiser,
     )
 

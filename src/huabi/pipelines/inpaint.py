@@ -36,8 +36,9 @@ from huabi.core.request import EditOptions, GenerationRequest
 from huabi.core.variation import NoiseVariation
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import UNetVariant
+from huabi.core.family import UNetVariant
 from huabi.pipelines.common import StepCallback, decode_latents
+from huabi.pipelines.patches import Patch, WrapPatch, as_patches
 from huabi.pipelines.img2img import Img2ImgResult, encode_image, image_to_tensor, img2img
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,7 +104,8 @@ def inpaint(
     embeddings: EmbeddingLookup | None = None,
     working_size: tuple[int, int] | None = None,
     variation: NoiseVariation | None = None,
-    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    patches: Sequence[Patch] = (),
+    unet_kwargs_for=None,  # older spellings of patches (ControlNet hook factory, refiner stage)
     refiner=None,
 ) -> InpaintResult:
     """Repaint the white part of ``mask`` (same size as ``image``) ``len(seeds)`` times.
@@ -161,9 +163,9 @@ def inpaint(
     result: Img2ImgResult = img2img(
         bundle, request, work_image, seeds, denoising_strength=options.denoising_strength, device=device,
         on_step=on_step, embeddings=embeddings, image_channels=image_channels, init_latent=init_latent,
-        wrap_denoiser=lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint), variation=variation,
-        unet_kwargs_for=unet_kwargs_for,
-        refiner=refiner,
+        patches=(*as_patches(patches, unet_kwargs_for=unet_kwargs_for, refiner=refiner),
+                 WrapPatch(lambda inner: KeepUnmaskedDenoiser(inner, init_latent, repaint))),
+        variation=variation,
     )
     latents = blend_keep(result.latents, init_latent, repaint)
     generated = decode_latents(bundle, latents)

@@ -35,8 +35,9 @@ from huabi.core.request import GenerationRequest
 from huabi.core.variation import NoiseVariation
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import UNetVariant
+from huabi.core.family import UNetVariant
 from huabi.pipelines.common import StepCallback, decode_latents, denoise, encode_guidance, latent_shape
+from huabi.pipelines.patches import GuidancePatch, Patch
 from huabi.pipelines.img2img import Img2ImgResult, encode_image, image_to_tensor
 
 DEFAULT_IMAGE_CFG_SCALE = 1.5  # A1111's and diffusers' default
@@ -119,11 +120,13 @@ def instruct_pix2pix(
     on_step: StepCallback | None = None,
     embeddings: EmbeddingLookup | None = None,
     variation: NoiseVariation | None = None,
+    patches: Sequence[Patch] = (),
 ) -> Img2ImgResult:
     """Edit ``init_image`` (already at the working size) by the instruction ``request.prompt``.
 
     ``request.cfg_scale`` is the text scale s_T, ``image_cfg_scale`` the image scale s_I;
-    see the module notes for ``denoising_strength``.
+    see the module notes for ``denoising_strength``. ``patches`` (ControlNet, ...) apply as in every
+    pipeline; the three-way guidance is this pipeline's own patch, first in the list.
     """
     # 1. Check: an instruct-pix2pix model, a strength in range, a size on the latent grid.
     check_instruct_model(bundle)
@@ -155,9 +158,8 @@ def instruct_pix2pix(
         bundle, guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=shape, device=device, on_step=on_step,
         variation=variation, init_latent=init_latent, denoising_strength=strength, image_channels=image_channels,
-        guided_denoiser=lambda model, conds, uncond, scale: InstructCFGDenoiser(
-            model, conds, uncond, scale, image_cfg_scale
-        ),
+        patches=(GuidancePatch(lambda model, conds, uncond, scale: InstructCFGDenoiser(
+            model, conds, uncond, scale, image_cfg_scale)), *patches),
     )
 
     # 5. Decode to pixels.

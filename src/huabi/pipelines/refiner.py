@@ -33,7 +33,7 @@ from huabi.core.guidance import CFGDenoiser, PredictionDenoiser
 from huabi.core.schedules import DiscreteSchedule
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
-from huabi.models.family import ModelFamily, UNetVariant
+from huabi.core.family import ModelFamily, UNetVariant
 from huabi.pipelines.common import encode_guidance, schedule_steps
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from huabi.core.conditioning import EmbeddingLookup
 from huabi.core.request import GenerationRequest
 from huabi.models.bundle import ModelBundle
+from huabi.pipelines.patches import Patch
 from huabi.pipelines.common import (
     StepCallback,
     decode_latents,
@@ -39,7 +40,8 @@ def txt2img(
     on_step: StepCallback | None = None,
     embeddings: EmbeddingLookup | None = None,
     variation_seeds: Sequence[int] | None = None,
-    unet_kwargs_for=None,  # UNet hook factory for denoise (ControlNet)
+    patches: Sequence[Patch] = (),
+    unet_kwargs_for=None,  # older spellings of patches (ControlNet hook factory, refiner stage)
     refiner=None,
 ) -> Txt2ImgResult:
     """Generate one batch: ``len(seeds)`` images, image i from ``seeds[i]``.
@@ -47,7 +49,7 @@ def txt2img(
     ``embeddings``: textual-inversion name -> vectors (see :func:`encode_guidance`).
     ``variation_seeds``: this batch's A1111 variation seeds (one per image), used with
     ``request.variation_strength``; ``request.seed_resize_from_px`` applies either way.
-    ``refiner``: a :class:`huabi.pipelines.refiner.RefinerStage` to hand over to (SDXL refiner).
+    ``patches``: what changes the denoiser (ControlNet, refiner hand-over; see :mod:`huabi.pipelines.patches`).
     """
     # 1. Check: resolve the size against the model's native resolution.
     width_px = request.width_px or bundle.native_size_px
@@ -81,6 +83,7 @@ def txt2img(
         device=device,
         on_step=on_step,
         variation=noise_variation(bundle, request, variation_seeds),
+        patches=patches,
         unet_kwargs_for=unet_kwargs_for,
         refiner=refiner,
     )

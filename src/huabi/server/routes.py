@@ -587,7 +587,7 @@ def _job_view(server: Server, job) -> dict:
 
 
 def _styles(server: Server) -> list:
-    from huabi.cli.main import default_styles_file, read_styles
+    from huabi.service.requests import default_styles_file, read_styles
 
     path = server.config.runner.styles_file or default_styles_file()
     if not Path(path).is_file():

@@ -3,7 +3,7 @@
 Options use the CLI's own names (``steps``, ``cfg_scale``, ``size``, ``strength``,
 ``mask``, ...). They are turned into the very argument list ``huabi generate`` /
 ``huabi edit`` would receive and parsed by the CLI's parser, then built into requests
-by the CLI's request-building functions (``jobs_from_args``/``expand_job``,
+by the CLI's request-building functions (``jobs_from_args``, then the service's ``expand_prompt_job``,
 ``edit.request_from_args``) and run by ``Engine``. So an image made through the
 server is byte-identical to the CLI's for the same parameters.
 
@@ -281,12 +281,15 @@ class Runner:
             # One call: the outpaint fill and control maps are seeded once from the request's seed.
             yield [(request, lambda req, out, cb: engine.edit(req, edit_options, out_dir=out, on_progress=cb))]
             return
-        from huabi.cli.main import expand_job, jobs_from_args
+        from huabi.cli.main import jobs_from_args
+        from huabi.service.requests import expand_prompt_job
 
         for job in jobs_from_args(args):
-            bundle = engine.load(job.request.model, job.request.vae)
+            bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
+            requests = expand_prompt_job(job, bundle.native_size_px, wildcards_dir=getattr(args, "wildcards_dir", None),
+                                         combinatorial=bool(getattr(args, "combinatorial", False)))
             yield [(batch, lambda req, out, cb: engine.generate(req, out_dir=out, on_progress=cb))
-                   for request in expand_job(job, bundle.native_size_px, args) for batch in split_batches(request)]
+                   for request in requests for batch in split_batches(request)]
 
     # -- what the engine knows, for the listing routes ---------------------------------
 

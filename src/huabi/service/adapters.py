@@ -38,6 +38,7 @@ from huabi.models.lora import (
     resolve_lora,
     warn_unmatched,
 )
+from huabi.pipelines.patches import Patch
 
 LORA_TAG_KINDS = ("lora", "lyco")
 LORA_FOLDERS = ("Lora", "LyCORIS")
@@ -154,6 +155,29 @@ class ActiveLoras:
     @property
     def infotext_hashes(self) -> str | None:
         return lora_hashes_infotext(self.uses, self.files)
+
+
+class LoraPatch(Patch):
+    """The LoRAs of one job as a patch (:mod:`huabi.pipelines.patches`): ``on_model`` makes the
+    model carry exactly ``uses`` (cached: a repeat costs nothing; left applied afterwards, as
+    A1111 does), ``infotext`` records their hashes ("Lora hashes", None without LoRAs)."""
+
+    def __init__(self, patcher: LoraPatcher, uses: Sequence[LoraUse]) -> None:
+        self.patcher = patcher
+        self.uses = tuple(uses)
+        self.active = ActiveLoras((), ())
+
+    def activate(self, bundle: ModelBundle) -> ActiveLoras:
+        self.active = self.patcher.activate(bundle, self.uses)
+        return self.active
+
+    @contextlib.contextmanager
+    def on_model(self, bundle: ModelBundle) -> Iterator[ModelBundle]:
+        self.activate(bundle)
+        yield bundle
+
+    def infotext(self) -> dict[str, str | None]:
+        return {"Lora hashes": self.active.infotext_hashes}
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
@@ -284,19 +308,20 @@ def merge_loras(
     import json
 
     from huabi.models.formats import read_state_dict_shapes
+    from huabi.models.load import load_model
     from huabi.models.save import save_single_file
-    from huabi.service.engine import Engine
+    from huabi.service.model_files import default_models_dir, resolve_model_path
 
     if dtype != "auto" and dtype not in _SAVE_DTYPES:
         raise HuabiError(f"dtype: unknown dtype {dtype!r}; valid: auto, fp32, fp16, bf16")
     if not specs:
         raise HuabiError("merge-lora: give at least one LoRA")
-    engine = Engine(device="cpu", dtype="fp32", models_dir=models_dir)
-    base_path = engine.resolve_model_path(base)
+    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    base_path = resolve_model_path(base, models_dir)
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise HuabiError(f"merge-lora: --out {out.name}: huabi writes merged checkpoints as .safetensors")
-    folders = lora_folders(engine.models_dir)
+    folders = lora_folders(models_dir)
     uses = []
     for name, weights in specs:
         te_weight = weights[0] if weights else 1.0
@@ -314,7 +339,7 @@ def merge_loras(
         save_dtype = max(set(floats), key=floats.count) if floats else torch.float32
     else:
         save_dtype = _SAVE_DTYPES[dtype]
-    bundle = engine.load(str(base_path))
+    bundle = load_model(base_path, device=torch.device("cpu"), dtype=torch.float32)
     active = LoraPatcher().activate(bundle, uses)
     recipe = {
         "type": "huabi merge-lora",

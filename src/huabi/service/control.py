@@ -21,7 +21,7 @@ from huabi.core.preprocess import map_to_uint8, run_preprocessor
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.controlnet import CONTROLNET_SUFFIXES, legacy_model_hash, load_control_model
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 from huabi.pipelines.control import ControlSet, PreparedControl
 
 CONTROLNET_FOLDER = "ControlNet"

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from huabi.core.infotext import format_value, quote
 from huabi.core.xyz import XYZPlan
 from huabi.errors import HuabiError
-from huabi.service.engine import Engine, GeneratedImage
+from huabi.service.engine import Engine, GeneratedImage, next_grid_path
 from huabi.service.pngio import save_png
 
 GRID_PREFIX = "xyz_grid-"
@@ -271,14 +271,4 @@ def grid_infotext(first_infotext: str, params: Sequence[tuple[str, str]]) -> str
 
 def next_xyz_grid_path(out_dir: Path) -> Path:
     """The next free ``xyz_grid-NNNN.png`` in ``out_dir``, after the highest number there."""
-    highest = -1
-    if out_dir.is_dir():
-        for entry in out_dir.iterdir():
-            if entry.name.startswith(GRID_PREFIX):
-                number = entry.name[len(GRID_PREFIX):].split(".")[0].split("-")[0]
-                if number.isdigit():
-                    highest = max(highest, int(number))
-    number = highest + 1
-    while (out_dir / f"{GRID_PREFIX}{number:04d}.png").exists():
-        number += 1
-    return out_dir / f"{GRID_PREFIX}{number:04d}.png"
+    return next_grid_path(out_dir, GRID_PREFIX)

@@ -165,7 +165,7 @@ def tokenize_captions(tokenizer, captions: Sequence[str], *, chunk: int = 4096) 
 
 def default_tokenizer():
     """huabi-mini's tokenizer: the real CLIP BPE, built offline from huabi's shipped files."""
-    from huabi.models.family import ModelFamily
+    from huabi.core.family import ModelFamily
     from huabi.models.tokenizer import load_tokenizers
 
     return load_tokenizers(ModelFamily.HUABI_MINI)[0]

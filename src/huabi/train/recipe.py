@@ -254,7 +254,7 @@ def build_mini_parts(run: RecipeRun, recipe: MiniRecipe, *, unet_final: dict | N
 
     ``unet_final`` replaces the finished UNet stage's weights (a snapshot of a run in progress).
     """
-    from huabi.models.family import ModelFamily, Prediction
+    from huabi.core.family import ModelFamily, Prediction
     from huabi.models.save import ModelParts
 
     cache_meta = json.loads((run.state_dir / "cache" / "meta.json").read_text(encoding="utf-8"))

@@ -1,0 +1,133 @@
+"""What the image-making commands share: their common flags, the progress bar, flags -> request fields.
+
+No business logic here (that is :mod:`huabi.service.requests`); nothing heavy is imported at parse time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from huabi.errors import HuabiError  # noqa: F401 -- raised by the parsers these helpers call
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, size_help: str,
+                         seed_help: str = "-1 for random (the chosen seed is recorded)") -> None:
+    """The sampling flags every image-making command shares (generate, edit, xyz)."""
+    from huabi.core.names import SAMPLER_NAMES, SCHEDULE_NAMES
+
+    parser.add_argument("--steps", type=int, metavar="N", help="sampling steps, 1..1000 (default 20)")
+    parser.add_argument("--cfg", dest="cfg_scale", type=float, metavar="SCALE",
+                        help="CFG scale: how closely to follow the prompt, 0..100 (default 7)")
+    parser.add_argument("--sampler", metavar="NAME",
+                        help=f"sampler as A1111 spells it (default DPM++ 2M): {', '.join(SAMPLER_NAMES)}")
+    parser.add_argument("--schedule", metavar="TYPE",
+                        help=f"schedule type (default Automatic: the sampler's own): {', '.join(SCHEDULE_NAMES)}")
+    parser.add_argument("--seed", type=int, help=seed_help)
+    parser.add_argument("--size", help=size_help)
+
+
+def add_refiner_options(parser: argparse.ArgumentParser) -> None:
+    """The SDXL refiner flags (generate, edit)."""
+    parser.add_argument("--refiner", metavar="MODEL",
+                        help="SDXL refiner (path, or name/hash in the models folder) that takes over from the base")
+    parser.add_argument("--refiner-switch-at", type=float, metavar="F",
+                        help="fraction of the steps after which the refiner takes over, above 0 to 1 (default 0.8)")
+
+
+def add_attention_adapter_options(parser: argparse.ArgumentParser) -> None:
+    """Hypernetwork and IP-Adapter flags (generate, edit)."""
+    parser.add_argument("--hypernet", dest="hypernetwork", metavar="NAME|PATH",
+                        help="A1111 hypernetwork (.pt) from the models folder's hypernetworks/ "
+                             "(or use <hypernet:NAME:STRENGTH> in the prompt)")
+    parser.add_argument("--hypernet-strength", dest="hypernetwork_strength", type=float, metavar="S",
+                        help="hypernetwork strength (default 1)")
+    parser.add_argument("--ip-adapter", metavar="NAME|PATH",
+                        help="IP-Adapter model (image prompt) from the models folder's ipadapter/ or ControlNet/")
+    parser.add_argument("--ip-image", metavar="IMAGE", help="the image prompt for --ip-adapter")
+    parser.add_argument("--ip-weight", type=float, metavar="W", help="IP-Adapter weight, 0..3 (default 1)")
+    parser.add_argument("--ip-image-encoder", metavar="NAME|PATH",
+                        help="CLIP image encoder (default: the first in clip_vision/ that fits the adapter)")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint path, or a name/hash in the models folder (default: built-in)")
+    parser.add_argument("--vae", help="a separate VAE file that replaces the checkpoint's")
+    parser.add_argument("--base", type=Path, metavar="CHECKPOINT",
+                        help="for a GGUF UNet --model: the checkpoint (path, name or hash) that supplies "
+                             "text encoders and VAE")
+    parser.add_argument("--gguf-on-the-fly", action="store_true",
+                        help="keep a GGUF UNet's quantized weights packed and dequantize each at use "
+                             "(less memory, a little slower; not with LoRAs)")
+    parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+    parser.add_argument("--backend", default="torch",
+                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
+    parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
+                        help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode/encode images larger than 512 px in overlapping tiles (less memory)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    from huabi.service.requests import parse_size as parse
+
+    return parse(text)
+
+
+def request_values(args: argparse.Namespace) -> dict:
+    """The GenerationRequest fields given as flags (argparse dests are the field names; None: not given)."""
+    from huabi.service.requests import REQUEST_FIELDS, parse_size
+
+    values = {name: getattr(args, name, None) for name in REQUEST_FIELDS if name != "prompt"}
+    for flag, field, example in (("hires_resize", "hires_resize_px", "1024x1024"),
+                                 ("seed_resize_from", "seed_resize_from_px", "512x512")):
+        if getattr(args, flag, None) is not None:
+            values[field] = parse_size(getattr(args, flag), field.removesuffix("_px").replace("_", " "), example)
+    if getattr(args, "size", None) is not None:
+        values["width_px"], values["height_px"] = parse_size(args.size)
+    return values
+
+
+def make_studio(args: argparse.Namespace):
+    from huabi.cli.flow_options import text_encoder_files
+    from huabi.service.studio import Studio
+
+    return Studio(models_dir=args.models_dir, device=args.device, dtype=args.dtype,
+                  embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
+                  gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                  vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
+                  text_encoder_files=text_encoder_files(args))
+
+
+class ProgressBar:
+    """A tqdm bar on stderr, created lazily so --quiet costs nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+
+    def update(self, event, total: int | None = None) -> None:
+        """A :class:`ProgressEvent` (or the older ``done, total`` pair)."""
+        if not self.enabled:
+            return
+        done, total = (event, total) if total is not None else (event.step, event.total)
+        if self._bar is None:
+            from tqdm import tqdm
+
+            # The clock starts at the first reported step, so the first rate shown is a real one
+            # (not "110376 step/s" from one step over the microseconds since the bar was made).
+            self._bar = tqdm(total=total, initial=done, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
