@@ -49,9 +49,9 @@ TEXT_BLOCK_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    kind: str = "lora"  # lora (+ conv layers when conv_dim > 0, i.e. LoCon), loha, oft
-    dim: int = 4  # rank (LoRA/LoHa); number of blocks... no: OFT block count comes from dim too (see below)
-    alpha: float = 1.0  # LoRA/LoHa: scale = alpha / dim; OFT: the Cayley constraint (0: unconstrained)
+    kind: str = "lora"  # lora (+ conv layers when conv_dim > 0, i.e. LoCon), loha, lokr, oft
+    dim: int = 4  # rank (LoRA/LoHa/LoKr); OFT: the wanted number of blocks per layer
+    alpha: float = 1.0  # LoRA/LoHa/LoKr: scale = alpha / dim; OFT: the Cayley constraint (0: unconstrained)
     conv_dim: int = 0  # LoCon/LoHa rank of 3x3 convs (0: no conv layers)
     conv_alpha: float = 1.0
     dropout: float = 0.0  # kohya's --network-dropout: on the down projection's output
