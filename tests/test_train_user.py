@@ -115,7 +115,7 @@ def test_lora_file_loads_in_huabi_and_diffusers(family, tiny_model_factory, tmp_
     assert max_difference(all_tensors(ours), all_tensors(theirs)) < 1e-6
 
 
-@pytest.mark.parametrize(("kind", "family"), [("locon", "sd1"), ("loha", "sd1"), ("oft", "sd1"), ("lora", "sd2"),
+@pytest.mark.parametrize(("kind", "family"), [("locon", "sd1"), ("loha", "sd1"), ("lokr", "sd1"), ("oft", "sd1"), ("lora", "sd2"),
                                               ("lora", "huabi_mini")])
 def test_lycoris_kinds_and_families_round_trip_through_huabi(kind, family, tiny_model_factory, tmp_path):
     from huabi.models.family import Prediction
@@ -127,7 +127,8 @@ def test_lycoris_kinds_and_families_round_trip_through_huabi(kind, family, tiny_
                                max_train_steps=2, network_train_unet_only=True))
     result = trainer.run()
     keys = set(load_file(result.output))
-    suffix = {"locon": ".lora_down.weight", "lora": ".lora_down.weight", "loha": ".hada_w1_a", "oft": ".oft_diag"}[kind]
+    suffix = {"locon": ".lora_down.weight", "lora": ".lora_down.weight", "loha": ".hada_w1_a", "lokr": ".lokr_w1",
+              "oft": ".oft_diag"}[kind]
     assert any(k.endswith(suffix) for k in keys)
     if kind == "locon":
         assert any("resnets" in k and k.endswith("conv1.lora_down.weight") for k in keys)

@@ -17,6 +17,9 @@ Kinds and their maths (``scale = alpha / dim``):
 * ``lora``: ``y += scale * up(dropout(down(x)))``; down is kaiming-uniform, up zeros.
 * ``loha``: ``dW = (w1_a @ w1_b) * (w2_a @ w2_b) * scale`` (Hadamard product, LyCORIS init:
   ``w2_a`` zeros).
+* ``lokr``: ``dW = kron(w1, w2_a @ w2_b) * scale`` with ``w1`` [out1, in1] (zeros at the start)
+  and the low-rank ``w2`` [out/out1, in/in1], the factors as close to square roots as the sizes
+  allow (LyCORIS LoKr; Linear and 1x1 conv layers).
 * ``oft``: block-diagonal orthogonal ``R`` from the constrained Cayley transform of a
   skew-symmetric ``Q = B - B^T`` per block (``Q`` scaled down to Frobenius norm
   ``constraint`` if larger; ``R = (I + Q)(I - Q)^-1``), applied to the output channels:
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
 
-NETWORK_KINDS = ("lora", "locon", "loha", "oft")
+NETWORK_KINDS = ("lora", "locon", "loha", "lokr", "oft")
 UNET_BLOCK_CLASSES = ("Transformer2DModel",)
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCK_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
@@ -46,9 +49,9 @@ TEXT_BLOCK_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    kind: str = "lora"  # lora (+ conv layers when conv_dim > 0, i.e. LoCon), loha, oft
-    dim: int = 4  # rank (LoRA/LoHa); number of blocks... no: OFT block count comes from dim too (see below)
-    alpha: float = 1.0  # LoRA/LoHa: scale = alpha / dim; OFT: the Cayley constraint (0: unconstrained)
+    kind: str = "lora"  # lora (+ conv layers when conv_dim > 0, i.e. LoCon), loha, lokr, oft
+    dim: int = 4  # rank (LoRA/LoHa/LoKr); OFT: the wanted number of blocks per layer
+    alpha: float = 1.0  # LoRA/LoHa/LoKr: scale = alpha / dim; OFT: the Cayley constraint (0: unconstrained)
     conv_dim: int = 0  # LoCon/LoHa rank of 3x3 convs (0: no conv layers)
     conv_alpha: float = 1.0
     dropout: float = 0.0  # kohya's --network-dropout: on the down projection's output
@@ -127,6 +130,42 @@ class LohaAdapter(nn.Module):
     def file_tensors(self) -> dict[str, Tensor]:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a,
                 "hada_w2_b": self.hada_w2_b, "alpha": torch.tensor(self.alpha)}
+
+
+def small_factor(size: int) -> int:
+    """The largest divisor of ``size`` that is <= sqrt(size) (1 for primes)."""
+    for factor in range(int(math.isqrt(size)), 0, -1):
+        if size % factor == 0:
+            return factor
+    return 1
+
+
+class LokrAdapter(nn.Module):
+    """LoKr: ``dW = kron(w1, w2_a @ w2_b) * alpha / dim`` on a Linear or 1x1 conv."""
+
+    def __init__(self, base: nn.Module, dim: int, alpha: float) -> None:
+        super().__init__()
+        out_dim, in_dim = int(base.weight.shape[0]), int(base.weight[0].numel())
+        out1, in1 = small_factor(out_dim), small_factor(in_dim)
+        self.dim, self.alpha = dim, float(alpha)
+        self.lokr_w1 = nn.Parameter(torch.zeros(out1, in1))
+        self.lokr_w2_a = nn.Parameter(torch.empty(out_dim // out1, dim))
+        self.lokr_w2_b = nn.Parameter(torch.empty(dim, in_dim // in1))
+        nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lokr_w2_b, a=math.sqrt(5))
+
+    def change(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
+        delta = torch.kron(self.lokr_w1, self.lokr_w2_a @ self.lokr_w2_b) * (self.alpha / self.dim)
+        delta = delta.reshape(base.weight.shape)
+        if isinstance(base, nn.Conv2d):
+            extra = F.conv2d(x, delta.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
+        else:
+            extra = F.linear(x, delta.to(x.dtype))
+        return y + extra.to(y.dtype)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"lokr_w1": self.lokr_w1, "lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b,
+                "alpha": torch.tensor(self.alpha)}
 
 
 def oft_block_count(out_dim: int, wanted_blocks: int) -> int:
@@ -252,6 +291,8 @@ class Network(nn.Module):
                 adapter: nn.Module = LoraAdapter(base, dim, alpha, config.dropout)
             elif config.kind == "loha":
                 adapter = LohaAdapter(base, dim, alpha)
+            elif config.kind == "lokr":
+                adapter = LokrAdapter(base, dim, alpha)
             else:
                 adapter = OftAdapter(base, dim, alpha)
             self.adapters[name] = adapter.to(device=base.weight.device)

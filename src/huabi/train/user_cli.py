@@ -26,7 +26,7 @@ _HELP = {
     "output": "the file to write (.safetensors)",
     "reg_data_dir": "class (regularization) images for DreamBooth prior preservation, kohya layout",
     "resolution": "base (longest) side of the buckets, a multiple of 64",
-    "network_module": "lora, locon, loha or oft (kohya's networks.lora / lycoris names accepted)",
+    "network_module": "lora, locon, loha, lokr or oft (kohya's networks.lora / lycoris names accepted)",
     "network_alpha": "LoRA scale alpha/dim; for OFT the Cayley constraint (0: none)",
     "mixed_precision": "no, fp16 (CUDA, with loss scaling), bf16, or auto (bf16 where the device runs it natively)",
     "num_class_images": "DreamBooth: generate class images with the base model until the class folder has this many",

@@ -20,6 +20,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 OPTIMIZERS = ("AdamW", "Adafactor", "SGD")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 NETWORK_MODULES = {"lora": "lora", "networks.lora": "lora", "locon": "locon", "loha": "loha", "oft": "oft",
+                   "lokr": "lokr", "lycoris.lokr": "lokr",
                    "lycoris.locon": "locon", "lycoris.loha": "loha", "diag-oft": "oft", "networks.oft": "oft"}
 
 

@@ -624,8 +624,9 @@ class UserTrainer:
         except Exception:  # hashing is informative only
             model_hash = None
         if config.uses_network:
-            module = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya", "oft": "lycoris.kohya"}[config.network_kind]
-            args = {"algo": {"loha": "loha", "oft": "diag-oft", "locon": "locon", "lora": "lora"}[config.network_kind]}
+            module = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
+                      "oft": "lycoris.kohya"}[config.network_kind]
+            args = {"algo": {"loha": "loha", "lokr": "lokr", "oft": "diag-oft", "locon": "locon", "lora": "lora"}[config.network_kind]}
             if self.network_config.conv_dim:
                 args.update(conv_dim=str(self.network_config.conv_dim), conv_alpha=str(self.network_config.conv_alpha))
             if config.network_kind == "oft":
