@@ -438,11 +438,8 @@ def build_transformer(
         config = sd3_config_from_diffusers(weights)
     with torch.device("meta"):
         module = model_class(**config)
-    module = build_stored(module, weights, device=device, dtype=dtype, what=f"{family.label} transformer", packed=packed)
-    if family.is_flux:
-        # FLUX's RoPE frequencies are computed per call from the config; nothing else is non-persistent.
-        pass
-    return module
+    # FLUX's RoPE frequencies are computed per call from the config: no non-persistent buffers to fill.
+    return build_stored(module, weights, device=device, dtype=dtype, what=f"{family.label} transformer", packed=packed)
 
 
 def build_flow_vae(vae_sd: Mapping[str, torch.Tensor], family: TransformerFamily, *, device, dtype) -> torch.nn.Module:
@@ -461,7 +458,7 @@ def build_flow_vae(vae_sd: Mapping[str, torch.Tensor], family: TransformerFamily
 
 def _clip_from_hf(section: dict[str, torch.Tensor], *, prefix: str, activation: str, pad_id: int, dtype) -> torch.nn.Module:
     """A transformers CLIP text tower from HF-layout tensors (with ``text_projection.weight`` when present)."""
-    from huabi.models.text_encoders import EOS_ID, HF, _build, _EncoderSlot, _hf_section
+    from huabi.models.text_encoders import HF, _build, _EncoderSlot, _hf_section
 
     section = {k.removeprefix("transformer."): v for k, v in section.items()}
     projection = section.pop("text_projection.weight", None)
@@ -472,7 +469,6 @@ def _clip_from_hf(section: dict[str, torch.Tensor], *, prefix: str, activation: 
     slot = _EncoderSlot(prefix, HF, activation)
     model = _build(hf_dict, projection, slot, dtype, None)
     model.config.pad_token_id = pad_id
-    del EOS_ID
     return model
 
 
