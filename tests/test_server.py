@@ -194,6 +194,10 @@ def test_progress_during_a_job_and_interrupt_stops_only_the_running_job(server, 
     queued = server.post("/huabi/v1/jobs", json={"options": {"prompt": "after", "seed": 3, "steps": 2,
                                                              "size": "64x64"}}).json()
     assert api.get_progress()["state"]["sampling_step"] >= 2  # webuiapi's own progress call
+    # A live preview of the current latent (A1111's current_image), decodable as an image of the job's size
+    preview = server.get("/sdapi/v1/progress").json()["current_image"]
+    assert preview and Image.open(io.BytesIO(base64.b64decode(preview))).size[0] > 0
+    assert server.get("/sdapi/v1/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
     assert api.interrupt()["interrupted"] == running
     first.join(timeout=120)
     response = results["first"]

@@ -7,6 +7,8 @@ has to implement ``run``.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 import os
 import queue as queue_module
@@ -228,10 +230,16 @@ class JobQueue:
 
         def on_progress(done: int, total: int, phase: str) -> None:
             self.progress = Progress(job_id=job.id, step=done, total=total, phase=phase,
-                                     started=self.progress.started)
+                                     started=self.progress.started, preview=self.progress.preview)
             self._emit({"event": "progress", "job": job.id, "step": done, "total": total, "phase": phase})
 
+        def on_preview(png: bytes) -> None:
+            self.progress = dataclasses.replace(self.progress, preview=png)
+            self._emit({"event": "preview", "job": job.id,
+                        "image": "data:image/png;base64," + base64.b64encode(png).decode("ascii")})
+
         running.control.on_progress = on_progress
+        running.control.on_preview = on_preview
         out_dir = self.data_dir / "outputs" / time.strftime("%Y-%m-%d")
         status, error, results = DONE, None, []
         try:

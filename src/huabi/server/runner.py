@@ -7,8 +7,7 @@ by the CLI's request-building functions (``jobs_from_args``, then the service's 
 ``edit.request_from_args``) and run by ``Engine``. So an image made through the
 server is byte-identical to the CLI's for the same parameters.
 
-When the engine branch (issue 13) moves request building into service/ and adds
-progress events with previews, only this module changes.
+Live previews come from the engine's ``on_preview`` (the cheap latent-to-RGB look, or TAESD).
 """
 
 from __future__ import annotations
@@ -121,6 +120,7 @@ class RunControl:
     """How the queue talks to a running job: progress out, stop/skip in."""
 
     on_progress: Callable[[int, int, str], None] = lambda done, total, phase: None
+    on_preview: Callable[[bytes], None] = lambda png: None  # PNG bytes of the current latent's quick look
     stop: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
 
@@ -259,8 +259,14 @@ class Runner:
                                 raise ImageSkipped()
                             control.on_progress(_index * total + done, _count * total, "sampling")
 
+                        def preview(_done: int, _total: int, images) -> None:
+                            if images:
+                                buffer = io.BytesIO()
+                                images[0].save(buffer, format="PNG")
+                                control.on_preview(buffer.getvalue())
+
                         try:
-                            made = call(request, out_dir, progress)
+                            made = call(request, out_dir, progress, preview)
                         except ImageSkipped:
                             continue
                         results.extend(ImageResult(r.path, r.seed, r.infotext) for r in made)
@@ -279,7 +285,8 @@ class Runner:
 
             request, edit_options = request_from_args(args)
             # One call: the outpaint fill and control maps are seeded once from the request's seed.
-            yield [(request, lambda req, out, cb: engine.edit(req, edit_options, out_dir=out, on_progress=cb))]
+            yield [(request, lambda req, out, cb, pv: engine.edit(req, edit_options, out_dir=out, on_progress=cb,
+                                                                 on_preview=pv))]
             return
         from huabi.cli.main import jobs_from_args
         from huabi.service.requests import expand_prompt_job
@@ -288,7 +295,7 @@ class Runner:
             bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
             requests = expand_prompt_job(job, bundle.native_size_px, wildcards_dir=getattr(args, "wildcards_dir", None),
                                          combinatorial=bool(getattr(args, "combinatorial", False)))
-            yield [(batch, lambda req, out, cb: engine.generate(req, out_dir=out, on_progress=cb))
+            yield [(batch, lambda req, out, cb, pv: engine.generate(req, out_dir=out, on_progress=cb, on_preview=pv))
                    for request in requests for batch in split_batches(request)]
 
     # -- what the engine knows, for the listing routes ---------------------------------
