@@ -239,6 +239,39 @@ def test_hires_second_pass_starts_at_the_documented_sigma(sd1_bundle, hires_deno
     assert len(second) == t_enc + 1  # Euler: one call per step, t_enc + 1 steps
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="huabi's hires pass uses img2img's rule; A1111 passes the hires steps to "
+                   "sample_img2img, which stretches the schedule to int(S / d) steps and runs the last S (finding for the lead)")
+def test_hires_second_pass_follows_a1111_fixed_steps_rule(sd1_bundle):
+    """A1111 (processing.py: ``sample_img2img(..., steps=self.hr_second_pass_steps or self.steps)``;
+    sd_samplers_common.setup_img2img_steps with ``steps`` given): a schedule of ``int(S / min(d, 0.999))``
+    steps of which the last S run, so the second pass always takes exactly S steps."""
+    from diffusers import EulerDiscreteScheduler
+
+    from huabi.pipelines.hires import hires_txt2img
+    from huabi.pipelines.patches import HIRES_PASS, Patch
+
+    calls: list[float] = []
+
+    class RecordSigmas(Patch):
+        def wrap(self, denoiser, denoise_pass):
+            def recording(x, sigma):
+                if denoise_pass.name == HIRES_PASS:
+                    calls.append(float(sigma.flatten()[0]))
+                return denoiser(x, sigma)
+            return recording
+
+    hires_steps, hires_denoise = 6, 0.45
+    request = GenerationRequest("a red apple", steps=3, sampler="Euler", schedule="Karras", width_px=SIZE_PX,
+                                height_px=SIZE_PX, hires=True, hires_scale=1.5, hires_steps=hires_steps,
+                                hires_denoise=hires_denoise)
+    hires_txt2img(sd1_bundle, request, [SEED], device=CPU, patches=(RecordSigmas(),))
+    full = int(hires_steps / min(hires_denoise, 0.999))
+    reference = EulerDiscreteScheduler(use_karras_sigmas=True, **SCHEDULER_BASE)
+    reference.set_timesteps(full)
+    assert len(calls) == hires_steps
+    assert calls[0] == pytest.approx(float(reference.sigmas[full - hires_steps]), rel=RELATIVE_TOLERANCE)
+
+
 # --------------------------------------------------------------------------- two LoRAs
 
 
