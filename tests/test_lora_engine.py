@@ -32,8 +32,10 @@ def models_dir(tmp_path_factory, tiny_sd1_file):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def engine(models_dir):
+    """A fresh engine per test: LoRA patches live in the engine's loaded model, so a shared one
+    would let a test depend on what the previous test left applied (or restored)."""
     return Engine(device="cpu", dtype="fp32", models_dir=models_dir)
 
 
