@@ -130,10 +130,10 @@ def test_sigint_in_a_batch_prints_the_paths_already_saved(capsys, sd1_file, tmp_
 
     original = cli_main._ProgressBar.update
 
-    def interrupt_in_second_batch(self, done, total):  # stands in for Ctrl-C arriving mid-batch
-        if done > total // 2:
+    def interrupt_in_second_batch(self, event):  # stands in for Ctrl-C arriving mid-batch
+        if event.step > event.total // 2:
             raise KeyboardInterrupt
-        original(self, done, total)
+        original(self, event)
 
     monkeypatch.setattr(cli_main._ProgressBar, "update", interrupt_in_second_batch)
     code, out, err = run(capsys, "generate", "a cat", "--model", sd1_file, "--steps", "2", "--size", "64x64",

@@ -202,8 +202,8 @@ class CountingEngine(Engine):
         super().__init__(**kwargs)
         self.loaded: list[str] = []
 
-    def load(self, model, vae=None):
-        bundle = super().load(model, vae)
+    def load(self, model, vae=None, extra=()):
+        bundle = super().load(model, vae, extra)
         if not self.loaded or self.loaded[-1] != str(model):
             self.loaded.append(str(model))
         return bundle

@@ -146,11 +146,11 @@ def read_transformer_gguf(path: Path, *, on_the_fly: bool) -> tuple[dict[str, to
     """
     from gguf import GGMLQuantizationType, quants
 
-    from huabi.models.gguf_io import ON_THE_FLY_TYPES, ORIG_SHAPE_PREFIX, PackedWeight, _field_value, _reader
+    from huabi.models.gguf_io import ON_THE_FLY_TYPES, ORIG_SHAPE_PREFIX, PackedWeight, field_value, gguf_reader
 
-    reader = _reader(path)
+    reader = gguf_reader(path)
     arch_field = reader.fields.get("general.architecture")
-    arch = str(_field_value(arch_field)) if arch_field is not None else ""
+    arch = str(field_value(arch_field)) if arch_field is not None else ""
     names = [t.name for t in reader.tensors]
     if arch not in GGUF_TRANSFORMER_ARCHITECTURES and not any(n.startswith(("double_blocks.", "joint_blocks.")) for n in names):
         raise HuabiError(f"{path.name}: GGUF architecture {arch!r} is not an SD3/FLUX transformer (known: flux, sd3, sd1, sdxl)")
@@ -163,7 +163,7 @@ def read_transformer_gguf(path: Path, *, on_the_fly: bool) -> tuple[dict[str, to
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         shape_field = reader.fields.get(ORIG_SHAPE_PREFIX + tensor.name)
         if shape_field is not None:
-            shape = tuple(int(v) for v in _field_value(shape_field))
+            shape = tuple(int(v) for v in field_value(shape_field))
         else:
             shape = tuple(int(v) for v in reversed(tensor.shape.tolist()))
         name = tensor.name[len(DIFFUSION_PREFIX):] if tensor.name.startswith(DIFFUSION_PREFIX) else tensor.name
@@ -195,7 +195,7 @@ def write_transformer_gguf(original: Mapping[str, torch.Tensor], out_path: str |
 
     from gguf import GGML_QUANT_SIZES
 
-    from huabi.models.gguf_io import WRITE_TYPES, _tensor_plan
+    from huabi.models.gguf_io import WRITE_TYPES, tensor_plan
 
     qtype_name = qtype_name.upper()
     if qtype_name not in WRITE_TYPES:
@@ -208,7 +208,7 @@ def write_transformer_gguf(original: Mapping[str, torch.Tensor], out_path: str |
     counts: dict[str, int] = {}
     for name, tensor in original.items():
         tensor = tensor.detach().to("cpu")
-        stored, flat = _tensor_plan(name, tensor.float(), qtype_name)
+        stored, flat = tensor_plan(name, tensor.float(), qtype_name)
         if flat is not None:
             # ComfyUI-GGUF flattens odd rows only for UNet architectures; FLUX/SD3 files keep real shapes
             # (diffusers' GGUF loader needs them), so a row that is not whole blocks is stored F16.

@@ -62,7 +62,7 @@ def gguf_reader(path: Path):
         raise HuabiError(f"{path.name}: unreadable or truncated GGUF file ({detail})") from None
 
 
-def _field_value(field) -> object:
+def field_value(field) -> object:
     try:
         return field.contents()
     except Exception:  # pragma: no cover - malformed field
@@ -73,7 +73,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     """The GGUF key/value metadata (architecture, file type, shapes...), without reading tensors."""
     path = Path(path)
     reader = gguf_reader(path)
-    return {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return {name: field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
 def gguf_tensor_types(path: str | Path) -> dict[str, int]:
@@ -96,7 +96,7 @@ def read_gguf(path: str | Path, *, _skip_types: tuple[str, ...] = ()) -> tuple[d
     reader = gguf_reader(path)
     fields = reader.fields
     arch_field = fields.get("general.architecture")
-    arch = str(_field_value(arch_field)) if arch_field is not None else None
+    arch = str(field_value(arch_field)) if arch_field is not None else None
     names = [t.name for t in reader.tensors]
     prefixed = any(name.startswith(UNET_PREFIX) for name in names)
     if arch is not None and arch not in KNOWN_ARCHITECTURES and not (prefixed and arch in ("", "stable-diffusion")):
@@ -124,7 +124,7 @@ def read_gguf(path: str | Path, *, _skip_types: tuple[str, ...] = ()) -> tuple[d
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         shape_field = fields.get(ORIG_SHAPE_PREFIX + tensor.name)
         if shape_field is not None:
-            shape = tuple(int(v) for v in _field_value(shape_field))
+            shape = tuple(int(v) for v in field_value(shape_field))
         else:
             shape = tuple(int(v) for v in reversed(tensor.shape.tolist()))  # GGML lists dims innermost first
         name = tensor.name if prefixed else UNET_PREFIX + tensor.name
@@ -163,7 +163,7 @@ def architecture_for(state_dict: Mapping[str, torch.Tensor], *, source: str) -> 
     return "sdxl" if family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER) else "sd1"
 
 
-def _tensor_plan(name: str, tensor: torch.Tensor, qtype_name: str) -> tuple[str, tuple[int, ...] | None]:
+def tensor_plan(name: str, tensor: torch.Tensor, qtype_name: str) -> tuple[str, tuple[int, ...] | None]:
     """(GGML type to store, flattened shape or None) for one tensor, ComfyUI-GGUF's rules."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -219,7 +219,7 @@ def write_gguf_unet(
         writer.add_string(key, str(value))
     counts: dict[str, int] = {}
     for name, tensor in unet.items():
-        stored, flat = _tensor_plan(name, tensor, qtype_name)
+        stored, flat = tensor_plan(name, tensor, qtype_name)
         values = tensor.detach().to("cpu", torch.float32).numpy()
         if flat is not None:
             writer.add_array(ORIG_SHAPE_PREFIX + name, [int(d) for d in tensor.shape])

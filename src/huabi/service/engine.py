@@ -204,10 +204,10 @@ class Engine:
         step; ``cancel`` stops the job early (interrupt: no more batches; skip: this batch).
         """
         job = job if isinstance(job, Job) else Job(job)
-        bundle = self.load(job.request.model, job.request.vae, job.request.extra)
-        if isinstance(bundle, FlowBundle):  # SD3/FLUX: the transformer families' own batch loop
+        if is_flow_model(self.resolve_model_path(job.request.model)):  # SD3/FLUX: their own batch loop
+            bundle = self.load(job.request.model, job.request.vae, job.request.extra)
             return self._run_flow(bundle, job, out_dir=out_dir, on_event=on_event, rng=rng)
-        prepared = self.prepare(job, rng=rng)
+        prepared = self.prepare(job, rng=rng)  # edit images are read before the model loads
         return self._run_batches(prepared, out_dir=out_dir, on_event=on_event, cancel=cancel,
                                  on_saved=on_saved, on_preview=on_preview)
 
