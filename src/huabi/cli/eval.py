@@ -79,7 +79,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     compare.add_argument("--seeds", default="1-4", help="seeds: '1-4' or '1, 5, 9' (default 1-4)")
     compare.add_argument("--real", type=Path, metavar="DIR", help="reference images: adds FID and KID per variant")
     compare.add_argument("--out", type=Path, default=Path("outputs/eval-compare"), help="report folder (default outputs/eval-compare)")
-    from huabi.cli.main import _add_model_options, add_sampling_options  # at call time: main imports this module
+    from huabi.cli.common import add_model_options as _add_model_options, add_sampling_options
 
     add_sampling_options(compare, size_help="WIDTHxHEIGHT (default: the model's native size)")
     _add_model_options(compare)  # includes --device
@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from huabi.cli.main import _ProgressBar, parse_size
+    from huabi.cli.common import ProgressBar as _ProgressBar, parse_size
     from huabi.core.request import GenerationRequest
     from huabi.eval.api import Session
     from huabi.eval.compare import DEFAULT_PROMPTS, CompareSpec, run_compare

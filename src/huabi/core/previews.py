@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from huabi.models.family import ModelFamily
+from huabi.core.family import ModelFamily
 
 
 @dataclass(frozen=True)

@@ -52,17 +52,10 @@ from huabi.service.model_files import (  # noqa: F401 -- as before
 )
 from huabi.service.plans import BatchPlan, BatchResult, RunBatch, plan_edit, plan_txt2img  # noqa: F401
 from huabi.service.pngio import next_image_path, save_png
+from huabi.service.results import GeneratedImage  # noqa: F401 -- importable from here, as before
 from huabi.service.progress import Cancellation, ProgressCallback, ProgressEvent, StopSampling
 from huabi.service.previews import PreviewCallback
 from huabi.service.tiling import circular_padding
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    image: Image.Image
-    seed: int
-    infotext: str
-    path: Path | None
 
 
 @dataclass(frozen=True)

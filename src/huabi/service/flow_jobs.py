@@ -115,7 +115,7 @@ def estimate_flow_memory(path: Path, parts: Mapping[str, Path | None], dtype: to
 
 def check_flow_memory(engine, path: Path, parts: Mapping[str, Path | None]) -> None:
     """Refuse what cannot fit, saying what would; switch to low-memory mode when that is enough."""
-    from huabi.service.engine import available_memory_bytes
+    from huabi.service.devices import available_memory_bytes
 
     everything, low = estimate_flow_memory(path, parts, engine.dtype)
     available = available_memory_bytes(engine.device)
@@ -190,7 +190,7 @@ def run_flow_job(
     """Every batch of ``request`` through the flow pipeline; PNGs with Forge-style infotext."""
     from huabi import __version__
     from huabi.core.infotext import format_infotext
-    from huabi.service.engine import GeneratedImage
+    from huabi.service.results import GeneratedImage
     from huabi.service.pngio import next_image_path, save_png
 
     width_px = request.width_px or (init_image.width // 16 * 16 if init_image is not None else bundle.native_size_px)
