@@ -74,9 +74,9 @@ def test_missing_text_encoder_and_memory_guard_are_one_line_errors(models_dir, t
                          "--out", str(tmp_path / "o")], capsys)
     assert code != 0 and err.count("\n") == 1
     assert "FLUX.1 schnell transformer without clip_l" in err and "t5xxl" in err
-    import huabi.service.engine as engine_module
+    import huabi.service.devices as devices_module
 
-    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda device: 1_000_000)
+    monkeypatch.setattr(devices_module, "available_memory_bytes", lambda device: 1_000_000)
     code, _, err = _run(["generate", "x", "--model", "flux1-dev-tiny", "--models-dir", str(models_dir), "--quiet",
                          "--out", str(tmp_path / "o")], capsys)
     assert code != 0 and err.count("\n") == 1
