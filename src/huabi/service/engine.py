@@ -197,14 +197,27 @@ class Engine:
         step; ``cancel`` stops the job early (interrupt: no more batches; skip: this batch).
         """
         job = job if isinstance(job, Job) else Job(job)
-        if is_flow_model(self.resolve_model_path(job.request.model)):  # SD3/FLUX: their own batch loop
-            bundle = self.load(job.request.model, job.request.vae, job.request.extra)
-            return self._run_flow(bundle, job, out_dir=out_dir, on_event=on_event, rng=rng)
-        prepared = self.prepare(job, rng=rng)  # edit images are read before the model loads
+        images = self._edit_images(job.edit)  # a bad image fails before the slow model load
+        bundle = self.load(job.request.model, job.request.vae, job.request.extra)
+        if isinstance(bundle, FlowBundle):  # SD3/FLUX: the transformer families' own batch loop
+            return self._run_flow(bundle, job, images, out_dir=out_dir, on_event=on_event, rng=rng)
+        prepared = self.prepare(job, rng=rng, bundle=bundle, images=images)
         return self._run_batches(prepared, out_dir=out_dir, on_event=on_event, cancel=cancel,
                                  on_saved=on_saved, on_preview=on_preview)
 
-    def _run_flow(self, bundle: FlowBundle, job: Job, *, out_dir: Path | None, on_event: ProgressCallback | None,
+    @staticmethod
+    def _edit_images(edit: EditOptions | None) -> tuple[Image.Image | None, Image.Image | None]:
+        """An edit's init image and mask (mask stretched to the image), read and checked; (None, None) otherwise."""
+        if edit is None:
+            return None, None
+        from huabi.service.images import load_image, load_mask
+
+        image = load_image(edit.init_image, what="image")
+        mask = load_mask(edit.mask_image, image.width, image.height) if edit.mask_image is not None else None
+        return image, mask
+
+    def _run_flow(self, bundle: FlowBundle, job: Job, images: tuple[Image.Image | None, Image.Image | None], *,
+                  out_dir: Path | None, on_event: ProgressCallback | None,
                   rng: random.Random | None) -> list[GeneratedImage]:
         request = job.request.with_resolved_seed(rng)
 
@@ -214,10 +227,7 @@ class Engine:
 
         if job.edit is None:
             return run_flow_job(self, bundle, request, out_dir=out_dir, on_progress=on_progress)
-        from huabi.service.images import load_image, load_mask
-
-        image = load_image(job.edit.init_image, what="image")
-        mask = load_mask(job.edit.mask_image, image.width, image.height) if job.edit.mask_image is not None else None
+        image, mask = images
         return run_flow_edit(self, bundle, request, job.edit, image, mask, out_dir=out_dir, on_progress=on_progress)
 
     def generate(
@@ -249,19 +259,16 @@ class Engine:
         return self.run(Job(request, options), out_dir=out_dir, on_event=_counting(on_progress), rng=rng,
                         on_saved=on_saved, on_preview=on_preview)
 
-    def prepare(self, job: Job, *, rng: random.Random | None = None) -> PreparedJob:
+    def prepare(self, job: Job, *, rng: random.Random | None = None, bundle: ModelBundle | None = None,
+                images: tuple[Image.Image | None, Image.Image | None] | None = None) -> PreparedJob:
         """Every check, model and patch of ``job``, before any sampling: an unsupported
-        combination or a bad input fails here with one line, and nothing is written."""
+        combination or a bad input fails here with one line, and nothing is written.
+        ``bundle`` and ``images``: the model and edit images :meth:`run` has already read."""
         request = job.request.with_resolved_seed(rng)
         edit = job.edit
-        image = mask = None
-        if edit is not None:
-            from huabi.service.images import load_image, load_mask
-
-            image = load_image(edit.init_image, what="image")
-            if edit.mask_image is not None:
-                mask = load_mask(edit.mask_image, image.width, image.height)
-        bundle = self.load(request.model, request.vae, request.extra)
+        image, mask = images if images is not None else self._edit_images(edit)
+        if bundle is None:
+            bundle = self.load(request.model, request.vae, request.extra)
         refiner = self.refiner_stage(request, bundle) if edit is None else None
         lora = self.lora_patch(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
