@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from huabi.errors import HuabiError
+from huabi.models.files import new_file_mode  # noqa: F401 -- also importable from here, as callers do
 
 # Suffix -> Pillow format for image outputs whose name the user chooses.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -109,15 +110,3 @@ def place_file(temp: Path, target: Path, *, overwrite: bool, what: str = "--out"
         os.replace(temp, target)
     with contextlib.suppress(OSError):
         os.unlink(temp)
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0o666 minus the umask (read without changing it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
