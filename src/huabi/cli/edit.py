@@ -95,9 +95,8 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from huabi.cli.common import ProgressBar, make_studio
+    from huabi.cli.common import ProgressBar, make_studio, print_saved_paths
     from huabi.cli.flow_options import with_flow_extras
-    from huabi.cli.main import print_saved_paths
     from huabi.service.engine import Job
     from huabi.service.outputs import check_output_folder
 

@@ -22,6 +22,7 @@ from huabi.cli.common import (  # noqa: F401 -- importable from here, as before
     add_sampling_options,
     make_studio,
     parse_size,
+    print_saved_paths,
     request_values,
 )
 from huabi.cli import edit as edit_cli
@@ -211,12 +212,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if job.grid and len(job_results) > 1:
             print(save_grid(job_results, args.out))
     return 0
-
-
-def print_saved_paths(results) -> None:
-    for result in results:
-        if result.path is not None:
-            print(result.path, flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -16,17 +16,16 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from PIL import Image
 
 from huabi.errors import HuabiError
 from huabi.server.a1111 import Context, Limits
 from huabi.server.catalog import Catalog, UnsafeName
 from huabi.server.jobs import JobQueue, LocalExecutor, QueueFull
+from huabi.server.responses import error, type_for, webui_dir  # noqa: F401 -- also importable from here
 from huabi.server.runner import Runner, RunnerConfig, validate
 from huabi.server.store import Store
 
@@ -117,16 +116,6 @@ async def _json_error(send, status: int, message: str, extra_headers=()) -> None
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *extra_headers]})
     await send({"type": "http.response.body", "body": body})
-
-
-def type_for(status: int) -> str:
-    return {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
-            422: "UnprocessableEntity", 500: "InternalError", 503: "ServiceUnavailable"}.get(status, "Error")
-
-
-def error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": type_for(status), "detail": message, "errors": message}, status_code=status,
-                        headers=headers or None)
 
 
 class Server:
@@ -248,8 +237,3 @@ def _version() -> str:
     from huabi import __version__
 
     return __version__
-
-
-def webui_dir() -> Path:
-    return Path(str(resources.files("huabi") / "server" / "webui"))
-
