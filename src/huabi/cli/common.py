@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from huabi.errors import HuabiError  # noqa: F401 -- raised by the parsers these helpers call
@@ -100,6 +101,23 @@ def make_studio(args: argparse.Namespace):
                   gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
                   vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
                   text_encoder_files=text_encoder_files(args))
+
+
+def gallery_recorder():
+    """Records each image the command writes into the server's gallery (the default data dir's,
+    when it exists; see :mod:`huabi.service.gallery`). Close it when the command ends."""
+    from huabi.service.gallery import GalleryRecorder, existing_gallery
+
+    return GalleryRecorder(existing_gallery())
+
+
+def keep_and_record(saved: list, recorder) -> Callable:
+    """An ``on_saved`` callback: remember the image (Ctrl-C prints what was kept) and record it in the gallery."""
+    def on_saved(result) -> None:
+        saved.append(result)
+        recorder(result)
+
+    return on_saved
 
 
 def print_saved_paths(results) -> None:

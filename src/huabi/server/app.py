@@ -162,9 +162,7 @@ class Server:
         return Context(self.catalog, self.config.limits, dict(self.settings), save_input)
 
     def scan_gallery(self) -> int:
-        from huabi.server.jobs import scan_folders
-
-        return scan_folders(self.store, self.data_dir, self.config.gallery_folders)
+        return self.store.scan(self.config.gallery_folders)
 
     # -- submitting ---------------------------------------------------------------------
 
