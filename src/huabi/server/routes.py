@@ -222,9 +222,9 @@ def add_routes(app: FastAPI, server: Server) -> None:
         from huabi.core.names import SAMPLER_NAMES
 
         aliases: dict[str, list[str]] = {}
-        from huabi.core import names
+        from huabi.core.names import SAMPLER_ALIASES
 
-        for alias, name in names._SAMPLER_ALIASES.items():  # noqa: SLF001 - the alias table is the data
+        for alias, name in SAMPLER_ALIASES.items():
             if " " not in alias:
                 aliases.setdefault(name, []).append(alias)
         return [{"name": name, "aliases": aliases.get(name, []), "options": {}} for name in SAMPLER_NAMES]
@@ -613,12 +613,10 @@ def _meminfo() -> dict:
 
 
 def _infotext_of(image) -> str | None:
-    text = image.info.get("parameters")
-    if text is None:
-        from huabi.service import pngio
+    """A PNG's ``parameters`` text, or a JPEG/WebP's EXIF UserComment."""
+    from huabi.service.pngio import exif_infotext
 
-        text = pngio._infotext_of(image)  # noqa: SLF001 - EXIF (JPEG/WebP) reading lives there
-    return text
+    return exif_infotext(image)
 
 
 def _safe_options(server: Server, raw: dict, kind: str, job_id: str) -> dict:

@@ -271,7 +271,7 @@ def read_infotext(path: str | os.PathLike[str]) -> str:
     if text is None:
         try:
             with open_image(source, what="") as image:
-                text = _exif_infotext(image)
+                text = exif_infotext(image)
         except HuabiError as error:
             if "not a readable image (UnidentifiedImageError)" in str(error):
                 raise HuabiError(f"{source}: not an image file (or one Pillow cannot read)") from None
@@ -348,7 +348,7 @@ def _inflate(source: Path, data: bytes, key: str) -> bytes:
     return text
 
 
-def _exif_infotext(image: Image.Image) -> str | None:
+def exif_infotext(image: Image.Image) -> str | None:
     """JPEG/WebP: A1111's EXIF UserComment (or a ``parameters`` entry Pillow found)."""
     text = image.info.get(INFOTEXT_KEY)
     if isinstance(text, bytes):

@@ -39,7 +39,7 @@ from huabi.errors import HuabiError
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.common import atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import default_tokenizer
-from huabi.train.recipe import RecipeRun, _images, _refresh_repo_log, _token_ids, is_done
+from huabi.train.recipe import RecipeRun, caption_token_ids, is_done, refresh_repo_log, training_images
 from huabi.train.unet import UNetModelConfig, UNetTrainConfig, train_unet
 
 V2_STAGES = ("base", "cache", "unet", "export")
@@ -92,7 +92,7 @@ def _base_paths(run: RecipeRun) -> tuple[Path, Path]:
 def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
     atomic_write_text(run.state_dir / stage / "done.json", json.dumps(summary, indent=1))
     run.log(f"[{stage}] done: {json.dumps(summary)}")
-    _refresh_repo_log(run)
+    refresh_repo_log(run)
 
 
 def load_base(run: RecipeRun):
@@ -128,8 +128,8 @@ def stage_base(run: RecipeRun, recipe: MiniV2Recipe, base_model: Path, base_clip
 
 
 def stage_cache(run: RecipeRun, recipe: MiniV2Recipe) -> None:
-    images = _images(run, recipe)
-    token_ids = _token_ids(run, images, default_tokenizer())
+    images = training_images(run, recipe)
+    token_ids = caption_token_ids(run, images, default_tokenizer())
     started = time.time()
     base = load_base(run)
     # the warm-started UNet learned latents scaled by v1's factor: keep it, do not re-estimate
@@ -233,7 +233,7 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     summary = {"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), "clip_out": str(run.clip_out_path), "unet_step": step}
     if snapshot:
         run.log(f"[snapshot] v2 UNet step {step} (EMA) exported: {json.dumps(summary)}")
-        _refresh_repo_log(run)
+        refresh_repo_log(run)
     return summary
 
 
@@ -284,4 +284,4 @@ def run_v2(
             stage_unet(run, recipe)
         else:
             _mark_done(run, "export", write_v2_export(run, recipe))
-    _refresh_repo_log(run)
+    refresh_repo_log(run)
