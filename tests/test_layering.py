@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"core"},
     "pipelines": {"core", "models"},
     "service": {"core", "models", "pipelines"},
-    "data": {"core"},
+    "data": {"core", "models"},  # models.files: the one atomic writer (nothing that reads weights)
     "backends": {"core", "models"},  # execution backends (OpenVINO) for loaded models
     "train": {"core", "models", "pipelines", "service", "data"},  # service: sample images during training
     "eval": {"core", "models", "pipelines", "service", "data", "train"},

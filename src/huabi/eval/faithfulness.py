@@ -306,14 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = report["composed"].pop("_images")
         print(format_report(report))
         if args.json is not None:
-            from huabi.train.common import atomic_write_text
+            from huabi.models.files import atomic_write_text
 
             atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
         if args.grid is not None:
-            args.grid.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.grid.with_name("." + args.grid.name + ".tmp.png")
-            composed_grid(images).save(tmp)
-            tmp.replace(args.grid)
+            from huabi.models.files import atomic_path
+
+            with atomic_path(args.grid) as temp:
+                composed_grid(images).save(temp)
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,8 +12,6 @@ import binascii
 import hmac
 import io
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_write_bytes as write_atomic
 from huabi.server.a1111 import Context, Limits
 from huabi.server.catalog import Catalog, UnsafeName
 from huabi.server.jobs import JobQueue, LocalExecutor, QueueFull
@@ -169,20 +168,6 @@ class Server:
     def submit(self, kind: str, options: dict, *, source: str, meta: dict, priority: int, job_id: str) -> str:
         validate(kind, options, self.config.runner)  # a bad request fails now, not in the queue
         return self.queue.submit(kind, options, source=source, meta=meta, priority=priority, job_id=job_id)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _default_models_dir() -> Path:

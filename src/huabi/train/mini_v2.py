@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_copy
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.common import atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import default_tokenizer
@@ -121,9 +121,7 @@ def stage_base(run: RecipeRun, recipe: MiniV2Recipe, base_model: Path, base_clip
                 f"{source.name} is not huabi-mini v1 (sha256 {digest[:12]}, expected {expected[:12]}); "
                 f"get v1 with: git show {V1_COMMIT}:src/huabi/assets/models/{source.name} > FILE, then --base-model FILE"
             )
-        tmp = dst.with_name("." + dst.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(dst)
+        atomic_copy(source, dst)
     _mark_done(run, "base", {"model": str(base_model), "clip": str(base_clip), "model_sha256": _sha256(model_dst)})
 
 
@@ -227,9 +225,7 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     path = save_single_file(parts, run.out_path, dtype=torch.float16, metadata=metadata)
     _, base_clip = _base_paths(run)
     if run.clip_out_path.resolve() != base_clip.resolve():
-        tmp = run.clip_out_path.with_name("." + run.clip_out_path.name + ".tmp")
-        shutil.copyfile(base_clip, tmp)
-        tmp.replace(run.clip_out_path)
+        atomic_copy(base_clip, run.clip_out_path)
     summary = {"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), "clip_out": str(run.clip_out_path), "unet_step": step}
     if snapshot:
         run.log(f"[snapshot] v2 UNet step {step} (EMA) exported: {json.dumps(summary)}")

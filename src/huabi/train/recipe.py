@@ -19,7 +19,6 @@ config), ``<stage>/done.json``, ``data/`` (decoded pixels, token ids), ``cache/`
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_copy
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.clip import CLIPModelConfig, CLIPTrainConfig, train_clip
 from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, ema_weights, load_torch_file
@@ -135,10 +135,7 @@ def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
 def refresh_repo_log(run: RecipeRun) -> None:
     source = run.state_dir / "train.log"
     if run.repo_log is not None and source.exists():
-        run.repo_log.parent.mkdir(parents=True, exist_ok=True)
-        tmp = run.repo_log.with_name("." + run.repo_log.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(run.repo_log)
+        atomic_copy(source, run.repo_log)
 
 
 def _save_final(path: Path, model: torch.nn.Module, model_config, extra: dict | None = None) -> None:
