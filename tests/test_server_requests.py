@@ -78,3 +78,27 @@ def test_edit_options_build_the_cli_request(picture):
 def test_bad_options_are_one_line_errors(kind, options, message):
     with pytest.raises(HuabiError, match=message.replace("(", r"\(")):
         build_jobs(kind, options, RunnerConfig())
+
+
+def test_the_servers_engine_uses_the_clis_thread_count(monkeypatch):
+    """PNG bytes depend on torch's thread count: the server's engine (and its queue thread) uses
+    the count the CLI uses (configure_threads), not whatever the process had."""
+    import threading
+
+    import torch
+
+    from huabi.server.runner import Runner
+    from huabi.service.device_choice import recommended_threads
+
+    previous = torch.get_num_threads()
+    monkeypatch.setenv("HUABI_THREADS", "2")
+    try:
+        torch.set_num_threads(1)
+        Runner(RunnerConfig(device="cpu", dtype="fp32")).engine  # noqa: B018 -- creating it is the point
+        seen: list[int] = []
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert torch.get_num_threads() == recommended_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(previous)

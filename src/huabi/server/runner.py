@@ -218,8 +218,13 @@ class Runner:
     def engine(self):
         with self._engine_lock:  # created once, whichever thread asks first
             if self._engine is None:
+                from huabi.service.device_choice import configure_threads
                 from huabi.service.engine import Engine
 
+                # The CLI's thread count (physical cores; HUABI_THREADS / OMP_NUM_THREADS win): the
+                # summation order, and so a pixel's last bit, depends on it, so the same count makes
+                # a server job's PNG byte-identical to the CLI's. The queue's worker thread follows it.
+                configure_threads()
                 self._engine = Engine(device=self.config.device, dtype=self.config.dtype,
                                       models_dir=self.config.models_dir, embeddings_dir=self.config.embeddings_dir)
             return self._engine
