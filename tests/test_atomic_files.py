@@ -100,3 +100,12 @@ def test_grid_names_are_claimed_like_image_names(tmp_path):
     save_png(Image.new("RGB", (4, 4)), first, "a grid\nSteps: 1")
     assert first.stat().st_size > 0
     assert next_grid_path(tmp_path, "xyz_grid-").name == "xyz_grid-0000.png"
+
+
+def test_unsynced_writes_are_still_whole_files(tmp_path):
+    """fsync=False (dataset builds) skips only the flush to disk, never the temp file + rename."""
+    target = tmp_path / "0001.png"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new" * 1000, fsync=False)
+    assert target.read_bytes() == b"new" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["0001.png"]
