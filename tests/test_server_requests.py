@@ -102,3 +102,19 @@ def test_the_servers_engine_uses_the_clis_thread_count(monkeypatch):
         assert torch.get_num_threads() == recommended_threads() == 2 and seen == [2]
     finally:
         torch.set_num_threads(previous)
+
+
+def test_every_server_option_names_a_real_request_or_edit_field():
+    from huabi.server import runner
+    from huabi.service.requests import EDIT_FIELDS, REQUEST_FIELDS
+
+    assert {field for field, _ in runner._REQUEST_OPTIONS.values()} <= set(REQUEST_FIELDS)
+    assert {field for field, _ in runner._EDIT_OPTIONS.values()} <= set(EDIT_FIELDS)
+    # The options clients send (the API's contract, as before the server stopped going through cli/).
+    assert runner.OPTION_NAMES == {
+        "prompt", "image", "styles", "controlnets", "from_image", "negative_prompt", "steps", "cfg_scale", "sampler",
+        "schedule", "seed", "size", "batch_size", "batch_count", "clip_skip", "model", "vae", "refiner",
+        "refiner_switch_at", "hypernetwork", "hypernetwork_strength", "tile", "variation_seed", "variation_strength",
+        "seed_resize_from", "hires", "hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise",
+        "refiner_hires_pass", "mask", "strength", "mask_blur", "masked_content", "inpaint_area", "padding",
+        "invert_mask", "resize_mode", "outpaint", "instruct", "image_cfg_scale"}

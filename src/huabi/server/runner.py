@@ -29,46 +29,27 @@ def _switch(value: object) -> bool:
     return True
 
 
-# Option -> (request field, converter). A switch is True or absent (None/False: not given).
+# Option -> (request field, converter). Most options are named as their field; a switch is True or
+# absent (None/False: not given). Generate-only options are listed in _GENERATE_ONLY below.
 _REQUEST_OPTIONS: dict[str, tuple[str, Callable]] = {
-    "negative_prompt": ("negative_prompt", str),
-    "steps": ("steps", int),
-    "cfg_scale": ("cfg_scale", float),
-    "sampler": ("sampler", str),
-    "schedule": ("schedule", str),
-    "seed": ("seed", int),
-    "batch_size": ("batch_size", int),
-    "batch_count": ("batch_count", int),
-    "clip_skip": ("clip_skip", int),
-    "model": ("model", str),
-    "vae": ("vae", str),
-    "refiner": ("refiner", str),
-    "refiner_switch_at": ("refiner_switch_at", float),
-    "hypernetwork": ("hypernetwork", str),
-    "hypernetwork_strength": ("hypernetwork_strength", float),
-    # generate only
+    **{name: (name, int) for name in ("steps", "seed", "batch_size", "batch_count", "clip_skip", "variation_seed",
+                                      "hires_steps")},
+    **{name: (name, float) for name in ("cfg_scale", "refiner_switch_at", "hypernetwork_strength",
+                                        "variation_strength", "hires_scale", "hires_denoise")},
+    **{name: (name, str) for name in ("negative_prompt", "sampler", "schedule", "model", "vae", "refiner",
+                                      "hypernetwork", "hires_upscaler", "refiner_hires_pass")},
     "tile": ("tile", _switch),
-    "variation_seed": ("variation_seed", int),
-    "variation_strength": ("variation_strength", float),
     "hires": ("hires", _switch),
-    "hires_scale": ("hires_scale", float),
-    "hires_upscaler": ("hires_upscaler", str),
-    "hires_steps": ("hires_steps", int),
-    "hires_denoise": ("hires_denoise", float),
-    "refiner_hires_pass": ("refiner_hires_pass", str),
 }
 # Option -> (EditOptions field, converter).
 _EDIT_OPTIONS: dict[str, tuple[str, Callable]] = {
     "strength": ("denoising_strength", float),
     "mask_blur": ("mask_blur_px", int),
-    "masked_content": ("masked_content", str),
-    "inpaint_area": ("inpaint_area", str),
     "padding": ("padding_px", int),
-    "invert_mask": ("invert_mask", _switch),
-    "resize_mode": ("resize_mode", str),
-    "outpaint": ("outpaint", str),
-    "instruct": ("instruct", _switch),
     "image_cfg_scale": ("image_cfg_scale", float),
+    **{name: (name, str) for name in ("masked_content", "inpaint_area", "resize_mode", "outpaint")},
+    "invert_mask": ("invert_mask", _switch),
+    "instruct": ("instruct", _switch),
 }
 _SIZE_OPTIONS = ("size", "hires_resize", "seed_resize_from")  # WIDTHxHEIGHT texts
 _EDIT_ONLY = frozenset({"mask", *_EDIT_OPTIONS})
