@@ -16,6 +16,8 @@ os.environ.setdefault("HUABI_AUTO_DTYPE", "fp32")
 # One torch thread in this process and in every server it starts: summation order (and so the last
 # bit of a pixel) depends on the thread count, and byte-equality tests compare processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# CLI runs record their images in the default data dir's gallery when it exists: never the tester's own.
+os.environ["HUABI_DATA_DIR"] = "off"
 
 
 class NetworkAccessError(RuntimeError):

@@ -137,6 +137,18 @@ def test_png_info_round_trip(api):
     assert info.json["parameters"]["Seed"] == "99"
 
 
+def test_png_info_reads_a_jpegs_exif_user_comment(server):
+    """A1111 writes JPEG infotext as an EXIF UserComment (UNICODE charset tag, UTF-16)."""
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + "a jpeg fox\nSteps: 3, Seed: 5".encode("utf-16-be")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    response = server.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert response.status_code == 200, response.text
+    assert response.json()["parameters"]["Seed"] == "5" and "a jpeg fox" in response.json()["info"]
+
+
 def test_listing_routes_answer_in_a1111_shapes(api, server):
     assert "Euler a" in api.util_get_sampler_names()
     schedulers = api.get_schedulers()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from huabi.errors import HuabiError  # noqa: F401 -- raised by the parsers these helpers call
@@ -84,16 +85,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def request_values(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields given as flags (argparse dests are the field names; None: not given)."""
-    from huabi.service.requests import REQUEST_FIELDS, parse_size
+    from huabi.service.requests import REQUEST_FIELDS, with_sizes
 
     values = {name: getattr(args, name, None) for name in REQUEST_FIELDS if name != "prompt"}
-    for flag, field, example in (("hires_resize", "hires_resize_px", "1024x1024"),
-                                 ("seed_resize_from", "seed_resize_from_px", "512x512")):
-        if getattr(args, flag, None) is not None:
-            values[field] = parse_size(getattr(args, flag), field.removesuffix("_px").replace("_", " "), example)
-    if getattr(args, "size", None) is not None:
-        values["width_px"], values["height_px"] = parse_size(args.size)
-    return values
+    return with_sizes(values, size=getattr(args, "size", None), hires_resize=getattr(args, "hires_resize", None),
+                      seed_resize_from=getattr(args, "seed_resize_from", None))
 
 
 def make_studio(args: argparse.Namespace):
@@ -105,6 +101,30 @@ def make_studio(args: argparse.Namespace):
                   gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
                   vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
                   text_encoder_files=text_encoder_files(args))
+
+
+def gallery_recorder():
+    """Records each image the command writes into the server's gallery (the default data dir's,
+    when it exists; see :mod:`huabi.service.gallery`). Close it when the command ends."""
+    from huabi.service.gallery import GalleryRecorder, existing_gallery
+
+    return GalleryRecorder(existing_gallery())
+
+
+def keep_and_record(saved: list, recorder) -> Callable:
+    """An ``on_saved`` callback: remember the image (Ctrl-C prints what was kept) and record it in the gallery."""
+    def on_saved(result) -> None:
+        saved.append(result)
+        recorder(result)
+
+    return on_saved
+
+
+def print_saved_paths(results) -> None:
+    """The paths of the images saved so far (Ctrl-C in a batch keeps them and says so)."""
+    for result in results:
+        if result.path is not None:
+            print(result.path, flush=True)
 
 
 class ProgressBar:

@@ -17,20 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from huabi.service.requests import CONTROL_UNIT_OPTIONS
 
-# flag -> (ControlUnit field, converter)
+# flag -> (ControlUnit field, converter): --control-NAME for each of the service's unit option names.
 _UNIT_FLAGS: dict[str, tuple[str, type]] = {
-    "--control-image": ("image", str),
-    "--control-module": ("module", str),
-    "--control-weight": ("weight", float),
-    "--control-start": ("guidance_start", float),
-    "--control-end": ("guidance_end", float),
-    "--control-mode": ("control_mode", str),
-    "--control-resize": ("resize_mode", str),
-    "--control-res": ("processor_res", int),
-    "--control-threshold-a": ("threshold_a", float),
-    "--control-threshold-b": ("threshold_b", float),
-    "--control-mask": ("mask", str),
+    "--control-" + name.replace("_", "-"): spec for name, spec in CONTROL_UNIT_OPTIONS.items()
 }
 _LOOSE_ALLOWED = ("image", "mask")  # fill the units of a --from infotext, in order
 

@@ -95,9 +95,8 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from huabi.cli.common import ProgressBar, make_studio
+    from huabi.cli.common import ProgressBar, gallery_recorder, keep_and_record, make_studio, print_saved_paths
     from huabi.cli.flow_options import with_flow_extras
-    from huabi.cli.main import print_saved_paths
     from huabi.service.engine import Job
     from huabi.service.outputs import check_output_folder
 
@@ -107,14 +106,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
     request = with_flow_extras(request, args)
     progress = ProgressBar(enabled=not args.quiet)
     saved: list = []
+    recorder = gallery_recorder()
     try:
-        results = studio.run(Job(request, options), out_dir=args.out, on_event=progress.update, on_saved=saved.append)
+        results = studio.run(Job(request, options), out_dir=args.out, on_event=progress.update,
+                             on_saved=keep_and_record(saved, recorder))
     except KeyboardInterrupt:
         progress.close()
         print_saved_paths(saved)
         raise
     finally:
         progress.close()
+        recorder.close()
     for result in results:
         print(result.path)
     return 0

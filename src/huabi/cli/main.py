@@ -20,8 +20,11 @@ from huabi.cli.common import (  # noqa: F401 -- importable from here, as before
     add_output_options,
     add_refiner_options,
     add_sampling_options,
+    gallery_recorder,
+    keep_and_record,
     make_studio,
     parse_size,
+    print_saved_paths,
     request_values,
 )
 from huabi.cli import edit as edit_cli
@@ -177,12 +180,21 @@ def _note_unimplemented(text: str, image) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from huabi.service.engine import save_grid
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
     jobs = jobs_from_args(args)
     studio = make_studio(args)
+    recorder = gallery_recorder()
+    try:
+        return _generate_jobs(args, jobs, studio, recorder)
+    finally:
+        recorder.close()
+
+
+def _generate_jobs(args: argparse.Namespace, jobs: list, studio, recorder) -> int:
+    from huabi.service.engine import save_grid
+
     for job in jobs:
         requests = studio.expand(job, wildcards_dir=getattr(args, "wildcards_dir", None),
                                  combinatorial=bool(getattr(args, "combinatorial", False)))
@@ -198,7 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             saved: list = []
             try:
                 results = studio.run(with_flow_extras(request, args), out_dir=args.out, on_event=progress.update,
-                                     on_saved=saved.append)
+                                     on_saved=keep_and_record(saved, recorder))
             except KeyboardInterrupt:
                 progress.close()
                 print_saved_paths(saved)  # Ctrl-C: say what was kept before main says "interrupted"
@@ -211,12 +223,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if job.grid and len(job_results) > 1:
             print(save_grid(job_results, args.out))
     return 0
-
-
-def print_saved_paths(results) -> None:
-    for result in results:
-        if result.path is not None:
-            print(result.path, flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import socket
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="allow a non-loopback --host without --api-auth (anyone on the network can use it)")
     serve.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     serve.add_argument("--data-dir", type=Path,
-                       help="queue database, outputs, gallery (default: $HUABI_HOME/server or ~/huabi/server)")
+                       help="queue database, outputs, gallery (default: $HUABI_DATA_DIR, $HUABI_HOME/server or "
+                            "~/huabi/server; huabi generate/edit record their images into the default one's gallery)")
     serve.add_argument("--model", help="the checkpoint used until a client picks another (name in the models folder)")
     serve.add_argument("--gallery-folder", dest="gallery_folders", type=Path, action="append", default=[],
                        metavar="DIR", help="also show the images in DIR (e.g. the CLI's outputs) in the gallery; "
@@ -62,8 +62,9 @@ def is_loopback(host: str) -> bool:
 
 
 def default_data_dir() -> Path:
-    home = os.environ.get("HUABI_HOME")
-    return (Path(home) if home else Path.home() / "huabi") / "server"
+    from huabi.service.gallery import default_data_dir as data_dir
+
+    return data_dir()
 
 
 def config_from_args(args: argparse.Namespace):

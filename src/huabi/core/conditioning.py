@@ -101,7 +101,7 @@ _LAST_OR_SKIP_LN = "last_or_skip_ln"  # SD1: clip skip, final layer norm
 _PENULTIMATE_LN = "penultimate_ln"  # SD2
 _PENULTIMATE = "penultimate"  # SDXL, refiner
 
-_FAMILY_RULES: dict[ModelFamily, tuple[tuple[str, bool], ...]] = {
+FAMILY_ENCODER_RULES: dict[ModelFamily, tuple[tuple[str, bool], ...]] = {
     ModelFamily.SD1: ((_LAST_OR_SKIP_LN, False),),
     ModelFamily.HUABI_MINI: ((_LAST_OR_SKIP_LN, False),),
     ModelFamily.SD2: ((_PENULTIMATE_LN, False),),
@@ -362,7 +362,7 @@ def _forward_with_vectors(encoder: torch.nn.Module, input_ids: Tensor, splices: 
     return out
 
 
-def _run_encoder(
+def run_text_encoder(
     encoder: torch.nn.Module, input_ids: Tensor, rule: str, clip_skip: int, want_pooled: bool,
     splices: Sequence[Splice] = (),
 ) -> tuple[Tensor, Tensor | None]:
@@ -409,7 +409,7 @@ def encode_weighted_prompts(
 ) -> Conditioning:
     """Encode prompts given as parsed ``(text, weight)`` runs.  See the module notes."""
     try:
-        rules = _FAMILY_RULES[ModelFamily(family)]
+        rules = FAMILY_ENCODER_RULES[ModelFamily(family)]
     except (KeyError, ValueError):
         raise HuabiError(f"no prompt conditioning for model family {family!r}") from None
     if len(text_encoders) != len(rules):
@@ -479,7 +479,7 @@ def encode_weighted_prompts(
         input_ids = torch.tensor(ids_rows + empty_rows, dtype=torch.long, device=device)
         weights = torch.tensor(weight_rows + empty_weights, dtype=dtype, device=device)
 
-        states, pooled_rows = _run_encoder(encoder, input_ids, rule, clip_skip, want_pooled, splices)
+        states, pooled_rows = run_text_encoder(encoder, input_ids, rule, clip_skip, want_pooled, splices)
         states = _apply_weights(states, weights)
         width = states.shape[-1]
         contexts.append(states[:-1].reshape(batch, n_chunks * (CHUNK_TOKENS + 2), width).to(out_device, out_dtype))

@@ -42,7 +42,7 @@ def canonical_sampler_name(name: str) -> str | None:
     for canonical in SAMPLER_NAMES:
         if key == canonical.lower():
             return canonical
-    return _SAMPLER_ALIASES.get(key)
+    return SAMPLER_ALIASES.get(key)
 
 
 def canonical_schedule_name(name: str) -> str | None:
@@ -59,7 +59,7 @@ _SCHEDULE_ALIASES = {"ddim uniform": "DDIM", "ays": "Align Your Steps", "automat
 
 
 # Aliases A1111 accepts in its API and that old infotexts carry.
-_SAMPLER_ALIASES = {
+SAMPLER_ALIASES = {
     "k_euler": "Euler",
     "k_euler_a": "Euler a",
     "k_euler_ancestral": "Euler a",

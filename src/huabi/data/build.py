@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from huabi.data import emoji_source, openclipart_source
 from huabi.data.emoji_source import EmojiEntry, EmojiRenderer
 from huabi.data.openclipart_source import ClipartEntry
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_write_bytes
 
 SOURCES = ("emoji", "openclipart")
 
@@ -150,16 +150,16 @@ def content_fraction(image: Image.Image, background_rgb: tuple[int, int, int]) -
     return sum(histogram[24:]) / (image.width * image.height)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    # Atomic but not fsynced: a dataset is rebuilt from its sources, and an fsync per 20 KB file
+    # cost 5-12 ms against 0.5-0.9 ms for the write itself (measured on a loaded machine).
+    atomic_write_bytes(path, data, fsync=False)
+
+
 def choose_background(seed: int, stem: str, backgrounds: Sequence[str]) -> str:
     """Deterministic per-image choice: depends only on seed, file stem and the list."""
     digest = hashlib.sha256(f"{seed}:{stem}".encode()).digest()
     return backgrounds[int.from_bytes(digest[:8], "big") % len(backgrounds)]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -208,7 +208,7 @@ def _process_chunk(args: tuple[Path, int, list[_Task]]) -> list[_Result]:
             caption_bytes = ("\n".join(captions) + "\n").encode("utf-8")
             if png_path.is_file() and txt_path.is_file():
                 if txt_path.read_bytes() != caption_bytes:  # caption rules changed: refresh text only
-                    _atomic_write_bytes(txt_path, caption_bytes)
+                    _write_file(txt_path, caption_bytes)
                 results.append(_Result(task.source, task.stem, "existing", record=record))
                 continue
             if task.source == "emoji":
@@ -223,8 +223,8 @@ def _process_chunk(args: tuple[Path, int, list[_Task]]) -> list[_Result]:
                 results.append(_Result(task.source, task.stem, "skipped", "nearly empty"))
                 continue
             # PNG first, caption last: a .txt next to a .png marks the item finished.
-            _atomic_write_bytes(png_path, _png_bytes(image))
-            _atomic_write_bytes(txt_path, caption_bytes)
+            _write_file(png_path, _png_bytes(image))
+            _write_file(txt_path, caption_bytes)
             results.append(_Result(task.source, task.stem, "written", record=record))
         except HuabiError as exc:
             if "install the Debian package" in str(exc) or "raqm" in str(exc):
@@ -303,7 +303,7 @@ def _write_metadata(out_dir: Path, records: list[dict]) -> None:
         for name in sorted(merged)
         if (out_dir / name).is_file()
     ]
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    _write_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def build_dataset(
@@ -367,7 +367,7 @@ def build_dataset(
             _progress(progress, source, 0, 0, started, 0.0)
 
     _write_metadata(out_dir, records)
-    _atomic_write_bytes(out_dir / "README.txt", _README.encode("utf-8"))
+    _write_file(out_dir / "README.txt", _README.encode("utf-8"))
     report.elapsed_s = time.monotonic() - started
     if progress:
         print(report.summary(), file=sys.stderr, flush=True)

@@ -135,9 +135,9 @@ def run_compare(spec: CompareSpec, *, out_dir: Path, engine_options: dict, sessi
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from huabi.models.files import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _data_uri(path: Path, max_side_px: int = 2048) -> str:

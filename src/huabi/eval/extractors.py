@@ -131,7 +131,7 @@ class ClipExtractor(Extractor):
 
     @torch.inference_mode()
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
-        from huabi.train.clip import _features
+        from huabi.train.clip import feature_tensor
 
         model, tokenizer = self.full()
         max_length = int(model.config.text_config.max_position_embeddings)
@@ -139,7 +139,7 @@ class ClipExtractor(Extractor):
         for start in range(0, len(prompts), 256):
             chunk = list(prompts[start : start + 256])
             ids = tokenizer(chunk, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
-            rows.append(_features(model.get_text_features(input_ids=ids.to(self.device))).float().cpu().numpy())
+            rows.append(feature_tensor(model.get_text_features(input_ids=ids.to(self.device))).float().cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 
     def class_logits(self, vectors: np.ndarray, labels: Sequence[str] | None = None) -> np.ndarray:
@@ -159,9 +159,9 @@ class _VisionEmbeddings(torch.nn.Module):
         self.clip = clip_model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        from huabi.train.clip import _features
+        from huabi.train.clip import feature_tensor
 
-        return _features(self.clip.get_image_features(pixel_values=pixel_values))
+        return feature_tensor(self.clip.get_image_features(pixel_values=pixel_values))
 
 
 def huabi_mini_extractor(device: torch.device, *, clip_path: Path | None = None, checkpoint: Path | None = None) -> ClipExtractor:

@@ -83,23 +83,23 @@ def thumbnail_features(pixels: torch.Tensor, side_px: int = 16) -> torch.Tensor:
 
 @torch.inference_mode()
 def clip_image_features(clip, pixels: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    from huabi.train.clip import _features, images_for_vision
+    from huabi.train.clip import feature_tensor, images_for_vision
 
     image_px = int(clip.config.vision_config.image_size)
     rows = []
     for start in range(0, len(pixels), batch_size):
         batch = images_for_vision(pixels[start : start + batch_size], image_px)
-        rows.append(F.normalize(_features(clip.get_image_features(pixel_values=batch)).float(), dim=-1))
+        rows.append(F.normalize(feature_tensor(clip.get_image_features(pixel_values=batch)).float(), dim=-1))
     return torch.cat(rows)
 
 
 @torch.inference_mode()
 def clip_text_features(clip, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    from huabi.train.clip import _features
+    from huabi.train.clip import feature_tensor
     from huabi.train.data import tokenize_captions
 
     ids = tokenize_captions(tokenizer, list(prompts))
-    return F.normalize(_features(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+    return F.normalize(feature_tensor(clip.get_text_features(input_ids=ids)).float(), dim=-1)
 
 
 def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, *, metric: str) -> torch.Tensor:
@@ -306,14 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = report["composed"].pop("_images")
         print(format_report(report))
         if args.json is not None:
-            from huabi.train.common import atomic_write_text
+            from huabi.models.files import atomic_write_text
 
             atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
         if args.grid is not None:
-            args.grid.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.grid.with_name("." + args.grid.name + ".tmp.png")
-            composed_grid(images).save(tmp)
-            tmp.replace(args.grid)
+            from huabi.models.files import atomic_path
+
+            with atomic_path(args.grid) as temp:
+                composed_grid(images).save(temp)
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

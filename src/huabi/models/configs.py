@@ -169,12 +169,12 @@ def unet_config_from_original(
         detected.family,
         prediction=detected.prediction,
         vae_scale_factor=vae_scale_factor,
-        pooled_dim=_pooled_text_dim(state_dict, detected.family),
+        pooled_dim=pooled_text_dim(state_dict, detected.family),
         markers=state_dict,
     )
 
 
-def _pooled_text_dim(state_dict: Mapping[str, torch.Tensor], family: ModelFamily) -> int | None:
+def pooled_text_dim(state_dict: Mapping[str, torch.Tensor], family: ModelFamily) -> int | None:
     prefix = {ModelFamily.SDXL: SDXL_BIGG_PREFIX, ModelFamily.SDXL_REFINER: REFINER_BIGG_PREFIX}.get(family)
     if prefix is None:
         return None

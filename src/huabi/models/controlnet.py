@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from huabi.errors import HuabiError
-from huabi.models.convert import _rename, unet_key_table
+from huabi.models.convert import rename_keys, unet_key_table
 from huabi.core.family import ModelFamily
 
 ORIGINAL_PREFIX = "control_model."
@@ -82,12 +82,12 @@ def controlnet_key_table(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Original ControlNet keys (``control_model.`` stripped) -> diffusers ``ControlNetModel`` keys."""
-    return _rename(state_dict, dict(controlnet_key_table(config)), "ControlNet (original -> diffusers)")
+    return rename_keys(state_dict, dict(controlnet_key_table(config)), "ControlNet (original -> diffusers)")
 
 
 def controlnet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """diffusers ``ControlNetModel`` keys -> original keys (without the ``control_model.`` prefix)."""
-    return _rename(state_dict, {d: o for o, d in controlnet_key_table(config)}, "ControlNet (diffusers -> original)")
+    return rename_keys(state_dict, {d: o for o, d in controlnet_key_table(config)}, "ControlNet (diffusers -> original)")
 
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

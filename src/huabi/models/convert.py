@@ -125,7 +125,7 @@ def vae_key_table(levels: int, per_level: int) -> list[tuple[str, str]]:
     return rows
 
 
-def _rename(state_dict: Mapping[str, torch.Tensor], table: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
+def rename_keys(state_dict: Mapping[str, torch.Tensor], table: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
     """Rename every key by its longest table prefix; unknown keys are an error naming them."""
     result: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -145,12 +145,12 @@ def _rename(state_dict: Mapping[str, torch.Tensor], table: Mapping[str, str], wh
 
 def unet_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Original-layout UNet keys (no ``model.diffusion_model.`` prefix) -> diffusers keys."""
-    return _rename(state_dict, dict(unet_key_table(config)), "UNet (original -> diffusers)")
+    return rename_keys(state_dict, dict(unet_key_table(config)), "UNet (original -> diffusers)")
 
 
 def unet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """diffusers UNet keys -> original-layout keys (no prefix)."""
-    return _rename(state_dict, {d: o for o, d in unet_key_table(config)}, "UNet (diffusers -> original)")
+    return rename_keys(state_dict, {d: o for o, d in unet_key_table(config)}, "UNet (diffusers -> original)")
 
 
 def _vae_shape(keys: Iterable[str], down: str, block: str) -> tuple[int, int]:
@@ -170,7 +170,7 @@ def _vae_shape(keys: Iterable[str], down: str, block: str) -> tuple[int, int]:
 def vae_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original-layout VAE keys (``encoder.down.*``, no ``first_stage_model.``) -> diffusers AutoencoderKL keys."""
     levels, per_level = _vae_shape(state_dict, "down", "block")
-    result = _rename(state_dict, dict(vae_key_table(levels, per_level)), "VAE (original -> diffusers)")
+    result = rename_keys(state_dict, dict(vae_key_table(levels, per_level)), "VAE (original -> diffusers)")
     for key, tensor in result.items():
         if key.endswith(_VAE_LINEAR_WEIGHTS) and ".mid_block.attentions." in key and tensor.ndim == 4:
             result[key] = tensor.reshape(tensor.shape[0], tensor.shape[1])  # 1x1 conv -> linear
@@ -185,7 +185,7 @@ def vae_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         key: (t.reshape(*t.shape, 1, 1) if key.endswith(_VAE_LINEAR_WEIGHTS) and ".mid_block.attentions." in key and t.ndim == 2 else t)
         for key, t in state_dict.items()
     }
-    return _rename(reshaped, table, "VAE (diffusers -> original)")
+    return rename_keys(reshaped, table, "VAE (diffusers -> original)")
 
 
 def is_diffusers_vae(state_dict: Mapping[str, torch.Tensor]) -> bool:

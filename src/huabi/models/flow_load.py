@@ -259,7 +259,7 @@ def flux_rope_axes(head_dim: int) -> list[int]:
 
 def flux_config_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """``FluxTransformer2DModel`` config from diffusers-named tensor shapes."""
-    from huabi.models.transformer_families import _block_count
+    from huabi.models.transformer_families import block_count
 
     what = "FLUX transformer"
     hidden, in_channels = _shape(sd, "x_embedder.weight", what)
@@ -270,8 +270,8 @@ def flux_config_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]
         "patch_size": 1,
         "in_channels": in_channels,
         "out_channels": _shape(sd, "proj_out.weight", what)[0],
-        "num_layers": _block_count(sd, r"^transformer_blocks\.(\d+)\."),
-        "num_single_layers": _block_count(sd, r"^single_transformer_blocks\.(\d+)\."),
+        "num_layers": block_count(sd, r"^transformer_blocks\.(\d+)\."),
+        "num_single_layers": block_count(sd, r"^single_transformer_blocks\.(\d+)\."),
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": _shape(sd, "context_embedder.weight", what)[1],
@@ -288,7 +288,7 @@ def sd3_config_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """``SD3Transformer2DModel`` config from diffusers-named tensor shapes."""
     import re
 
-    from huabi.models.transformer_families import _block_count
+    from huabi.models.transformer_families import block_count
 
     what = "SD3 transformer"
     hidden, in_channels, patch, _ = _shape(sd, "pos_embed.proj.weight", what)
@@ -304,7 +304,7 @@ def sd3_config_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "sample_size": 128,
         "patch_size": patch,
         "in_channels": in_channels,
-        "num_layers": _block_count(sd, r"^transformer_blocks\.(\d+)\."),
+        "num_layers": block_count(sd, r"^transformer_blocks\.(\d+)\."),
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": joint_dim,
@@ -458,16 +458,16 @@ def build_flow_vae(vae_sd: Mapping[str, torch.Tensor], family: TransformerFamily
 
 def _clip_from_hf(section: dict[str, torch.Tensor], *, prefix: str, activation: str, pad_id: int, dtype) -> torch.nn.Module:
     """A transformers CLIP text tower from HF-layout tensors (with ``text_projection.weight`` when present)."""
-    from huabi.models.text_encoders import HF, _build, _EncoderSlot, _hf_section
+    from huabi.models.text_encoders import HF, EncoderSlot, build_text_encoder, hf_text_section
 
     section = {k.removeprefix("transformer."): v for k, v in section.items()}
     projection = section.pop("text_projection.weight", None)
     if projection is not None and projection.dtype in FP8_DTYPES:
         projection = projection.to(dtype)
     section = {k: (v.to(dtype) if v.dtype in FP8_DTYPES else v) for k, v in section.items()}
-    hf_dict, _ = _hf_section(section, prefix)
-    slot = _EncoderSlot(prefix, HF, activation)
-    model = _build(hf_dict, projection, slot, dtype, None)
+    hf_dict, _ = hf_text_section(section, prefix)
+    slot = EncoderSlot(prefix, HF, activation)
+    model = build_text_encoder(hf_dict, projection, slot, dtype, None)
     model.config.pad_token_id = pad_id
     return model
 

@@ -19,8 +19,8 @@ import torch
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.configs import (
-    _pooled_text_dim,
     native_size_px,
+    pooled_text_dim,
     unet_config_from_unet,
     vae_config_from_vae,
     vae_scaling_factor,
@@ -211,7 +211,7 @@ def load_model(
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     # 3. UNet
-    pooled_dim = _pooled_text_dim(state_dict, family)
+    pooled_dim = pooled_text_dim(state_dict, family)
     unet_sd = _pop_prefixed(state_dict, UNET_PREFIX)
     unet_config = unet_config_from_unet(
         unet_sd, family, prediction=provisional_prediction, vae_scale_factor=vae_scale_factor,

@@ -7,9 +7,6 @@ not at all (temp file / temp folder in the same directory + ``os.replace``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.convert import unet_to_original, vae_to_original
 from huabi.models.detect import MARKER_HEAD_DIM, MARKER_NATIVE_SIZE, MARKER_VAE_SCALING, MARKER_VERSION, UNET_PREFIX, VAE_PREFIX
+from huabi.models.files import atomic_folder
 from huabi.core.family import ModelFamily, Prediction, UNetVariant
 from huabi.models.formats import HUABI_FOLDER_MARKERS_FILE, write_safetensors_atomic
 
@@ -199,9 +197,7 @@ def save_diffusers_folder(
         variant = model.variant if isinstance(model, ModelBundle) else UNetVariant.BASE
     if path.exists() and not overwrite:
         raise HuabiError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_folder(path, overwrite=overwrite) as staging:  # one rename puts the finished folder in place
         parts.unet.save_pretrained(staging / "unet", safe_serialization=True)
         parts.vae.save_pretrained(staging / "vae", safe_serialization=True)
         components = _encoder_components(parts.family)
@@ -234,14 +230,4 @@ def save_diffusers_folder(
             (staging / HUABI_FOLDER_MARKERS_FILE).write_text(
                 json.dumps({k: v.item() for k, v in markers.items()}, indent=2), encoding="utf-8"
             )
-        if path.exists():  # overwrite: move the old folder aside first so the swap is one rename
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

@@ -71,21 +71,21 @@ OPEN_CLIP = "open_clip"
 
 
 @dataclass(frozen=True)
-class _EncoderSlot:
+class EncoderSlot:
     prefix: str
     layout: str  # HF or OPEN_CLIP
     activation: str
 
 
-_SLOTS: dict[ModelFamily, tuple[_EncoderSlot, ...]] = {
-    ModelFamily.SD1: (_EncoderSlot("cond_stage_model.transformer.", HF, "quick_gelu"),),
-    ModelFamily.HUABI_MINI: (_EncoderSlot("cond_stage_model.transformer.", HF, "quick_gelu"),),
-    ModelFamily.SD2: (_EncoderSlot("cond_stage_model.model.", OPEN_CLIP, "gelu"),),
+_SLOTS: dict[ModelFamily, tuple[EncoderSlot, ...]] = {
+    ModelFamily.SD1: (EncoderSlot("cond_stage_model.transformer.", HF, "quick_gelu"),),
+    ModelFamily.HUABI_MINI: (EncoderSlot("cond_stage_model.transformer.", HF, "quick_gelu"),),
+    ModelFamily.SD2: (EncoderSlot("cond_stage_model.model.", OPEN_CLIP, "gelu"),),
     ModelFamily.SDXL: (
-        _EncoderSlot("conditioner.embedders.0.transformer.", HF, "quick_gelu"),
-        _EncoderSlot("conditioner.embedders.1.model.", OPEN_CLIP, "gelu"),
+        EncoderSlot("conditioner.embedders.0.transformer.", HF, "quick_gelu"),
+        EncoderSlot("conditioner.embedders.1.model.", OPEN_CLIP, "gelu"),
     ),
-    ModelFamily.SDXL_REFINER: (_EncoderSlot("conditioner.embedders.0.model.", OPEN_CLIP, "gelu"),),
+    ModelFamily.SDXL_REFINER: (EncoderSlot("conditioner.embedders.0.model.", OPEN_CLIP, "gelu"),),
 }
 
 TEXT_ENCODER_PREFIXES: Mapping[ModelFamily, tuple[str, ...]] = {
@@ -175,7 +175,7 @@ def tiny_text_encoder_configs(family: ModelFamily) -> list[CLIPTextConfig]:
     return configs
 
 
-def _slots(family: ModelFamily) -> tuple[_EncoderSlot, ...]:
+def _slots(family: ModelFamily) -> tuple[EncoderSlot, ...]:
     try:
         return _SLOTS[ModelFamily(family)]
     except (KeyError, ValueError):
@@ -211,11 +211,11 @@ def text_encoders_from_original(
         if not section:
             raise HuabiError(f"checkpoint has no text encoder weights under '{slot.prefix}' (needed for {family.value})")
         if slot.layout == HF:
-            hf_dict, projection = _hf_section(section, slot.prefix)
+            hf_dict, projection = hf_text_section(section, slot.prefix)
         else:
             hf_dict, projection = _open_clip_section(section, slot.prefix)
         heads = None if attention_heads is None else attention_heads[n]
-        encoders.append(_build(hf_dict, projection, slot, dtype, heads))
+        encoders.append(build_text_encoder(hf_dict, projection, slot, dtype, heads))
     return encoders
 
 
@@ -225,7 +225,7 @@ def unconverted_text_encoder_keys(state_dict: Mapping[str, Tensor], family: Mode
     return [k for k in state_dict if k.startswith(prefixes) and k.endswith(_IGNORED_SUFFIXES)]
 
 
-def _hf_section(section: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], Tensor | None]:
+def hf_text_section(section: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], Tensor | None]:
     """HF-layout keys (with or without ``text_model.``) -> transformers 5 CLIPTextModel keys."""
     out: dict[str, Tensor] = {}
     for key, tensor in section.items():
@@ -271,7 +271,7 @@ def _open_clip_section(section: dict[str, Tensor], prefix: str) -> tuple[dict[st
 
 
 def _config_from_shapes(
-    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot, heads: int | None
+    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: EncoderSlot, heads: int | None
 ) -> CLIPTextConfig:
     def need(key: str) -> Tensor:
         if key not in hf_dict:
@@ -304,8 +304,8 @@ def _config_from_shapes(
     )
 
 
-def _build(
-    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: _EncoderSlot, dtype: torch.dtype, heads: int | None
+def build_text_encoder(
+    hf_dict: dict[str, Tensor], projection: Tensor | None, slot: EncoderSlot, dtype: torch.dtype, heads: int | None
 ) -> torch.nn.Module:
     config = _config_from_shapes(hf_dict, projection, slot, heads)
     # Build on the meta device: random initialisation of a 700M-parameter bigG
@@ -338,7 +338,7 @@ def _build(
     return model.eval()
 
 
-def _original_name(hf_key: str, slot: _EncoderSlot) -> str:
+def _original_name(hf_key: str, slot: EncoderSlot) -> str:
     """Best-effort original spelling of a transformers key, for error messages."""
     key = hf_key.removeprefix("text_model.")
     if slot.layout == HF:

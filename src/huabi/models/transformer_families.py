@@ -306,7 +306,7 @@ def sd3_rows(shape: SD3Shape) -> list[Row]:
     return rows
 
 
-def _block_count(keys, pattern: str) -> int:
+def block_count(keys, pattern: str) -> int:
     regex = re.compile(pattern)
     found = {int(m.group(1)) for k in keys if (m := regex.match(k))}
     if found and sorted(found) != list(range(len(found))):
@@ -316,8 +316,8 @@ def _block_count(keys, pattern: str) -> int:
 
 def flux_shape(original: Mapping[str, torch.Tensor]) -> FluxShape:
     return FluxShape(
-        double_blocks=_block_count(original, r"^double_blocks\.(\d+)\."),
-        single_blocks=_block_count(original, r"^single_blocks\.(\d+)\."),
+        double_blocks=block_count(original, r"^double_blocks\.(\d+)\."),
+        single_blocks=block_count(original, r"^single_blocks\.(\d+)\."),
         guidance="guidance_in.in_layer.weight" in original,
     )
 
@@ -325,7 +325,7 @@ def flux_shape(original: Mapping[str, torch.Tensor]) -> FluxShape:
 def sd3_shape(original: Mapping[str, torch.Tensor]) -> SD3Shape:
     dual = sorted({int(m.group(1)) for k in original if (m := re.match(r"^joint_blocks\.(\d+)\.x_block\.attn2\.", k))})
     return SD3Shape(
-        joint_blocks=_block_count(original, r"^joint_blocks\.(\d+)\."),
+        joint_blocks=block_count(original, r"^joint_blocks\.(\d+)\."),
         qk_norm=any(k.endswith(".attn.ln_q.weight") for k in original),
         dual_attention_blocks=tuple(dual),
     )
@@ -389,8 +389,8 @@ def flux_to_diffusers(original: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def flux_to_original(diffusers_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     shape = FluxShape(
-        double_blocks=_block_count(diffusers_sd, r"^transformer_blocks\.(\d+)\."),
-        single_blocks=_block_count(diffusers_sd, r"^single_transformer_blocks\.(\d+)\."),
+        double_blocks=block_count(diffusers_sd, r"^transformer_blocks\.(\d+)\."),
+        single_blocks=block_count(diffusers_sd, r"^single_transformer_blocks\.(\d+)\."),
         guidance="time_text_embed.guidance_embedder.linear_1.weight" in diffusers_sd,
     )
     return _apply_rows(diffusers_sd, flux_rows(shape), to_diffusers=False, what="FLUX transformer (diffusers -> BFL)")
@@ -404,7 +404,7 @@ def sd3_to_diffusers(original: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def sd3_to_original(diffusers_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dual = sorted({int(m.group(1)) for k in diffusers_sd if (m := re.match(r"^transformer_blocks\.(\d+)\.attn2\.", k))})
     shape = SD3Shape(
-        joint_blocks=_block_count(diffusers_sd, r"^transformer_blocks\.(\d+)\."),
+        joint_blocks=block_count(diffusers_sd, r"^transformer_blocks\.(\d+)\."),
         qk_norm=any(k.endswith(".attn.norm_q.weight") for k in diffusers_sd),
         dual_attention_blocks=tuple(dual),
     )

@@ -12,21 +12,19 @@ import binascii
 import hmac
 import io
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from PIL import Image
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_write_bytes as write_atomic
 from huabi.server.a1111 import Context, Limits
 from huabi.server.catalog import Catalog, UnsafeName
 from huabi.server.jobs import JobQueue, LocalExecutor, QueueFull
+from huabi.server.responses import error, type_for, webui_dir  # noqa: F401 -- also importable from here
 from huabi.server.runner import Runner, RunnerConfig, validate
 from huabi.server.store import Store
 
@@ -119,16 +117,6 @@ async def _json_error(send, status: int, message: str, extra_headers=()) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-def type_for(status: int) -> str:
-    return {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
-            422: "UnprocessableEntity", 500: "InternalError", 503: "ServiceUnavailable"}.get(status, "Error")
-
-
-def error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": type_for(status), "detail": message, "errors": message}, status_code=status,
-                        headers=headers or None)
-
-
 class Server:
     """Everything one `huabi serve` process owns."""
 
@@ -173,29 +161,13 @@ class Server:
         return Context(self.catalog, self.config.limits, dict(self.settings), save_input)
 
     def scan_gallery(self) -> int:
-        from huabi.server.jobs import scan_folders
-
-        return scan_folders(self.store, self.data_dir, self.config.gallery_folders)
+        return self.store.scan(self.config.gallery_folders)
 
     # -- submitting ---------------------------------------------------------------------
 
     def submit(self, kind: str, options: dict, *, source: str, meta: dict, priority: int, job_id: str) -> str:
         validate(kind, options, self.config.runner)  # a bad request fails now, not in the queue
         return self.queue.submit(kind, options, source=source, meta=meta, priority=priority, job_id=job_id)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _default_models_dir() -> Path:
@@ -248,8 +220,3 @@ def _version() -> str:
     from huabi import __version__
 
     return __version__
-
-
-def webui_dir() -> Path:
-    return Path(str(resources.files("huabi") / "server" / "webui"))
-

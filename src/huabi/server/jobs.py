@@ -10,23 +10,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import os
 import queue as queue_module
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-
-from PIL import Image
 
 from huabi.errors import HuabiError
 from huabi.server.runner import ImageResult, JobStopped, RunControl, Runner
 from huabi.server.store import CANCELLED, DONE, FAILED, FINISHED, INTERRUPTED, Job, Store, new_job_id
 
 log = logging.getLogger("huabi.server")
-THUMBNAIL_PX = 256
 
 
 class QueueFull(HuabiError):
@@ -265,54 +260,4 @@ class JobQueue:
 
     def record(self, result: ImageResult, *, job_id: str | None = None) -> int:
         """Put one image file into the gallery (with a thumbnail); returns its gallery id."""
-        return record_image(self.store, self.data_dir, result.path, result.infotext, job_id=job_id)
-
-
-def scan_folders(store: Store, data_dir: Path, folders) -> int:
-    """Record the PNGs with infotext in ``folders`` (e.g. the CLI's outputs) that the gallery lacks."""
-    from huabi.service.pngio import read_infotext
-
-    added = 0
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*.png")):
-            if path.name.startswith(".") or store.has_image_path(str(path.resolve())):
-                continue
-            try:
-                infotext = read_infotext(path)
-            except HuabiError:
-                continue  # not a generated image (no parameters) or unreadable
-            record_image(store, data_dir, path, infotext)
-            added += 1
-    return added
-
-
-def record_image(store: Store, data_dir: Path, path: Path, infotext: str, *, job_id: str | None = None) -> int:
-    from huabi.core.infotext import parse_infotext
-
-    parsed = parse_infotext(infotext)
-    params = parsed.params
-    width = height = None
-    if "Size" in params and "x" in params["Size"]:
-        w, _, h = params["Size"].partition("x")
-        width, height = (int(w), int(h)) if w.isdigit() and h.isdigit() else (None, None)
-    seed = int(params["Seed"]) if params.get("Seed", "").isdigit() else None
-    thumbs = data_dir / "thumbnails"
-    thumbs.mkdir(parents=True, exist_ok=True)
-    thumb_name = None
-    try:
-        with Image.open(path) as image:
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            thumb_path = thumbs / f"{uuid.uuid4().hex[:12]}-{path.stem}.webp"
-            temp = thumb_path.with_name(f".{thumb_path.name}.tmp")
-            image.convert("RGB").save(temp, format="WEBP", quality=85)
-            os.replace(temp, thumb_path)
-            thumb_name = str(thumb_path.relative_to(data_dir))
-    except OSError as err:
-        log.warning("no thumbnail for %s: %s", path, err)
-    try:
-        stored_path = str(path.resolve().relative_to(data_dir.resolve()))
-    except ValueError:
-        stored_path = str(path.resolve())
-    return store.add_image(job_id=job_id, path=stored_path, thumbnail=thumb_name, prompt=parsed.prompt,
-                           negative_prompt=parsed.negative_prompt, seed=seed, model=params.get("Model"),
-                           sampler=params.get("Sampler"), width=width, height=height, infotext=infotext)
+        return self.store.record(result.path, result.infotext, job_id=job_id)

@@ -9,6 +9,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,10 +19,13 @@ from fastapi.staticfiles import StaticFiles
 from huabi.errors import HuabiError
 from huabi.server import a1111
 from huabi.server.a1111 import BadRequest
-from huabi.server.app import Server, error, webui_dir
 from huabi.server.catalog import check_name
+from huabi.server.responses import error, webui_dir
 from huabi.server.runner import OPTION_NAMES
 from huabi.server.store import DONE, FAILED, FINISHED, INTERRUPTED
+
+if TYPE_CHECKING:  # the app module imports this one to add its routes
+    from huabi.server.app import Server
 
 POLL_S = 0.05
 
@@ -218,9 +222,9 @@ def add_routes(app: FastAPI, server: Server) -> None:
         from huabi.core.names import SAMPLER_NAMES
 
         aliases: dict[str, list[str]] = {}
-        from huabi.core import names
+        from huabi.core.names import SAMPLER_ALIASES
 
-        for alias, name in names._SAMPLER_ALIASES.items():  # noqa: SLF001 - the alias table is the data
+        for alias, name in SAMPLER_ALIASES.items():
             if " " not in alias:
                 aliases.setdefault(name, []).append(alias)
         return [{"name": name, "aliases": aliases.get(name, []), "options": {}} for name in SAMPLER_NAMES]
@@ -609,12 +613,10 @@ def _meminfo() -> dict:
 
 
 def _infotext_of(image) -> str | None:
-    text = image.info.get("parameters")
-    if text is None:
-        from huabi.service import pngio
+    """A PNG's ``parameters`` text, or a JPEG/WebP's EXIF UserComment."""
+    from huabi.service.pngio import exif_infotext
 
-        text = pngio._infotext_of(image)  # noqa: SLF001 - EXIF (JPEG/WebP) reading lives there
-    return text
+    return exif_infotext(image)
 
 
 def _safe_options(server: Server, raw: dict, kind: str, job_id: str) -> dict:
@@ -673,7 +675,7 @@ def _safe_options(server: Server, raw: dict, kind: str, job_id: str) -> dict:
         options["controlnets"] = units
     size = options.get("size")
     if size is not None:
-        from huabi.cli.main import parse_size
+        from huabi.service.requests import parse_size
 
         width, height = parse_size(str(size))
         if width * height > limits.max_pixels or max(width, height) > limits.max_side_px:

@@ -1,22 +1,20 @@
 """The server's ONE door to the engine: huabi user-level options in, images out.
 
-Options use the CLI's own names (``steps``, ``cfg_scale``, ``size``, ``strength``,
-``mask``, ...). They are turned into the very argument list ``huabi generate`` /
-``huabi edit`` would receive and parsed by the CLI's parser, then built into requests
-by the CLI's request-building functions (``jobs_from_args``, then the service's ``expand_prompt_job``,
-``edit.request_from_args``) and run by ``Engine``. So an image made through the
-server is byte-identical to the CLI's for the same parameters.
+Options use the CLI's own names (``steps``, ``cfg_scale``, ``size``, ``strength``, ``mask``, ...)
+and are read as the CLI reads its flags' text (``str(value)``, then the flag's type). They go to
+the service's request builders -- :func:`huabi.service.requests.prompt_jobs` /
+:func:`~huabi.service.requests.expand_prompt_job` / :func:`~huabi.service.requests.edit_job`, the
+functions ``huabi generate`` / ``huabi edit`` call -- and are run by ``Engine``. So an image made
+through the server is byte-identical to the CLI's for the same parameters.
 
 Live previews come from the engine's ``on_preview`` (the cheap latent-to-RGB look, or TAESD).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import io
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,70 +22,43 @@ from huabi.errors import HuabiError
 
 KINDS = ("generate", "edit")
 
-# Options -> CLI flags. Values are converted with str(); booleans are switches.
-_FLAGS = {
-    "from_image": "--from",  # set by the server only (gallery "redo"), never taken from a client
-    "negative_prompt": "--negative",
-    "steps": "--steps",
-    "cfg_scale": "--cfg",
-    "sampler": "--sampler",
-    "schedule": "--schedule",
-    "seed": "--seed",
-    "size": "--size",
-    "batch_size": "--batch-size",
-    "batch_count": "--batch-count",
-    "clip_skip": "--clip-skip",
-    "model": "--model",
-    "vae": "--vae",
-    "refiner": "--refiner",
-    "refiner_switch_at": "--refiner-switch-at",
-    "hypernetwork": "--hypernet",
-    "hypernetwork_strength": "--hypernet-strength",
-    # generate only
-    "tile": "--tile",
-    "variation_seed": "--variation-seed",
-    "variation_strength": "--variation-strength",
-    "seed_resize_from": "--seed-resize-from",
-    "hires": "--hires",
-    "hires_scale": "--hires-scale",
-    "hires_resize": "--hires-resize",
-    "hires_upscaler": "--hires-upscaler",
-    "hires_steps": "--hires-steps",
-    "hires_denoise": "--hires-denoise",
-    "refiner_hires_pass": "--refiner-hires-pass",
-    # edit only
-    "mask": "--mask",
-    "strength": "--strength",
-    "mask_blur": "--mask-blur",
-    "masked_content": "--masked-content",
-    "inpaint_area": "--inpaint-area",
-    "padding": "--padding",
-    "invert_mask": "--invert-mask",
-    "resize_mode": "--resize-mode",
-    "outpaint": "--outpaint",
-    "instruct": "--instruct",
-    "image_cfg_scale": "--image-cfg-scale",
+
+def _switch(value: object) -> bool:
+    if value is not True:
+        raise ValueError(value)
+    return True
+
+
+# Option -> (request field, converter). Most options are named as their field; a switch is True or
+# absent (None/False: not given). Generate-only options are listed in _GENERATE_ONLY below.
+_REQUEST_OPTIONS: dict[str, tuple[str, Callable]] = {
+    **{name: (name, int) for name in ("steps", "seed", "batch_size", "batch_count", "clip_skip", "variation_seed",
+                                      "hires_steps")},
+    **{name: (name, float) for name in ("cfg_scale", "refiner_switch_at", "hypernetwork_strength",
+                                        "variation_strength", "hires_scale", "hires_denoise")},
+    **{name: (name, str) for name in ("negative_prompt", "sampler", "schedule", "model", "vae", "refiner",
+                                      "hypernetwork", "hires_upscaler", "refiner_hires_pass")},
+    "tile": ("tile", _switch),
+    "hires": ("hires", _switch),
 }
-_EDIT_ONLY = frozenset({"mask", "strength", "mask_blur", "masked_content", "inpaint_area", "padding",
-                        "invert_mask", "resize_mode", "outpaint", "instruct", "image_cfg_scale"})
-_GENERATE_ONLY = frozenset({"from_image", "tile", "variation_seed", "variation_strength", "seed_resize_from", "hires",
-                            "hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise",
+# Option -> (EditOptions field, converter).
+_EDIT_OPTIONS: dict[str, tuple[str, Callable]] = {
+    "strength": ("denoising_strength", float),
+    "mask_blur": ("mask_blur_px", int),
+    "padding": ("padding_px", int),
+    "image_cfg_scale": ("image_cfg_scale", float),
+    **{name: (name, str) for name in ("masked_content", "inpaint_area", "resize_mode", "outpaint")},
+    "invert_mask": ("invert_mask", _switch),
+    "instruct": ("instruct", _switch),
+}
+_SIZE_OPTIONS = ("size", "hires_resize", "seed_resize_from")  # WIDTHxHEIGHT texts
+_EDIT_ONLY = frozenset({"mask", *_EDIT_OPTIONS})
+_GENERATE_ONLY = frozenset({"from_image", "styles", "tile", "variation_seed", "variation_strength", "seed_resize_from",
+                            "hires", "hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise",
                             "refiner_hires_pass"})
-_CONTROL_FLAGS = {
-    "image": "--control-image",
-    "module": "--control-module",
-    "weight": "--control-weight",
-    "start": "--control-start",
-    "end": "--control-end",
-    "mode": "--control-mode",
-    "resize": "--control-resize",
-    "res": "--control-res",
-    "threshold_a": "--control-threshold-a",
-    "threshold_b": "--control-threshold-b",
-    "mask": "--control-mask",
-}
-_PARSE_LOCK = threading.Lock()
-OPTION_NAMES = frozenset({"prompt", "image", "styles", "controlnets", *_FLAGS})
+# "from_image" is set by the server only (gallery "redo"), never taken from a client.
+OPTION_NAMES = frozenset({"prompt", "image", "mask", "from_image", "styles", "controlnets", *_REQUEST_OPTIONS,
+                          *_EDIT_OPTIONS, *_SIZE_OPTIONS})
 
 
 class JobStopped(Exception):
@@ -125,8 +96,39 @@ class RunControl:
     skip: threading.Event = field(default_factory=threading.Event)
 
 
-def cli_arguments(kind: str, options: Mapping[str, object], config: RunnerConfig) -> list[str]:
-    """The ``huabi generate|edit`` argument list that means ``options``."""
+def _converted(name: str, value: object, convert: Callable) -> object:
+    try:
+        return convert(value) if convert is _switch else convert(str(value))
+    except ValueError:
+        what = "a switch (true, or leave it out)" if convert is _switch else f"a {convert.__name__} value"
+        raise HuabiError(f"options: {name}: expected {what}, got {value!r}") from None
+
+
+def _given(options: Mapping[str, object], table: Mapping[str, tuple[str, Callable]]) -> dict[str, object]:
+    """The fields of ``table``'s options that are given (None and False mean "not given")."""
+    return {field_name: _converted(name, options[name], convert) for name, (field_name, convert) in table.items()
+            if options.get(name) is not None and options.get(name) is not False}
+
+
+def _control_input(options: Mapping[str, object]):
+    from huabi.service.requests import CONTROL_UNIT_OPTIONS, ControlInput
+
+    units = []
+    for unit in options.get("controlnets") or ():
+        fields: dict[str, object] = {"model": str(unit["model"])}
+        for name, (field_name, convert) in CONTROL_UNIT_OPTIONS.items():
+            if unit.get(name) is not None:
+                fields[field_name] = _converted(f"controlnets {name}", unit[name], convert)
+        units.append(fields)
+    return ControlInput(units=tuple(units)) if units else None
+
+
+def build_jobs(kind: str, options: Mapping[str, object], config: RunnerConfig):
+    """``options`` as the service's jobs: a list of :class:`~huabi.service.requests.PromptJob`
+    (generate) or the ``(request, edit options)`` pair (edit). Validates without loading a model."""
+    from huabi.service.pngio import read_infotext
+    from huabi.service.requests import REFINER_HIRES_PASSES, edit_job, prompt_jobs, with_sizes
+
     if kind not in KINDS:
         raise HuabiError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
     unknown = sorted(set(options) - OPTION_NAMES)
@@ -135,72 +137,37 @@ def cli_arguments(kind: str, options: Mapping[str, object], config: RunnerConfig
     wrong_kind = (_EDIT_ONLY if kind == "generate" else _GENERATE_ONLY) & {k for k, v in options.items() if v is not None}
     if wrong_kind:
         raise HuabiError(f"{sorted(wrong_kind)[0]}: not an option of {kind}")
-    argv = [kind]
-    for name, flag in _FLAGS.items():
-        value = options.get(name)
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        else:
-            argv += [flag, str(value)]
-    for style in options.get("styles") or ():
-        argv += ["--style", str(style)]
-    for unit in options.get("controlnets") or ():
-        argv += ["--controlnet", str(unit["model"])]
-        for name, flag in _CONTROL_FLAGS.items():
-            if unit.get(name) is not None:
-                argv += [flag, str(unit[name])]
-    if config.models_dir is not None:
-        argv += ["--models-dir", str(config.models_dir)]
-    if kind == "generate":
-        if config.wildcards_dir is not None:
-            argv += ["--wildcards", str(config.wildcards_dir)]
-        if config.embeddings_dir is not None:
-            argv += ["--embeddings", str(config.embeddings_dir)]
-    if config.styles_file is not None and options.get("styles"):
-        argv += ["--styles-file", str(config.styles_file)]
-    argv.append("--quiet")
     prompt = options.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise HuabiError("prompt: must be text")
-    positional = []
+    pass_name = options.get("refiner_hires_pass")
+    if pass_name is not None and pass_name not in REFINER_HIRES_PASSES:
+        raise HuabiError(f"options: refiner_hires_pass: must be one of {', '.join(REFINER_HIRES_PASSES)}, "
+                         f"got {pass_name!r}")
+    sizes = {name: str(options[name]) for name in _SIZE_OPTIONS if options.get(name) is not None}
+    values = with_sizes(_given(options, _REQUEST_OPTIONS), **sizes)
+    control = _control_input(options)
     if kind == "edit":
         if not options.get("image"):
             raise HuabiError("image: an edit needs an init image")
-        positional.append(str(options["image"]))
-    if prompt is not None:  # no prompt: --from's recorded one (an empty string would replace it)
-        positional.append(prompt)
-    return argv + ["--", *positional] if positional else argv
-
-
-def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse with the CLI's own parser; its usage errors become HuabiError (never SystemExit)."""
-    from huabi.cli.main import build_parser
-
-    errors = io.StringIO()
-    try:
-        # redirect_stderr swaps the process-wide sys.stderr: one parse at a time, or two request
-        # threads could restore each other's buffer and leave stderr pointing at one.
-        with _PARSE_LOCK, contextlib.redirect_stderr(errors):
-            return build_parser().parse_args(list(argv))
-    except SystemExit:
-        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
-        message = lines[-1].split("error: ", 1)[-1] if lines else "invalid options"
-        raise HuabiError(f"options: {message}") from None
+        mask = options.get("mask")
+        return edit_job(Path(str(options["image"])), prompt, values, _given(options, _EDIT_OPTIONS),
+                        mask_image=Path(str(mask)) if mask else None, control=control)
+    from_image = options.get("from_image")
+    if prompt is not None:
+        prompts = [prompt]
+    elif from_image:
+        prompts = [None]  # no prompt: --from's recorded one (an empty string would replace it)
+    else:
+        raise HuabiError("prompt: give a prompt, --prompt-file FILE or --from IMAGE")
+    styles = [str(style) for style in options.get("styles") or ()]
+    return prompt_jobs(prompts, values, from_infotext=read_infotext(Path(str(from_image))) if from_image else None,
+                       styles=styles, styles_file=config.styles_file if styles else None, control=control)
 
 
 def validate(kind: str, options: Mapping[str, object], config: RunnerConfig) -> None:
     """Build the requests without running them: bad options fail here, before a job is queued."""
-    args = parse_arguments(cli_arguments(kind, options, config))
-    if kind == "generate":
-        from huabi.cli.main import jobs_from_args
-
-        jobs_from_args(args)
-    else:
-        from huabi.cli.edit import request_from_args
-
-        request_from_args(args)
+    build_jobs(kind, options, config)
 
 
 def split_batches(request) -> list:
@@ -232,8 +199,13 @@ class Runner:
     def engine(self):
         with self._engine_lock:  # created once, whichever thread asks first
             if self._engine is None:
+                from huabi.service.device_choice import configure_threads
                 from huabi.service.engine import Engine
 
+                # The CLI's thread count (physical cores; HUABI_THREADS / OMP_NUM_THREADS win): the
+                # summation order, and so a pixel's last bit, depends on it, so the same count makes
+                # a server job's PNG byte-identical to the CLI's. The queue's worker thread follows it.
+                configure_threads()
                 self._engine = Engine(device=self.config.device, dtype=self.config.dtype,
                                       models_dir=self.config.models_dir, embeddings_dir=self.config.embeddings_dir)
             return self._engine
@@ -242,11 +214,11 @@ class Runner:
         """Make the images of one job into ``out_dir``. Raises JobStopped (with the finished
         images in ``.results``) when ``control.stop`` is set mid-job; ``control.skip`` ends the
         current batch and goes on with the next (A1111's skip)."""
-        args = parse_arguments(cli_arguments(kind, options, self.config))
+        built = build_jobs(kind, options, self.config)
         results: list[ImageResult] = []
         with self._lock:
             try:
-                for calls in self._call_groups(kind, args):
+                for calls in self._call_groups(kind, built):
                     for index, (request, call) in enumerate(calls):
                         control.skip.clear()
                         if control.stop.is_set():
@@ -275,26 +247,22 @@ class Runner:
                 raise
         return results
 
-    def _call_groups(self, kind: str, args: argparse.Namespace):
+    def _call_groups(self, kind: str, built):
         """Lists of (request, call) in the order the CLI runs them, one list per prompt; a request's
         batches are separate calls (same seeds, same files), so progress spans the whole job and
         skip/interrupt keep the finished batches."""
         engine = self.engine
         if kind == "edit":
-            from huabi.cli.edit import request_from_args
-
-            request, edit_options = request_from_args(args)
+            request, edit_options = built
             # One call: the outpaint fill and control maps are seeded once from the request's seed.
             yield [(request, lambda req, out, cb, pv: engine.edit(req, edit_options, out_dir=out, on_progress=cb,
                                                                  on_preview=pv))]
             return
-        from huabi.cli.main import jobs_from_args
         from huabi.service.requests import expand_prompt_job
 
-        for job in jobs_from_args(args):
+        for job in built:
             bundle = engine.load(job.request.model, job.request.vae, job.request.extra)
-            requests = expand_prompt_job(job, bundle.native_size_px, wildcards_dir=getattr(args, "wildcards_dir", None),
-                                         combinatorial=bool(getattr(args, "combinatorial", False)))
+            requests = expand_prompt_job(job, bundle.native_size_px, wildcards_dir=self.config.wildcards_dir)
             yield [(batch, lambda req, out, cb, pv: engine.generate(req, out_dir=out, on_progress=cb, on_preview=pv))
                    for request in requests for batch in split_batches(request)]
 

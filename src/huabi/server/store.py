@@ -1,22 +1,22 @@
-"""The server's SQLite database under --data-dir: the job queue and the gallery.
+"""The server's SQLite database under --data-dir: the job queue, beside the gallery's table.
 
-Durability: WAL journal with ``synchronous=FULL``, so a job row is on disk when
-``add_job`` returns and only then is the job acknowledged to the client. One
-connection guarded by a lock: the server writes a few rows per image, far
-below what SQLite serialises comfortably.
+The gallery (:mod:`huabi.service.gallery`) lives in the service layer so that the CLI records the
+images it writes into the same database. Durability: WAL journal with ``synchronous=FULL``, so a
+job row is on disk when ``add_job`` returns and only then is the job acknowledged to the client.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
+from huabi.service.gallery import Gallery, GalleryImage  # noqa: F401 -- GalleryImage: importable from here, as before
+
+JOBS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT UNIQUE NOT NULL,
@@ -33,23 +33,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     images TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT,
-    path TEXT UNIQUE NOT NULL,
-    thumbnail TEXT,
-    prompt TEXT NOT NULL,
-    negative_prompt TEXT NOT NULL,
-    seed INTEGER,
-    model TEXT,
-    sampler TEXT,
-    width INTEGER,
-    height INTEGER,
-    created REAL NOT NULL,
-    infotext TEXT NOT NULL,
-    favourite INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS images_created ON images(created);
 """
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = "queued", "running", "done", "failed", "cancelled", "interrupted"
@@ -78,57 +61,15 @@ class Job:
                 "finished": self.finished, "error": self.error, "images": self.images}
 
 
-@dataclass(frozen=True)
-class GalleryImage:
-    id: int
-    job_id: str | None
-    path: str
-    thumbnail: str | None
-    prompt: str
-    negative_prompt: str
-    seed: int | None
-    model: str | None
-    sampler: str | None
-    width: int | None
-    height: int | None
-    created: float
-    infotext: str
-    favourite: bool
-
-    def public(self) -> dict:
-        return {"id": self.id, "job_id": self.job_id, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "seed": self.seed, "model": self.model, "sampler": self.sampler, "width": self.width,
-                "height": self.height, "created": self.created, "infotext": self.infotext,
-                "favourite": self.favourite, "url": f"/huabi/v1/gallery/{self.id}/image",
-                "thumbnail_url": f"/huabi/v1/gallery/{self.id}/thumbnail"}
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-class Store:
+class Store(Gallery):
+    """The gallery's database with the job queue's table added."""
+
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, params)
-
-    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        super().__init__(path, extra_schema=JOBS_SCHEMA)
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -182,63 +123,9 @@ class Store:
                              (FAILED, time.time(), "the server stopped while this job ran; submit it again", RUNNING))
         return [row["id"] for row in rows]
 
-    # -- gallery ------------------------------------------------------------------------
-
-    def add_image(self, *, job_id: str | None, path: str, thumbnail: str | None, prompt: str, negative_prompt: str,
-                  seed: int | None, model: str | None, sampler: str | None, width: int | None, height: int | None,
-                  infotext: str) -> int:
-        cursor = self._execute(
-            "INSERT OR IGNORE INTO images (job_id, path, thumbnail, prompt, negative_prompt, seed, model, sampler, "
-            "width, height, created, infotext) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (job_id, path, thumbnail, prompt, negative_prompt, seed, model, sampler, width, height, time.time(),
-             infotext),
-        )
-        if cursor.rowcount == 1:
-            return int(cursor.lastrowid)
-        return int(self._query("SELECT id FROM images WHERE path = ?", (path,))[0][0])
-
-    def has_image_path(self, path: str) -> bool:
-        return bool(self._query("SELECT 1 FROM images WHERE path = ?", (path,)))
-
-    def image(self, image_id: int) -> GalleryImage | None:
-        rows = self._query("SELECT * FROM images WHERE id = ?", (image_id,))
-        return _image(rows[0]) if rows else None
-
-    def search_images(self, *, text: str | None = None, seed: int | None = None, model: str | None = None,
-                      sampler: str | None = None, favourite: bool | None = None, limit: int = 100,
-                      offset: int = 0) -> list[GalleryImage]:
-        where, params = [], []
-        if text:
-            where.append("(prompt LIKE ? ESCAPE '\\' OR negative_prompt LIKE ? ESCAPE '\\')")
-            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            params += [pattern, pattern]
-        for column, value in (("seed", seed), ("model", model), ("sampler", sampler)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if favourite is not None:
-            where.append("favourite = ?")
-            params.append(int(favourite))
-        sql = "SELECT * FROM images" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        return [_image(row) for row in self._query(sql, (*params, int(limit), int(offset)))]
-
-    def set_favourite(self, image_id: int, favourite: bool) -> bool:
-        return self._execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), image_id)).rowcount == 1
-
-    def delete_image(self, image_id: int) -> bool:
-        return self._execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount == 1
-
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], seq=row["seq"], kind=row["kind"], options=json.loads(row["options"]),
                source=row["source"], meta=json.loads(row["meta"]), priority=row["priority"], status=row["status"],
                created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
                images=json.loads(row["images"]))
-
-
-def _image(row: sqlite3.Row) -> GalleryImage:
-    return GalleryImage(id=row["id"], job_id=row["job_id"], path=row["path"], thumbnail=row["thumbnail"],
-                        prompt=row["prompt"], negative_prompt=row["negative_prompt"], seed=row["seed"],
-                        model=row["model"], sampler=row["sampler"], width=row["width"], height=row["height"],
-                        created=row["created"], infotext=row["infotext"], favourite=bool(row["favourite"]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_write_text
 
 # bf16 must beat fp32 by this factor in the probe to be chosen: below it the gain does
 # not pay for bf16's rounding (~1% pixel error).
@@ -193,11 +193,7 @@ def cached_probe(cpu: CpuInfo, *, cache_dir: Path | None = None,
     result = run()
     stored[key] = asdict(result)
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=".cpu_probe.", suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(stored, out, indent=1)
-        os.replace(tmp_name, cache_file)
+        atomic_write_text(cache_file, json.dumps(stored, indent=1))
     except OSError:
         pass  # a read-only cache only costs a probe next time
     return result, False

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from huabi.errors import HuabiError
-from huabi.service.pngio import save_png
+from huabi.service.pngio import claim_numbered_path, save_png
 
 if TYPE_CHECKING:
     from huabi.service.engine import GeneratedImage
@@ -32,18 +32,10 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
 
 
 def next_grid_path(out_dir: Path, prefix: str = "grid-") -> Path:
-    """The next free ``<prefix>NNNN.png`` in ``out_dir``, after the highest number there (A1111's
-    grid names: ``grid-0000.png``, ``xyz_grid-0000.png``)."""
-    highest = -1
-    if out_dir.is_dir():
-        for entry in out_dir.iterdir():
-            number = entry.name[len(prefix):].split(".")[0].split("-")[0]
-            if entry.name.startswith(prefix) and number.isdigit():
-                highest = max(highest, int(number))
-    number = highest + 1
-    while (out_dir / f"{prefix}{number:04d}.png").exists():
-        number += 1
-    return out_dir / f"{prefix}{number:04d}.png"
+    """Claim the next ``<prefix>NNNN.png`` in ``out_dir``, after the highest number there (A1111's
+    grid names: ``grid-0000.png``, ``xyz_grid-0000.png``), atomically as image names are claimed:
+    concurrent runs never write one grid name twice. ``save_png`` fills the claim."""
+    return claim_numbered_path(out_dir, prefix, lambda number: f"{prefix}{number:04d}.png", what="for a grid")
 
 
 def save_grid(results: Sequence[GeneratedImage], out_dir: Path) -> Path:

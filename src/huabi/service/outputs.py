@@ -9,7 +9,6 @@ error or a full disk leaves nothing half-written.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from huabi.errors import HuabiError
-from huabi.models.files import new_file_mode  # noqa: F401 -- also importable from here, as callers do
+from huabi.models.files import atomic_path, new_file_mode  # noqa: F401 -- new_file_mode: importable from here
 
 # Suffix -> Pillow format for image outputs whose name the user chooses.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -72,41 +71,20 @@ def image_format_for(path: Path, *, what: str = "--out") -> str:
 
 
 def save_image_file(image: Image.Image, path: str | os.PathLike[str], *, overwrite: bool = False,
-                    what: str = "--out") -> Path:
-    """Write ``image`` in the format its suffix names, atomically; an existing file is kept unless ``overwrite``."""
+                    what: str = "--out", pnginfo=None) -> Path:
+    """Write ``image`` in the format its suffix names, atomically; an existing file is kept unless
+    ``overwrite``. ``pnginfo`` (a ``PngInfo``): text chunks for a PNG."""
     path = Path(path).expanduser()
     image_format = image_format_for(path, what=what)
     check_output_file(path, overwrite=overwrite, what=what)
     if image_format == "JPEG" and image.mode not in ("L", "RGB", "CMYK"):
         image = image.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    extra = {"pnginfo": pnginfo} if pnginfo is not None and image_format == "PNG" else {}
     try:
-        try:
-            image.save(temp, format=image_format)
-            os.chmod(temp, new_file_mode())
-        except OSError as error:
-            raise HuabiError(f"{what} {path}: cannot write ({error.strerror or error})") from None
-        place_file(Path(temp), path, overwrite=overwrite, what=what)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+        with atomic_path(path, suffix=".tmp", overwrite=overwrite) as temp:
+            image.save(temp, format=image_format, **extra)
+    except FileExistsError:  # appeared after the check: kept
+        raise HuabiError(f"{what} {path}: already exists (pass --overwrite to replace it)") from None
+    except OSError as error:
+        raise HuabiError(f"{what} {path}: cannot write ({error.strerror or error})") from None
     return path
-
-
-def place_file(temp: Path, target: Path, *, overwrite: bool, what: str = "--out") -> None:
-    """Move a finished temp file to ``target``: a rename with ``overwrite``, else a link that
-    refuses to replace a file that appeared meanwhile."""
-    if overwrite:
-        os.replace(temp, target)
-        return
-    try:
-        os.link(temp, target)
-    except FileExistsError:
-        raise HuabiError(f"{what} {target}: already exists (pass --overwrite to replace it)") from None
-    except OSError:  # no hard links on this filesystem: check, then rename
-        if os.path.lexists(target):
-            raise HuabiError(f"{what} {target}: already exists (pass --overwrite to replace it)") from None
-        os.replace(temp, target)
-    with contextlib.suppress(OSError):
-        os.unlink(temp)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from huabi.errors import HuabiError
-from huabi.service.outputs import new_file_mode
+from huabi.models.files import atomic_write
 
 INFOTEXT_KEY = "parameters"
 _EXIF_IFD = 0x8769  # pointer to the Exif sub-IFD
@@ -67,8 +67,17 @@ def next_image_path(out_dir: str | os.PathLike[str], seed: int, prefix: str = ""
     the folder, so concurrent huabi writers never share a number either.
     ``save_png`` replaces the placeholder; ``release_claim`` removes an unused one.
     """
-    folder = Path(out_dir)
     lead = f"{prefix}-" if prefix else ""
+    return claim_numbered_path(out_dir, lead, lambda number: f"{lead}{number:05d}-{seed}.png",
+                               what=f"for seed {seed}")
+
+
+def claim_numbered_path(out_dir: str | os.PathLike[str], lead: str, name: Callable[[int], str], *,
+                        what: str = "") -> ClaimedImagePath:
+    """Claim ``out_dir / name(N)``: N one more than the highest number a file there starts with
+    (after ``lead``), created empty with O_EXCL under the folder lock (see :func:`next_image_path`);
+    image names and grid names (``grid-0000.png``) both come from here."""
+    folder = Path(out_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -76,7 +85,7 @@ def next_image_path(out_dir: str | os.PathLike[str], seed: int, prefix: str = ""
     with _folder_lock(folder):
         number = _highest_number(folder, lead) + 1
         for _attempt in range(100_000):
-            candidate = ClaimedImagePath(folder / f"{lead}{number:05d}-{seed}.png")
+            candidate = ClaimedImagePath(folder / name(number))
             try:
                 descriptor = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
@@ -90,7 +99,7 @@ def next_image_path(out_dir: str | os.PathLike[str], seed: int, prefix: str = ""
                 os.close(descriptor)
             candidate.claim = (status.st_dev, status.st_ino)
             return candidate
-    raise HuabiError(f"{folder}: no free numbered file name for seed {seed}")
+    raise HuabiError(f"{folder}: no free numbered file name {what}".rstrip())
 
 
 def release_claim(path: str | os.PathLike[str]) -> None:
@@ -170,41 +179,15 @@ def _save_png(image: Image.Image, target: Path, infotext: str) -> Path:
     info.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt: what A1111 writes
 
     try:
-        handle = tempfile.NamedTemporaryFile(
-            dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp", delete=False
-        )
-    except OSError as error:
-        raise HuabiError(f"{target}: cannot write ({error.strerror or error})") from None
-    temp = Path(handle.name)
-    try:
-        try:
-            with handle:
-                image.save(handle, format="PNG", pnginfo=info)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temp, new_file_mode())  # mkstemp makes 0600; outputs follow the umask
-        except OSError as error:  # disk full, quota, I/O error: one line naming the file
-            raise HuabiError(f"{target}: cannot write ({error.strerror or error})") from None
-        if claimed:
-            os.replace(temp, target)  # fills our own empty placeholder, atomically
-        else:
-            _move_without_overwrite(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
-
-
-def _move_without_overwrite(temp: Path, target: Path) -> None:
-    """Put ``temp`` at ``target`` atomically, failing if ``target`` appeared meanwhile."""
-    try:
-        os.link(temp, target)  # atomic and refuses to replace an existing file
+        # A claimed placeholder is ours to replace; any other existing file is kept. The ".tmp"
+        # suffix lets the server remove a write cut short (jobs.py's recovery).
+        atomic_write(target, lambda handle: image.save(handle, format="PNG", pnginfo=info), suffix=".tmp",
+                     overwrite=claimed)
     except FileExistsError:
         raise HuabiError(f"{target}: already exists; not overwriting it") from None
-    except OSError:
-        # Filesystems without hard links: check, then rename (a tiny race remains).
-        if target.exists():
-            raise HuabiError(f"{target}: already exists; not overwriting it") from None
-        os.replace(temp, target)
+    except OSError as error:  # disk full, quota, I/O error: one line naming the file
+        raise HuabiError(f"{target}: cannot write ({error.strerror or error})") from None
+    return target
 
 
 # Limits on what huabi reads from an image file (docs/limits.md). A 74-byte PNG can claim
@@ -271,7 +254,7 @@ def read_infotext(path: str | os.PathLike[str]) -> str:
     if text is None:
         try:
             with open_image(source, what="") as image:
-                text = _exif_infotext(image)
+                text = exif_infotext(image)
         except HuabiError as error:
             if "not a readable image (UnidentifiedImageError)" in str(error):
                 raise HuabiError(f"{source}: not an image file (or one Pillow cannot read)") from None
@@ -348,7 +331,7 @@ def _inflate(source: Path, data: bytes, key: str) -> bytes:
     return text
 
 
-def _exif_infotext(image: Image.Image) -> str | None:
+def exif_infotext(image: Image.Image) -> str | None:
     """JPEG/WebP: A1111's EXIF UserComment (or a ``parameters`` entry Pillow found)."""
     text = image.info.get(INFOTEXT_KEY)
     if isinstance(text, bytes):

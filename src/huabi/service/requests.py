@@ -116,6 +116,36 @@ def read_styles(path: Path) -> dict:
     return parse_styles_csv(text, source=str(path))
 
 
+# User-level names of a ControlNet unit's settings -> (ControlUnit field, converter). The CLI's
+# ``--control-NAME`` flags and the server's unit objects both use these names.
+CONTROL_UNIT_OPTIONS: dict[str, tuple[str, type]] = {
+    "image": ("image", str),
+    "module": ("module", str),
+    "weight": ("weight", float),
+    "start": ("guidance_start", float),
+    "end": ("guidance_end", float),
+    "mode": ("control_mode", str),
+    "resize": ("resize_mode", str),
+    "res": ("processor_res", int),
+    "threshold_a": ("threshold_a", float),
+    "threshold_b": ("threshold_b", float),
+    "mask": ("mask", str),
+}
+
+
+def with_sizes(values: Mapping[str, Any], *, size: str | None = None, hires_resize: str | None = None,
+               seed_resize_from: str | None = None) -> dict[str, Any]:
+    """``values`` plus the request fields of the ``WIDTHxHEIGHT`` texts given (None: not given)."""
+    fields = dict(values)
+    for text, field, example in ((hires_resize, "hires_resize_px", "1024x1024"),
+                                 (seed_resize_from, "seed_resize_from_px", "512x512")):
+        if text is not None:
+            fields[field] = parse_size(text, field.removesuffix("_px").replace("_", " "), example)
+    if size is not None:
+        fields["width_px"], fields["height_px"] = parse_size(size)
+    return fields
+
+
 # ---------------------------------------------------------------------------- shared pieces
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,24 +274,14 @@ def save_upscaled(result: UpscaleResult, path: Path, parameters: str | None) -> 
     --from`` on the upscaled file still redoes the original)."""
     from PIL.PngImagePlugin import PngInfo
 
-    from huabi.service.outputs import new_file_mode, place_file
+    from huabi.service.outputs import save_image_file
     from huabi.service.pngio import INFOTEXT_KEY
 
     info = PngInfo()
     if parameters:
         info.add_itxt(INFOTEXT_KEY, parameters)
     info.add_itxt(POSTPROCESS_KEY, postprocess_infotext(result.scale, result.upscaler))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".huabi-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        result.image.save(temp, format="PNG", pnginfo=info)
-        os.chmod(temp, new_file_mode())
-        place_file(Path(temp), path, overwrite=False)  # a file that appeared meanwhile is kept
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_image_file(result.image, path, pnginfo=info)  # a file that appeared meanwhile is kept
 
 
 def iter_output_paths(out_dir: Path, stem: str) -> Iterator[Path]:

@@ -14,7 +14,6 @@ atomically and ``meta.json`` last, so a folder with ``meta.json`` is complete.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_path
 from huabi.train.common import atomic_torch_save, atomic_write_text, autocast, load_torch_file
 from huabi.train.data import CLIP_CONTEXT, TrainingImages
 
@@ -103,18 +103,18 @@ def build_cache(
 
     text_encoder.eval()
     width = int(text_encoder.config.hidden_size)
-    tmp_path = cache_dir / ".text.tmp.npy"
-    text = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16, shape=(len(token_ids), CLIP_CONTEXT, width))
-    for start in range(0, len(token_ids), batch_size):
-        ids = token_ids[start : start + batch_size].to(device)
-        with autocast(device, precision):
-            hidden = text_encoder(input_ids=ids).last_hidden_state
-        text[start : start + len(ids)] = hidden.float().cpu().numpy().astype(np.float16)
-        if (start // batch_size) % 100 == 0:
-            log(f"[cache] captions {min(len(token_ids), start + batch_size)}/{len(token_ids)}")
-    text.flush()
-    del text
-    os.replace(tmp_path, cache_dir / "text.npy")
+    with atomic_path(cache_dir / "text.npy") as tmp_path:
+        text = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16,
+                                         shape=(len(token_ids), CLIP_CONTEXT, width))
+        for start in range(0, len(token_ids), batch_size):
+            ids = token_ids[start : start + batch_size].to(device)
+            with autocast(device, precision):
+                hidden = text_encoder(input_ids=ids).last_hidden_state
+            text[start : start + len(ids)] = hidden.float().cpu().numpy().astype(np.float16)
+            if (start // batch_size) % 100 == 0:
+                log(f"[cache] captions {min(len(token_ids), start + batch_size)}/{len(token_ids)}")
+        text.flush()
+        del text
     meta = {
         "format": CACHE_FORMAT_VERSION,
         "scaling_factor": scaling,

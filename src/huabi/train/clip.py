@@ -119,8 +119,8 @@ def images_for_vision(pixels: torch.Tensor, image_px: int) -> torch.Tensor:
 
 def contrastive_loss(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, same: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Symmetric InfoNCE; ``same[i, j]`` marks pairs whose captions are identical (not negatives)."""
-    text = F.normalize(_features(model.get_text_features(input_ids=input_ids)), dim=-1)
-    image = F.normalize(_features(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+    text = F.normalize(feature_tensor(model.get_text_features(input_ids=input_ids)), dim=-1)
+    image = F.normalize(feature_tensor(model.get_image_features(pixel_values=pixel_values)), dim=-1)
     logits = model.logit_scale.exp() * text.float() @ image.float().T
     if same is not None:
         # A caption shared by two images is a positive for both: mask the off-diagonal duplicates out.
@@ -145,8 +145,8 @@ def trim_padding(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids[:, :length]
 
 
-def _features(output) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput from get_*_features; older versions a tensor
+def feature_tensor(output) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput from get_*feature_tensor; older versions a tensor
     if isinstance(output, torch.Tensor):
         return output
     return output.pooler_output

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_path
 from huabi.train.common import atomic_write_text
 
 CLIP_CONTEXT = 77  # CLIP text positions: BOS + 75 tokens + EOS
@@ -112,9 +112,8 @@ def load_training_images(
             log(f"[data] decoded {i + 1}/{len(names)}")
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".pixels-{size_px}.{os.getpid()}.tmp.npy"  # stages decoding side by side
-        np.save(tmp, pixels)
-        tmp.replace(cache_dir / f"pixels-{size_px}.npy")
+        with atomic_path(cache_dir / f"pixels-{size_px}.npy") as temp:  # stages decoding side by side
+            np.save(temp, pixels)
         meta = {"signature": signature, "data_dir": str(data_dir), "names": names, "captions": per_image}
         atomic_write_text(cache_dir / f"pixels-{size_px}.json", json.dumps(meta))
     return _assemble(pixels, names, per_image)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,10 +35,11 @@ from pathlib import Path
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_copy
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.common import atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import default_tokenizer
-from huabi.train.recipe import RecipeRun, _images, _refresh_repo_log, _token_ids, is_done
+from huabi.train.recipe import RecipeRun, caption_token_ids, is_done, refresh_repo_log, training_images
 from huabi.train.unet import UNetModelConfig, UNetTrainConfig, train_unet
 
 V2_STAGES = ("base", "cache", "unet", "export")
@@ -92,7 +92,7 @@ def _base_paths(run: RecipeRun) -> tuple[Path, Path]:
 def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
     atomic_write_text(run.state_dir / stage / "done.json", json.dumps(summary, indent=1))
     run.log(f"[{stage}] done: {json.dumps(summary)}")
-    _refresh_repo_log(run)
+    refresh_repo_log(run)
 
 
 def load_base(run: RecipeRun):
@@ -121,15 +121,13 @@ def stage_base(run: RecipeRun, recipe: MiniV2Recipe, base_model: Path, base_clip
                 f"{source.name} is not huabi-mini v1 (sha256 {digest[:12]}, expected {expected[:12]}); "
                 f"get v1 with: git show {V1_COMMIT}:src/huabi/assets/models/{source.name} > FILE, then --base-model FILE"
             )
-        tmp = dst.with_name("." + dst.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(dst)
+        atomic_copy(source, dst)
     _mark_done(run, "base", {"model": str(base_model), "clip": str(base_clip), "model_sha256": _sha256(model_dst)})
 
 
 def stage_cache(run: RecipeRun, recipe: MiniV2Recipe) -> None:
-    images = _images(run, recipe)
-    token_ids = _token_ids(run, images, default_tokenizer())
+    images = training_images(run, recipe)
+    token_ids = caption_token_ids(run, images, default_tokenizer())
     started = time.time()
     base = load_base(run)
     # the warm-started UNet learned latents scaled by v1's factor: keep it, do not re-estimate
@@ -227,13 +225,11 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     path = save_single_file(parts, run.out_path, dtype=torch.float16, metadata=metadata)
     _, base_clip = _base_paths(run)
     if run.clip_out_path.resolve() != base_clip.resolve():
-        tmp = run.clip_out_path.with_name("." + run.clip_out_path.name + ".tmp")
-        shutil.copyfile(base_clip, tmp)
-        tmp.replace(run.clip_out_path)
+        atomic_copy(base_clip, run.clip_out_path)
     summary = {"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), "clip_out": str(run.clip_out_path), "unet_step": step}
     if snapshot:
         run.log(f"[snapshot] v2 UNet step {step} (EMA) exported: {json.dumps(summary)}")
-        _refresh_repo_log(run)
+        refresh_repo_log(run)
     return summary
 
 
@@ -284,4 +280,4 @@ def run_v2(
             stage_unet(run, recipe)
         else:
             _mark_done(run, "export", write_v2_export(run, recipe))
-    _refresh_repo_log(run)
+    refresh_repo_log(run)

@@ -19,7 +19,6 @@ config), ``<stage>/done.json``, ``data/`` (decoded pixels, token ids), ``cache/`
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from huabi.errors import HuabiError
+from huabi.models.files import atomic_copy
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.clip import CLIPModelConfig, CLIPTrainConfig, train_clip
 from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, ema_weights, load_torch_file
@@ -129,16 +129,13 @@ def is_done(state_dir: Path, stage: str) -> bool:
 def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
     atomic_write_text(run.state_dir / stage / "done.json", json.dumps(summary, indent=1))
     run.log(f"[{stage}] done: {json.dumps(summary)}")
-    _refresh_repo_log(run)
+    refresh_repo_log(run)
 
 
-def _refresh_repo_log(run: RecipeRun) -> None:
+def refresh_repo_log(run: RecipeRun) -> None:
     source = run.state_dir / "train.log"
     if run.repo_log is not None and source.exists():
-        run.repo_log.parent.mkdir(parents=True, exist_ok=True)
-        tmp = run.repo_log.with_name("." + run.repo_log.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(run.repo_log)
+        atomic_copy(source, run.repo_log)
 
 
 def _save_final(path: Path, model: torch.nn.Module, model_config, extra: dict | None = None) -> None:
@@ -152,11 +149,11 @@ def _load_final(run: RecipeRun, stage: str) -> dict:
     return load_torch_file(path, what=f"{stage} weights")
 
 
-def _images(run: RecipeRun, recipe: MiniRecipe) -> TrainingImages:
+def training_images(run: RecipeRun, recipe: MiniRecipe) -> TrainingImages:
     return load_training_images(run.data_dir, recipe.size_px, run.state_dir / "data", frozen=True, log=run.log)
 
 
-def _token_ids(run: RecipeRun, images: TrainingImages, tokenizer) -> torch.Tensor:
+def caption_token_ids(run: RecipeRun, images: TrainingImages, tokenizer) -> torch.Tensor:
     path = run.state_dir / "data" / "tokens.pt"
     if path.exists():
         saved = load_torch_file(path, what="token cache")
@@ -175,7 +172,7 @@ def _params_m(module: torch.nn.Module) -> float:
 
 
 def stage_vae(run: RecipeRun, recipe: MiniRecipe) -> None:
-    images = _images(run, recipe)
+    images = training_images(run, recipe)
     started = time.time()
     vae_model = recipe.vae_model.build(seed=recipe.vae.seed)
     run.log(f"[vae] {len(images)} images at {images.size_px} px; AutoencoderKL {_params_m(vae_model):.2f}M params; {recipe.vae}")
@@ -185,8 +182,8 @@ def stage_vae(run: RecipeRun, recipe: MiniRecipe) -> None:
 
 
 def stage_clip(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
-    images = _images(run, recipe)
-    token_ids = _token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
+    images = training_images(run, recipe)
+    token_ids = caption_token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
     started = time.time()
     model = recipe.clip_model.build(seed=recipe.clip.seed)
     run.log(
@@ -213,8 +210,8 @@ def _load_clip(run: RecipeRun, recipe: MiniRecipe):
 
 
 def stage_cache(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
-    images = _images(run, recipe)
-    token_ids = _token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
+    images = training_images(run, recipe)
+    token_ids = caption_token_ids(run, images, tokenizer if tokenizer is not None else default_tokenizer())
     started = time.time()
     vae = _load_vae(run, recipe).to(run.device)
     text_encoder = _load_clip(run, recipe).text_model.to(run.device)
@@ -321,7 +318,7 @@ def export_snapshot(run: RecipeRun, recipe: MiniRecipe) -> dict:
     unet_final, step, total = _unet_snapshot(run)
     summary = _write_export(run, recipe, unet_final=unet_final, extra_metadata={"huabi.unet_step": f"{step}/{total}"})
     run.log(f"[snapshot] UNet step {step}/{total} (EMA) exported: {json.dumps(summary)}")
-    _refresh_repo_log(run)
+    refresh_repo_log(run)
     return summary
 
 
@@ -379,4 +376,4 @@ def run_recipe(run: RecipeRun, recipe: MiniRecipe = MiniRecipe(), stages: Sequen
             stage_unet(run, recipe)
         else:
             stage_export(run, recipe)
-    _refresh_repo_log(run)
+    refresh_repo_log(run)

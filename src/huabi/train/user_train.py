@@ -179,12 +179,13 @@ class TextCache:
 
 def encode_captions(bundle, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The family's conditioning of plain captions: [B, 77, width] (SDXL: both encoders) and pooled."""
-    from huabi.core.conditioning import _FAMILY_RULES, _run_encoder  # the family's layer rules, shared with inference
+    from huabi.core.conditioning import FAMILY_ENCODER_RULES, run_text_encoder  # the layer rules inference uses
 
     states, pooled = [], None
-    for encoder, tokenizer, (rule, want_pooled) in zip(bundle.text_encoders, bundle.tokenizers, _FAMILY_RULES[bundle.family]):
+    rules = FAMILY_ENCODER_RULES[bundle.family]
+    for encoder, tokenizer, (rule, want_pooled) in zip(bundle.text_encoders, bundle.tokenizers, rules):
         ids = tokenizer(list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        hidden, pool = _run_encoder(encoder, ids.to(device), rule, 1, want_pooled)
+        hidden, pool = run_text_encoder(encoder, ids.to(device), rule, 1, want_pooled)
         states.append(hidden)
         if want_pooled:
             pooled = pool
