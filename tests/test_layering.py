@@ -33,7 +33,12 @@ ALLOWED["service"] = ALLOWED["service"] | {"backends"}
 # request builders through cli.main/cli.edit while `huabi serve` lives in cli/. The fix is for
 # server/runner.py to call service.requests directly; then this set goes.
 KNOWN_CYCLES = [sorted(["huabi.cli.edit", "huabi.cli.main", "huabi.cli.serve", "huabi.server.app",
-                        "huabi.server.jobs", "huabi.server.routes", "huabi.server.runner"])]
+                        "huabi.server.jobs", "huabi.server.routes", "huabi.server.runner"]),
+               # With --ray, app.py makes a ray_executor, whose ServerWorker runs jobs through runner.py:
+               # the same debt (runner -> cli.main), one module longer; it goes with the fix above.
+               sorted(["huabi.cli.edit", "huabi.cli.main", "huabi.cli.serve", "huabi.server.app",
+                       "huabi.server.jobs", "huabi.server.ray_executor", "huabi.server.routes",
+                       "huabi.server.runner"])]
 ALWAYS = {"errors", "__init__"}  # huabi.errors and ``from huabi import __version__``
 
 
