@@ -68,6 +68,21 @@ class WorkerLost(Exception):
     pass
 
 
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """One clear line when nothing listens at HOST:PORT (the head's GCS port, 6379 by default)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise HuabiError(f"ray: address must be HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379), got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise HuabiError(f"ray: cannot connect to {address} ({err.strerror or err}); is `ray start --head` "
+                         "running there?") from None
+
+
 class RayPool:
     def __init__(self, address: str | None, *, worker_class: type | None = None, max_attempts: int = 3, sync_every_s: float = 2.0,
                  poll_every_s: float = 0.25) -> None:
@@ -98,6 +113,8 @@ class RayPool:
 
         self._ray = ray
         address = None if self.address in (None, "", "auto") else self.address
+        if address is not None:
+            check_reachable(address)  # ray.init retries an unreachable head for minutes
         try:
             context = ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.ERROR,
                                log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
