@@ -165,7 +165,7 @@ def test_twenty_jobs_over_two_workers_match_a_local_run(server, models_dir, tmp_
 
 
 def test_a_worker_killed_mid_job_loses_nothing(server, models_dir, tmp_path):
-    first = submit(server, prompt="long one", seed=7, steps=400)
+    first = submit(server, prompt="long one", seed=7, steps=200)
     rest = [submit(server, prompt=f"after {i}", seed=20 + i) for i in range(3)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -180,7 +180,7 @@ def test_a_worker_killed_mid_job_loses_nothing(server, models_dir, tmp_path):
     done = server.wait_job(first, timeout_s=300)
     assert done["status"] == "done", done["error"]
     assert done["worker"] != victim  # run again on another worker
-    assert job_png(server, done) == local_png(tmp_path, models_dir, "long one", 7, "--steps", "400")
+    assert job_png(server, done) == local_png(tmp_path, models_dir, "long one", 7, "--steps", "200")
     others = [server.wait_job(job_id, timeout_s=300) for job_id in rest]
     assert [job["status"] for job in others] == ["done"] * 3
     assert "lost mid-job" in server.log_text()
@@ -195,7 +195,7 @@ def test_a_worker_killed_mid_job_loses_nothing(server, models_dir, tmp_path):
 
 
 def test_cancel_reaches_the_worker(server):
-    job_id = submit(server, prompt="to cancel", seed=3, steps=2000)
+    job_id = submit(server, prompt="to cancel", seed=3, steps=1000, batch_count=4)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job = server.get(f"/huabi/v1/jobs/{job_id}").json()
@@ -206,7 +206,7 @@ def test_cancel_reaches_the_worker(server):
     started = time.monotonic()
     job = server.wait_job(job_id, timeout_s=120)
     assert job["status"] == "cancelled"
-    # 2000 steps take minutes; the worker stopped at its next step, and it takes work again:
+    # 4 x 1000 steps take minutes; the worker stopped at its next step, and it takes work again:
     assert time.monotonic() - started < 60
     after = server.wait_job(submit(server, prompt="next", seed=4), timeout_s=120)
     assert after["status"] == "done"
