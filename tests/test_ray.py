@@ -227,8 +227,29 @@ def test_worker_refuses_a_file_that_is_not_the_heads(models_dir, tmp_path):
         check_fingerprints([head], tmp_path / "empty", "w")
 
 
+def test_head_killed_and_restarted_keeps_the_queue(server, models_dir):
+    running = submit(server, prompt="running when the head dies", seed=5, steps=300)
+    queued = [submit(server, prompt=f"queued {i}", seed=40 + i, steps=200, batch_count=2) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while server.get(f"/huabi/v1/jobs/{running}").json().get("progress", {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    server.kill9()  # the head: its workers end with it (Ray ends an owner's actors)
+    again = ServerProcess(server.data_dir, models_dir, "--model", TINY, "--ray", server.extra[-1])
+    again.start(timeout_s=180)
+    try:
+        jobs = [again.wait_job(job_id, timeout_s=300) for job_id in queued]
+        assert [job["status"] for job in jobs] == ["done"] * 4, [job["error"] for job in jobs]
+        assert all(job["worker"] for job in jobs)
+        lost = again.get(f"/huabi/v1/jobs/{running}").json()
+        # Jobs running when the head died are reported failed, as without Ray (queued ones all ran).
+        assert lost["status"] == "failed" and "the server stopped while this job ran" in lost["error"]
+    finally:
+        again.stop()
+
+
 def test_batch_prompt_file_on_ray_is_byte_identical_to_a_local_run(server, cluster, models_dir, tmp_path):
-    server.stop()  # its workers hold both slots; the batch command makes its own
+    server.stop()  # (stopped already when the head test ran) its workers would hold both slots
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a small house number {i}\n" for i in range(6)), encoding="utf-8")
     common = ["generate", "--prompt-file", str(prompts), "--seed", "11", "--steps", "2", "--size", "64x64",
