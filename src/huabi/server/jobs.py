@@ -69,6 +69,7 @@ class _Running:
     job: Job
     control: RunControl = field(default_factory=RunControl)
     interrupted: bool = False
+    progress: Progress | None = None  # this job's own (``JobQueue.progress`` is the latest of any job)
 
 
 class JobQueue:
@@ -194,8 +195,10 @@ class JobQueue:
         shown = running.get(self.progress.job_id) if self.progress.job_id else None
         return shown or min(running.values(), key=lambda r: r.job.seq, default=None)
 
-    def running_ids(self) -> list[str]:
-        return list(self._running)
+    def progress_of(self, job_id: str) -> Progress | None:
+        """A running job's progress (several run at once with a scale-out executor); None otherwise."""
+        running = self._running.get(job_id)
+        return running.progress if running is not None else None
 
     def listen(self) -> queue_module.Queue:
         listener: queue_module.Queue = queue_module.Queue(maxsize=1000)
@@ -257,13 +260,13 @@ class JobQueue:
     def _run(self, running: _Running) -> dict:
         job = running.job
         started = time.time()
-        self.progress = Progress(job_id=job.id, phase="loading", started=started)
+        self.progress = running.progress = Progress(job_id=job.id, phase="loading", started=started)
         self._emit({"event": "started", "job": job.id})
 
         def on_progress(done: int, total: int, phase: str) -> None:
             preview = self.progress.preview if self.progress.job_id == job.id else None
-            self.progress = Progress(job_id=job.id, step=done, total=total, phase=phase, started=started,
-                                     preview=preview)
+            self.progress = running.progress = Progress(job_id=job.id, step=done, total=total, phase=phase,
+                                                        started=started, preview=preview)
             self._emit({"event": "progress", "job": job.id, "step": done, "total": total, "phase": phase})
 
         def on_preview(png: bytes) -> None:
