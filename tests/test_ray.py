@@ -8,6 +8,7 @@ Ray must be installed (the [dev] extra pulls the [ray] extra): an import failure
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_worker_refuses_a_file_that_is_not_the_heads(models_dir, tmp_path):
         check_fingerprints([head], tmp_path / "empty", "w")
 
 
-def test_head_killed_and_restarted_keeps_the_queue(server, models_dir):
+def test_head_killed_and_restarted_keeps_the_queue_and_a_late_node_gets_work(server, cluster, models_dir):
     running = [submit(server, prompt=f"running when the head dies {i}", seed=5 + i, steps=300) for i in range(2)]
     queued = [submit(server, prompt=f"queued {i}", seed=40 + i) for i in range(3)]
     deadline = time.monotonic() + 120
@@ -242,6 +243,15 @@ def test_head_killed_and_restarted_keeps_the_queue(server, models_dir):
         jobs = [again.wait_job(job_id, timeout_s=300) for job_id in queued]
         assert [job["status"] for job in jobs] == ["done"] * 3, [job["error"] for job in jobs]
         assert all(job["worker"] for job in jobs)
+        # A machine that joins the running cluster gets a worker, and work, without a restart.
+        cluster.add_worker()
+        deadline = time.monotonic() + 120
+        while len(re.findall(r"ray: worker .* ready", again.log_text())) < 3:
+            assert time.monotonic() < deadline, again.log_text()[-2000:]
+            time.sleep(0.2)
+        ids = [submit(again, prompt=f"three at once {i}", seed=i, steps=40) for i in range(3)]
+        workers = {again.wait_job(job_id)["worker"] for job_id in ids}
+        assert len(workers) == 3, workers  # three jobs, three workers at once
         # Jobs running when the head died are reported failed, as without Ray.
         for job_id in running:
             lost = again.get(f"/huabi/v1/jobs/{job_id}").json()
