@@ -84,8 +84,8 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 class RayPool:
-    def __init__(self, address: str | None, *, worker_class: type | None = None, max_attempts: int = 3, sync_every_s: float = 2.0,
-                 poll_every_s: float = 0.25) -> None:
+    def __init__(self, address: str | None, *, worker_class: type | None = None, max_attempts: int = 3,
+                 sync_every_s: float = 2.0, poll_every_s: float = 0.25) -> None:
         if max_attempts < 1:
             raise HuabiError(f"ray attempts: must be >= 1, got {max_attempts}")
         self.address = address
@@ -120,7 +120,8 @@ class RayPool:
                                log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = address or "the local cluster (RAY_ADDRESS or a `ray start --head` on this machine)"
-            raise HuabiError(f"ray: cannot connect to {where} ({str(err).splitlines()[0] if str(err) else err})") from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise HuabiError(f"ray: cannot connect to {where} ({reason})") from None
         url = getattr(context, "dashboard_url", None)
         self.dashboard_url = (url if url.startswith("http") else f"http://{url}") if url else None
         self._version = __version__
