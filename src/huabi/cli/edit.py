@@ -96,7 +96,7 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from huabi.cli.common import ProgressBar, gallery_recorder, keep_and_record, make_studio, print_saved_paths
-    from huabi.cli.flow_options import with_flow_extras
+    from huabi.service.requests import with_flow_extras
     from huabi.service.engine import Job
     from huabi.service.outputs import check_output_folder
 

@@ -26,14 +26,3 @@ def text_encoder_files(args: argparse.Namespace) -> dict[str, Path]:
     return {name: getattr(args, name) for name in ("clip_l", "clip_g", "t5xxl") if getattr(args, name, None)}
 
 
-def with_flow_extras(request, args: argparse.Namespace):
-    """``request`` with ``--distilled-cfg`` / ``--shift`` recorded as Forge's infotext keys (flags win over --from)."""
-    values = {"Distilled CFG Scale": getattr(args, "distilled_cfg", None), "Shift": getattr(args, "shift", None)}
-    values = {key: value for key, value in values.items() if value is not None}
-    if not values:
-        return request
-    for key, value in values.items():
-        if value <= 0:
-            raise HuabiError(f"{key}: must be > 0, got {value:g}")
-    kept = tuple((key, value) for key, value in request.extra if key not in values)
-    return request.replace(extra=kept + tuple((key, f"{value:g}") for key, value in values.items()))

@@ -31,10 +31,12 @@ from huabi.cli import edit as edit_cli
 from huabi.cli import eval as eval_cli
 from huabi.cli import lora as lora_cli
 from huabi.cli import models_cli
+from huabi.cli import ray_batch
 from huabi.cli import serve as serve_cli
 from huabi.cli import upscale as upscale_cli
 from huabi.cli import xyz as xyz_cli
-from huabi.cli.flow_options import add_flow_options, with_flow_extras
+from huabi.cli.flow_options import add_flow_options
+from huabi.service.requests import with_flow_extras
 from huabi.cli.parsing import HuabiArgumentParser, in_user_words, quiet_libraries
 from huabi.errors import HuabiError
 
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: $HUABI_EMBEDDINGS_DIR, MODELS_DIR/embeddings, $HUABI_HOME/embeddings "
                           "or ~/huabi/embeddings)")
     lora_cli.add_lora_flag(gen)
+    ray_batch.add_ray_flags(gen)
     control_cli.add_control_options(gen)
     add_model_options(gen)
     add_flow_options(gen)
@@ -183,6 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
+    if getattr(args, "ray", None):  # scale-out (docs/scale-out.md): imports ray, only here
+        return ray_batch.generate_on_ray(args, jobs_from_args(args))
     jobs = jobs_from_args(args)
     studio = make_studio(args)
     recorder = gallery_recorder()

@@ -41,6 +41,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     serve.add_argument("--styles-file", type=Path, metavar="PATH", help="A1111 styles.csv")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+    scale = serve.add_argument_group("scale-out on Ray (docs/scale-out.md; needs the [ray] extra)")
+    scale.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                       help="run jobs on the huabi workers of a Ray cluster (HOST:PORT of its head; "
+                            "default: the cluster on this machine); models are read by path on shared storage")
+    scale.add_argument("--worker-threads", type=int, metavar="N",
+                       help="torch threads on the workers (default: this machine's; the same count gives "
+                            "byte-identical PNGs)")
+    scale.add_argument("--ray-attempts", type=int, default=3, metavar="N",
+                       help="runs of a job whose worker dies before the job fails (default 3)")
     limits = serve.add_argument_group("limits (each refusal is a 4xx with a one-line reason)")
     limits.add_argument("--max-body-mb", type=float, default=50, help="request body size (default 50 MB)")
     limits.add_argument("--max-pixels", type=int, default=2048 * 2048,
@@ -76,6 +85,8 @@ def config_from_args(args: argparse.Namespace):
     if not is_loopback(args.host) and not credentials and not args.insecure:
         raise HuabiError(f"serve: listening on {args.host} lets other machines in; add --api-auth USER:PASS "
                          "(or --insecure if you mean it)")
+    if args.worker_threads is not None and args.worker_threads < 1:
+        raise HuabiError(f"worker-threads: must be >= 1, got {args.worker_threads}")
     if not 0 < args.port < 65536:
         raise HuabiError(f"port: must be from 1 to 65535, got {args.port}")
     runner = RunnerConfig(models_dir=args.models_dir, device=args.device, dtype=args.dtype,
@@ -85,7 +96,8 @@ def config_from_args(args: argparse.Namespace):
                     max_side_px=args.max_side, max_batch_images=args.max_batch, max_prompt_chars=args.max_prompt,
                     max_queued=args.max_queue)
     return ServerConfig(data_dir=(args.data_dir or default_data_dir()).expanduser(), runner=runner, limits=limits,
-                        credentials=credentials, default_model=args.model,
+                        credentials=credentials, default_model=args.model, ray=args.ray,
+                        ray_threads=args.worker_threads, ray_attempts=args.ray_attempts,
                         gallery_folders=tuple(folder.expanduser().resolve() for folder in args.gallery_folders))
 
 
@@ -105,6 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as err:
         raise HuabiError(f"serve: cannot listen on {args.host}:{args.port} ({err.strerror or err})") from None
     shown = f"[{args.host}]" if ":" in args.host else args.host
+    pool = getattr(app.state.server.queue.executor, "pool", None)
+    if pool is not None:
+        print(f"huabi: jobs run on the Ray cluster's huabi workers ({pool.capacity()} ready now; "
+              f"dashboard: {pool.dashboard_url or 'none'})", file=sys.stderr, flush=True)
     print(f"huabi: serving the web UI and API on http://{shown}:{args.port}/ (data in {config.data_dir})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

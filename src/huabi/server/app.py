@@ -39,6 +39,10 @@ class ServerConfig:
     credentials: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
     default_model: str | None = None
     gallery_folders: tuple[Path, ...] = ()  # folders of images made elsewhere (the CLI's outputs) to index
+    # Scale-out (issue 21, docs/scale-out.md): None runs jobs here; "auto" or HOST:PORT runs them on Ray workers.
+    ray: str | None = None
+    ray_threads: int | None = None  # torch threads on the workers (default: this machine's, for identical PNGs)
+    ray_attempts: int = 3  # runs of a job whose worker dies before it fails
 
 
 def parse_credentials(text: str) -> tuple[tuple[str, str], ...]:
@@ -127,11 +131,19 @@ class Server:
         self.runner = Runner(config.runner)
         self.catalog = Catalog(config.runner.models_dir or _default_models_dir(), self.runner)
         self.store = Store(self.data_dir / "huabi.sqlite3")
-        self.queue = JobQueue(self.store, LocalExecutor(self.runner), self.data_dir,
-                              max_queued=config.limits.max_queued)
+        self.queue = JobQueue(self.store, self._executor(), self.data_dir, max_queued=config.limits.max_queued)
         self.settings = self._load_settings()
         if config.default_model and "sd_model_checkpoint" not in self.settings:
             self.settings["sd_model_checkpoint"] = config.default_model
+
+    def _executor(self):
+        if self.config.ray is None:
+            return LocalExecutor(self.runner)
+        from huabi.server.ray_executor import make_executor  # imports ray: only with --ray
+
+        return make_executor(self.config.ray, self.config.runner, self.catalog.models_dir,
+                             threads=self.config.ray_threads, max_attempts=self.config.ray_attempts,
+                             on_worker=self.store.set_worker)
 
     # -- settings (A1111 /options) ------------------------------------------------------
 
@@ -189,6 +201,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             threading.Thread(target=server.scan_gallery, name="huabi-gallery-scan", daemon=True).start()
         yield
         server.queue.shutdown()
+        pool = getattr(server.queue.executor, "pool", None)  # --ray: the workers this head made
+        if pool is not None:
+            pool.close()
         server.store.close()
 
     # No /docs page: FastAPI's Swagger UI loads its scripts from a CDN, and huabi works offline.

@@ -1,8 +1,9 @@
 """The job queue: stored before acknowledged, run one at a time, in priority then arrival order.
 
 Where a job runs is behind ``Executor`` (one method); ``LocalExecutor`` runs it
-in this process through ``runner.Runner``. A scale-out executor (issue 21) only
-has to implement ``run``.
+in this process through ``runner.Runner``. A scale-out executor (issue 21,
+``ray_executor.RayExecutor``) also says how many jobs it can run at once
+(``capacity``); the queue then runs that many, each in its own thread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Executor(Protocol):
     def run(self, job: Job, out_dir: Path, control: RunControl) -> list[ImageResult]:
         """Make the job's images into ``out_dir``; raise JobStopped when ``control.stop`` is set."""
 
+    # Optional: ``capacity() -> int``, the jobs it can run at once (1 when absent; 0: none for now).
+
 
 @dataclass
 class LocalExecutor:
@@ -39,6 +42,9 @@ class LocalExecutor:
 
     def run(self, job: Job, out_dir: Path, control: RunControl) -> list[ImageResult]:
         return self.runner.run(job.kind, job.options, out_dir, control)
+
+    def capacity(self) -> int:
+        return 1
 
 
 @dataclass
@@ -58,6 +64,7 @@ class _Running:
     job: Job
     control: RunControl = field(default_factory=RunControl)
     interrupted: bool = False
+    progress: Progress | None = None  # this job's own (``JobQueue.progress`` is the latest of any job)
 
 
 class JobQueue:
@@ -67,7 +74,8 @@ class JobQueue:
         self.data_dir = data_dir
         self.max_queued = max_queued
         self.progress = Progress()
-        self._running: _Running | None = None
+        self._running: dict[str, _Running] = {}  # job id -> the running job (several with a scale-out executor)
+        self._job_threads: list[threading.Thread] = []
         self._wake = threading.Condition()
         self._finished = threading.Condition()
         self._listeners: list[queue_module.Queue] = []
@@ -96,11 +104,13 @@ class JobQueue:
     def shutdown(self) -> None:
         with self._wake:
             self._stop = True
-            if self._running is not None:
-                self._running.control.stop.set()
+            for running in list(self._running.values()):
+                running.control.stop.set()
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        for thread in list(self._job_threads):
+            thread.join(timeout=30)
 
     # -- client actions -----------------------------------------------------------------
 
@@ -129,8 +139,8 @@ class JobQueue:
             with self._finished:
                 self._finished.notify_all()
             return CANCELLED
-        running = self._running
-        if running is not None and running.job.id == job_id:
+        running = self._running.get(job_id)
+        if running is not None:
             running.control.stop.set()
             return "cancelling"
         job = self.store.job(job_id)
@@ -138,7 +148,7 @@ class JobQueue:
 
     def interrupt_current(self) -> str | None:
         """A1111's /interrupt: stop only the running job (its finished images are kept)."""
-        running = self._running
+        running = self._current()
         if running is None:
             return None
         running.interrupted = True
@@ -146,7 +156,7 @@ class JobQueue:
         return running.job.id
 
     def skip_current(self) -> str | None:
-        running = self._running
+        running = self._current()
         if running is None:
             return None
         running.control.skip.set()
@@ -166,14 +176,24 @@ class JobQueue:
 
     def position(self, job_id: str) -> int | None:
         """0 for the running job, 1.. for queued ones in run order; None once finished."""
-        running = self._running
-        if running is not None and running.job.id == job_id:
+        if job_id in self._running:
             return 0
         waiting = sorted(self.store.jobs(("queued",), limit=10_000), key=lambda j: (-j.priority, j.seq))
         for index, job in enumerate(waiting, start=1):
             if job.id == job_id:
                 return index
         return None
+
+    def _current(self) -> _Running | None:
+        """The job A1111's single-job routes mean: the one /progress shows, else the oldest running one."""
+        running = dict(self._running)
+        shown = running.get(self.progress.job_id) if self.progress.job_id else None
+        return shown or min(running.values(), key=lambda r: r.job.seq, default=None)
+
+    def progress_of(self, job_id: str) -> Progress | None:
+        """A running job's progress (several run at once with a scale-out executor); None otherwise."""
+        running = self._running.get(job_id)
+        return running.progress if running is not None else None
 
     def listen(self) -> queue_module.Queue:
         listener: queue_module.Queue = queue_module.Queue(maxsize=1000)
@@ -196,36 +216,52 @@ class JobQueue:
 
     # -- the worker ---------------------------------------------------------------------
 
+    def _capacity(self) -> int:
+        capacity = getattr(self.executor, "capacity", None)
+        return capacity() if capacity is not None else 1
+
     def _work(self) -> None:
+        """Claim jobs while the executor has room; each runs in its own thread (one at a time locally)."""
         while True:
             with self._wake:
                 while not self._stop:
-                    job = self.store.claim_next()
+                    job = self.store.claim_next() if len(self._running) < self._capacity() else None
                     if job is not None:
                         break
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     return
-                self._running = _Running(job)
-            finished = None
-            try:
-                finished = self._run(self._running)
-            finally:
-                self._running = None
-                self.progress = Progress()
-                with self._finished:
-                    self._finished.notify_all()
-                if finished is not None:  # after the worker is idle, so listeners see the queue as it is
-                    self._emit(finished)
+                running = self._running[job.id] = _Running(job)
+            thread = threading.Thread(target=self._run_and_finish, args=(running,), name=f"huabi-job-{job.id[:8]}",
+                                      daemon=True)
+            self._job_threads = [t for t in self._job_threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def _run_and_finish(self, running: _Running) -> None:
+        finished = None
+        try:
+            finished = self._run(running)
+        finally:
+            with self._wake:
+                self._running.pop(running.job.id, None)
+                if self.progress.job_id == running.job.id:
+                    self.progress = Progress()
+                self._wake.notify_all()  # room for the next job
+            with self._finished:
+                self._finished.notify_all()
+            if finished is not None:  # after the worker is idle, so listeners see the queue as it is
+                self._emit(finished)
 
     def _run(self, running: _Running) -> dict:
         job = running.job
-        self.progress = Progress(job_id=job.id, phase="loading", started=time.time())
+        started = time.time()
+        self.progress = running.progress = Progress(job_id=job.id, phase="loading", started=started)
         self._emit({"event": "started", "job": job.id})
 
         def on_progress(done: int, total: int, phase: str) -> None:
-            self.progress = Progress(job_id=job.id, step=done, total=total, phase=phase,
-                                     started=self.progress.started, preview=self.progress.preview)
+            preview = self.progress.preview if self.progress.job_id == job.id else None
+            self.progress = running.progress = Progress(job_id=job.id, step=done, total=total, phase=phase,
+                                                        started=started, preview=preview)
             self._emit({"event": "progress", "job": job.id, "step": done, "total": total, "phase": phase})
 
         def on_preview(png: bytes) -> None:

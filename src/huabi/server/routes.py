@@ -584,8 +584,8 @@ def _job_view(server: Server, job) -> dict:
     view["position"] = server.queue.position(job.id) if job.status not in FINISHED else None
     images = [server.store.image(i) for i in job.images]
     view["images"] = [image.public() for image in images if image is not None]
-    if server.queue.progress.job_id == job.id:
-        snapshot = server.queue.progress
+    snapshot = server.queue.progress_of(job.id)
+    if snapshot is not None:
         view["progress"] = {"step": snapshot.step, "total": snapshot.total, "phase": snapshot.phase}
     return view
 

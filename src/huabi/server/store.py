@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     error TEXT,
-    images TEXT NOT NULL DEFAULT '[]'
+    images TEXT NOT NULL DEFAULT '[]',
+    worker TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 """
@@ -54,11 +55,12 @@ class Job:
     finished: float | None
     error: str | None
     images: list[int]
+    worker: str | None = None  # where it ran (scale-out: the Ray worker); None for this process
 
     def public(self) -> dict:
         return {"id": self.id, "kind": self.kind, "status": self.status, "priority": self.priority,
                 "source": self.source, "options": self.options, "created": self.created, "started": self.started,
-                "finished": self.finished, "error": self.error, "images": self.images}
+                "finished": self.finished, "error": self.error, "images": self.images, "worker": self.worker}
 
 
 def new_job_id() -> str:
@@ -70,6 +72,9 @@ class Store(Gallery):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, extra_schema=JOBS_SCHEMA)
+        columns = {row[1] for row in self._query("PRAGMA table_info(jobs)")}
+        if "worker" not in columns:  # a database made before scale-out (issue 21)
+            self._execute("ALTER TABLE jobs ADD COLUMN worker TEXT")
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -110,6 +115,9 @@ class Store(Gallery):
         self._execute("UPDATE jobs SET status = ?, finished = ?, error = ?, images = ? WHERE id = ?",
                       (status, time.time(), error, json.dumps(list(images)), job_id))
 
+    def set_worker(self, job_id: str, worker: str) -> None:
+        self._execute("UPDATE jobs SET worker = ? WHERE id = ?", (worker, job_id))
+
     def cancel_queued(self, job_id: str) -> bool:
         cursor = self._execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ? AND status = ?",
                                (CANCELLED, time.time(), "cancelled before it started", job_id, QUEUED))
@@ -128,4 +136,4 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], seq=row["seq"], kind=row["kind"], options=json.loads(row["options"]),
                source=row["source"], meta=json.loads(row["meta"]), priority=row["priority"], status=row["status"],
                created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
-               images=json.loads(row["images"]))
+               images=json.loads(row["images"]), worker=row["worker"])

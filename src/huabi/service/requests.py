@@ -328,3 +328,17 @@ def edit_job(
         **edit_fields,
     )
     return with_controls(request, control), options
+
+
+def with_flow_extras(request, args):
+    """``request`` with ``--distilled-cfg`` / ``--shift`` recorded as Forge's infotext keys (flags win over --from)."""
+    values = {"Distilled CFG Scale": getattr(args, "distilled_cfg", None), "Shift": getattr(args, "shift", None)}
+    values = {key: value for key, value in values.items() if value is not None}
+    if not values:
+        return request
+    for key, value in values.items():
+        if value <= 0:
+            raise HuabiError(f"{key}: must be > 0, got {value:g}")
+    kept = tuple((key, value) for key, value in request.extra if key not in values)
+    return request.replace(extra=kept + tuple((key, f"{value:g}") for key, value in values.items()))
+
