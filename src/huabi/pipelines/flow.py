@@ -39,6 +39,7 @@ from huabi.core.flow import (
     velocity_denoiser,
 )
 from huabi.core.noise import SeededNoiseSampler, initial_noise
+from huabi.core.progress import ProgressEvent, StopSampling
 from huabi.errors import HuabiError
 from huabi.models.flow_load import (
     T5_MAX_LENGTH_FLUX_DEV,
@@ -297,7 +298,15 @@ def flow_generate(
     mask: Image.Image | None = None,
     on_step: Callable[[int, int], None] | None = None,
     decode: bool = True,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+    init_latent: torch.Tensor | None = None,
+    phase: str = "first pass",
 ) -> FlowResult:
+    """One batch (one image per seed). ``on_step(done, total)`` and ``on_event`` (a :class:`ProgressEvent`
+    with ``phase`` and the denoised latent) are called after each step; ``on_event`` may raise
+    :class:`StopSampling` to end the loop early (the latest denoised latent is returned, A1111's
+    interrupt/skip). ``init_latent`` [1 or B, 16, h, w] (normalised) replaces ``init_image``'s encoding:
+    the hires fix's second pass starts from the upscaled first-pass latent."""
     device = torch.device(device)
     family = bundle.family
     if family is TransformerFamily.FLUX_FILL:
@@ -308,8 +317,8 @@ def flow_generate(
     h, w = request.height_px // scale, request.width_px // scale
     shift = family_shift(family, request)
     sigmas = flow_sigmas(request.steps, shift=shift, schedule=request.schedule)
-    if init_image is not None:
-        if init_image.size != (request.width_px, request.height_px):
+    if init_image is not None or init_latent is not None:
+        if init_image is not None and init_image.size != (request.width_px, request.height_px):
             init_image = init_image.convert("RGB").resize((request.width_px, request.height_px), Image.LANCZOS)
         sigmas = sigmas[start_index_for_strength(request.steps, strength):]
     elif mask is not None:
@@ -341,10 +350,11 @@ def flow_generate(
     shape = (bundle.latent_channels, h, w)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # sampler arithmetic
     noise = initial_noise(seeds, shape, device=device, dtype=work_dtype)
-    init_latent = None
     sigma_start = float(sigmas[0])
-    if init_image is not None:
-        init_latent = encode_image(bundle, init_image, device).to(work_dtype).expand(batch, -1, -1, -1)
+    if init_image is not None and init_latent is None:
+        init_latent = encode_image(bundle, init_image, device)
+    if init_latent is not None:
+        init_latent = init_latent.to(device=device, dtype=work_dtype).expand(batch, -1, -1, -1)
         x = (1.0 - sigma_start) * init_latent + sigma_start * noise
     else:
         x = noise * sigma_start
@@ -363,11 +373,19 @@ def flow_generate(
 
     noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=work_dtype) if name == "Euler a" else None
 
-    def step_callback(i: int, total: int, _x, _denoised) -> None:
+    latest = [x]
+
+    def step_callback(i: int, total: int, _x, denoised) -> None:
+        latest[0] = denoised
         if on_step is not None:
             on_step(i + 1, total)
+        if on_event is not None:
+            on_event(ProgressEvent(i + 1, total, phase=phase, latent=denoised))
 
-    latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+    try:
+        latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+    except StopSampling:
+        latents = latest[0]
     if latent_mask is not None:
         latents = latent_mask * latents + (1 - latent_mask) * init_latent
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from huabi.core.previews import FAMILY_LATENT_RGB, latents_to_rgb
+from huabi.core.previews import FAMILY_LATENT_RGB, LatentRGB, fit_latent_rgb, latents_to_rgb
 from huabi.core.vae_tiling import tiled_apply
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
@@ -34,10 +34,10 @@ PreviewCallback = Callable[[int, int, list[Image.Image]], None]  # (steps done, 
 class Previewer:
     """Makes preview images of denoised latents (UNet space) for one model family."""
 
-    def __init__(self, method: str, family: ModelFamily, taesd=None) -> None:
+    def __init__(self, method: str, family: ModelFamily, taesd=None, mapping: LatentRGB | None = None) -> None:
         self.method = method
         self.taesd = taesd
-        self.mapping = FAMILY_LATENT_RGB[family]
+        self.mapping = mapping or FAMILY_LATENT_RGB[family]
 
     def __call__(self, denoised: torch.Tensor) -> list[Image.Image]:
         with torch.inference_mode():
@@ -70,7 +70,29 @@ def make_previewer(spec: str, bundle: ModelBundle) -> Previewer:
         return Previewer("taesd", bundle.family, load_taesd(path))
     if method != "cheap":
         raise HuabiError(f"preview: {spec!r} is not a preview method; valid: cheap, taesd:PATH")
+    if bundle.family not in FAMILY_LATENT_RGB:  # SD3/FLUX: 16 latent channels, factors fitted to the model's VAE
+        return Previewer("cheap", bundle.family, mapping=fitted_latent_rgb(bundle))
     return Previewer("cheap", bundle.family)
+
+
+def fitted_latent_rgb(bundle) -> LatentRGB:
+    """Cheap-preview factors for a VAE huabi ships none for (SD3/FLUX's 16 channels), fitted by least
+    squares on a few synthetic 64x64 images (colour ramps and flat colours) encoded by the bundle's own
+    VAE: one small encode per loaded model, and the preview matches whatever VAE the user loaded."""
+    from huabi.pipelines.flow import encode_image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    images = []
+    for r, g, b in ((ramp[None, :], ramp[:, None], 128), (255 - ramp[:, None], 64, ramp[None, :]),
+                    (200, ramp[None, :], 255 - ramp[:, None]), (30, 30, 30), (230, 230, 230), (220, 40, 40)):
+        array = np.empty((64, 64, 3), dtype=np.float32)
+        array[..., 0], array[..., 1], array[..., 2] = r, g, b
+        images.append(Image.fromarray(array.round().astype(np.uint8)))
+    device = next(bundle.vae.parameters()).device
+    latents = torch.cat([encode_image(bundle, image, device) for image in images]).float().cpu()
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                          for image in images])
+    return fit_latent_rgb(latents, pixels)
 
 
 class _VAEWrapper(torch.nn.Module):
