@@ -197,8 +197,11 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 def flow_model_call(bundle: FlowBundle, cond: FlowConditioning, uncond: FlowConditioning | None, request: FlowRequest,
-                    latent_hw: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x [B,16,h,w], sigma [B]) -> velocity``, with CFG / distilled guidance as the family uses them."""
+                    latent_hw: tuple[int, int], image_tokens: torch.Tensor | None = None,
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x [B,16,h,w], sigma [B]) -> velocity``, with CFG / distilled guidance as the family uses them.
+    ``image_tokens`` [B, seq, C]: channels appended to every packed latent token (FLUX.1 Fill's
+    masked-image latent and mask)."""
     transformer = bundle.transformer
     family = bundle.family
     dtype = bundle.dtype
@@ -215,8 +218,11 @@ def flow_model_call(bundle: FlowBundle, cond: FlowConditioning, uncond: FlowCond
             batch = x.shape[0]
             timestep = (sigma.float() * 1000).to(dtype) / 1000
             guidance = torch.full((batch,), float(request.distilled_guidance), device=x.device, dtype=torch.float32) if guided else None
+            hidden = pack_latents(x).to(dtype)
+            if image_tokens is not None:
+                hidden = torch.cat([hidden, image_tokens.to(dtype).expand(batch, -1, -1)], dim=2)
             out = transformer(
-                hidden_states=pack_latents(x).to(dtype), timestep=timestep, guidance=guidance,
+                hidden_states=hidden, timestep=timestep, guidance=guidance,
                 pooled_projections=c.pooled.expand(batch, -1) if c.pooled.shape[0] == 1 else c.pooled,
                 encoder_hidden_states=c.tokens, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
             )[0]
@@ -275,6 +281,27 @@ def decode_latents(bundle: FlowBundle, latents: torch.Tensor) -> list[Image.Imag
     return images
 
 
+# --------------------------------------------------------------------------- FLUX.1 Fill
+
+
+def fill_image_tokens(bundle: FlowBundle, image: Image.Image, mask: Image.Image, device) -> torch.Tensor:
+    """FLUX.1 Fill's extra input channels per latent token [1, seq, 64 + 256] (diffusers' FluxFillPipeline):
+    the latent of the image with the masked part blanked (pixels * (1 - mask)), packed 2x2 like the
+    latent, then the binarised pixel mask with each 8x8 cell folded into 64 channels, packed too."""
+    scale = bundle.vae_scale_factor
+    width_px, height_px = image.size
+    h, w = height_px // scale, width_px // scale
+    mask_px = torch.from_numpy(np.asarray(mask.convert("L").resize(image.size, Image.LANCZOS), dtype=np.float32) / 255.0)
+    mask_px = (mask_px >= 0.5).float()[None, None]  # binarised, as diffusers' mask processor does
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    vae = bundle.vae
+    with torch.inference_mode():
+        mean = vae.encode((pixels * (1 - mask_px)).to(device=device, dtype=next(vae.parameters()).dtype)).latent_dist.mean
+    masked_latent = (mean.float() - vae.config.shift_factor) * vae.config.scaling_factor
+    folded = mask_px[:, 0].view(1, h, scale, w, scale).permute(0, 2, 4, 1, 3).reshape(1, scale * scale, h, w)
+    return torch.cat([pack_latents(masked_latent), pack_latents(folded.to(masked_latent.device))], dim=2)
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -309,8 +336,9 @@ def flow_generate(
     the hires fix's second pass starts from the upscaled first-pass latent."""
     device = torch.device(device)
     family = bundle.family
-    if family is TransformerFamily.FLUX_FILL:
-        raise HuabiError("FLUX.1 Fill runs through the inpainting job with a mask and an image (not supported in this pipeline yet)")
+    fill = family is TransformerFamily.FLUX_FILL
+    if fill and (init_image is None or mask is None):
+        raise HuabiError("FLUX.1 Fill repaints the masked part of an image: it needs an init image and a mask")
 
     # 1. Check sizes and build the schedule.
     scale = bundle.vae_scale_factor
@@ -361,9 +389,10 @@ def flow_generate(
 
     # 4. Denoise.
     name, sampler = get_flow_sampler(request.sampler)
-    denoiser = velocity_denoiser(flow_model_call(bundle, cond, uncond, request, (h, w)))
+    image_tokens = fill_image_tokens(bundle, init_image, mask, device) if fill else None
+    denoiser = velocity_denoiser(flow_model_call(bundle, cond, uncond, request, (h, w), image_tokens))
     latent_mask = None
-    if mask is not None:
+    if mask is not None and not fill:  # Fill sees the mask as input and repaints by itself (as diffusers)
         mask_array = np.asarray(mask.convert("L").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
         latent_mask = torch.from_numpy(mask_array)[None, None].to(device)
         inner = denoiser

@@ -25,7 +25,10 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models.flow_load import FlowBundle, find_part, is_flow_model, load_flow_model
+from huabi.models.transformer_families import TransformerFamily
 from huabi.pipelines.flow import FLUX_DEFAULT_GUIDANCE, FlowRequest
+
+FLUX_FILL_DEFAULT_GUIDANCE = 30.0
 
 __all__ = ["FlowBundle", "is_flow_model", "load_flow_for", "flow_request", "estimate_flow_memory"]
 
@@ -150,7 +153,9 @@ def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> 
     if unsupported:
         raise HuabiError(f"{family.label}: {', '.join(unsupported)} not supported for this family yet")
     schedule = "Simple" if request.schedule == "Automatic" else request.schedule
-    distilled = float(extra.get("Distilled CFG Scale", FLUX_DEFAULT_GUIDANCE))
+    # FLUX.1 Fill is run at guidance 30 (BFL's and diffusers' FluxFillPipeline examples, ComfyUI's Fill workflow).
+    default_guidance = FLUX_FILL_DEFAULT_GUIDANCE if family is TransformerFamily.FLUX_FILL else FLUX_DEFAULT_GUIDANCE
+    distilled = float(extra.get("Distilled CFG Scale", default_guidance))
     shift = float(extra["Shift"]) if "Shift" in extra else None
     cfg = float(request.cfg_scale)
     if family.is_flux and not (request.negative_prompt.strip() and cfg > 1.0):

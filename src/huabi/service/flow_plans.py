@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -251,10 +252,17 @@ def plan_flow_edit(engine: Engine, request: GenerationRequest, options: EditOpti
         extra["Mask blur"] = options.mask_blur_px
     flow, recorded = _flow_request(request.replace(width_px=work_w, height_px=work_h), bundle, work_w, work_h, extra)
 
+    soft_mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0) if mask is not None else None
+
     def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
         result = flow_generate(job_bundle, flow, seeds, device=engine.device, init_image=image, mask=mask,
                                strength=options.denoising_strength, on_event=on_step)
-        return FlowBatch(result.images, result.seeds, work_w, work_h)
+        images = result.images
+        if soft_mask is not None:  # paste back: the unmasked part is the original's pixels (A1111/Forge)
+            from huabi.pipelines.inpaint import composite
+
+            images = [composite(image, piece, soft_mask, None) for piece in images]
+        return FlowBatch(images, result.seeds, work_w, work_h)
 
     return BatchPlan(run_batch, recorded=recorded, infotext_size=(work_w, work_h))
 
