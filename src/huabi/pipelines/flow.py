@@ -124,8 +124,48 @@ def t5_tokenizer():
 
 
 def _ids(tokenizer, texts: list[str], length: int, device) -> torch.Tensor:
-    batch = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return batch.input_ids.to(device)
+    return weighted_ids(tokenizer, texts, length, device)[0]
+
+
+def weighted_ids(tokenizer, texts: list[str], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, length] and per-token emphasis multipliers [B, length] of ``texts``, Forge's way:
+    A1111's ``(word:1.2)`` / ``[word]`` syntax is parsed, each run tokenized on its own and given its
+    weight, then the tokenizer's special tokens and padding are added (``BREAK`` is dropped). A prompt
+    without emphasis gives exactly the tokenizer's own ids (what diffusers feeds the encoders)."""
+    from huabi.core.prompt_parser import parse_prompt_attention
+
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    room = length - len(bos) - 1
+    all_ids, all_weights = [], []
+    for text in texts:
+        ids: list[int] = []
+        weights: list[float] = []
+        for run_text, weight in parse_prompt_attention(text):
+            if weight == -1.0 and run_text == "BREAK":
+                continue
+            run_ids = tokenizer(run_text, add_special_tokens=False).input_ids
+            ids += run_ids
+            weights += [float(weight)] * len(run_ids)
+        ids = bos + ids[:room] + [tokenizer.eos_token_id]
+        weights = [1.0] * len(bos) + weights[:room] + [1.0]
+        ids += [tokenizer.pad_token_id] * (length - len(ids))
+        weights += [1.0] * (length - len(weights))
+        all_ids.append(ids)
+        all_weights.append(weights)
+    return torch.tensor(all_ids, device=device), torch.tensor(all_weights, device=device)
+
+
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """A1111/Forge's "Original" emphasis on encoder outputs [B, seq, D]: scale each token by its
+    multiplier, then restore each prompt's mean (Forge encodes each prompt on its own)."""
+    if bool((multipliers == 1.0).all()):
+        return z
+    out = []
+    for one, weights in zip(z, multipliers):
+        original_mean = one.float().mean()
+        scaled = one.float() * weights[:, None].float()
+        out.append((scaled * (original_mean / scaled.mean())).to(z.dtype))
+    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -145,12 +185,14 @@ def _clip_outputs(model, ids: torch.Tensor):
 def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, joint_dim: int, device, dtype) -> FlowConditioning:
     clip_states, pooled = [], []
     for model, pad_with_eos in ((encoders.clip_l, True), (encoders.clip_g, False)):
-        out = _clip_outputs(model, _ids(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device))
-        pooled.append(out.text_embeds)
-        clip_states.append(out.hidden_states[-2])
+        ids, weights = weighted_ids(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device)
+        out = _clip_outputs(model, ids)
+        pooled.append(out.text_embeds)  # the pooled output carries no emphasis (as in A1111/Forge)
+        clip_states.append(apply_emphasis(out.hidden_states[-2], weights))
     clip = torch.cat(clip_states, dim=-1)
     if encoders.t5 is not None:
-        t5 = encoders.t5(_ids(t5_tokenizer(), texts, t5_tokens, device))[0]
+        ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
+        t5 = apply_emphasis(encoders.t5(ids)[0], weights)
     else:  # SD3 without T5: zero tokens where T5's would be (diffusers: max_sequence_length of them)
         t5 = torch.zeros(len(texts), t5_tokens, joint_dim, device=device, dtype=clip.dtype)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -164,7 +206,8 @@ def encode_flux(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int,
     clip = encoders.clip_l
     inner = getattr(clip, "text_model", clip)  # FLUX reads CLIP-L's pooled output before any projection
     pooled = inner(input_ids=_ids(clip_tokenizer(True), texts, CLIP_MAX_LENGTH, device)).pooler_output
-    t5 = encoders.t5(_ids(t5_tokenizer(), texts, t5_tokens, device))[0]
+    ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
+    t5 = apply_emphasis(encoders.t5(ids)[0], weights)  # Forge applies emphasis to T5's tokens too
     return FlowConditioning(t5.to(dtype), pooled.to(dtype))
 
 
