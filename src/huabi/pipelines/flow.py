@@ -127,32 +127,117 @@ def _ids(tokenizer, texts: list[str], length: int, device) -> torch.Tensor:
     return weighted_ids(tokenizer, texts, length, device)[0]
 
 
+@dataclass
+class PromptRows:
+    """One encoder's input for a batch of prompts: ids, emphasis multipliers, and where textual-inversion
+    vectors replace token embeddings (``(row, start, vectors)``); ``used`` embedding names, in order."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    splices: list[tuple[int, int, torch.Tensor]]
+    used: list[str]
+
+
 def weighted_ids(tokenizer, texts: list[str], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, length] and per-token emphasis multipliers [B, length] of ``texts``, Forge's way:
     A1111's ``(word:1.2)`` / ``[word]`` syntax is parsed, each run tokenized on its own and given its
     weight, then the tokenizer's special tokens and padding are added (``BREAK`` is dropped). A prompt
     without emphasis gives exactly the tokenizer's own ids (what diffusers feeds the encoders)."""
+    rows = prompt_rows(tokenizer, texts, length, device)
+    return rows.ids, rows.weights
+
+
+def prompt_rows(tokenizer, texts: list[str], length: int, device, embeddings=None, encoder_index: int = 0) -> PromptRows:
+    """:func:`weighted_ids` plus textual inversion (A1111/Forge): an embedding's name, matched within
+    one run of the prompt, becomes its vectors for this encoder (``embeddings[name][encoder_index]``)."""
     from huabi.core.prompt_parser import parse_prompt_attention
 
+    names = _embedding_names(tokenizer, embeddings)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     room = length - len(bos) - 1
-    all_ids, all_weights = [], []
-    for text in texts:
+    # Placeholder ids for embedding vectors: never EOS (CLIP pools at the first EOS; CLIP-L pads with it).
+    placeholder = bos[0] if bos else tokenizer.pad_token_id
+    all_ids, all_weights, splices, used = [], [], [], []
+    for row, text in enumerate(texts):
         ids: list[int] = []
         weights: list[float] = []
         for run_text, weight in parse_prompt_attention(text):
             if weight == -1.0 and run_text == "BREAK":
                 continue
             run_ids = tokenizer(run_text, add_special_tokens=False).input_ids
-            ids += run_ids
-            weights += [float(weight)] * len(run_ids)
+            position = 0
+            while position < len(run_ids):
+                found = _match_name(names, run_ids, position)
+                if found is None:
+                    ids.append(run_ids[position])
+                    weights.append(float(weight))
+                    position += 1
+                    continue
+                name, consumed = found
+                vectors = embeddings[name][encoder_index]
+                if len(bos) + len(ids) + vectors.shape[0] <= room + len(bos):
+                    splices.append((row, len(bos) + len(ids), vectors))
+                used.append(name)
+                ids += [placeholder] * vectors.shape[0]  # replaced by the vectors
+                weights += [float(weight)] * vectors.shape[0]
+                position += consumed
         ids = bos + ids[:room] + [tokenizer.eos_token_id]
         weights = [1.0] * len(bos) + weights[:room] + [1.0]
         ids += [tokenizer.pad_token_id] * (length - len(ids))
         weights += [1.0] * (length - len(weights))
         all_ids.append(ids)
         all_weights.append(weights)
-    return torch.tensor(all_ids, device=device), torch.tensor(all_weights, device=device)
+    return PromptRows(torch.tensor(all_ids, device=device), torch.tensor(all_weights, device=device), splices,
+                      list(dict.fromkeys(used)))
+
+
+def _embedding_names(tokenizer, embeddings) -> dict[int, list[tuple[list[int], str]]]:
+    """Embedding names by their first token, longest first (A1111's lookup)."""
+    by_first: dict[int, list[tuple[list[int], str]]] = {}
+    for name in (embeddings or {}):
+        ids = tokenizer(name, add_special_tokens=False).input_ids if name.strip() else []
+        if ids:
+            by_first.setdefault(ids[0], []).append((ids, name))
+    for candidates in by_first.values():
+        candidates.sort(key=lambda item: -len(item[0]))
+    return by_first
+
+
+def _match_name(names, ids: list[int], position: int) -> tuple[str, int] | None:
+    for name_ids, name in names.get(ids[position], ()):
+        if ids[position:position + len(name_ids)] == name_ids:
+            return name, len(name_ids)
+    return None
+
+
+def run_with_vectors(model, rows: PromptRows, token_embedding=None, **kwargs):
+    """``model(input_ids=rows.ids, **kwargs)`` with the textual-inversion vectors in place of their
+    placeholders' token embeddings (a forward hook on the token embedding for this one call;
+    ``token_embedding`` defaults to ``model.get_input_embeddings()``)."""
+    if not rows.splices:
+        return model(input_ids=rows.ids, **kwargs)
+
+    fired = []
+
+    def splice(_module, args, output):
+        ids = args[0] if args else None
+        # the model may pass a view of our ids (same storage): anything else is another caller's call
+        if not isinstance(ids, torch.Tensor) or ids.data_ptr() != rows.ids.data_ptr() or ids.numel() != rows.ids.numel():
+            return None
+        fired.append(True)
+        output = output.clone()
+        for row, start, vectors in rows.splices:
+            output[row, start:start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
+        return output
+
+    handle = (token_embedding or model.get_input_embeddings()).register_forward_hook(splice)
+    try:
+        out = model(input_ids=rows.ids, **kwargs)
+    finally:
+        handle.remove()
+    if not fired:
+        raise HuabiError(f"{type(model).__name__}: its token embedding was not called as expected; cannot use embeddings")
+    return out
 
 
 def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
@@ -182,13 +267,18 @@ def _clip_outputs(model, ids: torch.Tensor):
 
 
 @torch.inference_mode()
-def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, joint_dim: int, device, dtype) -> FlowConditioning:
+def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, joint_dim: int, device, dtype,
+               embeddings=None, used: list[str] | None = None) -> FlowConditioning:
+    """SD3's conditioning; ``embeddings`` (textual inversion: a name -> (CLIP-L vectors, CLIP-G vectors)
+    mapping, SDXL's embedding files) reach both CLIP towers, not T5 (as Forge); names used go to ``used``."""
     clip_states, pooled = [], []
-    for model, pad_with_eos in ((encoders.clip_l, True), (encoders.clip_g, False)):
-        ids, weights = weighted_ids(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device)
-        out = _clip_outputs(model, ids)
+    for index, (model, pad_with_eos) in enumerate(((encoders.clip_l, True), (encoders.clip_g, False))):
+        rows = prompt_rows(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device, embeddings, index)
+        out = run_with_vectors(model, rows, output_hidden_states=True)
         pooled.append(out.text_embeds)  # the pooled output carries no emphasis (as in A1111/Forge)
-        clip_states.append(apply_emphasis(out.hidden_states[-2], weights))
+        clip_states.append(apply_emphasis(out.hidden_states[-2], rows.weights))
+        if used is not None:
+            used.extend(name for name in rows.used if name not in used)
     clip = torch.cat(clip_states, dim=-1)
     if encoders.t5 is not None:
         ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
@@ -200,12 +290,18 @@ def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, 
 
 
 @torch.inference_mode()
-def encode_flux(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, device, dtype) -> FlowConditioning:
+def encode_flux(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, device, dtype,
+                embeddings=None, used: list[str] | None = None) -> FlowConditioning:
+    """FLUX's conditioning; ``embeddings`` (textual inversion, SD1-style 768-wide files) reach CLIP-L,
+    i.e. its pooled vector, not T5 (as Forge); names used go to ``used``."""
     if encoders.t5 is None:
         raise HuabiError("FLUX needs the T5-XXL text encoder (pass --t5xxl, e.g. t5xxl_fp16.safetensors)")
     clip = encoders.clip_l
     inner = getattr(clip, "text_model", clip)  # FLUX reads CLIP-L's pooled output before any projection
-    pooled = inner(input_ids=_ids(clip_tokenizer(True), texts, CLIP_MAX_LENGTH, device)).pooler_output
+    rows = prompt_rows(clip_tokenizer(True), texts, CLIP_MAX_LENGTH, device, embeddings, 0)
+    pooled = run_with_vectors(inner, rows, token_embedding=clip.get_input_embeddings()).pooler_output
+    if used is not None:
+        used.extend(name for name in rows.used if name not in used)
     ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
     t5 = apply_emphasis(encoders.t5(ids)[0], weights)  # Forge applies emphasis to T5's tokens too
     return FlowConditioning(t5.to(dtype), pooled.to(dtype))
@@ -355,6 +451,7 @@ class FlowResult:
     seeds: list[int]
     sigmas: torch.Tensor  # the schedule that ran
     shift: float
+    embeddings_used: tuple[str, ...] = ()
 
 
 def flow_generate(
@@ -371,12 +468,14 @@ def flow_generate(
     on_event: Callable[[ProgressEvent], None] | None = None,
     init_latent: torch.Tensor | None = None,
     phase: str = "first pass",
+    embeddings=None,
 ) -> FlowResult:
     """One batch (one image per seed). ``on_step(done, total)`` and ``on_event`` (a :class:`ProgressEvent`
     with ``phase`` and the denoised latent) are called after each step; ``on_event`` may raise
     :class:`StopSampling` to end the loop early (the latest denoised latent is returned, A1111's
     interrupt/skip). ``init_latent`` [1 or B, 16, h, w] (normalised) replaces ``init_image``'s encoding:
-    the hires fix's second pass starts from the upscaled first-pass latent."""
+    the hires fix's second pass starts from the upscaled first-pass latent. ``embeddings``: textual
+    inversion by name (:func:`encode_flux` / :func:`encode_sd3`); the names used are in the result."""
     device = torch.device(device)
     family = bundle.family
     fill = family is TransformerFamily.FLUX_FILL
@@ -402,11 +501,14 @@ def flow_generate(
     if use_cfg:
         texts.append(request.negative_prompt)
     encoders = bundle.encoders()
+    used: list[str] = []
     if family.is_flux:
-        conds = encode_flux(encoders, texts, t5_tokens=t5_length(family, request), device=device, dtype=dtype)
+        conds = encode_flux(encoders, texts, t5_tokens=t5_length(family, request), device=device, dtype=dtype,
+                            embeddings=embeddings, used=used)
     else:
         conds = encode_sd3(encoders, texts, t5_tokens=t5_length(family, request),
-                           joint_dim=int(bundle.transformer.config.joint_attention_dim), device=device, dtype=dtype)
+                           joint_dim=int(bundle.transformer.config.joint_attention_dim), device=device, dtype=dtype,
+                           embeddings=embeddings, used=used)
     del encoders
     if bundle.text_encoders is None:  # low-memory mode: the encoders go before the transformer runs
         gc.collect()
@@ -463,4 +565,5 @@ def flow_generate(
 
     # 5. Decode.
     images = decode_latents(bundle, latents) if decode else []
-    return FlowResult(images=images, latents=latents, seeds=list(seeds), sigmas=sigmas, shift=shift)
+    return FlowResult(images=images, latents=latents, seeds=list(seeds), sigmas=sigmas, shift=shift,
+                      embeddings_used=tuple(used))

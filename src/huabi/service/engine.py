@@ -33,7 +33,7 @@ from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_fol
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.cpu_backend import BackendChoice, lora_state_key
 from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for
-from huabi.service.flow_plans import empty_embeddings, plan_flow, release_flow_loras
+from huabi.service.flow_plans import flow_embeddings, plan_flow, release_flow_loras
 from huabi.service.devices import (  # noqa: F401 -- also importable from here, as before
     available_memory_bytes,
     estimate_peak_bytes,
@@ -260,7 +260,7 @@ class Engine:
             extra: dict = {}
             plan, flow_patches = plan_flow(self, request, edit, bundle, image, mask, extra)
             return PreparedJob(bundle=bundle, request=request, recorded=plan.recorded, plan=plan,
-                               embeddings=empty_embeddings(), model_patches=tuple(flow_patches), extra=extra)
+                               embeddings=flow_embeddings(self, bundle), model_patches=tuple(flow_patches), extra=extra)
         refiner = self.refiner_stage(request, bundle) if edit is None else None
         lora = self.lora_patch(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch

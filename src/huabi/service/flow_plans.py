@@ -166,8 +166,9 @@ def plan_flow_txt2img(engine: Engine, request: GenerationRequest, bundle: FlowBu
     flow, recorded = _flow_request(request, bundle, width_px, height_px, extra)
     if not request.hires:
         def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
-            result = flow_generate(job_bundle, flow, seeds, device=engine.device, on_event=on_step)
-            return FlowBatch(result.images, result.seeds, width_px, height_px)
+            result = flow_generate(job_bundle, flow, seeds, device=engine.device, on_event=on_step,
+                                   embeddings=embeddings)
+            return FlowBatch(result.images, result.seeds, width_px, height_px, result.embeddings_used)
 
         return BatchPlan(run_batch, recorded=recorded, steps_per_batch=request.steps)
 
@@ -188,11 +189,12 @@ def plan_flow_txt2img(engine: Engine, request: GenerationRequest, bundle: FlowBu
 
         latents = flow_hires_upscale(
             job_bundle, flow_generate(job_bundle, flow, seeds, device=engine.device, on_event=first_step,
-                                      decode=False).latents,
+                                      decode=False, embeddings=embeddings).latents,
             request.hires_upscaler, plan, pixel_upscaler, engine.device)
         result = flow_generate(job_bundle, second, seeds, device=engine.device, init_latent=latents,
-                               strength=float(request.hires_denoise), on_event=second_step, phase=HIRES_PASS)
-        return FlowBatch(result.images, result.seeds, width_px, height_px)
+                               strength=float(request.hires_denoise), on_event=second_step, phase=HIRES_PASS,
+                               embeddings=embeddings)
+        return FlowBatch(result.images, result.seeds, width_px, height_px, result.embeddings_used)
 
     return BatchPlan(run_batch, recorded=recorded, steps_per_batch=total, infotext_size=(width_px, height_px))
 
@@ -256,20 +258,31 @@ def plan_flow_edit(engine: Engine, request: GenerationRequest, options: EditOpti
 
     def run_batch(job_bundle, seeds, variation_seeds, on_step, embeddings):
         result = flow_generate(job_bundle, flow, seeds, device=engine.device, init_image=image, mask=mask,
-                               strength=options.denoising_strength, on_event=on_step)
+                               strength=options.denoising_strength, on_event=on_step, embeddings=embeddings)
         images = result.images
         if soft_mask is not None:  # paste back: the unmasked part is the original's pixels (A1111/Forge)
             from huabi.pipelines.inpaint import composite
 
             images = [composite(image, piece, soft_mask, None) for piece in images]
-        return FlowBatch(images, result.seeds, work_w, work_h)
+        return FlowBatch(images, result.seeds, work_w, work_h, result.embeddings_used)
 
     return BatchPlan(run_batch, recorded=recorded, infotext_size=(work_w, work_h))
 
 
-def empty_embeddings():
-    """SD3/FLUX take no textual-inversion embeddings in huabi (see docs/flux.md): an empty library."""
+def flow_embeddings(engine: Engine, bundle: FlowBundle):
+    """The embeddings folder as SD3/FLUX's CLIP towers see it (Forge: textual inversion reaches the CLIP
+    encoders, not T5): FLUX reads SD1-style files (one 768-wide set for CLIP-L), SD3 SDXL-style files
+    (``clip_l`` + ``clip_g`` sets). Widths come from the loaded towers, or in low-memory mode from the
+    transformer's pooled width (FLUX: CLIP-L's; SD3: CLIP-L's 768 + CLIP-G's rest)."""
     from huabi.core.family import ModelFamily
-    from huabi.models.embeddings import EmbeddingLibrary
+    from huabi.models.embeddings import EmbeddingLibrary, list_embedding_files, text_encoder_widths
 
-    return EmbeddingLibrary({}, family=ModelFamily.SD1, encoder_widths=())
+    encoders = bundle.text_encoders
+    if encoders is not None:
+        towers = [encoders.clip_l] if bundle.family.is_flux else [encoders.clip_l, encoders.clip_g]
+        widths = text_encoder_widths(towers)
+    else:
+        pooled = int(bundle.transformer.config.pooled_projection_dim)
+        widths = [pooled] if bundle.family.is_flux else [768, pooled - 768]
+    family = ModelFamily.SD1 if bundle.family.is_flux else ModelFamily.SDXL
+    return EmbeddingLibrary(list_embedding_files(engine.embeddings_dir), family=family, encoder_widths=widths)
