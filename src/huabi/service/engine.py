@@ -135,6 +135,7 @@ class Engine:
         self._flow_loaded = None
         self._flow_lora = None  # the LoRA set merged into the loaded SD3/FLUX transformer (service/flow_plans.py)
         self.flow_low_memory = False
+        self.flow_offload = False  # CUDA: transformer blocks streamed from host memory (set by the memory guard)
 
     # -- models -------------------------------------------------------------------
 

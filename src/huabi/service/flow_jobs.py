@@ -76,13 +76,39 @@ def load_flow_for(engine, path: Path, vae: Path | None, extra: Mapping[str, str]
     check_flow_memory(engine, path, parts)
     from huabi.models.hashes import HashCache
 
+    offload = getattr(engine, "flow_offload", False)
     bundle = load_flow_model(
         path, clip_l=parts["clip_l"], clip_g=parts["clip_g"], t5xxl=parts["t5xxl"], vae=parts["vae"],
-        models_dir=engine.models_dir, device=engine.device, dtype=engine.dtype, gguf_on_the_fly=True,
-        low_memory=engine.flow_low_memory, hash_cache=HashCache(),
+        models_dir=engine.models_dir, device="cpu" if offload else engine.device, dtype=engine.dtype,
+        gguf_on_the_fly=True, low_memory=engine.flow_low_memory or offload, hash_cache=HashCache(),
     )
+    if offload:
+        bundle = with_sequential_offload(bundle, engine.device)
     engine._flow_loaded = (key, bundle)
     return bundle
+
+
+def with_sequential_offload(bundle: FlowBundle, device: torch.device) -> FlowBundle:
+    """``bundle`` (loaded in host memory, text encoders per job) running on ``device`` with its
+    transformer blocks brought over one at a time (:mod:`huabi.models.offload`); the VAE and, during
+    encoding, the text encoders sit on ``device``."""
+    import dataclasses
+
+    from huabi.models.offload import SequentialOffload
+
+    SequentialOffload(bundle.transformer, compute=device)
+    bundle.vae.to(device)
+    load = bundle.load_text_encoders
+
+    def load_on_device():
+        encoders = load()
+        for field in dataclasses.fields(encoders):
+            module = getattr(encoders, field.name)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return encoders
+
+    return dataclasses.replace(bundle, load_text_encoders=load_on_device, text_encoders=None)
 
 
 # --------------------------------------------------------------------------- memory guard
@@ -110,6 +136,42 @@ def _file_bytes_at(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
+def transformer_block_bytes(path: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes outside the repeated blocks, bytes of the largest block) of a transformer file, from its
+    header (safetensors) or tensor table (GGUF); a folder counts as one block (no offload estimate)."""
+    import re
+
+    pattern = re.compile(r"(?:^|\.)(double_blocks|single_blocks|joint_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+    element = torch.finfo(dtype).bits // 8
+    sizes: list[tuple[str, int]] = []
+    if path.is_dir():
+        total = _file_bytes_at(path, dtype)
+        return 0, total
+    if path.suffix.lower() == ".gguf":
+        from huabi.models.gguf_io import gguf_reader
+
+        sizes = [(t.name, int(t.n_bytes)) for t in gguf_reader(path).tensors]
+    else:
+        from huabi.models.formats import read_safetensors_header
+
+        for name, entry in read_safetensors_header(path).items():
+            if name == "__metadata__" or name.startswith(("text_encoders.", "first_stage_model.")):
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            sizes.append((name, count * (1 if entry["dtype"].startswith("F8") else element)))
+    blocks: dict[tuple[str, str], int] = {}
+    non_block = 0
+    for name, size in sizes:
+        found = pattern.search(name)
+        if found is None:
+            non_block += size
+        else:
+            blocks[found.groups()] = blocks.get(found.groups(), 0) + size
+    return non_block, max(blocks.values(), default=0)
+
+
 def estimate_flow_memory(path: Path, parts: Mapping[str, Path | None], dtype: torch.dtype) -> tuple[int, int]:
     """(bytes with everything resident, bytes in low-memory mode: the larger of encoders and transformer)."""
     main = _file_bytes_at(path, dtype)
@@ -129,12 +191,19 @@ def check_flow_memory(engine, path: Path, parts: Mapping[str, Path | None]) -> N
     if low * headroom <= available:
         engine.flow_low_memory = True  # text encoders loaded per job and released before the transformer runs
         return
+    if engine.device.type == "cuda":  # small cards: transformer blocks streamed from host memory one at a time
+        non_block, largest_block = transformer_block_bytes(path, engine.dtype)
+        separate_parts = everything - _file_bytes_at(path, engine.dtype)  # encoders + VAE, on the card in turn
+        if max(non_block + largest_block, separate_parts) * headroom <= available:
+            engine.flow_offload = True
+            return
     gib = 2**30
     raise HuabiError(
         f"memory: {path.name} needs about {everything / gib:.1f} GiB with its text encoders in "
         f"{str(engine.dtype).removeprefix('torch.')} ({low / gib:.1f} GiB at best, encoders loaded one at a time) "
         f"but {engine.device} has {available / gib:.1f} GiB free; use a GGUF Q8_0/Q4_0 or fp8 transformer file, "
         f"t5xxl_fp8_e4m3fn for the T5 encoder, or --dtype bf16"
+        + (" (sequential offload of the transformer's blocks would not fit either)" if engine.device.type == "cuda" else "")
     )
 
 
