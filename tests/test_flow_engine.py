@@ -238,3 +238,16 @@ def test_hires_infotext_and_from_reproduce(models_dir, tmp_path, capsys):
     again = capsys.readouterr().out.split()[0]
     assert code == 0 and read_infotext(again) == infotext
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_backend_vae_choices_for_flow_models(models_dir, tmp_path):
+    # Tiled decoding works on the 16-channel VAE (an image wider than one 512-pixel tile); huabi's TAESD
+    # decodes SD1/SDXL latents only, so --vae-decoder taesd is refused for SD3/FLUX in one line.
+    tiled = Engine(device="cpu", dtype="fp32", models_dir=models_dir, vae_tiling=True)
+    image = tiled.run(Job(_request(width_px=576, height_px=32, steps=1)))[0]
+    assert image.image.size == (576, 32)
+    from huabi.service.previews import with_vae
+
+    bundle = tiled.load("flux1-dev-tiny")
+    with pytest.raises(HuabiError, match="taesd:PATH decodes SD1/SDXL latents"):
+        with_vae(bundle, tiny_decoder=object())

@@ -66,11 +66,14 @@ def make_previewer(spec: str, bundle: ModelBundle) -> Previewer:
     from huabi.models.taesd import load_taesd
 
     method, path = parse_decoder_spec(spec, "preview")
-    if method == "taesd":
+    flow = bundle.family not in FAMILY_LATENT_RGB  # SD3/FLUX: 16 latent channels
+    if method == "taesd" and not flow:
         return Previewer("taesd", bundle.family, load_taesd(path))
+    if method == "taesd":  # huabi's TAESD runs SD1/SDXL latents: SD3/FLUX previews fall back to cheap ones
+        method = "cheap"
     if method != "cheap":
         raise HuabiError(f"preview: {spec!r} is not a preview method; valid: cheap, taesd:PATH")
-    if bundle.family not in FAMILY_LATENT_RGB:  # SD3/FLUX: 16 latent channels, factors fitted to the model's VAE
+    if flow:  # factors fitted to the model's own VAE
         return Previewer("cheap", bundle.family, mapping=fitted_latent_rgb(bundle))
     return Previewer("cheap", bundle.family)
 
@@ -187,6 +190,9 @@ class _EncodeOutput:
 def with_vae(bundle: ModelBundle, *, tiny_decoder=None, tiled: bool = False) -> ModelBundle:
     """A job copy of ``bundle`` whose VAE decodes with TAESD and/or in tiles."""
     vae = bundle.vae
+    if tiny_decoder is not None and not isinstance(bundle, ModelBundle):
+        raise HuabiError("vae decoder: taesd:PATH decodes SD1/SDXL latents; SD3/FLUX images decode with their own VAE "
+                         "(drop --vae-decoder)")
     if tiled:
         vae = TiledVAE(vae)
     if tiny_decoder is not None:
