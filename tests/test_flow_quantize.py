@@ -62,7 +62,7 @@ def test_quantize_writes_comfyui_gguf_that_round_trips_through_huabi(models, tmp
     parts = tmp_path / "parts"
     model.write_parts(parts)
     bundle = load_flow_model(out, models_dir=parts)
-    plain = load_flow_model(src if layout != "all-in-one" else src, models_dir=parts)
+    plain = load_flow_model(src, models_dir=parts)
     request = FlowRequest(PROMPT, steps=2, width_px=64, height_px=64, max_t5_tokens=16,
                           cfg_scale=1.0 if family.is_flux else 3.0)
     quantized = flow_generate(bundle, request, [5], decode=False).latents
