@@ -653,7 +653,7 @@ def _hash(path: Path | None, hash_cache) -> str | None:
     return hash_cache.short_hash(path)
 
 
-def _read_folder_files(folder: Path) -> list[Path]:
+def component_weight_files(folder: Path) -> list[Path]:
     """The weight files of a diffusers/transformers component folder (all shards; non-variant first)."""
     files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name)
     if not files:
@@ -699,7 +699,7 @@ def describe_flow_file(path: str | Path) -> str:
     """One line for listings, e.g. ``"flux_dev transformer (bf16) + vae"`` (names and shapes only, nothing loaded)."""
     path = Path(path)
     if path.is_dir():
-        source = TensorSource(_read_folder_files(path / "transformer"))
+        source = TensorSource(component_weight_files(path / "transformer"))
         return f"{detect_transformer(source.shapes(), source=path.name).family.value} diffusers folder"
     if path.suffix.lower() == ".gguf":
         from huabi.models.gguf_io import gguf_tensor_types
@@ -784,7 +784,7 @@ def load_flow_model(
 
     # 5. transformer, converted from the original names
     if main is not None:
-        bare = {k[len(detected.prefix):]: main[k] for k in main if k.startswith(detected.prefix) and _is_transformer_key(k[len(detected.prefix):])}
+        bare = {k[len(detected.prefix):]: main[k] for k in main if k.startswith(detected.prefix) and is_transformer_key(k[len(detected.prefix):])}
     else:
         bare = tensors
     bare, scales = split_fp8_scales(bare)
@@ -812,7 +812,7 @@ def load_flow_model(
     )
 
 
-def _is_transformer_key(bare: str) -> bool:
+def is_transformer_key(bare: str) -> bool:
     return not bare.startswith(("text_encoders.", "first_stage_model.", "cond_stage_model.", "conditioner."))
 
 
@@ -873,7 +873,7 @@ def _check_parts(family: TransformerFamily, detected: DetectedTransformer, files
 
 def _read_vae_part(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
-        source = TensorSource(_read_folder_files(path / "vae" if (path / "vae").is_dir() else path))
+        source = TensorSource(component_weight_files(path / "vae" if (path / "vae").is_dir() else path))
     else:
         source = TensorSource([path])
     tensors = {k: source[k] for k in source}
@@ -887,7 +887,7 @@ def _read_vae_part(path: Path) -> dict[str, torch.Tensor]:
 def _part_section(main: TensorSource | None, prefix: str, part: Path | None, what: str) -> dict[str, torch.Tensor] | None:
     """A text encoder's tensors from its own file (any prefix removed) or from the main file."""
     if part is not None:
-        source = TensorSource(_read_folder_files(part) if part.is_dir() else [part])
+        source = TensorSource(component_weight_files(part) if part.is_dir() else [part])
         tensors = {k: source[k] for k in source}
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -919,20 +919,20 @@ def _load_text_encoders(family: TransformerFamily, main: TensorSource | None, fi
 
 def _load_diffusers_folder(folder: Path, *, device, dtype, te_dtype, low_memory: bool, hash_cache) -> FlowBundle:
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    source = TensorSource(_read_folder_files(folder / "transformer"))
+    source = TensorSource(component_weight_files(folder / "transformer"))
     weights = {k: source[k] for k in source}
     shapes = {k: torch.empty(v.shape, device="meta") for k, v in weights.items()}
     detected = detect_transformer(shapes, source=folder.name)
     family = detected.family
     transformer = build_transformer(family, weights, device=device, dtype=dtype)
     del weights
-    vae_source = TensorSource(_read_folder_files(folder / "vae"))
+    vae_source = TensorSource(component_weight_files(folder / "vae"))
     vae_module = build_flow_vae({k: vae_source[k] for k in vae_source}, family, device=device, dtype=dtype)
 
     def component(name: str) -> dict[str, torch.Tensor] | None:
         if not isinstance(index.get(name), list) or index[name][0] is None or not (folder / name).is_dir():
             return None
-        part = TensorSource(_read_folder_files(folder / name))
+        part = TensorSource(component_weight_files(folder / name))
         return {k: part[k] for k in part}
 
     def load_text_encoders() -> FlowTextEncoders:

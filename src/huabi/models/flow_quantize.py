@@ -19,8 +19,8 @@ import torch
 from huabi.errors import HuabiError
 from huabi.models.flow_load import (
     TensorSource,
-    _is_transformer_key,
-    _read_folder_files,
+    component_weight_files,
+    is_transformer_key,
     split_fp8_scales,
     write_transformer_gguf,
 )
@@ -33,7 +33,7 @@ class _UnscaledTensors(Mapping):
 
     def __init__(self, source: TensorSource, prefix: str) -> None:
         full = {name[len(prefix):]: name for name in source
-                if name.startswith(prefix) and _is_transformer_key(name[len(prefix):])}
+                if name.startswith(prefix) and is_transformer_key(name[len(prefix):])}
         kept, scales = split_fp8_scales({bare: torch.empty(0) for bare in full})
         self._source = source
         self._names = {bare: full[bare] for bare in kept}
@@ -59,7 +59,7 @@ def read_flow_transformer(path: str | Path) -> tuple[Mapping[str, torch.Tensor],
         raise HuabiError(f"quantize: {path.name} is already GGUF; quantize from the original checkpoint")
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
-        source = TensorSource(_read_folder_files(folder))
+        source = TensorSource(component_weight_files(folder))
     else:
         source = TensorSource([path])
     detected = detect_transformer(source.shapes(), source=path.name)
