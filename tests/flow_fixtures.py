@@ -26,8 +26,9 @@ def tiny_flux(family: TransformerFamily = TransformerFamily.FLUX_DEV, seed: int 
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
+    fill = family is TransformerFamily.FLUX_FILL  # latent + masked-image latent + folded mask, packed
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        patch_size=1, in_channels=384 if fill else 64, out_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
         num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH,
         guidance_embeds=family is not TransformerFamily.FLUX_SCHNELL, axes_dims_rope=(4, 14, 14),
     )

@@ -42,7 +42,8 @@ def add_parsers(commands) -> None:
     merge.add_argument("--out", type=Path, required=True, help="output .safetensors")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    quantize = commands.add_parser("quantize", help="write a checkpoint's UNet as a GGUF file (ComfyUI-GGUF layout)")
+    quantize = commands.add_parser("quantize", help="write a checkpoint's UNet (SD1/SDXL) or transformer (SD3/FLUX) "
+                                                  "as a GGUF file (ComfyUI-GGUF layout)")
     quantize.add_argument("src", type=Path, help="checkpoint file or diffusers folder")
     quantize.add_argument("--type", dest="qtype", default="Q8_0", metavar="TYPE",
                           help="Q8_0 (default), Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16, F32")
@@ -101,6 +102,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise HuabiError(f"quantize: {args.out} already exists (pass --overwrite to replace it)")
     if args.src.suffix.lower() == ".gguf":
         raise HuabiError(f"quantize: {args.src.name} is already GGUF; quantize from the original checkpoint")
+    from huabi.models.flow_load import is_flow_model
+
+    if is_flow_model(args.src):  # SD3/FLUX: the transformer alone, as ComfyUI-GGUF's flux/sd3 files
+        from huabi.models.flow_quantize import quantize_flow_transformer
+
+        counts, family = quantize_flow_transformer(args.src, args.out, args.qtype)
+        summary = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+        print(f"{args.out}\t{family.label} transformer\t{summary}\t{_mib(_size(args.out))}")
+        return 0
     tensors, _ = read_state_dict(args.src)
     counts = write_gguf_unet(tensors, args.out, args.qtype, source=args.src.name,
                              extra_metadata={"general.name": args.src.stem})

@@ -359,14 +359,48 @@ def reference_config(name: str) -> dict[str, Any]:
 
 
 class UpcastOnUse(torch.nn.Module):
-    """Parametrization: a weight stored in fp8 becomes ``dtype`` each time the layer uses it."""
+    """Parametrization: a weight stored in fp8 becomes ``dtype`` each time the layer uses it (times its
+    ``scale`` for ComfyUI's ``*_fp8_scaled`` files)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.dtype = dtype
+        self.register_buffer("scale", None if scale is None else scale.detach().float().reshape(()), persistent=False)
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.to(self.dtype)
+        if self.scale is None:
+            return stored.to(self.dtype)
+        return (stored.float() * self.scale).to(self.dtype)
+
+
+def split_fp8_scales(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ComfyUI's scaled fp8 layout (``flux1-dev-fp8_scaled``, ``t5xxl_fp8_e4m3fn_scaled``): each fp8
+    ``X.weight`` has a float ``X.scale_weight`` (the real weight is their product); ``X.scale_input``
+    (for fp8 matmuls) and the ``scaled_fp8`` marker carry nothing huabi needs. Returns
+    (the tensors without those keys, {``X.weight``: scale})."""
+    kept: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".scale_weight"):
+            scales[name[: -len("scale_weight")] + "weight"] = tensor
+        elif not (name.endswith(".scale_input") or name == "scaled_fp8" or name.endswith(".scaled_fp8")):
+            kept[name] = tensor
+    orphans = [name for name in scales if name not in kept]
+    if orphans:
+        raise HuabiError(f"scaled fp8: {orphans[0][: -len('weight')]}scale_weight has no weight beside it")
+    return kept, scales
+
+
+def scales_to_diffusers(scales: Mapping[str, torch.Tensor], bare: Mapping[str, torch.Tensor],
+                        layout: str) -> dict[str, torch.Tensor]:
+    """Per-tensor fp8 scales follow their weights through the conversion table (a fused qkv's
+    scale serves each of q, k and v)."""
+    if not scales or layout == "diffusers":
+        return dict(scales)
+    from huabi.models.transformer_families import rows_for
+
+    return {name: scales[row.original] for row in rows_for(layout, bare) if row.original in scales
+            for name in row.diffusers}
 
 
 def _linear_weight_names(module: torch.nn.Module) -> set[str]:
@@ -382,6 +416,7 @@ def build_stored(
     what: str,
     packed: Mapping[str, Any] | None = None,
     keep_fp8: bool = True,
+    scales: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Assign ``weights`` (diffusers/transformers names) to a ``meta``-built module, strictly.
 
@@ -394,6 +429,12 @@ def build_stored(
     from huabi.models.gguf_io import DequantizeOnUse
 
     packed = dict(packed or {})
+    parameters = {name for name, _ in module.named_parameters()}
+    for name in [n for n in packed if n not in parameters]:  # a quantized buffer (SD3's pos_embed): unpack now
+        weight = packed.pop(name)
+        weights = {**weights, name: DequantizeOnUse(weight.qtype, weight.shape, dtype)(weight.raw)}
+    weights, own_scales = split_fp8_scales(weights)  # scaled fp8 files (scales given by name here)
+    scales = {**own_scales, **(scales or {})}
     check_against_module(weights, module, what)
     linear_weights = _linear_weight_names(module)
     deferred: dict[str, tuple[torch.Tensor, torch.nn.Module]] = {}
@@ -401,9 +442,12 @@ def build_stored(
     for name, tensor in weights.items():
         if name in packed:
             continue
+        scale = scales.get(name)
         if keep_fp8 and tensor.dtype in FP8_DTYPES and name in linear_weights and dtype not in FP8_DTYPES:
-            deferred[name] = (tensor.to(device), UpcastOnUse(dtype))
+            deferred[name] = (tensor.to(device), UpcastOnUse(dtype, scale))
             continue
+        if scale is not None:
+            tensor = tensor.float() * scale.float()
         plain[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     module.load_state_dict(plain, strict=False, assign=True)
     for name, weight in packed.items():
@@ -426,6 +470,7 @@ def build_transformer(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     packed: Mapping[str, Any] | None = None,
+    scales: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """The diffusers transformer of ``family`` from diffusers-named weights (config from shapes)."""
     if family.is_flux:
@@ -439,7 +484,8 @@ def build_transformer(
     with torch.device("meta"):
         module = model_class(**config)
     # FLUX's RoPE frequencies are computed per call from the config: no non-persistent buffers to fill.
-    return build_stored(module, weights, device=device, dtype=dtype, what=f"{family.label} transformer", packed=packed)
+    return build_stored(module, weights, device=device, dtype=dtype, what=f"{family.label} transformer", packed=packed,
+                        scales=scales)
 
 
 def build_flow_vae(vae_sd: Mapping[str, torch.Tensor], family: TransformerFamily, *, device, dtype) -> torch.nn.Module:
@@ -607,7 +653,7 @@ def _hash(path: Path | None, hash_cache) -> str | None:
     return hash_cache.short_hash(path)
 
 
-def _read_folder_files(folder: Path) -> list[Path]:
+def component_weight_files(folder: Path) -> list[Path]:
     """The weight files of a diffusers/transformers component folder (all shards; non-variant first)."""
     files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name)
     if not files:
@@ -653,7 +699,7 @@ def describe_flow_file(path: str | Path) -> str:
     """One line for listings, e.g. ``"flux_dev transformer (bf16) + vae"`` (names and shapes only, nothing loaded)."""
     path = Path(path)
     if path.is_dir():
-        source = TensorSource(_read_folder_files(path / "transformer"))
+        source = TensorSource(component_weight_files(path / "transformer"))
         return f"{detect_transformer(source.shapes(), source=path.name).family.value} diffusers folder"
     if path.suffix.lower() == ".gguf":
         from huabi.models.gguf_io import gguf_tensor_types
@@ -738,14 +784,16 @@ def load_flow_model(
 
     # 5. transformer, converted from the original names
     if main is not None:
-        bare = {k[len(detected.prefix):]: main[k] for k in main if k.startswith(detected.prefix) and _is_transformer_key(k[len(detected.prefix):])}
+        bare = {k[len(detected.prefix):]: main[k] for k in main if k.startswith(detected.prefix) and is_transformer_key(k[len(detected.prefix):])}
     else:
         bare = tensors
+    bare, scales = split_fp8_scales(bare)
+    scales = scales_to_diffusers(scales, bare, detected.layout)
     converted = transformer_to_diffusers(bare, detected.layout)
     packed_converted = _convert_packed(packed, bare, detected.layout) if packed else {}
     packed.clear()  # fused weights were split into new byte arrays: drop the originals before building
     del bare
-    transformer = build_transformer(family, converted, device=device, dtype=dtype, packed=packed_converted)
+    transformer = build_transformer(family, converted, device=device, dtype=dtype, packed=packed_converted, scales=scales)
     del converted
 
     modules = tuple(p.stem for p in (files.vae, files.clip_l, files.clip_g, files.t5xxl) if p is not None)
@@ -764,7 +812,7 @@ def load_flow_model(
     )
 
 
-def _is_transformer_key(bare: str) -> bool:
+def is_transformer_key(bare: str) -> bool:
     return not bare.startswith(("text_encoders.", "first_stage_model.", "cond_stage_model.", "conditioner."))
 
 
@@ -825,7 +873,7 @@ def _check_parts(family: TransformerFamily, detected: DetectedTransformer, files
 
 def _read_vae_part(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
-        source = TensorSource(_read_folder_files(path / "vae" if (path / "vae").is_dir() else path))
+        source = TensorSource(component_weight_files(path / "vae" if (path / "vae").is_dir() else path))
     else:
         source = TensorSource([path])
     tensors = {k: source[k] for k in source}
@@ -839,7 +887,7 @@ def _read_vae_part(path: Path) -> dict[str, torch.Tensor]:
 def _part_section(main: TensorSource | None, prefix: str, part: Path | None, what: str) -> dict[str, torch.Tensor] | None:
     """A text encoder's tensors from its own file (any prefix removed) or from the main file."""
     if part is not None:
-        source = TensorSource(_read_folder_files(part) if part.is_dir() else [part])
+        source = TensorSource(component_weight_files(part) if part.is_dir() else [part])
         tensors = {k: source[k] for k in source}
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -871,20 +919,20 @@ def _load_text_encoders(family: TransformerFamily, main: TensorSource | None, fi
 
 def _load_diffusers_folder(folder: Path, *, device, dtype, te_dtype, low_memory: bool, hash_cache) -> FlowBundle:
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    source = TensorSource(_read_folder_files(folder / "transformer"))
+    source = TensorSource(component_weight_files(folder / "transformer"))
     weights = {k: source[k] for k in source}
     shapes = {k: torch.empty(v.shape, device="meta") for k, v in weights.items()}
     detected = detect_transformer(shapes, source=folder.name)
     family = detected.family
     transformer = build_transformer(family, weights, device=device, dtype=dtype)
     del weights
-    vae_source = TensorSource(_read_folder_files(folder / "vae"))
+    vae_source = TensorSource(component_weight_files(folder / "vae"))
     vae_module = build_flow_vae({k: vae_source[k] for k in vae_source}, family, device=device, dtype=dtype)
 
     def component(name: str) -> dict[str, torch.Tensor] | None:
         if not isinstance(index.get(name), list) or index[name][0] is None or not (folder / name).is_dir():
             return None
-        part = TensorSource(_read_folder_files(folder / name))
+        part = TensorSource(component_weight_files(folder / name))
         return {k: part[k] for k in part}
 
     def load_text_encoders() -> FlowTextEncoders:

@@ -39,6 +39,7 @@ from huabi.core.flow import (
     velocity_denoiser,
 )
 from huabi.core.noise import SeededNoiseSampler, initial_noise
+from huabi.core.progress import ProgressEvent, StopSampling
 from huabi.errors import HuabiError
 from huabi.models.flow_load import (
     T5_MAX_LENGTH_FLUX_DEV,
@@ -123,8 +124,133 @@ def t5_tokenizer():
 
 
 def _ids(tokenizer, texts: list[str], length: int, device) -> torch.Tensor:
-    batch = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return batch.input_ids.to(device)
+    return weighted_ids(tokenizer, texts, length, device)[0]
+
+
+@dataclass
+class PromptRows:
+    """One encoder's input for a batch of prompts: ids, emphasis multipliers, and where textual-inversion
+    vectors replace token embeddings (``(row, start, vectors)``); ``used`` embedding names, in order."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    splices: list[tuple[int, int, torch.Tensor]]
+    used: list[str]
+
+
+def weighted_ids(tokenizer, texts: list[str], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, length] and per-token emphasis multipliers [B, length] of ``texts``, Forge's way:
+    A1111's ``(word:1.2)`` / ``[word]`` syntax is parsed, each run tokenized on its own and given its
+    weight, then the tokenizer's special tokens and padding are added (``BREAK`` is dropped). A prompt
+    without emphasis gives exactly the tokenizer's own ids (what diffusers feeds the encoders)."""
+    rows = prompt_rows(tokenizer, texts, length, device)
+    return rows.ids, rows.weights
+
+
+def prompt_rows(tokenizer, texts: list[str], length: int, device, embeddings=None, encoder_index: int = 0) -> PromptRows:
+    """:func:`weighted_ids` plus textual inversion (A1111/Forge): an embedding's name, matched within
+    one run of the prompt, becomes its vectors for this encoder (``embeddings[name][encoder_index]``)."""
+    from huabi.core.prompt_parser import parse_prompt_attention
+
+    names = _embedding_names(tokenizer, embeddings)
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    room = length - len(bos) - 1
+    # Placeholder ids for embedding vectors: never EOS (CLIP pools at the first EOS; CLIP-L pads with it).
+    placeholder = bos[0] if bos else tokenizer.pad_token_id
+    all_ids, all_weights, splices, used = [], [], [], []
+    for row, text in enumerate(texts):
+        ids: list[int] = []
+        weights: list[float] = []
+        for run_text, weight in parse_prompt_attention(text):
+            if weight == -1.0 and run_text == "BREAK":
+                continue
+            run_ids = tokenizer(run_text, add_special_tokens=False).input_ids
+            position = 0
+            while position < len(run_ids):
+                found = _match_name(names, run_ids, position)
+                if found is None:
+                    ids.append(run_ids[position])
+                    weights.append(float(weight))
+                    position += 1
+                    continue
+                name, consumed = found
+                vectors = embeddings[name][encoder_index]
+                if len(bos) + len(ids) + vectors.shape[0] <= room + len(bos):
+                    splices.append((row, len(bos) + len(ids), vectors))
+                used.append(name)
+                ids += [placeholder] * vectors.shape[0]  # replaced by the vectors
+                weights += [float(weight)] * vectors.shape[0]
+                position += consumed
+        ids = bos + ids[:room] + [tokenizer.eos_token_id]
+        weights = [1.0] * len(bos) + weights[:room] + [1.0]
+        ids += [tokenizer.pad_token_id] * (length - len(ids))
+        weights += [1.0] * (length - len(weights))
+        all_ids.append(ids)
+        all_weights.append(weights)
+    return PromptRows(torch.tensor(all_ids, device=device), torch.tensor(all_weights, device=device), splices,
+                      list(dict.fromkeys(used)))
+
+
+def _embedding_names(tokenizer, embeddings) -> dict[int, list[tuple[list[int], str]]]:
+    """Embedding names by their first token, longest first (A1111's lookup)."""
+    by_first: dict[int, list[tuple[list[int], str]]] = {}
+    for name in (embeddings or {}):
+        ids = tokenizer(name, add_special_tokens=False).input_ids if name.strip() else []
+        if ids:
+            by_first.setdefault(ids[0], []).append((ids, name))
+    for candidates in by_first.values():
+        candidates.sort(key=lambda item: -len(item[0]))
+    return by_first
+
+
+def _match_name(names, ids: list[int], position: int) -> tuple[str, int] | None:
+    for name_ids, name in names.get(ids[position], ()):
+        if ids[position:position + len(name_ids)] == name_ids:
+            return name, len(name_ids)
+    return None
+
+
+def run_with_vectors(model, rows: PromptRows, token_embedding=None, **kwargs):
+    """``model(input_ids=rows.ids, **kwargs)`` with the textual-inversion vectors in place of their
+    placeholders' token embeddings (a forward hook on the token embedding for this one call;
+    ``token_embedding`` defaults to ``model.get_input_embeddings()``)."""
+    if not rows.splices:
+        return model(input_ids=rows.ids, **kwargs)
+
+    fired = []
+
+    def splice(_module, args, output):
+        ids = args[0] if args else None
+        # the model may pass a view of our ids (same storage): anything else is another caller's call
+        if not isinstance(ids, torch.Tensor) or ids.data_ptr() != rows.ids.data_ptr() or ids.numel() != rows.ids.numel():
+            return None
+        fired.append(True)
+        output = output.clone()
+        for row, start, vectors in rows.splices:
+            output[row, start:start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
+        return output
+
+    handle = (token_embedding or model.get_input_embeddings()).register_forward_hook(splice)
+    try:
+        out = model(input_ids=rows.ids, **kwargs)
+    finally:
+        handle.remove()
+    if not fired:
+        raise HuabiError(f"{type(model).__name__}: its token embedding was not called as expected; cannot use embeddings")
+    return out
+
+
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """A1111/Forge's "Original" emphasis on encoder outputs [B, seq, D]: scale each token by its
+    multiplier, then restore each prompt's mean (Forge encodes each prompt on its own)."""
+    if bool((multipliers == 1.0).all()):
+        return z
+    out = []
+    for one, weights in zip(z, multipliers):
+        original_mean = one.float().mean()
+        scaled = one.float() * weights[:, None].float()
+        out.append((scaled * (original_mean / scaled.mean())).to(z.dtype))
+    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -141,15 +267,22 @@ def _clip_outputs(model, ids: torch.Tensor):
 
 
 @torch.inference_mode()
-def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, joint_dim: int, device, dtype) -> FlowConditioning:
+def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, joint_dim: int, device, dtype,
+               embeddings=None, used: list[str] | None = None) -> FlowConditioning:
+    """SD3's conditioning; ``embeddings`` (textual inversion: a name -> (CLIP-L vectors, CLIP-G vectors)
+    mapping, SDXL's embedding files) reach both CLIP towers, not T5 (as Forge); names used go to ``used``."""
     clip_states, pooled = [], []
-    for model, pad_with_eos in ((encoders.clip_l, True), (encoders.clip_g, False)):
-        out = _clip_outputs(model, _ids(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device))
-        pooled.append(out.text_embeds)
-        clip_states.append(out.hidden_states[-2])
+    for index, (model, pad_with_eos) in enumerate(((encoders.clip_l, True), (encoders.clip_g, False))):
+        rows = prompt_rows(clip_tokenizer(pad_with_eos), texts, CLIP_MAX_LENGTH, device, embeddings, index)
+        out = run_with_vectors(model, rows, output_hidden_states=True)
+        pooled.append(out.text_embeds)  # the pooled output carries no emphasis (as in A1111/Forge)
+        clip_states.append(apply_emphasis(out.hidden_states[-2], rows.weights))
+        if used is not None:
+            used.extend(name for name in rows.used if name not in used)
     clip = torch.cat(clip_states, dim=-1)
     if encoders.t5 is not None:
-        t5 = encoders.t5(_ids(t5_tokenizer(), texts, t5_tokens, device))[0]
+        ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
+        t5 = apply_emphasis(encoders.t5(ids)[0], weights)
     else:  # SD3 without T5: zero tokens where T5's would be (diffusers: max_sequence_length of them)
         t5 = torch.zeros(len(texts), t5_tokens, joint_dim, device=device, dtype=clip.dtype)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -157,13 +290,20 @@ def encode_sd3(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, 
 
 
 @torch.inference_mode()
-def encode_flux(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, device, dtype) -> FlowConditioning:
+def encode_flux(encoders: FlowTextEncoders, texts: list[str], *, t5_tokens: int, device, dtype,
+                embeddings=None, used: list[str] | None = None) -> FlowConditioning:
+    """FLUX's conditioning; ``embeddings`` (textual inversion, SD1-style 768-wide files) reach CLIP-L,
+    i.e. its pooled vector, not T5 (as Forge); names used go to ``used``."""
     if encoders.t5 is None:
         raise HuabiError("FLUX needs the T5-XXL text encoder (pass --t5xxl, e.g. t5xxl_fp16.safetensors)")
     clip = encoders.clip_l
     inner = getattr(clip, "text_model", clip)  # FLUX reads CLIP-L's pooled output before any projection
-    pooled = inner(input_ids=_ids(clip_tokenizer(True), texts, CLIP_MAX_LENGTH, device)).pooler_output
-    t5 = encoders.t5(_ids(t5_tokenizer(), texts, t5_tokens, device))[0]
+    rows = prompt_rows(clip_tokenizer(True), texts, CLIP_MAX_LENGTH, device, embeddings, 0)
+    pooled = run_with_vectors(inner, rows, token_embedding=clip.get_input_embeddings()).pooler_output
+    if used is not None:
+        used.extend(name for name in rows.used if name not in used)
+    ids, weights = weighted_ids(t5_tokenizer(), texts, t5_tokens, device)
+    t5 = apply_emphasis(encoders.t5(ids)[0], weights)  # Forge applies emphasis to T5's tokens too
     return FlowConditioning(t5.to(dtype), pooled.to(dtype))
 
 
@@ -196,8 +336,11 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 def flow_model_call(bundle: FlowBundle, cond: FlowConditioning, uncond: FlowConditioning | None, request: FlowRequest,
-                    latent_hw: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x [B,16,h,w], sigma [B]) -> velocity``, with CFG / distilled guidance as the family uses them."""
+                    latent_hw: tuple[int, int], image_tokens: torch.Tensor | None = None,
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x [B,16,h,w], sigma [B]) -> velocity``, with CFG / distilled guidance as the family uses them.
+    ``image_tokens`` [B, seq, C]: channels appended to every packed latent token (FLUX.1 Fill's
+    masked-image latent and mask)."""
     transformer = bundle.transformer
     family = bundle.family
     dtype = bundle.dtype
@@ -214,8 +357,11 @@ def flow_model_call(bundle: FlowBundle, cond: FlowConditioning, uncond: FlowCond
             batch = x.shape[0]
             timestep = (sigma.float() * 1000).to(dtype) / 1000
             guidance = torch.full((batch,), float(request.distilled_guidance), device=x.device, dtype=torch.float32) if guided else None
+            hidden = pack_latents(x).to(dtype)
+            if image_tokens is not None:
+                hidden = torch.cat([hidden, image_tokens.to(dtype).expand(batch, -1, -1)], dim=2)
             out = transformer(
-                hidden_states=pack_latents(x).to(dtype), timestep=timestep, guidance=guidance,
+                hidden_states=hidden, timestep=timestep, guidance=guidance,
                 pooled_projections=c.pooled.expand(batch, -1) if c.pooled.shape[0] == 1 else c.pooled,
                 encoder_hidden_states=c.tokens, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
             )[0]
@@ -274,6 +420,27 @@ def decode_latents(bundle: FlowBundle, latents: torch.Tensor) -> list[Image.Imag
     return images
 
 
+# --------------------------------------------------------------------------- FLUX.1 Fill
+
+
+def fill_image_tokens(bundle: FlowBundle, image: Image.Image, mask: Image.Image, device) -> torch.Tensor:
+    """FLUX.1 Fill's extra input channels per latent token [1, seq, 64 + 256] (diffusers' FluxFillPipeline):
+    the latent of the image with the masked part blanked (pixels * (1 - mask)), packed 2x2 like the
+    latent, then the binarised pixel mask with each 8x8 cell folded into 64 channels, packed too."""
+    scale = bundle.vae_scale_factor
+    width_px, height_px = image.size
+    h, w = height_px // scale, width_px // scale
+    mask_px = torch.from_numpy(np.asarray(mask.convert("L").resize(image.size, Image.LANCZOS), dtype=np.float32) / 255.0)
+    mask_px = (mask_px >= 0.5).float()[None, None]  # binarised, as diffusers' mask processor does
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    vae = bundle.vae
+    with torch.inference_mode():
+        mean = vae.encode((pixels * (1 - mask_px)).to(device=device, dtype=next(vae.parameters()).dtype)).latent_dist.mean
+    masked_latent = (mean.float() - vae.config.shift_factor) * vae.config.scaling_factor
+    folded = mask_px[:, 0].view(1, h, scale, w, scale).permute(0, 2, 4, 1, 3).reshape(1, scale * scale, h, w)
+    return torch.cat([pack_latents(masked_latent), pack_latents(folded.to(masked_latent.device))], dim=2)
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -284,6 +451,7 @@ class FlowResult:
     seeds: list[int]
     sigmas: torch.Tensor  # the schedule that ran
     shift: float
+    embeddings_used: tuple[str, ...] = ()
 
 
 def flow_generate(
@@ -297,19 +465,30 @@ def flow_generate(
     mask: Image.Image | None = None,
     on_step: Callable[[int, int], None] | None = None,
     decode: bool = True,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+    init_latent: torch.Tensor | None = None,
+    phase: str = "first pass",
+    embeddings=None,
 ) -> FlowResult:
+    """One batch (one image per seed). ``on_step(done, total)`` and ``on_event`` (a :class:`ProgressEvent`
+    with ``phase`` and the denoised latent) are called after each step; ``on_event`` may raise
+    :class:`StopSampling` to end the loop early (the latest denoised latent is returned, A1111's
+    interrupt/skip). ``init_latent`` [1 or B, 16, h, w] (normalised) replaces ``init_image``'s encoding:
+    the hires fix's second pass starts from the upscaled first-pass latent. ``embeddings``: textual
+    inversion by name (:func:`encode_flux` / :func:`encode_sd3`); the names used are in the result."""
     device = torch.device(device)
     family = bundle.family
-    if family is TransformerFamily.FLUX_FILL:
-        raise HuabiError("FLUX.1 Fill runs through the inpainting job with a mask and an image (not supported in this pipeline yet)")
+    fill = family is TransformerFamily.FLUX_FILL
+    if fill and (init_image is None or mask is None):
+        raise HuabiError("FLUX.1 Fill repaints the masked part of an image: it needs an init image and a mask")
 
     # 1. Check sizes and build the schedule.
     scale = bundle.vae_scale_factor
     h, w = request.height_px // scale, request.width_px // scale
     shift = family_shift(family, request)
     sigmas = flow_sigmas(request.steps, shift=shift, schedule=request.schedule)
-    if init_image is not None:
-        if init_image.size != (request.width_px, request.height_px):
+    if init_image is not None or init_latent is not None:
+        if init_image is not None and init_image.size != (request.width_px, request.height_px):
             init_image = init_image.convert("RGB").resize((request.width_px, request.height_px), Image.LANCZOS)
         sigmas = sigmas[start_index_for_strength(request.steps, strength):]
     elif mask is not None:
@@ -322,11 +501,14 @@ def flow_generate(
     if use_cfg:
         texts.append(request.negative_prompt)
     encoders = bundle.encoders()
+    used: list[str] = []
     if family.is_flux:
-        conds = encode_flux(encoders, texts, t5_tokens=t5_length(family, request), device=device, dtype=dtype)
+        conds = encode_flux(encoders, texts, t5_tokens=t5_length(family, request), device=device, dtype=dtype,
+                            embeddings=embeddings, used=used)
     else:
         conds = encode_sd3(encoders, texts, t5_tokens=t5_length(family, request),
-                           joint_dim=int(bundle.transformer.config.joint_attention_dim), device=device, dtype=dtype)
+                           joint_dim=int(bundle.transformer.config.joint_attention_dim), device=device, dtype=dtype,
+                           embeddings=embeddings, used=used)
     del encoders
     if bundle.text_encoders is None:  # low-memory mode: the encoders go before the transformer runs
         gc.collect()
@@ -341,19 +523,21 @@ def flow_generate(
     shape = (bundle.latent_channels, h, w)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # sampler arithmetic
     noise = initial_noise(seeds, shape, device=device, dtype=work_dtype)
-    init_latent = None
     sigma_start = float(sigmas[0])
-    if init_image is not None:
-        init_latent = encode_image(bundle, init_image, device).to(work_dtype).expand(batch, -1, -1, -1)
+    if init_image is not None and init_latent is None:
+        init_latent = encode_image(bundle, init_image, device)
+    if init_latent is not None:
+        init_latent = init_latent.to(device=device, dtype=work_dtype).expand(batch, -1, -1, -1)
         x = (1.0 - sigma_start) * init_latent + sigma_start * noise
     else:
         x = noise * sigma_start
 
     # 4. Denoise.
     name, sampler = get_flow_sampler(request.sampler)
-    denoiser = velocity_denoiser(flow_model_call(bundle, cond, uncond, request, (h, w)))
+    image_tokens = fill_image_tokens(bundle, init_image, mask, device) if fill else None
+    denoiser = velocity_denoiser(flow_model_call(bundle, cond, uncond, request, (h, w), image_tokens))
     latent_mask = None
-    if mask is not None:
+    if mask is not None and not fill:  # Fill sees the mask as input and repaints by itself (as diffusers)
         mask_array = np.asarray(mask.convert("L").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
         latent_mask = torch.from_numpy(mask_array)[None, None].to(device)
         inner = denoiser
@@ -363,14 +547,23 @@ def flow_generate(
 
     noise_sampler = SeededNoiseSampler(seeds, shape, device=device, dtype=work_dtype) if name == "Euler a" else None
 
-    def step_callback(i: int, total: int, _x, _denoised) -> None:
+    latest = [x]
+
+    def step_callback(i: int, total: int, _x, denoised) -> None:
+        latest[0] = denoised
         if on_step is not None:
             on_step(i + 1, total)
+        if on_event is not None:
+            on_event(ProgressEvent(i + 1, total, phase=phase, latent=denoised))
 
-    latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+    try:
+        latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+    except StopSampling:
+        latents = latest[0]
     if latent_mask is not None:
         latents = latent_mask * latents + (1 - latent_mask) * init_latent
 
     # 5. Decode.
     images = decode_latents(bundle, latents) if decode else []
-    return FlowResult(images=images, latents=latents, seeds=list(seeds), sigmas=sigmas, shift=shift)
+    return FlowResult(images=images, latents=latents, seeds=list(seeds), sigmas=sigmas, shift=shift,
+                      embeddings_used=tuple(used))

@@ -134,6 +134,9 @@ class BackendChoice:
                         adapters_active: bool, device: torch.device, on_the_fly_gguf: bool) -> tuple[ModelBundle, str]:
         if self._runtime is None:
             return bundle, "torch"
+        if not isinstance(bundle, ModelBundle):  # SD3/FLUX transformers: no OpenVINO conversion (yet)
+            log.warning("huabi: note: OpenVINO cannot run SD3/FLUX; this job runs in torch")
+            return bundle, "torch"
         reasons = openvino_unsupported(request, adapters_active=adapters_active, device=device,
                                        on_the_fly_gguf=on_the_fly_gguf)
         if reasons:

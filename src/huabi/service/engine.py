@@ -32,7 +32,8 @@ from huabi.pipelines.refiner import RefinerStage, check_refiner_pair
 from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.cpu_backend import BackendChoice, lora_state_key
-from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for, run_flow_edit, run_flow_job
+from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for
+from huabi.service.flow_plans import flow_embeddings, plan_flow, release_flow_loras
 from huabi.service.devices import (  # noqa: F401 -- also importable from here, as before
     available_memory_bytes,
     estimate_peak_bytes,
@@ -132,7 +133,9 @@ class Engine:
         # SD3/FLUX (service/flow_jobs.py): separate clip_l/clip_g/t5xxl files, the loaded model, memory mode.
         self.text_encoder_files = {k: Path(v).expanduser() for k, v in (text_encoder_files or {}).items() if v}
         self._flow_loaded = None
+        self._flow_lora = None  # the LoRA set merged into the loaded SD3/FLUX transformer (service/flow_plans.py)
         self.flow_low_memory = False
+        self.flow_offload = False  # CUDA: transformer blocks streamed from host memory (set by the memory guard)
 
     # -- models -------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class Engine:
         if is_flow_model(path):  # SD3/SD3.5/FLUX.1: their own loader (a FlowBundle), see service/flow_jobs.py
             return load_flow_for(self, path, vae_path, dict(extra))
         self._flow_loaded = None
+        release_flow_loras(self)
         base = self.base_model if path.suffix.lower() == ".gguf" else None
         if base is not None and not base.exists():  # a name or hash in the models folder, as --model takes
             try:
@@ -199,8 +203,6 @@ class Engine:
         job = job if isinstance(job, Job) else Job(job)
         images = self._edit_images(job.edit)  # a bad image fails before the slow model load
         bundle = self.load(job.request.model, job.request.vae, job.request.extra)
-        if isinstance(bundle, FlowBundle):  # SD3/FLUX: the transformer families' own batch loop
-            return self._run_flow(bundle, job, images, out_dir=out_dir, on_event=on_event, rng=rng)
         prepared = self.prepare(job, rng=rng, bundle=bundle, images=images)
         return self._run_batches(prepared, out_dir=out_dir, on_event=on_event, cancel=cancel,
                                  on_saved=on_saved, on_preview=on_preview)
@@ -215,20 +217,6 @@ class Engine:
         image = load_image(edit.init_image, what="image")
         mask = load_mask(edit.mask_image, image.width, image.height) if edit.mask_image is not None else None
         return image, mask
-
-    def _run_flow(self, bundle: FlowBundle, job: Job, images: tuple[Image.Image | None, Image.Image | None], *,
-                  out_dir: Path | None, on_event: ProgressCallback | None,
-                  rng: random.Random | None) -> list[GeneratedImage]:
-        request = job.request.with_resolved_seed(rng)
-
-        def on_progress(done: int, total: int) -> None:
-            if on_event is not None:
-                on_event(ProgressEvent(done, total))
-
-        if job.edit is None:
-            return run_flow_job(self, bundle, request, out_dir=out_dir, on_progress=on_progress)
-        image, mask = images
-        return run_flow_edit(self, bundle, request, job.edit, image, mask, out_dir=out_dir, on_progress=on_progress)
 
     def generate(
         self,
@@ -269,6 +257,11 @@ class Engine:
         image, mask = images if images is not None else self._edit_images(edit)
         if bundle is None:
             bundle = self.load(request.model, request.vae, request.extra)
+        if isinstance(bundle, FlowBundle):  # SD3/FLUX: their plans and LoRA patch (service/flow_plans.py)
+            extra: dict = {}
+            plan, flow_patches = plan_flow(self, request, edit, bundle, image, mask, extra)
+            return PreparedJob(bundle=bundle, request=request, recorded=plan.recorded, plan=plan,
+                               embeddings=flow_embeddings(self, bundle), model_patches=tuple(flow_patches), extra=extra)
         refiner = self.refiner_stage(request, bundle) if edit is None else None
         lora = self.lora_patch(bundle, request)  # before any text encoding (text-encoder LoRA)
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch

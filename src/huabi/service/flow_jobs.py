@@ -1,8 +1,8 @@
-"""SD3/SD3.5 and FLUX.1 jobs behind today's Engine: one adapter, one dispatch point per job kind.
+"""SD3/SD3.5 and FLUX.1 models behind the Engine: loading, the memory guard, the request mapping.
 
-``Engine.load`` hands transformer-family files to :func:`load_flow_for`; ``Engine.generate`` and
-``Engine.edit`` hand a loaded ``FlowBundle`` to :func:`run_flow_job`. Everything family-specific
-lives here and in ``pipelines/flow.py``, so the rebuilt engine can call the same two functions.
+``Engine.load`` hands transformer-family files to :func:`load_flow_for`; ``Engine.prepare`` hands a
+loaded ``FlowBundle`` to :func:`huabi.service.flow_plans.plan_flow`, whose plans run in the engine's
+one batch loop like SD1/SDXL's; :func:`flow_request` maps a ``GenerationRequest`` to the pipeline's.
 
 Request mapping (Forge's conventions, so its PNGs and huabi's read each other):
 
@@ -18,16 +18,19 @@ Request mapping (Forge's conventions, so its PNGs and huabi's read each other):
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from huabi.errors import HuabiError
 from huabi.models.flow_load import FlowBundle, find_part, is_flow_model, load_flow_model
-from huabi.pipelines.flow import FLUX_DEFAULT_GUIDANCE, FlowRequest, flow_generate
+from huabi.models.transformer_families import TransformerFamily
+from huabi.pipelines.flow import FLUX_DEFAULT_GUIDANCE, FlowRequest
 
-__all__ = ["FlowBundle", "is_flow_model", "load_flow_for", "run_flow_job", "run_flow_edit", "flow_request", "estimate_flow_memory"]
+FLUX_FILL_DEFAULT_GUIDANCE = 30.0
+
+__all__ = ["FlowBundle", "is_flow_model", "load_flow_for", "flow_request", "estimate_flow_memory"]
 
 _PART_NAMES = ("clip_l", "clip_g", "t5xxl")
 
@@ -67,18 +70,45 @@ def load_flow_for(engine, path: Path, vae: Path | None, extra: Mapping[str, str]
     if cached is not None and cached[0] == key:
         return cached[1]
     engine._flow_loaded = None
+    engine._flow_lora = None  # merged into the model being dropped
     engine._loaded = None  # one model resident at a time
     gc.collect()
     check_flow_memory(engine, path, parts)
     from huabi.models.hashes import HashCache
 
+    offload = getattr(engine, "flow_offload", False)
     bundle = load_flow_model(
         path, clip_l=parts["clip_l"], clip_g=parts["clip_g"], t5xxl=parts["t5xxl"], vae=parts["vae"],
-        models_dir=engine.models_dir, device=engine.device, dtype=engine.dtype, gguf_on_the_fly=True,
-        low_memory=engine.flow_low_memory, hash_cache=HashCache(),
+        models_dir=engine.models_dir, device="cpu" if offload else engine.device, dtype=engine.dtype,
+        gguf_on_the_fly=True, low_memory=engine.flow_low_memory or offload, hash_cache=HashCache(),
     )
+    if offload:
+        bundle = with_sequential_offload(bundle, engine.device)
     engine._flow_loaded = (key, bundle)
     return bundle
+
+
+def with_sequential_offload(bundle: FlowBundle, device: torch.device) -> FlowBundle:
+    """``bundle`` (loaded in host memory, text encoders per job) running on ``device`` with its
+    transformer blocks brought over one at a time (:mod:`huabi.models.offload`); the VAE and, during
+    encoding, the text encoders sit on ``device``."""
+    import dataclasses
+
+    from huabi.models.offload import SequentialOffload
+
+    SequentialOffload(bundle.transformer, compute=device)
+    bundle.vae.to(device)
+    load = bundle.load_text_encoders
+
+    def load_on_device():
+        encoders = load()
+        for field in dataclasses.fields(encoders):
+            module = getattr(encoders, field.name)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return encoders
+
+    return dataclasses.replace(bundle, load_text_encoders=load_on_device, text_encoders=None)
 
 
 # --------------------------------------------------------------------------- memory guard
@@ -106,6 +136,42 @@ def _file_bytes_at(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
+def transformer_block_bytes(path: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes outside the repeated blocks, bytes of the largest block) of a transformer file, from its
+    header (safetensors) or tensor table (GGUF); a folder counts as one block (no offload estimate)."""
+    import re
+
+    pattern = re.compile(r"(?:^|\.)(double_blocks|single_blocks|joint_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+    element = torch.finfo(dtype).bits // 8
+    sizes: list[tuple[str, int]] = []
+    if path.is_dir():
+        total = _file_bytes_at(path, dtype)
+        return 0, total
+    if path.suffix.lower() == ".gguf":
+        from huabi.models.gguf_io import gguf_reader
+
+        sizes = [(t.name, int(t.n_bytes)) for t in gguf_reader(path).tensors]
+    else:
+        from huabi.models.formats import read_safetensors_header
+
+        for name, entry in read_safetensors_header(path).items():
+            if name == "__metadata__" or name.startswith(("text_encoders.", "first_stage_model.")):
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            sizes.append((name, count * (1 if entry["dtype"].startswith("F8") else element)))
+    blocks: dict[tuple[str, str], int] = {}
+    non_block = 0
+    for name, size in sizes:
+        found = pattern.search(name)
+        if found is None:
+            non_block += size
+        else:
+            blocks[found.groups()] = blocks.get(found.groups(), 0) + size
+    return non_block, max(blocks.values(), default=0)
+
+
 def estimate_flow_memory(path: Path, parts: Mapping[str, Path | None], dtype: torch.dtype) -> tuple[int, int]:
     """(bytes with everything resident, bytes in low-memory mode: the larger of encoders and transformer)."""
     main = _file_bytes_at(path, dtype)
@@ -125,12 +191,19 @@ def check_flow_memory(engine, path: Path, parts: Mapping[str, Path | None]) -> N
     if low * headroom <= available:
         engine.flow_low_memory = True  # text encoders loaded per job and released before the transformer runs
         return
+    if engine.device.type == "cuda":  # small cards: transformer blocks streamed from host memory one at a time
+        non_block, largest_block = transformer_block_bytes(path, engine.dtype)
+        separate_parts = everything - _file_bytes_at(path, engine.dtype)  # encoders + VAE, on the card in turn
+        if max(non_block + largest_block, separate_parts) * headroom <= available:
+            engine.flow_offload = True
+            return
     gib = 2**30
     raise HuabiError(
         f"memory: {path.name} needs about {everything / gib:.1f} GiB with its text encoders in "
         f"{str(engine.dtype).removeprefix('torch.')} ({low / gib:.1f} GiB at best, encoders loaded one at a time) "
         f"but {engine.device} has {available / gib:.1f} GiB free; use a GGUF Q8_0/Q4_0 or fp8 transformer file, "
         f"t5xxl_fp8_e4m3fn for the T5 encoder, or --dtype bf16"
+        + (" (sequential offload of the transformer's blocks would not fit either)" if engine.device.type == "cuda" else "")
     )
 
 
@@ -142,14 +215,16 @@ def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> 
     extra = dict(request.extra)
     family = bundle.family
     unsupported = [name for name, used in (
-        ("hires fix", request.hires), ("refiner", request.refiner), ("ControlNet", request.controlnets),
+        ("refiner", request.refiner), ("ControlNet", request.controlnets),
         ("hypernetwork", request.hypernetwork), ("IP-Adapter", request.ip_adapter), ("tiling", request.tile),
         ("variation seed", request.variation_strength > 0), ("seed resize", request.seed_resize_from_px),
     ) if used]
     if unsupported:
         raise HuabiError(f"{family.label}: {', '.join(unsupported)} not supported for this family yet")
     schedule = "Simple" if request.schedule == "Automatic" else request.schedule
-    distilled = float(extra.get("Distilled CFG Scale", FLUX_DEFAULT_GUIDANCE))
+    # FLUX.1 Fill is run at guidance 30 (BFL's and diffusers' FluxFillPipeline examples, ComfyUI's Fill workflow).
+    default_guidance = FLUX_FILL_DEFAULT_GUIDANCE if family is TransformerFamily.FLUX_FILL else FLUX_DEFAULT_GUIDANCE
+    distilled = float(extra.get("Distilled CFG Scale", default_guidance))
     shift = float(extra["Shift"]) if "Shift" in extra else None
     cfg = float(request.cfg_scale)
     if family.is_flux and not (request.negative_prompt.strip() and cfg > 1.0):
@@ -173,103 +248,6 @@ def flow_request(request, bundle: FlowBundle, width_px: int, height_px: int) -> 
     for number, module in enumerate(bundle.modules, start=1):
         infotext[f"Module {number}"] = module
     return flow, infotext, cfg
-
-
-def run_flow_job(
-    engine,
-    bundle: FlowBundle,
-    request,
-    *,
-    out_dir: Path | None,
-    on_progress: Callable[[int, int], None] | None,
-    init_image=None,
-    mask=None,
-    strength: float = 1.0,
-    edit_extra: Mapping[str, object] | None = None,
-) -> list:
-    """Every batch of ``request`` through the flow pipeline; PNGs with Forge-style infotext."""
-    from huabi import __version__
-    from huabi.core.infotext import format_infotext
-    from huabi.service.results import GeneratedImage
-    from huabi.service.pngio import next_image_path, save_png
-
-    width_px = request.width_px or (init_image.width // 16 * 16 if init_image is not None else bundle.native_size_px)
-    height_px = request.height_px or (init_image.height // 16 * 16 if init_image is not None else bundle.native_size_px)
-    flow, extra, cfg_ran = flow_request(request, bundle, width_px, height_px)
-    extra.update(edit_extra or {})
-    recorded = request.replace(cfg_scale=cfg_ran, schedule=flow.schedule)
-    batches = request.image_seeds()
-    results = []
-    patch, lora_hashes = apply_flow_loras(engine, bundle, request)
-    try:
-        for batch_index, seeds in enumerate(batches):
-            def on_step(done: int, total: int, _index=batch_index) -> None:
-                if on_progress is not None:
-                    on_progress(_index * total + done, total * len(batches))
-
-            result = flow_generate(bundle, flow, seeds, device=engine.device, init_image=init_image, strength=strength,
-                                   mask=mask, on_step=on_step)
-            for image, seed in zip(result.images, result.seeds):
-                infotext = format_infotext(recorded, seed=seed, width_px=width_px, height_px=height_px, model_name=bundle.name,
-                                           model_hash=bundle.short_hash, extra={**extra, "Lora hashes": lora_hashes},
-                                           version=f"huabi {__version__}")
-                path = save_png(image, next_image_path(out_dir, seed), infotext) if out_dir is not None else None
-                results.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
-    finally:
-        if patch is not None:
-            patch.restore()  # the loaded model keeps its base weights between jobs
-    return results
-
-
-def apply_flow_loras(engine, bundle: FlowBundle, request):
-    """Merge the prompt's ``<lora:name:weight>`` files into the transformer; (patch to restore, "Lora hashes")."""
-    from huabi.core.prompt_parser import extract_extra_networks
-    from huabi.models.flow_lora import FlowLoraPatch, lora_deltas
-    from huabi.models.formats import read_state_dict
-    from huabi.models.lora import lora_short_hash
-    from huabi.service.adapters import lora_folders, lora_uses, parse_lora_hashes
-
-    _, tags = extract_extra_networks(request.prompt)
-    folders = lora_folders(engine.models_dir) + [engine.models_dir / "loras"]  # ComfyUI's folder name too
-    uses = lora_uses(tags, folders, parse_lora_hashes(dict(request.extra).get("Lora hashes")))
-    if not uses:
-        return None, None
-    patch = FlowLoraPatch(bundle.transformer)
-    hashes = []
-    try:
-        for use in uses:
-            tensors, metadata = read_state_dict(use.path)
-            deltas, _report = lora_deltas(tensors, bundle.family, bundle.transformer, weight=use.unet_weight, source=use.path.name)
-            patch.apply(deltas, source=use.path.name)
-            hashes.append(f"{use.name}: {lora_short_hash(use.path, metadata)}")
-    except BaseException:
-        patch.restore()
-        raise
-    return patch, ", ".join(hashes)
-
-
-def run_flow_edit(engine, bundle: FlowBundle, request, options, image, mask, *, out_dir, on_progress) -> list:
-    """img2img / inpainting for SD3/FLUX: the init image at the working size (multiples of 16), the
-    sampler starting at the sigma ``options.denoising_strength`` selects; white mask areas repainted."""
-    from PIL import Image, ImageFilter, ImageOps
-
-    if options.outpaint is not None or getattr(options, "instruct", False):
-        raise HuabiError(f"edit: outpainting and instruct editing are not supported for {bundle.family.label} yet")
-    work_w = request.width_px or max(16, image.width // 16 * 16)
-    work_h = request.height_px or max(16, image.height // 16 * 16)
-    image = image.convert("RGB").resize((work_w, work_h), Image.LANCZOS)
-    extra: dict[str, object] = {"Denoising strength": options.denoising_strength}
-    if mask is not None:
-        mask = mask.convert("L").resize((work_w, work_h), Image.LANCZOS)
-        if options.invert_mask:
-            mask = ImageOps.invert(mask)
-            extra["Mask mode"] = "Inpaint not masked"
-        if options.mask_blur_px:
-            mask = mask.filter(ImageFilter.GaussianBlur(options.mask_blur_px))
-        extra["Mask blur"] = options.mask_blur_px
-    return run_flow_job(engine, bundle, request.replace(width_px=work_w, height_px=work_h), out_dir=out_dir,
-                        on_progress=on_progress, init_image=image, mask=mask, strength=options.denoising_strength,
-                        edit_extra=extra)
 
 
 def find_parts_for_listing(models_dir: Path) -> dict[str, Path | None]:

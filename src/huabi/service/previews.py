@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from huabi.core.previews import FAMILY_LATENT_RGB, latents_to_rgb
+from huabi.core.previews import FAMILY_LATENT_RGB, LatentRGB, fit_latent_rgb, latents_to_rgb
 from huabi.core.vae_tiling import tiled_apply
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
@@ -34,10 +34,10 @@ PreviewCallback = Callable[[int, int, list[Image.Image]], None]  # (steps done, 
 class Previewer:
     """Makes preview images of denoised latents (UNet space) for one model family."""
 
-    def __init__(self, method: str, family: ModelFamily, taesd=None) -> None:
+    def __init__(self, method: str, family: ModelFamily, taesd=None, mapping: LatentRGB | None = None) -> None:
         self.method = method
         self.taesd = taesd
-        self.mapping = FAMILY_LATENT_RGB[family]
+        self.mapping = mapping or FAMILY_LATENT_RGB[family]
 
     def __call__(self, denoised: torch.Tensor) -> list[Image.Image]:
         with torch.inference_mode():
@@ -66,11 +66,36 @@ def make_previewer(spec: str, bundle: ModelBundle) -> Previewer:
     from huabi.models.taesd import load_taesd
 
     method, path = parse_decoder_spec(spec, "preview")
-    if method == "taesd":
+    flow = bundle.family not in FAMILY_LATENT_RGB  # SD3/FLUX: 16 latent channels
+    if method == "taesd" and not flow:
         return Previewer("taesd", bundle.family, load_taesd(path))
+    if method == "taesd":  # huabi's TAESD runs SD1/SDXL latents: SD3/FLUX previews fall back to cheap ones
+        method = "cheap"
     if method != "cheap":
         raise HuabiError(f"preview: {spec!r} is not a preview method; valid: cheap, taesd:PATH")
+    if flow:  # factors fitted to the model's own VAE
+        return Previewer("cheap", bundle.family, mapping=fitted_latent_rgb(bundle))
     return Previewer("cheap", bundle.family)
+
+
+def fitted_latent_rgb(bundle) -> LatentRGB:
+    """Cheap-preview factors for a VAE huabi ships none for (SD3/FLUX's 16 channels), fitted by least
+    squares on a few synthetic 64x64 images (colour ramps and flat colours) encoded by the bundle's own
+    VAE: one small encode per loaded model, and the preview matches whatever VAE the user loaded."""
+    from huabi.pipelines.flow import encode_image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    images = []
+    for r, g, b in ((ramp[None, :], ramp[:, None], 128), (255 - ramp[:, None], 64, ramp[None, :]),
+                    (200, ramp[None, :], 255 - ramp[:, None]), (30, 30, 30), (230, 230, 230), (220, 40, 40)):
+        array = np.empty((64, 64, 3), dtype=np.float32)
+        array[..., 0], array[..., 1], array[..., 2] = r, g, b
+        images.append(Image.fromarray(array.round().astype(np.uint8)))
+    device = next(bundle.vae.parameters()).device
+    latents = torch.cat([encode_image(bundle, image, device) for image in images]).float().cpu()
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                          for image in images])
+    return fit_latent_rgb(latents, pixels)
 
 
 class _VAEWrapper(torch.nn.Module):
@@ -165,6 +190,9 @@ class _EncodeOutput:
 def with_vae(bundle: ModelBundle, *, tiny_decoder=None, tiled: bool = False) -> ModelBundle:
     """A job copy of ``bundle`` whose VAE decodes with TAESD and/or in tiles."""
     vae = bundle.vae
+    if tiny_decoder is not None and not isinstance(bundle, ModelBundle):
+        raise HuabiError("vae decoder: taesd:PATH decodes SD1/SDXL latents; SD3/FLUX images decode with their own VAE "
+                         "(drop --vae-decoder)")
     if tiled:
         vae = TiledVAE(vae)
     if tiny_decoder is not None:
