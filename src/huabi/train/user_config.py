@@ -42,10 +42,15 @@ class UserTrainConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    cache_latents: bool | None = None  # None: cache unless --random-crop/--color-aug need new pixels every step
     cache_latents_to_disk: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
     cache_dir: str | None = None  # default: <output>.cache
     # loop
     max_train_steps: int = 1600
+    max_train_epochs: int | None = None  # overrides max_train_steps (kohya): epochs * ceil(batches per epoch / accumulation)
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     seed: int = 42
@@ -104,6 +109,12 @@ class UserTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HuabiError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.max_train_epochs is not None and (isinstance(self.max_train_epochs, bool) or not isinstance(self.max_train_epochs, int)
+                                                  or self.max_train_epochs < 1):
+            raise HuabiError(f"max-train-epochs must be an integer >= 1, got {self.max_train_epochs!r}")
+        if (self.random_crop or self.color_aug) and (self.cache_latents or self.cache_latents_to_disk):
+            raise HuabiError("--random-crop and --color-aug change the pixels at every step, so latents cannot be cached: "
+                             "drop --cache-latents/--cache-latents-to-disk (kohya refuses the same)")
         if self.mode in ("lora",) or (self.mode == "dreambooth" and not self.full_weights):
             if isinstance(self.network_dim, bool) or not isinstance(self.network_dim, int) or self.network_dim <= 0:
                 raise HuabiError(f"network-dim (rank) must be an integer > 0, got {self.network_dim!r}")
@@ -149,6 +160,12 @@ class UserTrainConfig:
         return NETWORK_MODULES.get(self.network_module, self.network_module)
 
     @property
+    def caches_latents(self) -> bool:
+        if self.cache_latents is not None:
+            return self.cache_latents or self.cache_latents_to_disk
+        return self.cache_latents_to_disk or not (self.random_crop or self.color_aug)
+
+    @property
     def uses_network(self) -> bool:
         return self.mode == "lora" or (self.mode == "dreambooth" and not self.full_weights)
 
@@ -162,7 +179,7 @@ class UserTrainConfig:
 
     def resume_record(self) -> dict[str, Any]:
         """Settings that must match for a resume (the ones that change the result)."""
-        ignored = {"max_train_steps", "save_every_n_steps", "save_every_n_epochs", "save_state_dir", "sample_every_n_steps", "sample_prompts",
+        ignored = {"max_train_steps", "max_train_epochs", "cache_latents", "save_every_n_steps", "save_every_n_epochs", "save_state_dir", "sample_every_n_steps", "sample_prompts",
                    "sample_sampler", "output", "output_name", "training_comment", "cache_latents_to_disk", "cache_dir",
                    "device", "num_class_images", "class_prompt"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
