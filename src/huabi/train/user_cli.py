@@ -38,6 +38,12 @@ _HELP = {
     "flip_aug": "mirror each sample left-right with probability 1/2 (cached latents keep both flips)",
     "random_crop": "random instead of centred crop inside the bucket (no latent caching)",
     "color_aug": "kohya's colour augmentation: hue +-16 degrees or gamma 0.95-1.05, a third of the samples (no latent caching)",
+    "use_object_template": "textual inversion: ignore captions, train on object templates ('a photo of TOKEN', ...)",
+    "use_style_template": "textual inversion: ignore captions, train on style templates ('a painting in the style of TOKEN', ...)",
+    "eval_prompts": "prompts file for the report's before/after CLIP score and FID (default: --sample-prompts)",
+    "evaluate": "measure CLIP score / FID before and after training when a prompt set is given",
+    "eval_features": "feature extractor file for the report (Inception or CLIP; default: huabi-mini's towers)",
+    "eval_at_samples": "also measure the sample images at every sample point",
     "token_string": "textual inversion: the new word used in prompts (and the embedding's name)",
 }
 

@@ -43,6 +43,22 @@ from huabi.train.user_config import UserTrainConfig
 STATE_FORMAT = "huabi-user-train-1"
 CAPTION_SALT, NOISE_SALT, AUGMENT_SALT = 11, 13, 17
 
+# Textual inversion's template captions (the idea of the TI paper and of kohya's / diffusers'
+# --use_object_template / learnable_property; huabi's own wording): the new word in many
+# contexts, so that it works inside prompts and not only alone.
+OBJECT_TEMPLATES = (
+    "a photo of {}", "a picture of {}", "an image of {}", "a drawing of {}", "a rendering of {}", "a close-up photo of {}",
+    "a bright photo of {}", "a dark photo of {}", "a cropped photo of {}", "a good photo of {}", "a photo of the {}",
+    "a photo of one {}", "a small {}", "a large {}", "the {}", "a {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a picture in the style of {}", "a drawing in the style of {}",
+    "a rendering in the style of {}", "an illustration in the style of {}", "art in the style of {}",
+    "a photo in the style of {}", "a pattern in the style of {}", "a small painting in the style of {}",
+    "a large painting in the style of {}", "a bright picture in the style of {}", "a dark picture in the style of {}",
+    "a cropped picture in the style of {}", "the style of {}", "{} style", "in the style of {}",
+)
+
 
 # ---------------------------------------------------------------- small pure pieces
 
@@ -221,6 +237,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     plan: BucketPlan | None = None
     dataset: Dataset | None = None
+    eval: dict | None = None  # before/after CLIP score and FID (huabi.train.evaluation)
+    report: Path | None = None  # <output>.report.json
 
 
 class TrainingStopped(Exception):
@@ -290,6 +308,8 @@ class UserTrainer:
         self.progress = progress
         self.device = torch.device(config.device)
         self.precision = resolve_mixed_precision(config.mixed_precision, self.device)
+        self.eval_result: dict | None = None
+        self.sample_evals: list[dict] = []
 
     # -- setup ---------------------------------------------------------------
 
@@ -483,6 +503,9 @@ class UserTrainer:
         config = self.config
         caption = entry.caption
         if config.mode == "textual-inversion":
+            if config.use_object_template or config.use_style_template:  # kohya: templates replace the captions
+                templates = OBJECT_TEMPLATES if config.use_object_template else STYLE_TEMPLATES
+                caption = templates[int(torch.randint(0, len(templates), (), generator=generator))].format(config.token_string)
             if config.token_string not in caption:
                 caption = f"{config.token_string}, {caption}" if caption else config.token_string
             caption = caption.replace(config.token_string, " ".join(self.ti_tokens))
@@ -731,6 +754,8 @@ class UserTrainer:
             "ss_training_comment": config.training_comment, "ss_num_train_images_unique": str(train_images),
             "ss_huabi_mode": config.mode,
         }
+        if self.eval_result is not None:
+            meta["huabi_eval"] = json.dumps(self.eval_result, ensure_ascii=False)
         if config.uses_network:
             meta.update({"ss_network_module": module, "ss_network_dim": str(config.network_dim),
                          "ss_network_alpha": str(config.network_alpha), "ss_network_dropout": str(config.network_dropout),
@@ -755,7 +780,8 @@ class UserTrainer:
         if config.mode == "textual-inversion":
             return write_embedding_file(path, self.embedding_vectors(), self.bundle.family,
                                         {"name": config.token_string, "step": str(step), "sd_checkpoint_name": self.model_path.stem,
-                                         "huabi.init_word": config.init_word or ""})
+                                         "huabi.init_word": config.init_word or "",
+                                         **({"huabi_eval": json.dumps(self.eval_result)} if self.eval_result else {})})
         return self.write_checkpoint(path, step)
 
     def write_checkpoint(self, path: Path, step: int) -> Path:
@@ -770,7 +796,8 @@ class UserTrainer:
         try:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": None}[self.config.save_precision]
             meta = {"huabi.training": json.dumps({"mode": self.config.mode, "steps": step, "ema_decay": self.config.ema_decay,
-                                                  "base": self.model_path.name, "learning_rate": self.config.learning_rate})}
+                                                  "base": self.model_path.name, "learning_rate": self.config.learning_rate,
+                                                  "eval": self.eval_result})}
             return save_single_file(self.bundle, path, dtype=dtype, metadata=meta)
         finally:
             if backup is not None:
@@ -778,16 +805,17 @@ class UserTrainer:
 
     # -- samples -------------------------------------------------------------
 
-    def sample(self, step: int) -> None:
-        from huabi.train.samples import generate_with_engine, read_prompts_file
+    def render(self, prompts, out_dir: Path, names: Sequence[str], step: int, *, trained: bool = True) -> list[Path]:
+        """PNGs of ``prompts`` from the current result (``trained``) or the base model, moved to ``out_dir/names``."""
+        from huabi.train.samples import generate_with_engine
 
         config = self.config
-        prompts = read_prompts_file(config.sample_prompts)
-        out_dir = Path(config.output).parent / "sample"
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
             model, embeddings = self.model_path, None
-            if self.network is not None:
+            if not trained:
+                pass
+            elif self.network is not None:
                 self.write_output(tmp_dir / "Lora" / f"{config.name}.safetensors", step)
                 prompts = [type(p)(**{**p.__dict__, "prompt": f"{p.prompt} <lora:{config.name}:1>"}) for p in prompts]
             elif config.mode == "textual-inversion":
@@ -798,19 +826,100 @@ class UserTrainer:
             paths = generate_with_engine(model, prompts, tmp_dir / "out", device=config.device, models_dir=tmp_dir,
                                          embeddings_dir=embeddings, sampler=config.sample_sampler, default_seed=config.seed)
             out_dir.mkdir(parents=True, exist_ok=True)
-            for index, path in enumerate(paths):
-                shutil.move(str(path), out_dir / f"{config.name}_{step:06d}_{index:02d}.png")
+            placed = []
+            for path, name in zip(paths, names):
+                shutil.move(str(path), out_dir / name)
+                placed.append(out_dir / name)
+        return placed
+
+    def sample(self, step: int) -> None:
+        from huabi.train.samples import read_prompts_file
+
+        config = self.config
+        prompts = read_prompts_file(config.sample_prompts)
+        out_dir = Path(config.output).parent / "sample"
+        paths = self.render(prompts, out_dir, [f"{config.name}_{step:06d}_{i:02d}.png" for i in range(len(prompts))], step)
         self.log(f"step {step}: {len(paths)} sample image(s) in {out_dir}")
+        if config.eval_at_samples:
+            from huabi.train.evaluation import measure
+
+            numbers = measure(self.eval_session(), paths, [p.prompt for p in prompts], self.training_images())
+            self.sample_evals.append({"step": step, **numbers})
+            fid = numbers.get("fid_vs_training_images")
+            self.log(f"step {step}: CLIP score {numbers['clip_score']:.4g}" + (f", FID vs training images {fid:.4g}" if fid is not None else ""))
+
+    # -- evaluation ----------------------------------------------------------
+
+    def eval_session(self):
+        if getattr(self, "_eval_session", None) is None:
+            from huabi.eval.api import EvalOptions, Session
+
+            self._eval_session = Session(EvalOptions(features=self.config.eval_features, device=self.config.device))
+        return self._eval_session
+
+    def training_images(self) -> list[Path]:
+        return list(dict.fromkeys(e.path for e in self.dataset.entries if not e.is_reg))
+
+    def evaluate(self, step: int) -> dict | None:
+        """Before/after CLIP score and FID on the evaluation prompts (None without a prompt set)."""
+        from huabi.train.evaluation import MIN_FID_IMAGES, measure, summary_line
+        from huabi.train.samples import read_prompts_file
+
+        config = self.config
+        prompt_file = config.eval_prompts or config.sample_prompts
+        if not config.evaluate or not prompt_file:
+            return None
+        prompts = read_prompts_file(prompt_file)
+        texts = [p.prompt for p in prompts]
+        out_dir = Path(config.output).parent / "eval" / config.name
+        names = [f"{i:03d}.png" for i in range(len(prompts))]
+        session = self.eval_session()
+        training = self.training_images()
+        training_vectors = None
+        if min(len(prompts), len(training)) >= MIN_FID_IMAGES:
+            training_vectors = session.vectors(training, "training images")
+        before = measure(session, self.render(prompts, out_dir / "before", names, step, trained=False), texts, training,
+                         training_vectors)
+        after = measure(session, self.render(prompts, out_dir / "after", names, step), texts, training, training_vectors)
+        extractor = session.extractor
+        result = {"prompts": str(prompt_file), "step": step, "images": str(out_dir), "before": before, "after": after,
+                  "extractor": extractor.describe(), "note": extractor.note}
+        if self.sample_evals:
+            result["at_samples"] = self.sample_evals
+        self.log(summary_line(before, after))
+        self.log(f"eval: {extractor.note}")
+        return result
+
+    def write_report(self, path: Path, losses: Sequence[float]) -> Path:
+        from huabi.train.common import atomic_write_text
+
+        config = self.config
+        report = {"output": str(config.output), "mode": config.mode, "steps": self.final_step, "max_steps": self.max_steps,
+                  "epochs": round(self.final_step / self.steps_per_epoch, 4),
+                  "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])) if losses else None,
+                  "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
+                  "eval": self.eval_result}
+        atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        return path
 
     # -- everything ----------------------------------------------------------
 
     def run(self, *, should_stop: Callable[[], bool] | None = None, on_step=None, on_save=None) -> RunResult:
         self.started_at = time.time()
         self.setup()
-        losses = self.train(should_stop=should_stop, on_step=on_step, on_save=on_save)
+        try:
+            losses = self.train(should_stop=should_stop, on_step=on_step, on_save=on_save)
+            self.eval_result = self.evaluate(self.final_step)
+        finally:
+            if getattr(self, "_eval_session", None) is not None:
+                self._eval_session.close()
+                self._eval_session = None
         path = self.write_output(Path(self.config.output), self.final_step)
         self.log(f"wrote {path}")
-        return RunResult(output=path, steps=self.final_step, losses=losses, plan=self.plan, dataset=self.dataset)
+        report = self.write_report(Path(self.config.output).with_suffix(".report.json"), losses)
+        self.log(f"training report: {report}")
+        return RunResult(output=path, steps=self.final_step, losses=losses, plan=self.plan, dataset=self.dataset,
+                         eval=self.eval_result, report=report)
 
 
 def train_user(config: UserTrainConfig, **kwargs) -> RunResult:
