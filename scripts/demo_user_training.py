@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     timings["lora_s"] = round(time.monotonic() - started, 1)
     started = time.monotonic()
     ti = train_user(UserTrainConfig(mode="textual-inversion", output=str(work / "zqxquilt.safetensors"), token_string="zqxquilt",
-                                    init_word="pattern", num_vectors_per_token=2, learning_rate=5e-3,
+                                    init_word="pattern", num_vectors_per_token=2, learning_rate=1e-3,
+                                    use_object_template=True,  # see docs/training_users.md (TI strength study)
                                     class_tokens="zqxquilt", **common), log=log, progress=False).output
     timings["textual_inversion_s"] = round(time.monotonic() - started, 1)
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_user_training import TI_PROMPTS, concept_scores, draw_concept, features, generate, write_dataset  # noqa: E402
 
-BASE = dict(init_word="pattern", num_vectors_per_token=2, learning_rate=5e-3, max_train_steps=100, class_tokens="zqxquilt")
+BASE = dict(seed=7, init_word="pattern", num_vectors_per_token=2, learning_rate=5e-3, max_train_steps=100, class_tokens="zqxquilt")
 VARIANTS = {
     "baseline": {},  # the demo's settings
     "templates": dict(use_object_template=True),
@@ -34,6 +34,12 @@ VARIANTS = {
     "templates_8vec": dict(use_object_template=True, num_vectors_per_token=8),
     "templates_init_quilt": dict(use_object_template=True, init_word="quilt"),
     "templates_random_init": dict(use_object_template=True, init_word=None),
+    "templates_init_quilt_lr2e-3": dict(use_object_template=True, init_word="quilt", learning_rate=2e-3),
+    "init_quilt": dict(init_word="quilt"),
+    "templates_init_quilt_seed8": dict(use_object_template=True, init_word="quilt", seed=8),
+    "baseline_seed8": dict(seed=8),
+    "templates_lr1e-3_seed8": dict(use_object_template=True, learning_rate=1e-3, seed=8),
+    "templates_lr1e-3_seed9": dict(use_object_template=True, learning_rate=1e-3, seed=9),
     "lr2e-2": dict(learning_rate=2e-2),
     "steps_300": dict(max_train_steps=300),
 }
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
     for name in args.variant:
         settings = {**BASE, **VARIANTS[name]}
         config = UserTrainConfig(mode="textual-inversion", output=str(work / name / "zqxquilt.safetensors"), token_string="zqxquilt",
-                                 train_data_dir=str(work / "data"), resolution=128, min_bucket_reso=64, train_batch_size=4, seed=7,
+                                 train_data_dir=str(work / "data"), resolution=128, min_bucket_reso=64, train_batch_size=4,
                                  caption_extension=".txt", save_precision="fp16", **settings)
         trainer = UserTrainer(config, log=lambda message: None, progress=False)
         started = time.monotonic()
