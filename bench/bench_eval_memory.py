@@ -26,21 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import write_images  # noqa: E402  (synthetic shapes; seed picks the set)
+
 CLI = "import sys; from huabi.cli.main import main; sys.exit(main())"
-
-
-def write_images(folder: Path, count: int, size_px: int, seed: int) -> None:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        image = Image.new("RGB", (size_px, size_px), tuple(int(c) for c in rng.integers(100, 256, 3)))
-        draw = ImageDraw.Draw(image)
-        x, y, extent = (int(v) for v in rng.integers(1, size_px // 2, 3))
-        (draw.ellipse if i % 2 else draw.rectangle)((x, y, x + extent, y + extent), fill=tuple(int(c) for c in rng.integers(0, 200, 3)))
-        image.save(folder / f"{i:05d}.png")
 
 
 def linked_subset(source: Path, target: Path, count: int) -> Path:
@@ -102,7 +91,7 @@ def main() -> None:
             gen = linked_subset(root / "pool_gen", root / f"gen_{count}", count)
             row = measure(real, gen, root / f"fid_{count}.json", args)
             rows.append(row)
-            print(f"{count:6d} images per side: peak RSS {row['peak_rss_mb']:7.1f} MB  {row['seconds']:7.1f} s  "
+            print(f"{count:6d} images per side: peak RSS {row['peak_rss_mb']:7.1f} MB  {row['seconds']:7.1f} s wall  {row['cpu_seconds']:7.1f} s CPU  "
                   f"FID {row['fid']:.4f}", flush=True)
     per_thousand = 1000 * slope([(r["images_per_side"], r["peak_rss_mb"]) for r in rows])
     dim = rows[-1]["feature_dim"] or 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_user_training import TI_PROMPTS, concept_scores, draw_concept, features, generate, write_dataset  # noqa: E402
+from demo_user_training import TI_PROMPTS, concept_scores, generate, prepare_concept  # noqa: E402
 
 BASE = dict(seed=7, init_word="pattern", num_vectors_per_token=2, learning_rate=5e-3, max_train_steps=100, class_tokens="zqxquilt")
 VARIANTS = {
@@ -54,18 +54,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from huabi.models.clip_pair import load_clip_pair
-    from huabi.models.load import load_model
     from huabi.train.user_config import UserTrainConfig
-    from huabi.train.user_train import UserTrainer, builtin_model
+    from huabi.train.user_train import UserTrainer
 
     work = args.work
-    model = builtin_model()
-    write_dataset(work / "data", range(1, 13), "4_zqx quilt")
-    held_out = [draw_concept(seed) for seed in range(101, 113)]
-    bundle = load_model(model, compute_hash=False)
-    clip = load_clip_pair(model.with_name(model.stem + "-clip.safetensors"), text_encoder=bundle.text_encoders[0])
-    reference = features(clip, held_out)
+    model, _held_out, clip, reference = prepare_concept(work)
     if args.before:
         before = generate(model, TI_PROMPTS, work / "gen_before_ti")
         with args.out.open("a") as handle:
