@@ -28,6 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"core", "models", "pipelines", "service", "data", "train", "eval", "cli"},
 }
 ALLOWED["service"] = ALLOWED["service"] | {"backends"}
+# Training reports measure before/after through huabi.eval's API (train and eval are peers; the
+# cycle check below still refuses a module-level cycle between them).
+ALLOWED["train"] = ALLOWED["train"] | {"eval"}
 
 # Known debt, listed so that any NEW cycle (or a module joining this one) fails: the server reaches the
 # request builders through cli.main/cli.edit while `huabi serve` lives in cli/. The fix is for
