@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 
-def write_images(folder: Path, count: int, size_px: int) -> None:
+def write_images(folder: Path, count: int, size_px: int, seed: int = 0) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(count):
         image = Image.new("RGB", (size_px, size_px), tuple(int(c) for c in rng.integers(120, 256, 3)))
         draw = ImageDraw.Draw(image)

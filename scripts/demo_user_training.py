@@ -127,6 +127,20 @@ def grid(rows, labels, path: Path) -> None:
     canvas.save(path)
 
 
+def prepare_concept(work: Path):
+    """The training folder, the held-out images, huabi-mini's CLIP pair and the held-out features."""
+    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.load import load_model
+    from huabi.train.user_train import builtin_model
+
+    model = builtin_model()
+    write_dataset(work / "data", range(1, 13), "4_zqx quilt")
+    held_out = [draw_concept(seed) for seed in range(101, 113)]
+    bundle = load_model(model, compute_hash=False)
+    clip = load_clip_pair(model.with_name(model.stem + "-clip.safetensors"), text_encoder=bundle.text_encoders[0])
+    return model, held_out, clip, features(clip, held_out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/huabi-train-demo"))
@@ -137,18 +151,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from huabi.models.clip_pair import load_clip_pair
-    from huabi.models.load import load_model
     from huabi.train.user_config import UserTrainConfig
-    from huabi.train.user_train import builtin_model, train_user
+    from huabi.train.user_train import train_user
 
     work = args.work
-    model = builtin_model()
-    write_dataset(work / "data", range(1, 13), "4_zqx quilt")
-    held_out = [draw_concept(seed) for seed in range(101, 113)]
-    bundle = load_model(model, compute_hash=False)
-    clip = load_clip_pair(model.with_name(model.stem + "-clip.safetensors"), text_encoder=bundle.text_encoders[0])
-    reference = features(clip, held_out)
+    model, held_out, clip, reference = prepare_concept(work)
     report: dict = {"prompts": PROMPTS, "seeds": SEEDS, "steps": args.steps}
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -161,7 +168,8 @@ def main(argv=None) -> int:
     timings["lora_s"] = round(time.monotonic() - started, 1)
     started = time.monotonic()
     ti = train_user(UserTrainConfig(mode="textual-inversion", output=str(work / "zqxquilt.safetensors"), token_string="zqxquilt",
-                                    init_word="pattern", num_vectors_per_token=2, learning_rate=5e-3,
+                                    init_word="pattern", num_vectors_per_token=2, learning_rate=1e-3,
+                                    use_object_template=True,  # see docs/training_users.md (TI strength study)
                                     class_tokens="zqxquilt", **common), log=log, progress=False).output
     timings["textual_inversion_s"] = round(time.monotonic() - started, 1)
 

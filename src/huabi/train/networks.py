@@ -105,6 +105,20 @@ class LoraAdapter(nn.Module):
                 "alpha": torch.tensor(self.alpha)}
 
 
+def add_weight_delta(x: Tensor, y: Tensor, base: nn.Module, delta: Tensor) -> Tensor:
+    """``y + base's operation with weight delta`` (no bias): the forward of adapters that build a dW.
+
+    ``delta`` is [out, in * kh * kw] or already the base weight's shape; it is applied with the
+    base layer's own conv geometry (stride, padding, dilation, groups) or as a Linear.
+    """
+    delta = delta.reshape(base.weight.shape).to(x.dtype)
+    if isinstance(base, nn.Conv2d):
+        extra = F.conv2d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
+    else:
+        extra = F.linear(x, delta)
+    return y + extra.to(y.dtype)
+
+
 class LohaAdapter(nn.Module):
     """LoHa: ``dW = (w1_a @ w1_b) * (w2_a @ w2_b) * scale``; conv kernels flattened into ``w*_b``."""
 
@@ -119,13 +133,8 @@ class LohaAdapter(nn.Module):
         self.hada_w2_b = nn.Parameter(torch.randn(dim, in_dim))
 
     def change(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
-        delta = ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * (self.alpha / self.dim))
-        delta = delta.reshape(base.weight.shape)
-        if isinstance(base, nn.Conv2d):
-            extra = F.conv2d(x, delta.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
-        else:
-            extra = F.linear(x, delta.to(x.dtype))
-        return y + extra.to(y.dtype)
+        delta = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * (self.alpha / self.dim)
+        return add_weight_delta(x, y, base, delta)
 
     def file_tensors(self) -> dict[str, Tensor]:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a,
@@ -155,13 +164,7 @@ class LokrAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.lokr_w2_b, a=math.sqrt(5))
 
     def change(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
-        delta = torch.kron(self.lokr_w1, self.lokr_w2_a @ self.lokr_w2_b) * (self.alpha / self.dim)
-        delta = delta.reshape(base.weight.shape)
-        if isinstance(base, nn.Conv2d):
-            extra = F.conv2d(x, delta.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
-        else:
-            extra = F.linear(x, delta.to(x.dtype))
-        return y + extra.to(y.dtype)
+        return add_weight_delta(x, y, base, torch.kron(self.lokr_w1, self.lokr_w2_a @ self.lokr_w2_b) * (self.alpha / self.dim))
 
     def file_tensors(self) -> dict[str, Tensor]:
         return {"lokr_w1": self.lokr_w1, "lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b,

@@ -33,6 +33,17 @@ _HELP = {
     "full_weights": "DreamBooth: train the UNet itself (written as a checkpoint) instead of a LoRA",
     "ema_decay": "fine-tune: EMA decay of the UNet weights (0: no EMA); the file holds the EMA weights",
     "sample_prompts": "prompts file, one per line, kohya flags --n --w --h --d --s --l",
+    "max_train_epochs": "train this many epochs (overrides --max-train-steps: epochs x ceil(batches per epoch / accumulation))",
+    "cache_latents": "keep the VAE latents of every image (default: yes, unless --random-crop/--color-aug)",
+    "flip_aug": "mirror each sample left-right with probability 1/2 (cached latents keep both flips)",
+    "random_crop": "random instead of centred crop inside the bucket (no latent caching)",
+    "color_aug": "kohya's colour augmentation: hue +-16 degrees or gamma 0.95-1.05, a third of the samples (no latent caching)",
+    "use_object_template": "textual inversion: ignore captions, train on object templates ('a photo of TOKEN', ...)",
+    "use_style_template": "textual inversion: ignore captions, train on style templates ('a painting in the style of TOKEN', ...)",
+    "eval_prompts": "prompts file for the report's before/after CLIP score and FID (default: --sample-prompts)",
+    "evaluate": "measure CLIP score / FID before and after training when a prompt set is given",
+    "eval_features": "feature extractor file for the report (Inception or CLIP; default: huabi-mini's towers)",
+    "eval_at_samples": "also measure the sample images at every sample point",
     "token_string": "textual inversion: the new word used in prompts (and the embedding's name)",
 }
 

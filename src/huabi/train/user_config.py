@@ -42,10 +42,15 @@ class UserTrainConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    cache_latents: bool | None = None  # None: cache unless --random-crop/--color-aug need new pixels every step
     cache_latents_to_disk: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
     cache_dir: str | None = None  # default: <output>.cache
     # loop
     max_train_steps: int = 1600
+    max_train_epochs: int | None = None  # overrides max_train_steps (kohya): epochs * ceil(batches per epoch / accumulation)
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     seed: int = 42
@@ -82,6 +87,8 @@ class UserTrainConfig:
     token_string: str | None = None
     init_word: str | None = None
     num_vectors_per_token: int = 1
+    use_object_template: bool = False  # textual inversion: train on template captions ("a photo of {}"...), not the files'
+    use_style_template: bool = False  # the same with style templates ("a painting in the style of {}"...)
     # finetune
     train_text_encoder: bool = False
     ema_decay: float = 0.0  # finetune: 0 disables the EMA
@@ -93,6 +100,11 @@ class UserTrainConfig:
     sample_every_n_steps: int = 0
     sample_prompts: str | None = None
     sample_sampler: str = "Euler a"
+    # evaluation in the training report (huabi.train.evaluation)
+    eval_prompts: str | None = None  # prompts file (kohya line flags); default: the sample prompts
+    evaluate: bool = True  # with a prompt set: before/after CLIP score and FID at the end of training
+    eval_features: str | None = None  # extractor file (Inception/CLIP); default: huabi-mini's towers
+    eval_at_samples: bool = False  # also CLIP score/FID of the sample images at every sample point
     output_name: str | None = None
     training_comment: str = ""
 
@@ -104,6 +116,12 @@ class UserTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HuabiError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.max_train_epochs is not None and (isinstance(self.max_train_epochs, bool) or not isinstance(self.max_train_epochs, int)
+                                                  or self.max_train_epochs < 1):
+            raise HuabiError(f"max-train-epochs must be an integer >= 1, got {self.max_train_epochs!r}")
+        if (self.random_crop or self.color_aug) and (self.cache_latents or self.cache_latents_to_disk):
+            raise HuabiError("--random-crop and --color-aug change the pixels at every step, so latents cannot be cached: "
+                             "drop --cache-latents/--cache-latents-to-disk (kohya refuses the same)")
         if self.mode in ("lora",) or (self.mode == "dreambooth" and not self.full_weights):
             if isinstance(self.network_dim, bool) or not isinstance(self.network_dim, int) or self.network_dim <= 0:
                 raise HuabiError(f"network-dim (rank) must be an integer > 0, got {self.network_dim!r}")
@@ -130,6 +148,10 @@ class UserTrainConfig:
             raise HuabiError("network-train-unet-only and network-train-text-encoder-only exclude each other")
         if self.mode == "textual-inversion" and not self.token_string:
             raise HuabiError("textual inversion needs --token-string (the placeholder word used in prompts)")
+        if (self.use_object_template or self.use_style_template) and self.mode != "textual-inversion":
+            raise HuabiError("--use-object-template/--use-style-template are for textual-inversion only")
+        if self.use_object_template and self.use_style_template:
+            raise HuabiError("--use-object-template and --use-style-template exclude each other")
         if self.mode == "dreambooth" and self.num_class_images and not self.class_prompt:
             raise HuabiError("--num-class-images needs --class-prompt to generate class images with")
         if self.mode == "dreambooth" and self.num_class_images and not self.reg_data_dir:
@@ -140,6 +162,8 @@ class UserTrainConfig:
             raise HuabiError(f"save-precision must be fp16, bf16 or float, got {self.save_precision!r}")
         if self.sample_every_n_steps and not self.sample_prompts:
             raise HuabiError("--sample-every-n-steps needs --sample-prompts FILE")
+        if self.eval_at_samples and not self.sample_every_n_steps:
+            raise HuabiError("--eval-at-samples needs --sample-every-n-steps and --sample-prompts")
         if Path(self.output).suffix.lower() != ".safetensors":
             raise HuabiError(f"output must be a .safetensors file, got {self.output!r}")
 
@@ -147,6 +171,12 @@ class UserTrainConfig:
     @property
     def network_kind(self) -> str:
         return NETWORK_MODULES.get(self.network_module, self.network_module)
+
+    @property
+    def caches_latents(self) -> bool:
+        if self.cache_latents is not None:
+            return self.cache_latents or self.cache_latents_to_disk
+        return self.cache_latents_to_disk or not (self.random_crop or self.color_aug)
 
     @property
     def uses_network(self) -> bool:
@@ -162,8 +192,8 @@ class UserTrainConfig:
 
     def resume_record(self) -> dict[str, Any]:
         """Settings that must match for a resume (the ones that change the result)."""
-        ignored = {"max_train_steps", "save_every_n_steps", "save_every_n_epochs", "save_state_dir", "sample_every_n_steps", "sample_prompts",
-                   "sample_sampler", "output", "output_name", "training_comment", "cache_latents_to_disk", "cache_dir",
+        ignored = {"max_train_steps", "max_train_epochs", "cache_latents", "save_every_n_steps", "save_every_n_epochs", "save_state_dir", "sample_every_n_steps", "sample_prompts",
+                   "sample_sampler", "eval_prompts", "evaluate", "eval_features", "eval_at_samples", "output", "output_name", "training_comment", "cache_latents_to_disk", "cache_dir",
                    "device", "num_class_images", "class_prompt"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 

@@ -33,6 +33,7 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily, Prediction
+from huabi.train.augment import Augmentation, color_augment, crop_offsets, draw_flip
 from huabi.train.buckets import BucketPlan, cover_and_crop, plan_buckets
 from huabi.train.common import EMA, atomic_torch_save, autocast, load_torch_file, step_generator
 from huabi.train.dataset import Dataset, DatasetEntry, file_digest, process_caption, scan_dataset
@@ -40,7 +41,23 @@ from huabi.train.networks import Network, NetworkConfig, find_targets
 from huabi.train.user_config import UserTrainConfig
 
 STATE_FORMAT = "huabi-user-train-1"
-CAPTION_SALT, NOISE_SALT = 11, 13
+CAPTION_SALT, NOISE_SALT, AUGMENT_SALT = 11, 13, 17
+
+# Textual inversion's template captions (the idea of the TI paper and of kohya's / diffusers'
+# --use_object_template / learnable_property; huabi's own wording): the new word in many
+# contexts, so that it works inside prompts and not only alone.
+OBJECT_TEMPLATES = (
+    "a photo of {}", "a picture of {}", "an image of {}", "a drawing of {}", "a rendering of {}", "a close-up photo of {}",
+    "a bright photo of {}", "a dark photo of {}", "a cropped photo of {}", "a good photo of {}", "a photo of the {}",
+    "a photo of one {}", "a small {}", "a large {}", "the {}", "a {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a picture in the style of {}", "a drawing in the style of {}",
+    "a rendering in the style of {}", "an illustration in the style of {}", "art in the style of {}",
+    "a photo in the style of {}", "a pattern in the style of {}", "a small painting in the style of {}",
+    "a large painting in the style of {}", "a bright picture in the style of {}", "a dark picture in the style of {}",
+    "a cropped picture in the style of {}", "the style of {}", "{} style", "in the style of {}",
+)
 
 
 # ---------------------------------------------------------------- small pure pieces
@@ -104,8 +121,15 @@ def module_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_pixels(entry: DatasetEntry, width_px: int, height_px: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """[3, H, W] in [-1, 1] scaled to cover the bucket and centre-cropped, and (crop top, crop left)."""
+def load_pixels(entry: DatasetEntry, width_px: int, height_px: int, *, generator: torch.Generator | None = None,
+                augmentation: Augmentation = Augmentation(), flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[3, H, W] in [-1, 1] scaled to cover the bucket and cropped, and (crop top, crop left).
+
+    kohya's order: resize to cover, crop (centred, or random with ``augmentation.random_crop``),
+    colour augmentation, then the mirror image when ``flip``; a flipped sample's crop left is
+    measured from the other edge (what the mirrored picture shows). Random draws come from
+    ``generator`` (needed with random crop or colour augmentation).
+    """
     import numpy as np
     from PIL import Image
 
@@ -113,10 +137,17 @@ def load_pixels(entry: DatasetEntry, width_px: int, height_px: int) -> tuple[tor
 
     with Image.open(entry.path) as image:
         image = image.convert("RGB")
-        (resized_w, resized_h), box = cover_and_crop(image.width, image.height, Bucket(width_px, height_px))
-        image = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS).crop(box)
-        array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0), (box[1], box[0])
+        (resized_w, resized_h), _box = cover_and_crop(image.width, image.height, Bucket(width_px, height_px))
+        image = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
+        left, top = crop_offsets(resized_w, resized_h, width_px, height_px, generator if augmentation.random_crop else None)
+        array = np.asarray(image.crop((left, top, left + width_px, top + height_px)), dtype=np.uint8)
+    if augmentation.color:
+        array = color_augment(array, generator)
+    if flip:
+        array = array[:, ::-1]
+        left = resized_w - left - width_px
+    pixels = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32)).permute(2, 0, 1).div(127.5).sub(1.0)
+    return pixels, (top, left)
 
 
 # ---------------------------------------------------------------- caches
@@ -131,12 +162,18 @@ class LatentCache:
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def key(self, entry: DatasetEntry, width_px: int, height_px: int) -> str:
-        return f"{file_digest(entry.path)[:32]}_{width_px}x{height_px}"
+    def key(self, entry: DatasetEntry, width_px: int, height_px: int, flipped: bool = False) -> str:
+        return f"{file_digest(entry.path)[:32]}_{width_px}x{height_px}" + ("_flip" if flipped else "")
 
     @torch.no_grad()
-    def get(self, entry: DatasetEntry, width_px: int, height_px: int) -> torch.Tensor:
-        key = self.key(entry, width_px, height_px)
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior mean of one image [3, H, W] (fp32, CPU): cached or not, the same numbers."""
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(pixels[None].to(self.device, dtype)).latent_dist.mean[0].float().cpu()
+
+    @torch.no_grad()
+    def get(self, entry: DatasetEntry, width_px: int, height_px: int, flipped: bool = False) -> torch.Tensor:
+        key = self.key(entry, width_px, height_px, flipped)
         if key in self.memory:
             return self.memory[key]
         path = self.disk_dir / f"{key}.pt" if self.disk_dir is not None else None
@@ -144,9 +181,8 @@ class LatentCache:
             latent = load_torch_file(path, what="latent cache file")
             self.hits += 1
         else:
-            pixels, _crop = load_pixels(entry, width_px, height_px)
-            dtype = next(self.vae.parameters()).dtype
-            latent = self.vae.encode(pixels[None].to(self.device, dtype)).latent_dist.mean[0].float().cpu()
+            pixels, _crop = load_pixels(entry, width_px, height_px, flip=flipped)
+            latent = self.encode(pixels)
             self.misses += 1
             if path is not None:
                 atomic_torch_save(latent, path)
@@ -202,6 +238,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     plan: BucketPlan | None = None
     dataset: Dataset | None = None
+    eval: dict | None = None  # before/after CLIP score and FID (huabi.train.evaluation)
+    report: Path | None = None  # <output>.report.json
 
 
 class TrainingStopped(Exception):
@@ -271,6 +309,8 @@ class UserTrainer:
         self.progress = progress
         self.device = torch.device(config.device)
         self.precision = resolve_mixed_precision(config.mixed_precision, self.device)
+        self.eval_result: dict | None = None
+        self.sample_evals: list[dict] = []
 
     # -- setup ---------------------------------------------------------------
 
@@ -295,6 +335,16 @@ class UserTrainer:
         )
         self.log("buckets:\n" + self.plan.table())
         self.batches_per_epoch = self.plan.batches_per_epoch()
+        # kohya: an epoch is every batch once; gradient accumulation windows end with the epoch
+        # (the last optimizer step of an epoch may take fewer micro-batches)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.max_steps = (config.max_train_epochs * self.steps_per_epoch if config.max_train_epochs is not None
+                          else config.max_train_steps)
+        if config.max_train_epochs is not None:
+            self.log(f"{config.max_train_epochs} epoch(s) x {self.steps_per_epoch} step(s) per epoch "
+                     f"({self.batches_per_epoch} batch(es), accumulation {config.gradient_accumulation_steps}): "
+                     f"{self.max_steps} steps (overrides --max-train-steps)")
+        self.augmentation = Augmentation(flip=config.flip_aug, random_crop=config.random_crop, color=config.color_aug)
         for module in (self.bundle.unet, self.bundle.vae, *self.bundle.text_encoders):
             module.requires_grad_(False)
             module.eval()
@@ -307,14 +357,20 @@ class UserTrainer:
 
     def _cache_all_latents(self) -> None:
         started = time.monotonic()
-        self.crops: dict[int, tuple[int, int]] = {}
+        self.crops: dict[int, tuple[int, int, int]] = {}  # entry -> centred crop (top, left) and resized width
         for index, entry in enumerate(self.dataset.entries):
             if index in self.plan.dropped:
                 continue
             bucket = self.plan.training_bucket(index)
-            self.latents.get(entry, bucket.width_px, bucket.height_px)
-            (_size, box) = cover_and_crop(entry.width_px, entry.height_px, bucket)
-            self.crops[index] = (box[1], box[0])
+            if self.config.caches_latents:
+                self.latents.get(entry, bucket.width_px, bucket.height_px)
+                if self.augmentation.flip:  # kohya caches the mirrored image's latent too
+                    self.latents.get(entry, bucket.width_px, bucket.height_px, flipped=True)
+            (size, box) = cover_and_crop(entry.width_px, entry.height_px, bucket)
+            self.crops[index] = (box[1], box[0], size[0])
+        if not self.config.caches_latents:
+            self.log("latents: not cached (random crop / colour augmentation encode each sample when it is used)")
+            return
         self.log(f"latents: {self.latents.misses} encoded, {self.latents.hits} from the disk cache "
                  f"({time.monotonic() - started:.1f} s)")
 
@@ -382,7 +438,7 @@ class UserTrainer:
         else:
             self.optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRLambda(
-            config.lr_scheduler, config.lr_warmup_steps, config.max_train_steps, config.lr_scheduler_num_cycles,
+            config.lr_scheduler, config.lr_warmup_steps, self.max_steps, config.lr_scheduler_num_cycles,
             config.lr_scheduler_power))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
         self.text_cache = None
@@ -430,6 +486,14 @@ class UserTrainer:
 
     # -- one step ------------------------------------------------------------
 
+    def micro_steps_of(self, step: int) -> range:
+        """Global micro-batch indices of optimizer step ``step`` (0-based); they never cross an epoch's end."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        accumulate = self.config.gradient_accumulation_steps
+        first = within * accumulate
+        return range(epoch * self.batches_per_epoch + first,
+                     epoch * self.batches_per_epoch + min(first + accumulate, self.batches_per_epoch))
+
     def batch_entries(self, micro_step: int) -> list[int]:
         epoch, offset = divmod(micro_step, self.batches_per_epoch)
         if getattr(self, "_epoch_cache", (None,))[0] != epoch:
@@ -440,11 +504,35 @@ class UserTrainer:
         config = self.config
         caption = entry.caption
         if config.mode == "textual-inversion":
+            if config.use_object_template or config.use_style_template:  # kohya: templates replace the captions
+                templates = OBJECT_TEMPLATES if config.use_object_template else STYLE_TEMPLATES
+                caption = templates[int(torch.randint(0, len(templates), (), generator=generator))].format(config.token_string)
             if config.token_string not in caption:
                 caption = f"{config.token_string}, {caption}" if caption else config.token_string
             caption = caption.replace(config.token_string, " ".join(self.ti_tokens))
         return process_caption(caption, generator, shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
                                dropout_rate=config.caption_dropout_rate)
+
+    def batch_latents(self, entries: Sequence[int], bucket, generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Unscaled latents [B, C, h, w] of the batch and each sample's crop (top, left), augmented.
+
+        Per sample, in order: the flip draw (with --flip-aug), then the crop and colour draws
+        (uncached path). Cached and uncached paths give the same latents for the same draws.
+        """
+        out, crops = [], []
+        for i in entries:
+            entry = self.dataset.entries[i]
+            flipped = draw_flip(generator) if self.augmentation.flip else False
+            if self.config.caches_latents:
+                out.append(self.latents.get(entry, bucket.width_px, bucket.height_px, flipped=flipped))
+                top, left, resized_w = self.crops[i]
+                crops.append((top, resized_w - left - bucket.width_px if flipped else left))
+            else:
+                pixels, crop = load_pixels(entry, bucket.width_px, bucket.height_px, generator=generator,
+                                           augmentation=self.augmentation, flip=flipped)
+                out.append(self.latents.encode(pixels))
+                crops.append(crop)
+        return torch.stack(out), crops
 
     def micro_loss(self, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         config, bundle, device = self.config, self.bundle, self.device
@@ -454,7 +542,7 @@ class UserTrainer:
         noise_gen = step_generator(config.seed, NOISE_SALT, micro_step)
         torch.manual_seed(config.seed * 1_000_003 + micro_step)  # network dropout
         bucket = self.plan.training_bucket(entries[0])
-        latents = torch.stack([self.latents.get(self.dataset.entries[i], bucket.width_px, bucket.height_px) for i in entries])
+        latents, crops = self.batch_latents(entries, bucket, step_generator(config.seed, AUGMENT_SALT, micro_step))
         latents = latents * bundle.latent_scaling_factor
         batch = latents.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=noise_gen)
@@ -476,9 +564,8 @@ class UserTrainer:
             added = None
             if bundle.family is ModelFamily.SDXL:
                 rows = []
-                for i in entries:
+                for i, (top, left) in zip(entries, crops):
                     entry = self.dataset.entries[i]
-                    top, left = self.crops[i]
                     rows.append([entry.height_px, entry.width_px, top, left, bucket.height_px, bucket.width_px])
                 added = {"text_embeds": pooled, "time_ids": torch.tensor(rows, dtype=torch.float32, device=device)}
             prediction = bundle.unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=context,
@@ -535,22 +622,22 @@ class UserTrainer:
         step = 0
         if self.state_path.exists():
             step = self.load_state()
-            self.log(f"resumed from {self.state_path} at step {step}/{config.max_train_steps}")
+            self.log(f"resumed from {self.state_path} at step {step}/{self.max_steps}")
         losses: list[float] = []
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=config.max_train_steps, initial=step, desc=config.mode, unit="step", dynamic_ncols=True)
-        accumulate = config.gradient_accumulation_steps
+            bar = tqdm(total=self.max_steps, initial=step, desc=config.mode, unit="step", dynamic_ncols=True)
         try:
-            while step < config.max_train_steps:
+            while step < self.max_steps:
                 total = 0.0
-                for micro in range(accumulate):
-                    loss, _metrics = self.micro_loss(step * accumulate + micro)
-                    scaled = loss / accumulate
+                micro_steps = self.micro_steps_of(step)
+                for micro_step in micro_steps:
+                    loss, _metrics = self.micro_loss(micro_step)
+                    scaled = loss / len(micro_steps)
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    total += float(loss.detach()) / accumulate
+                    total += float(loss.detach()) / len(micro_steps)
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
                 if config.max_grad_norm > 0:
@@ -572,18 +659,17 @@ class UserTrainer:
                 if on_step is not None:
                     on_step(step, total)
                 due = bool(config.save_every_n_steps and step % config.save_every_n_steps == 0)
-                if config.save_every_n_epochs:  # an epoch ends inside this step's micro-batches
-                    per_save = config.save_every_n_epochs * self.batches_per_epoch
-                    due = due or (step * accumulate) // per_save > ((step - 1) * accumulate) // per_save
-                if due or step == config.max_train_steps:
+                if config.save_every_n_epochs and step % self.steps_per_epoch == 0:  # an epoch ended with this step
+                    due = due or (step // self.steps_per_epoch) % config.save_every_n_epochs == 0
+                if due or step == self.max_steps:
                     self.save_state(step)
-                    if due and step < config.max_train_steps:
+                    if due and step < self.max_steps:
                         self.write_output(Path(config.output).with_name(f"{Path(config.output).stem}-step{step:06d}.safetensors"), step)
                     if on_save is not None:
                         on_save(step)
                 if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
                     self.sample(step)
-                if should_stop is not None and should_stop() and step < config.max_train_steps:
+                if should_stop is not None and should_stop() and step < self.max_steps:
                     self.save_state(step)
                     raise TrainingStopped(step, self.state_path)
         finally:
@@ -641,9 +727,11 @@ class UserTrainer:
             "ss_num_train_images": str(sum(r for e, r in zip(dataset.entries, self.repeats) if not e.is_reg)),
             "ss_num_reg_images": str(sum(e.is_reg for e in dataset.entries)),
             "ss_num_batches_per_epoch": str(self.batches_per_epoch),
-            "ss_num_epochs": str(math.ceil(config.max_train_steps * config.gradient_accumulation_steps / self.batches_per_epoch)),
-            "ss_epoch": str(step * config.gradient_accumulation_steps // self.batches_per_epoch),
-            "ss_steps": str(step), "ss_max_train_steps": str(config.max_train_steps),
+            "ss_num_epochs": str(math.ceil(self.max_steps / self.steps_per_epoch)),
+            "ss_epoch": str(step // self.steps_per_epoch),
+            "ss_steps": str(step), "ss_max_train_steps": str(self.max_steps),
+            "ss_cache_latents": str(config.caches_latents), "ss_flip_aug": str(config.flip_aug),
+            "ss_random_crop": str(config.random_crop), "ss_color_aug": str(config.color_aug),
             "ss_batch_size_per_device": str(config.train_batch_size),
             "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
             "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
@@ -667,6 +755,8 @@ class UserTrainer:
             "ss_training_comment": config.training_comment, "ss_num_train_images_unique": str(train_images),
             "ss_huabi_mode": config.mode,
         }
+        if self.eval_result is not None:
+            meta["huabi_eval"] = json.dumps(self.eval_result, ensure_ascii=False)
         if config.uses_network:
             meta.update({"ss_network_module": module, "ss_network_dim": str(config.network_dim),
                          "ss_network_alpha": str(config.network_alpha), "ss_network_dropout": str(config.network_dropout),
@@ -691,7 +781,8 @@ class UserTrainer:
         if config.mode == "textual-inversion":
             return write_embedding_file(path, self.embedding_vectors(), self.bundle.family,
                                         {"name": config.token_string, "step": str(step), "sd_checkpoint_name": self.model_path.stem,
-                                         "huabi.init_word": config.init_word or ""})
+                                         "huabi.init_word": config.init_word or "",
+                                         **({"huabi_eval": json.dumps(self.eval_result)} if self.eval_result else {})})
         return self.write_checkpoint(path, step)
 
     def write_checkpoint(self, path: Path, step: int) -> Path:
@@ -706,7 +797,8 @@ class UserTrainer:
         try:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": None}[self.config.save_precision]
             meta = {"huabi.training": json.dumps({"mode": self.config.mode, "steps": step, "ema_decay": self.config.ema_decay,
-                                                  "base": self.model_path.name, "learning_rate": self.config.learning_rate})}
+                                                  "base": self.model_path.name, "learning_rate": self.config.learning_rate,
+                                                  "eval": self.eval_result})}
             return save_single_file(self.bundle, path, dtype=dtype, metadata=meta)
         finally:
             if backup is not None:
@@ -714,16 +806,17 @@ class UserTrainer:
 
     # -- samples -------------------------------------------------------------
 
-    def sample(self, step: int) -> None:
-        from huabi.train.samples import generate_with_engine, read_prompts_file
+    def render(self, prompts, out_dir: Path, names: Sequence[str], step: int, *, trained: bool = True) -> list[Path]:
+        """PNGs of ``prompts`` from the current result (``trained``) or the base model, moved to ``out_dir/names``."""
+        from huabi.train.samples import generate_with_engine
 
         config = self.config
-        prompts = read_prompts_file(config.sample_prompts)
-        out_dir = Path(config.output).parent / "sample"
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
             model, embeddings = self.model_path, None
-            if self.network is not None:
+            if not trained:
+                pass
+            elif self.network is not None:
                 self.write_output(tmp_dir / "Lora" / f"{config.name}.safetensors", step)
                 prompts = [type(p)(**{**p.__dict__, "prompt": f"{p.prompt} <lora:{config.name}:1>"}) for p in prompts]
             elif config.mode == "textual-inversion":
@@ -734,19 +827,100 @@ class UserTrainer:
             paths = generate_with_engine(model, prompts, tmp_dir / "out", device=config.device, models_dir=tmp_dir,
                                          embeddings_dir=embeddings, sampler=config.sample_sampler, default_seed=config.seed)
             out_dir.mkdir(parents=True, exist_ok=True)
-            for index, path in enumerate(paths):
-                shutil.move(str(path), out_dir / f"{config.name}_{step:06d}_{index:02d}.png")
+            placed = []
+            for path, name in zip(paths, names):
+                shutil.move(str(path), out_dir / name)
+                placed.append(out_dir / name)
+        return placed
+
+    def sample(self, step: int) -> None:
+        from huabi.train.samples import read_prompts_file
+
+        config = self.config
+        prompts = read_prompts_file(config.sample_prompts)
+        out_dir = Path(config.output).parent / "sample"
+        paths = self.render(prompts, out_dir, [f"{config.name}_{step:06d}_{i:02d}.png" for i in range(len(prompts))], step)
         self.log(f"step {step}: {len(paths)} sample image(s) in {out_dir}")
+        if config.eval_at_samples:
+            from huabi.train.evaluation import measure
+
+            numbers = measure(self.eval_session(), paths, [p.prompt for p in prompts], self.training_images())
+            self.sample_evals.append({"step": step, **numbers})
+            fid = numbers.get("fid_vs_training_images")
+            self.log(f"step {step}: CLIP score {numbers['clip_score']:.4g}" + (f", FID vs training images {fid:.4g}" if fid is not None else ""))
+
+    # -- evaluation ----------------------------------------------------------
+
+    def eval_session(self):
+        if getattr(self, "_eval_session", None) is None:
+            from huabi.eval.api import EvalOptions, Session
+
+            self._eval_session = Session(EvalOptions(features=self.config.eval_features, device=self.config.device))
+        return self._eval_session
+
+    def training_images(self) -> list[Path]:
+        return list(dict.fromkeys(e.path for e in self.dataset.entries if not e.is_reg))
+
+    def evaluate(self, step: int) -> dict | None:
+        """Before/after CLIP score and FID on the evaluation prompts (None without a prompt set)."""
+        from huabi.train.evaluation import MIN_FID_IMAGES, measure, summary_line
+        from huabi.train.samples import read_prompts_file
+
+        config = self.config
+        prompt_file = config.eval_prompts or config.sample_prompts
+        if not config.evaluate or not prompt_file:
+            return None
+        prompts = read_prompts_file(prompt_file)
+        texts = [p.prompt for p in prompts]
+        out_dir = Path(config.output).parent / "eval" / config.name
+        names = [f"{i:03d}.png" for i in range(len(prompts))]
+        session = self.eval_session()
+        training = self.training_images()
+        training_vectors = None
+        if min(len(prompts), len(training)) >= MIN_FID_IMAGES:
+            training_vectors = session.vectors(training, "training images")
+        before = measure(session, self.render(prompts, out_dir / "before", names, step, trained=False), texts, training,
+                         training_vectors)
+        after = measure(session, self.render(prompts, out_dir / "after", names, step), texts, training, training_vectors)
+        extractor = session.extractor
+        result = {"prompts": str(prompt_file), "step": step, "images": str(out_dir), "before": before, "after": after,
+                  "extractor": extractor.describe(), "note": extractor.note}
+        if self.sample_evals:
+            result["at_samples"] = self.sample_evals
+        self.log(summary_line(before, after))
+        self.log(f"eval: {extractor.note}")
+        return result
+
+    def write_report(self, path: Path, losses: Sequence[float]) -> Path:
+        from huabi.train.common import atomic_write_text
+
+        config = self.config
+        report = {"output": str(config.output), "mode": config.mode, "steps": self.final_step, "max_steps": self.max_steps,
+                  "epochs": round(self.final_step / self.steps_per_epoch, 4),
+                  "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])) if losses else None,
+                  "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
+                  "eval": self.eval_result}
+        atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        return path
 
     # -- everything ----------------------------------------------------------
 
     def run(self, *, should_stop: Callable[[], bool] | None = None, on_step=None, on_save=None) -> RunResult:
         self.started_at = time.time()
         self.setup()
-        losses = self.train(should_stop=should_stop, on_step=on_step, on_save=on_save)
+        try:
+            losses = self.train(should_stop=should_stop, on_step=on_step, on_save=on_save)
+            self.eval_result = self.evaluate(self.final_step)
+        finally:
+            if getattr(self, "_eval_session", None) is not None:
+                self._eval_session.close()
+                self._eval_session = None
         path = self.write_output(Path(self.config.output), self.final_step)
         self.log(f"wrote {path}")
-        return RunResult(output=path, steps=self.final_step, losses=losses, plan=self.plan, dataset=self.dataset)
+        report = self.write_report(Path(self.config.output).with_suffix(".report.json"), losses)
+        self.log(f"training report: {report}")
+        return RunResult(output=path, steps=self.final_step, losses=losses, plan=self.plan, dataset=self.dataset,
+                         eval=self.eval_result, report=report)
 
 
 def train_user(config: UserTrainConfig, **kwargs) -> RunResult:
