@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from huabi.core.karras import karras_levels
 from huabi.core.names import SAMPLER_NAMES, canonical_sampler_name
 from huabi.core.noise import NoiseSampler
 from huabi.errors import HuabiError
@@ -245,8 +246,6 @@ def restart_plan(
     ``restart_steps`` Karras sigmas from the main sigma nearest ``restart_max_sigma`` down to the
     restart point, run ``restart_times`` times right after the main step that reaches that point.
     """
-    from huabi.core.schedules import sigmas_karras
-
     steps = len(s) - 1
     if restart_list is None:
         restart_list = {}
@@ -254,7 +253,7 @@ def restart_plan(
             restart_steps, restart_times = 9, 1
             if steps >= RESTART_TWICE_FROM_STEPS:
                 restart_steps, restart_times = steps // 4, 2
-            s = sigmas_karras(steps - restart_steps * restart_times, s[-2], s[0]).to(torch.float64).tolist()
+            s = karras_levels(steps - restart_steps * restart_times, s[-2], s[0]).to(torch.float64).tolist()
             restart_list = {RESTART_SIGMA_MIN: (restart_steps + 1, restart_times, RESTART_SIGMA_MAX)}
 
     def nearest(sigma: float) -> int:  # first index on ties, as torch.argmin
@@ -269,7 +268,7 @@ def restart_plan(
         restart_steps, restart_times, restart_max = at_index[i + 1]
         top = nearest(restart_max)
         if top < i + 1:
-            segment = sigmas_karras(int(restart_steps), s[i + 1], s[top]).to(torch.float64).tolist()[:-1]
+            segment = karras_levels(int(restart_steps), s[i + 1], s[top]).to(torch.float64).tolist()[:-1]
             pairs.extend(list(zip(segment[:-1], segment[1:])) * int(restart_times))
     return s, pairs
 
