@@ -13,8 +13,9 @@ with huabi's own tools and offline:
 3. ``huabi train lora`` trains on them: rank 4, alpha 4, UNet and text encoder, 300 steps at
    128 px, batch 4, lr 3e-3, seed 7, saved in fp16 (~0.4 MB).
 
-Since the captions are the plain prompts, the LoRA learns "the same picture, as a cyanotype": any
-prompt with ``<lora:demo:0.8>`` keeps its subject and turns blue and white. Deterministic on one
+Since the captions are the plain prompts, the LoRA learns "the same picture, as a cyanotype": with
+``<lora:demo:0.8>`` most subjects turn blue and white (an apple, a house, a cat; huabi-mini's faces
+resist it), with their shapes loosened. Deterministic on one
 machine (one thread); another CPU may differ in the last bits, which changes the file's hash but
 not what it does.
 """
