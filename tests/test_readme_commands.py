@@ -467,6 +467,7 @@ def runnable_blocks():
     return params
 
 
+@pytest.mark.slow  # ~8-19 min for all blocks on the shared 2-core machine (in-process, tiny models)
 @pytest.mark.parametrize("block", runnable_blocks())
 def test_readme_block_runs_as_written(block: Block, world, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(world["home"]))
