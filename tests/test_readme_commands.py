@@ -8,6 +8,10 @@ The rule (also stated in a comment at the top of README.md):
   Progress-bar lines are not compared, a line ``...`` ends the comparison, ``~`` means the home folder
   and absolute paths compare by their last component (``/home/me/refs/reference.png`` matches the
   test's own ``reference.png``). A command whose shown output has ``error:`` must exit 2, the others 0.
+  A comment claiming the result equals another image ("# same bytes as X", "# same bytes",
+  "# byte-identical PNG", "# the same image", "# the same pixels") is checked: the image the command
+  printed has the pixels and infotext of X, or else of the image its ``--from`` names, or else of the
+  image the command before it printed.
 * **Command blocks.** In ``bash``/``sh`` blocks without ``$``, every line (with its ``\\``
   continuations, and indented lines continuing the line above; ``#`` comments dropped) is a command. Optional parts in square brackets
   (``[--styles-file styles.csv]``) are left out when it is run, and their flags must exist.
@@ -17,7 +21,7 @@ The rule (also stated in a comment at the top of README.md):
 * Blocks are run one at a time, each in a fresh folder (files it mentions, such as ``photo.png``,
   ``house.png`` or ``flux1-dev.safetensors``, are created there first), with ``HOME`` pointing at a
   test home whose default models folder ``~/huabi/models`` holds tiny random-weight models under the
-  README's names (``tiny-sd15``, ``sd_xl_base_1.0``, ``control_v11p_sd15_canny``, ...). huabi-mini,
+  README's names (``tiny-sd1``, ``sd_xl_base_1.0``, ``control_v11p_sd15_canny``, ...). huabi-mini,
   the demo LoRA and the built-in styles are the shipped ones.
 
 Commands that are not run are listed below by their exact text with the reason (servers, the
@@ -99,6 +103,8 @@ SMALLER = {
 # Exact command text -> why its shown output is not compared (it is still run and must succeed).
 OUTPUT_NOT_COMPARED = {
     "huabi system": "describes the machine it runs on",
+    "huabi inspect models/mix.safetensors": "safetensors writes a merge's metadata in no fixed order, so the "
+                                            "file's sha256 (first lines of the hashes) changes from run to run",
     "huabi eval compare --vary \"Steps: 2, 20\" --prompts emoji-prompts.txt --seeds 1-4 --real emoji-real "
     "--out report": "numbers measured on the real emoji set, which the test does not build",
 }
@@ -117,6 +123,7 @@ class Command:
     line: int
     expected: list[str] = field(default_factory=list)
     transcript: bool = False
+    comment: str = ""  # a transcript line's "# ..." (claims such as "same bytes as X" are checked)
 
 
 @dataclass
@@ -170,7 +177,9 @@ def block_commands(lang: str, body: list[str], first_line: int) -> list[Command]
         commands: list[Command] = []
         for offset, line in enumerate(body):
             if line.startswith("$ "):
-                commands.append(Command(strip_comment(line[2:]), first_line + offset, transcript=True))
+                text = strip_comment(line[2:])
+                commands.append(Command(text, first_line + offset, transcript=True,
+                                        comment=line[2:][len(text):].strip().lstrip("#").strip()))
             elif commands:
                 commands[-1].expected.append(line)
         return commands
@@ -332,15 +341,21 @@ def world(tmp_path_factory, tiny_model_factory):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
 
+    # Every model file has its own weights (so its own hash): `--from` finds a model by its hash.
     sd1 = tiny_model_factory(ModelFamily.SD1)
-    alias(sd1, "tiny-sd15.safetensors", "tiny-sd1.safetensors", "v1-5-pruned-emaonly.safetensors")
-    for seed, name in ((11, "photo"), (12, "anime"), (13, "sd15")):  # merges need three different models
-        write_tiny_single_file(models, ModelFamily.SD1, seed=seed, filename=f"{name}.safetensors")
-    alias(tiny_model_factory(ModelFamily.SDXL), "tiny-sdxl.safetensors", "sd_xl_base_1.0.safetensors")
-    alias(tiny_model_factory(ModelFamily.SDXL_REFINER), "tiny-sdxl-refiner.safetensors",
-          "sd_xl_refiner_1.0.safetensors")
-    alias(tiny_model_factory(ModelFamily.SD1, UNetVariant.INSTRUCT_PIX2PIX), "tiny-ip2p.safetensors",
-          "instruct-pix2pix-00-22000.safetensors")
+    alias(sd1, "tiny-sd1.safetensors")
+    alias(tiny_model_factory(ModelFamily.SDXL), "tiny-sdxl.safetensors")
+    alias(tiny_model_factory(ModelFamily.SDXL_REFINER), "tiny-sdxl-refiner.safetensors")
+    alias(tiny_model_factory(ModelFamily.SD1, UNetVariant.INSTRUCT_PIX2PIX), "tiny-ip2p.safetensors")
+    for seed, family, variant, name in (
+        (11, ModelFamily.SD1, UNetVariant.BASE, "photo"), (12, ModelFamily.SD1, UNetVariant.BASE, "anime"),
+        (13, ModelFamily.SD1, UNetVariant.BASE, "sd15"),  # merges need three different models
+        (21, ModelFamily.SD1, UNetVariant.BASE, "v1-5-pruned-emaonly"),
+        (22, ModelFamily.SDXL, UNetVariant.BASE, "sd_xl_base_1.0"),
+        (23, ModelFamily.SDXL_REFINER, UNetVariant.BASE, "sd_xl_refiner_1.0"),
+        (24, ModelFamily.SD1, UNetVariant.INSTRUCT_PIX2PIX, "instruct-pix2pix-00-22000"),
+    ):
+        write_tiny_single_file(models, family, variant, seed=seed, filename=f"{name}.safetensors")
 
     sd1_bundle = load_model(sd1, compute_hash=False)
     controlnet = ControlNetModel.from_unet(sd1_bundle.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
@@ -476,6 +491,7 @@ def test_readme_block_runs_as_written(block: Block, world, tmp_path, monkeypatch
     cwd = tmp_path / "work"
     cwd.mkdir()
     make_mentioned_files(block, cwd, world)
+    previous_image = None
     for command in block.commands:
         if command.text in NOT_RUN or command.text in SERVERS:
             continue
@@ -496,6 +512,12 @@ def test_readme_block_runs_as_written(block: Block, world, tmp_path, monkeypatch
                                                           if not PROGRESS_LINE.search(line)) + "\n")
         elif command.transcript and command.text not in OUTPUT_NOT_COMPARED:
             compare_output(command, printed, world["home"])
+        claimed = claimed_equal_image(command, argv, previous_image)
+        made = printed_images(printed)
+        if claimed is not None:
+            assert made, f"README line {command.line}: `{text}` printed no image to compare with {claimed}"
+            assert_same_image(cwd / made[0], cwd / claimed, f"README line {command.line}: `{text}` # {command.comment}")
+        previous_image = made[0] if made else previous_image
 
 
 # --------------------------------------------------------------------------- Python examples
@@ -541,3 +563,34 @@ def test_readme_python_example_prints_what_it_shows(line, source, expected, worl
         exec(compile(source, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
     compare_output(Command(f"python block at line {line}", line, expected, transcript=True), out.getvalue(),
                    world["home"])
+
+
+SAME_IMAGE = re.compile(r"same bytes|byte-identical|the same image|the same pixels")
+
+
+def claimed_equal_image(command: Command, argv: list[str], previous: str | None) -> str | None:
+    """The image a transcript comment says this command's output equals (None: no such claim)."""
+    if not SAME_IMAGE.search(command.comment):
+        return None
+    named = re.search(r"same bytes as (\S+\.png)", command.comment)
+    if named:
+        return named.group(1)
+    if "--from" in argv:
+        return argv[argv.index("--from") + 1]
+    assert previous, f"README line {command.line}: '# {command.comment}' but no image before it"
+    return previous
+
+
+def printed_images(printed: str) -> list[str]:
+    return [line.strip() for line in printed.splitlines() if line.strip().endswith(".png")]
+
+
+def assert_same_image(made: Path, claimed: Path, where: str) -> None:
+    from huabi.service.pngio import read_infotext
+
+    ours, theirs = (np.asarray(Image.open(path).convert("RGB")) for path in (made, claimed))
+    assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (
+        f"{where}: {made.name} differs from {claimed} (max |diff| "
+        f"{np.abs(ours.astype(int) - theirs.astype(int)).max() if ours.shape == theirs.shape else 'shape'})")
+    ours, theirs = read_infotext(made), read_infotext(claimed)
+    assert ours == theirs, f"{where}: infotext differs from {claimed}:\n{ours}\n{theirs}"
