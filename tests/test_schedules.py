@@ -199,6 +199,7 @@ AUTOMATIC = {
     "DDIM": "DDIM",
     "UniPC": "Normal",
     "LCM": "Normal",
+    "Restart": "Karras",  # A1111: {"scheduler": "karras", "second_order": True}
 }
 
 

@@ -317,9 +317,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     from huabi.data.build import main as data_main
 
     rest = list(args.rest)
+    if rest[:1] in (["-h"], ["--help"]):
+        print("usage: huabi data build --out DIR [...]  (huabi data build --help: every option)")
+        return 0
     if not rest or rest[0] != "build":
         raise HuabiError("data: the only data command is `huabi data build --out DIR [...]`")
-    return data_main(rest[1:])
+    return data_main(rest[1:], prog="huabi data build")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

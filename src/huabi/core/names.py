@@ -20,6 +20,7 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "DDIM",
     "UniPC",
     "LCM",
+    "Restart",
 )
 
 SCHEDULE_NAMES: tuple[str, ...] = (
@@ -76,6 +77,7 @@ SAMPLER_ALIASES = {
     "ddim": "DDIM",
     "unipc": "UniPC",
     "lcm": "LCM",
+    "restart": "Restart",
     # ComfyUI's KSampler names (its "_gpu" variants only move the Brownian tree to the GPU).
     "euler": "Euler",
     "euler_ancestral": "Euler a",

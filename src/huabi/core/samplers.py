@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from huabi.core.karras import karras_levels
 from huabi.core.names import SAMPLER_NAMES, canonical_sampler_name
 from huabi.core.noise import NoiseSampler
 from huabi.errors import HuabiError
@@ -221,6 +222,90 @@ def sample_heun(
             slope_trial = (x_trial - denoised_trial) / sigma_next
             x = x + (slope + slope_trial) * ((sigma_next - sigma) / 2)
         report_step(on_step, i, total, x, denoised)
+    return x
+
+
+# A1111's automatic restart table (modules/sd_samplers_extra.py): with 20+ steps, one restart of 9
+# steps (36+: two of steps // 4) from sigma ~0.1 back up to sigma ~2.
+RESTART_MIN_STEPS = 20
+RESTART_TWICE_FROM_STEPS = 36
+RESTART_SIGMA_MIN = 0.1
+RESTART_SIGMA_MAX = 2.0
+
+
+def restart_plan(
+    s: list[float], restart_list: Mapping[float, tuple[int, int, float]] | None = None
+) -> tuple[list[float], list[tuple[float, float]]]:
+    """The main sigmas and the (sigma_from, sigma_to) step list of Restart sampling.
+
+    ``restart_list`` maps a sigma at which to restart to ``(restart_steps, restart_times,
+    restart_max_sigma)``. Without it (A1111's automatic choice) a schedule of 20+ steps is
+    replaced by a Karras schedule over the same range with the restart steps taken out (so the
+    model calls stay about those of Heun), and one restart segment is planned at sigma ~0.1;
+    fewer steps run plain Heun. Each sigma is matched to the nearest main sigma. A segment is
+    ``restart_steps`` Karras sigmas from the main sigma nearest ``restart_max_sigma`` down to the
+    restart point, run ``restart_times`` times right after the main step that reaches that point.
+    """
+    steps = len(s) - 1
+    if restart_list is None:
+        restart_list = {}
+        if steps >= RESTART_MIN_STEPS:
+            restart_steps, restart_times = 9, 1
+            if steps >= RESTART_TWICE_FROM_STEPS:
+                restart_steps, restart_times = steps // 4, 2
+            s = karras_levels(steps - restart_steps * restart_times, s[-2], s[0]).to(torch.float64).tolist()
+            restart_list = {RESTART_SIGMA_MIN: (restart_steps + 1, restart_times, RESTART_SIGMA_MAX)}
+
+    def nearest(sigma: float) -> int:  # first index on ties, as torch.argmin
+        return min(range(len(s)), key=lambda k: abs(s[k] - sigma))
+
+    at_index = {nearest(sigma): tuple(plan) for sigma, plan in restart_list.items()}
+    pairs: list[tuple[float, float]] = []
+    for i in range(len(s) - 1):
+        pairs.append((s[i], s[i + 1]))
+        if i + 1 not in at_index:
+            continue
+        restart_steps, restart_times, restart_max = at_index[i + 1]
+        top = nearest(restart_max)
+        if top < i + 1:
+            segment = karras_levels(int(restart_steps), s[i + 1], s[top]).to(torch.float64).tolist()[:-1]
+            pairs.extend(list(zip(segment[:-1], segment[1:])) * int(restart_times))
+    return s, pairs
+
+
+def sample_restart(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSampler | None = None,
+    on_step: StepCallback | None = None,
+    s_noise: float = 1.0,
+    restart_list: Mapping[float, tuple[int, int, float]] | None = None,
+) -> Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"),
+    as A1111's "Restart": Heun steps (Euler for the step to 0) along :func:`restart_plan`'s step
+    list; where the list jumps back up in sigma, fresh noise of variance
+    ``s_noise**2 * (sigma_up**2 - sigma_now**2)`` takes x to the higher level (the forward
+    process), and the segment is integrated down again. Progress is reported on the scale of
+    the given schedule's steps (the step list is longer when restarts are added)."""
+    s = _prepare(x, sigmas)
+    _, pairs = restart_plan(s, restart_list)
+    total, count = len(s) - 1, len(pairs)
+    current = None
+    for j, (sigma, sigma_next) in enumerate(pairs):
+        if current is not None and sigma > current:  # a restart: forward-diffuse back up to sigma
+            x = x + _need_noise(noise, "Restart")(current, sigma) * (s_noise * math.sqrt(sigma**2 - current**2))
+        denoised = _call(denoiser, x, sigma)
+        slope = (x - denoised) / sigma
+        x_next = x + slope * (sigma_next - sigma)
+        if sigma_next > 0:
+            denoised_next = _call(denoiser, x_next, sigma_next)
+            x_next = x + (slope + (x_next - denoised_next) / sigma_next) * ((sigma_next - sigma) / 2)
+        x, current = x_next, sigma_next
+        shown = (j + 1) * total // count - 1  # the given schedule's step this point of the list reaches
+        if shown >= 0 and shown != (j * total // count - 1):
+            _report(on_step, shown, total, x, denoised)
     return x
 
 
@@ -728,6 +813,7 @@ SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType(
             _spec("DDIM", sample_ddim, "DDIM"),
             _spec("UniPC", sample_unipc, "Normal"),
             _spec("LCM", sample_lcm, "Normal", needs_noise=True),
+            _spec("Restart", sample_restart, "Karras", needs_noise=True, second_order=True),
         ]
     )
 )
@@ -748,6 +834,7 @@ __all__ = [
     "ancestral_step",
     "get_sampler",
     "lms_coefficient",
+    "restart_plan",
     "sample_ddim",
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
@@ -761,5 +848,6 @@ __all__ = [
     "sample_heun",
     "sample_lcm",
     "sample_lms",
+    "sample_restart",
     "sample_unipc",
 ]

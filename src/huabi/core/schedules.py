@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from huabi.core.karras import karras_levels
 from huabi.core.names import SCHEDULE_NAMES, canonical_schedule_name
 from huabi.core.samplers import get_sampler
 from huabi.errors import HuabiError
@@ -110,9 +111,7 @@ def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     """Karras et al. (2022): steps evenly spaced in sigma**(1/rho)."""
     _check_steps(n)
     _check_sigma_range(sigma_min, sigma_max)
-    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    top, bottom = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    return _append_zero((top + ramp * (bottom - top)) ** rho)
+    return karras_levels(n, sigma_min, sigma_max, rho)
 
 
 def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:

@@ -395,8 +395,8 @@ def _progress(enabled: bool, source: str, done: int, total: int, started: float,
     return last
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m huabi.data.build", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.data.build") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="square image side in pixels (default 128)")
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma list of: emoji, openclipart")

@@ -224,8 +224,8 @@ def load_controlnet(
         config["global_pool_conditions"] = True
     if file_config is not None:  # a diffusers config says what shapes cannot (e.g. fewer transformer layers)
         config.update({k: v for k, v in file_config.items() if not k.startswith("_") and k != "sample_size"})
-    weights = controlnet_to_diffusers(tensors, config) if layout == "original" else tensors
-    try:
+    try:  # a layout that does not fit the loaded model fails in the conversion or in the build
+        weights = controlnet_to_diffusers(tensors, config) if layout == "original" else tensors
         return build_controlnet(weights, config, device=device, dtype=dtype, what=f"ControlNet {path.stem}")
     except HuabiError as error:
         raise HuabiError(f"{error} (a {family.value} ControlNet of another size than the loaded model?)") from None

@@ -485,6 +485,10 @@ def flow_generate(
     # 1. Check sizes and build the schedule.
     scale = bundle.vae_scale_factor
     h, w = request.height_px // scale, request.width_px // scale
+    max_patches = getattr(bundle.transformer.config, "pos_embed_max_size", None)  # SD3's learned positions
+    if max_patches and max(h, w) > 2 * max_patches:
+        raise HuabiError(f"size: {request.width_px}x{request.height_px} is larger than this model's position "
+                         f"embedding covers (at most {2 * max_patches * scale} px per side)")
     shift = family_shift(family, request)
     sigmas = flow_sigmas(request.steps, shift=shift, schedule=request.schedule)
     if init_image is not None or init_latent is not None:

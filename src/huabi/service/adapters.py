@@ -88,7 +88,11 @@ def _option_float(tag: ExtraNetworkTag, options: Mapping[str, str], key: str, de
 
 
 def lora_folders(models_dir: Path) -> list[Path]:
-    return [Path(models_dir) / folder for folder in LORA_FOLDERS]
+    """The models folder's ``Lora/`` and ``LyCORIS/``, then huabi's built-in LoRAs (a user's file of the
+    same name wins)."""
+    from huabi.service.model_files import builtin_lora_dir
+
+    return [Path(models_dir) / folder for folder in LORA_FOLDERS] + [builtin_lora_dir()]
 
 
 def parse_lora_hashes(text: str | None) -> dict[str, str]:
@@ -122,7 +126,12 @@ def find_lora_file(name: str, folders: Sequence[Path], short_hash: str | None = 
             metadata = read_lora_tensors(path)[1] if path.suffix.lower() == ".safetensors" else {}
             if lora_short_hash(path, metadata) == short_hash:
                 return path
-    looked = ", ".join(str(folder) for folder in folders)
+    from huabi.service.model_files import builtin_lora_dir
+
+    builtin = builtin_lora_dir()
+    looked = ", ".join(str(folder) for folder in folders if folder != builtin)
+    if builtin in folders:
+        looked += (", " if looked else "") + "huabi's built-in LoRAs"
     raise HuabiError(f"LoRA '{name}': no such file (looked for {name}{{{','.join(LORA_SUFFIXES)}}} in {looked})")
 
 

@@ -37,6 +37,16 @@ def builtin_model_path() -> Path:
     return Path(str(resources.files("huabi") / "assets" / "models" / f"{BUILTIN_MODEL_NAME}.safetensors"))
 
 
+def builtin_lora_dir() -> Path:
+    """huabi's own LoRAs (``demo``, made by scripts/make_demo_lora.py), searched after the models folder's."""
+    return Path(str(resources.files("huabi") / "assets" / "loras"))
+
+
+def builtin_styles_file() -> Path:
+    """A handful of well-known A1111 styles, used when the user has no styles.csv of their own."""
+    return Path(str(resources.files("huabi") / "assets" / "styles.csv"))
+
+
 def iter_models(models_dir: Path) -> Iterator[ModelEntry]:
     """Checkpoint files and diffusers folders under ``models_dir``, sorted by path (the built-in model first)."""
     builtin = builtin_model_path()

@@ -99,9 +99,18 @@ def prompt_with_loras(prompt: str, specs: Sequence[str]) -> str:
     return f"{prompt} {tags}" if prompt and not prompt.endswith(" ") else prompt + tags
 
 
-def default_styles_file() -> Path:
+def user_styles_file() -> Path:
     home = os.environ.get("HUABI_HOME")
     return (Path(home) if home else Path.home() / "huabi") / "styles.csv"
+
+
+def default_styles_file() -> Path:
+    """The user's styles.csv ($HUABI_HOME or ~/huabi) when it exists, else huabi's built-in one
+    (Cinematic, Photographic, Anime, ...: A1111's format, in src/huabi/assets/styles.csv)."""
+    from huabi.service.model_files import builtin_styles_file
+
+    user = user_styles_file()
+    return user if user.exists() else builtin_styles_file()
 
 
 def read_styles(path: Path) -> dict:
