@@ -60,9 +60,10 @@ fi
 # Reference implementations for huabi.eval's equivalence tests (issue 18). They declare torchvision, which
 # would replace the pinned torch with a CUDA build: install them without dependencies (the tests load only
 # their modules that need no torchvision).
-if [ "$MODE" = "dev" ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch_fidelity', 'pytorch_fid', 'cleanfid')))" 2>/dev/null; then
-  echo "setup: installing the FID reference packages (--no-deps)" >&2
-  "$PIP" install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0" "pytorch-fid==0.3.0" "clean-fid==0.1.35"
+# spandrel (upscaler reference, issue 22) likewise: its tests import only its ESRGAN/Compact modules.
+if [ "$MODE" = "dev" ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch_fidelity', 'pytorch_fid', 'cleanfid', 'spandrel')))" 2>/dev/null; then
+  echo "setup: installing the FID and upscaler reference packages (--no-deps)" >&2
+  "$PIP" install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0" "pytorch-fid==0.3.0" "clean-fid==0.1.35" "spandrel==0.4.2"
 fi
 
 echo "setup: ready ($MODE)" >&2
