@@ -122,6 +122,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "uses.append(LoraUse(name, find_lora_file(name, folders), te_weight, unet_weight))",
            "uses.append(LoraUse(name, find_lora_file(name, folders), unet_weight, te_weight))",
            ("tests/test_reference_merge_lora.py", "tests/test_lora_engine.py")),
+    # ---- ControlNet units (the older two-unit test only asked for a different output)
+    Mutant("controlnet-down-last-unit-only", "huabi/pipelines/control.py",
+           "down = [a + b for a, b in zip(down, scaled[:-1], strict=True)]",
+           "down = scaled[:-1]",
+           ("tests/test_reference_multicontrol.py", "tests/test_controlnet.py")),
+    Mutant("controlnet-mid-last-unit-only", "huabi/pipelines/control.py",
+           "mid = mid + scaled[-1]",
+           "mid = scaled[-1]",
+           ("tests/test_reference_multicontrol.py", "tests/test_controlnet.py")),
     # ---- upscaler networks (the other upscaler tests compare huabi with itself)
     Mutant("rrdb-dense-residual-scale", "huabi/models/upscalers.py",
            "seen.append(F.leaky_relu(out, 0.2))\n        return x + 0.2 * out",
