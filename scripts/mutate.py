@@ -122,6 +122,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "uses.append(LoraUse(name, find_lora_file(name, folders), te_weight, unet_weight))",
            "uses.append(LoraUse(name, find_lora_file(name, folders), unet_weight, te_weight))",
            ("tests/test_reference_merge_lora.py", "tests/test_lora_engine.py")),
+    # ---- IP-Adapter (its maths is diffusers' processor; the old test compared with diffusers itself)
+    Mutant("ip-adapter-k-v-swapped", "huabi/service/attention_adapters.py",
+           'processor.load_state_dict({"to_k_ip.0.weight": k.to(torch.float32), "to_v_ip.0.weight": v.to(torch.float32)})',
+           'processor.load_state_dict({"to_k_ip.0.weight": v.to(torch.float32), "to_v_ip.0.weight": k.to(torch.float32)})',
+           ("tests/test_reference_ip_adapter.py", "tests/test_ip_adapter.py")),
     # ---- ControlNet units (the older two-unit test only asked for a different output)
     Mutant("controlnet-down-last-unit-only", "huabi/pipelines/control.py",
            "down = [a + b for a, b in zip(down, scaled[:-1], strict=True)]",
