@@ -122,6 +122,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "uses.append(LoraUse(name, find_lora_file(name, folders), te_weight, unet_weight))",
            "uses.append(LoraUse(name, find_lora_file(name, folders), unet_weight, te_weight))",
            ("tests/test_reference_merge_lora.py", "tests/test_lora_engine.py")),
+    # ---- prompt chunking (A1111's tokenize_line)
+    Mutant("chunk-comma-backtrack-19", "huabi/core/conditioning.py",
+           "and len(current.ids) - last_comma <= comma_backtrack",
+           "and len(current.ids) - last_comma < comma_backtrack",
+           ("tests/test_reference_prompt_chunks.py", "tests/test_conditioning.py", "tests/test_prompt_conditioning.py")),
+    Mutant("chunk-double-break-no-empty-chunk", "huabi/core/conditioning.py",
+           "if not units and index > 0 and index == len(segments) - 1:",
+           "if not units and index > 0:",
+           ("tests/test_reference_prompt_chunks.py", "tests/test_conditioning.py", "tests/test_prompt_conditioning.py")),
     # ---- IP-Adapter (its maths is diffusers' processor; the old test compared with diffusers itself)
     Mutant("ip-adapter-k-v-swapped", "huabi/service/attention_adapters.py",
            'processor.load_state_dict({"to_k_ip.0.weight": k.to(torch.float32), "to_v_ip.0.weight": v.to(torch.float32)})',
