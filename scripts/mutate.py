@@ -145,6 +145,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "mid = mid + scaled[-1]",
            "mid = scaled[-1]",
            ("tests/test_reference_multicontrol.py", "tests/test_controlnet.py")),
+    # ---- the memory guard
+    Mutant("memory-guard-skips-hires-target", "huabi/service/plans.py",
+           "engine.check_memory(bundle, hires_w, hires_h, request.batch_size)",
+           "pass",
+           ("tests/test_memory_guard.py", "tests/test_hires.py")),
+    Mutant("memory-estimate-ignores-batch", "huabi/service/devices.py",
+           "unet_bytes = 2 * batch_size * tokens",
+           "unet_bytes = 2 * tokens",
+           ("tests/test_memory_guard.py", "tests/test_device_choice.py")),
     # ---- upscaler networks (the other upscaler tests compare huabi with itself)
     Mutant("rrdb-dense-residual-scale", "huabi/models/upscalers.py",
            "seen.append(F.leaky_relu(out, 0.2))\n        return x + 0.2 * out",
