@@ -154,6 +154,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "unet_bytes = 2 * batch_size * tokens",
            "unet_bytes = 2 * tokens",
            ("tests/test_memory_guard.py", "tests/test_device_choice.py")),
+    Mutant("dtype-auto-threshold-strict", "huabi/service/device_choice.py",
+           "if speedup >= BF16_MIN_SPEEDUP:",
+           "if speedup > BF16_MIN_SPEEDUP:",
+           ("tests/test_dtype_auto_rules.py", "tests/test_device_choice.py")),
     # ---- upscaler networks (the other upscaler tests compare huabi with itself)
     Mutant("rrdb-dense-residual-scale", "huabi/models/upscalers.py",
            "seen.append(F.leaky_relu(out, 0.2))\n        return x + 0.2 * out",
