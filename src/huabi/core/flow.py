@@ -21,7 +21,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from huabi.core.samplers import Denoiser, StepCallback, _call, _prepare, _report, sample_euler, sample_heun
+from huabi.core.samplers import (
+    Denoiser,
+    StepCallback,
+    call_denoiser,
+    checked_sigmas,
+    report_step,
+    sample_euler,
+    sample_heun,
+)
 from huabi.errors import HuabiError
 
 SD3_SHIFT = 3.0
@@ -113,13 +121,13 @@ def sample_euler_ancestral_flow(
     scaled by ``alpha_next / alpha_down`` (alpha = 1 - sigma) and noise added so the total noise
     is exactly ``sigma_next`` and the signal ``(1 - sigma_next) * x0``.
     """
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     if noise is None and eta > 0:
         raise HuabiError("noise: sampler 'Euler a' needs a noise sampler (it adds fresh noise every step)")
     total = len(s) - 1
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0 or eta == 0:
             x = denoised + (x - denoised) * (sigma_next / sigma)
         else:
@@ -128,7 +136,7 @@ def sample_euler_ancestral_flow(
             x_down = denoised + (x - denoised) * (sigma_down / sigma)
             renoise = math.sqrt(max(sigma_next**2 - (sigma_down * alpha_next / alpha_down) ** 2, 0.0))
             x = x_down * (alpha_next / alpha_down) + noise(sigmas[i], sigmas[i + 1]) * renoise
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -142,7 +150,7 @@ def sample_dpmpp_2m_flow(
 ) -> Tensor:
     """DPM-Solver++(2M) with ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``; first order on the
     first step and on the step to 0 (as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``)."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     old_denoised: Tensor | None = None
     h_last = 0.0
@@ -153,7 +161,7 @@ def sample_dpmpp_2m_flow(
 
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -167,7 +175,7 @@ def sample_dpmpp_2m_flow(
                 x = x * (sigma_next / sigma) - corrected * (alpha_next * math.expm1(-h))
             h_last = h
         old_denoised = denoised
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 

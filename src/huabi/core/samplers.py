@@ -47,7 +47,7 @@ StepCallback = Callable[[int, int, Tensor, Tensor], None]
 # ---------------------------------------------------------------- helpers
 
 
-def _prepare(x: Tensor, sigmas: Tensor) -> list[float]:
+def checked_sigmas(x: Tensor, sigmas: Tensor) -> list[float]:
     if not isinstance(x, Tensor) or x.ndim < 2:
         raise HuabiError("x: must be a latent batch tensor [B, C, H, W]")
     if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
@@ -68,12 +68,12 @@ def _need_noise(noise: NoiseSampler | None, sampler: str) -> NoiseSampler:
     return noise
 
 
-def _call(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
+def call_denoiser(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
     sigma_batch = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
     return denoiser(x, sigma_batch)
 
 
-def _report(on_step: StepCallback | None, i: int, total: int, x: Tensor, denoised: Tensor) -> None:
+def report_step(on_step: StepCallback | None, i: int, total: int, x: Tensor, denoised: Tensor) -> None:
     if on_step is not None:
         on_step(i, total, x, denoised)
 
@@ -105,12 +105,12 @@ def sample_euler(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - denoised) / sigma."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     for i in range(total):
-        denoised = _call(denoiser, x, s[i])
+        denoised = call_denoiser(denoiser, x, s[i])
         x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -125,16 +125,16 @@ def sample_euler_ancestral(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Euler step down to sigma_down, then add sigma_up of fresh noise."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "Euler a") if eta > 0 else noise
     total = len(s) - 1
     for i in range(total):
-        denoised = _call(denoiser, x, s[i])
+        denoised = call_denoiser(denoiser, x, s[i])
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         if s[i + 1] > 0 and sigma_up > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -153,12 +153,12 @@ def sample_ddim(
     sigma_eta = eta * sqrt((1-a_prev)/(1-a)) * sqrt(1 - a/a_prev) becomes, divided by
     sqrt(a_prev), a fresh-noise part sigma_up with sigma_down**2 + sigma_up**2 = sigma_prev**2.
     """
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     if eta > 0:
         noise = _need_noise(noise, "DDIM")
     total = len(s) - 1
     for i in range(total):
-        denoised = _call(denoiser, x, s[i])
+        denoised = call_denoiser(denoiser, x, s[i])
         sigma, sigma_next = s[i], s[i + 1]
         sigma_down, sigma_up = sigma_next, 0.0
         if eta > 0 and sigma_next > 0:
@@ -169,7 +169,7 @@ def sample_ddim(
         x = _euler(x, denoised, sigma, sigma_down)
         if sigma_up > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -182,16 +182,16 @@ def sample_lcm(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Latent Consistency: jump to the prediction, then re-noise to the next level."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     if any(v > 0 for v in s[1:]):
         noise = _need_noise(noise, "LCM")
     for i in range(total):
-        denoised = _call(denoiser, x, s[i])
+        denoised = call_denoiser(denoiser, x, s[i])
         x = denoised
         if s[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s[i + 1]
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -207,20 +207,20 @@ def sample_heun(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Heun's method (Karras et al. Algorithm 1 without churn); Euler for the step to 0."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         slope = (x - denoised) / sigma
         if sigma_next == 0:
             x = x + slope * (sigma_next - sigma)
         else:
             x_trial = x + slope * (sigma_next - sigma)
-            denoised_trial = _call(denoiser, x_trial, sigma_next)
+            denoised_trial = call_denoiser(denoiser, x_trial, sigma_next)
             slope_trial = (x_trial - denoised_trial) / sigma_next
             x = x + (slope + slope_trial) * ((sigma_next - sigma) / 2)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -229,7 +229,7 @@ def _dpm2_step(denoiser: Denoiser, x: Tensor, denoised: Tensor, sigma: float, si
     slope = (x - denoised) / sigma
     sigma_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_to)))
     x_mid = x + slope * (sigma_mid - sigma)
-    denoised_mid = _call(denoiser, x_mid, sigma_mid)
+    denoised_mid = call_denoiser(denoiser, x_mid, sigma_mid)
     slope_mid = (x_mid - denoised_mid) / sigma_mid
     return x + slope_mid * (sigma_to - sigma)
 
@@ -243,16 +243,16 @@ def sample_dpm_2(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver-2 in the k-diffusion form (Karras et al. Algorithm 2 variant)."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = x + (x - denoised) * ((sigma_next - sigma) / sigma)
         else:
             x = _dpm2_step(denoiser, x, denoised, sigma, sigma_next)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -267,12 +267,12 @@ def sample_dpm_2_ancestral(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM2 down to sigma_down, then sigma_up of fresh noise."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "DPM2 a") if eta > 0 else noise
     total = len(s) - 1
     for i in range(total):
         sigma = s[i]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, s[i + 1], eta)
         if sigma_down == 0:
             x = x + (x - denoised) * ((sigma_down - sigma) / sigma)
@@ -280,7 +280,7 @@ def sample_dpm_2_ancestral(
             x = _dpm2_step(denoiser, x, denoised, sigma, sigma_down)
         if s[i + 1] > 0 and sigma_up > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -299,12 +299,12 @@ def sample_dpmpp_2s_ancestral(
     diffusers has no equivalent; tested against the exact solution of
     analytic denoisers and the eta = 0 limit.
     """
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "DPM++ 2S a") if eta > 0 else noise
     total = len(s) - 1
     for i in range(total):
         sigma = s[i]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, s[i + 1], eta)
         if sigma_down == 0:
             x = _euler(x, denoised, sigma, 0.0)
@@ -313,11 +313,11 @@ def sample_dpmpp_2s_ancestral(
             sigma_mid = sigma * math.exp(-0.5 * h)
             # Exponential-integrator update in data prediction: x_to = (s_to/s) x - expm1(-h) D.
             x_mid = x * (sigma_mid / sigma) - denoised * math.expm1(-0.5 * h)
-            denoised_mid = _call(denoiser, x_mid, sigma_mid)
+            denoised_mid = call_denoiser(denoiser, x_mid, sigma_mid)
             x = x * (sigma_down / sigma) - denoised_mid * math.expm1(-h)
         if s[i + 1] > 0 and sigma_up > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -339,14 +339,14 @@ def sample_dpmpp_sde(
     and back, exactly as k-diffusion does, because a Brownian path answers a
     1-ulp different time with a visibly different increment.
     """
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "DPM++ SDE") if eta > 0 else noise
     total = len(s) - 1
     sig_t = sigmas.detach().cpu()
     fac = 1.0 / (2.0 * r)
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = _euler(x, denoised, sigma, 0.0)
         else:
@@ -360,14 +360,14 @@ def sample_dpmpp_sde(
             x_split = x * (down / sigma_from) - denoised * math.expm1(-math.log(sigma_from / down))
             if up > 0:
                 x_split = x_split + noise(q_from, q_split) * (s_noise * up)
-            denoised_split = _call(denoiser, x_split, sigma_split)
+            denoised_split = call_denoiser(denoiser, x_split, sigma_split)
             # Stage 2: from sigma to sigma_next with the blended prediction.
             down, up = ancestral_step(sigma_from, float(q_next), eta)
             blended = denoised * (1.0 - fac) + denoised_split * fac if fac != 1.0 else denoised_split
             x = x * (down / sigma_from) - blended * math.expm1(-math.log(sigma_from / down))
             if up > 0:
                 x = x + noise(q_from, q_next) * (s_noise * up)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -386,18 +386,18 @@ def sample_lms(
     """Linear multistep (Adams-Bashforth in sigma) over the last ``order`` slopes."""
     if order < 1:
         raise HuabiError(f"order: LMS order must be >= 1, got {order}")
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     slopes: list[Tensor] = []
     for i in range(total):
-        denoised = _call(denoiser, x, s[i])
+        denoised = call_denoiser(denoiser, x, s[i])
         slopes.append((x - denoised) / s[i])
         if len(slopes) > order:
             slopes.pop(0)
         current_order = min(i + 1, order)
         for j, slope in enumerate(reversed(slopes)):
             x = x + slope * lms_coefficient(s, i, j, current_order)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -431,13 +431,13 @@ def sample_dpmpp_2m(
     First order on the first step and on the step to 0 (diffusers calls this
     ``lower_order_final`` / ``final_sigmas_type="zero"``).
     """
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -450,7 +450,7 @@ def sample_dpmpp_2m(
                 x = x * (sigma_next / sigma) - corrected * math.expm1(-h)
             h_last = h
         old_denoised = denoised
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -465,14 +465,14 @@ def sample_dpmpp_2m_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant; eta = 0 is a deterministic 2M-like ODE solver."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "DPM++ 2M SDE") if eta > 0 else noise
     total = len(s) - 1
     old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -490,7 +490,7 @@ def sample_dpmpp_2m_sde(
                 )
             h_last = h
         old_denoised = denoised
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -516,7 +516,7 @@ def sample_dpmpp_3m_sde(
     """
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise HuabiError(f"eta: must be a number >= 0, got {eta!r}")
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     noise = _need_noise(noise, "DPM++ 3M SDE") if eta > 0 else noise
     total = len(s) - 1
     denoised_1: Tensor | None = None  # the previous two predictions and step sizes
@@ -526,7 +526,7 @@ def sample_dpmpp_3m_sde(
     h = 0.0
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -548,7 +548,7 @@ def sample_dpmpp_3m_sde(
                 x = x + noise(sigmas[i], sigmas[i + 1]) * (sigma_next * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise)
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
@@ -599,14 +599,14 @@ def sample_unipc(
         raise HuabiError(f"order: UniPC order must be >= 1, got {order}")
     if variant not in ("bh1", "bh2"):
         raise HuabiError(f"variant: UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     total = len(s) - 1
     history: list[tuple[float, Tensor]] = []  # (lambda, denoised), newest last
     last_x: Tensor | None = None
     last_order = 0
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         lam = -math.log(sigma)
         if use_corrector and last_x is not None:
             x = _unic(last_x, history, lam, sigma, s[i - 1], denoised, last_order, variant)
@@ -619,7 +619,7 @@ def sample_unipc(
             step_order = 1
         last_x, last_order = x, step_order
         x = _unip(x, history, sigma, sigma_next, step_order, variant)
-        _report(on_step, i, total, x, denoised)
+        report_step(on_step, i, total, x, denoised)
     return x
 
 
