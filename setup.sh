@@ -65,5 +65,11 @@ if [ "$MODE" = "dev" ] && ! .venv/bin/python -c "import importlib.util as u, sys
   echo "setup: installing the FID and upscaler reference packages (--no-deps)" >&2
   "$PIP" install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0" "pytorch-fid==0.3.0" "clean-fid==0.1.35" "spandrel==0.4.2"
 fi
+# The original CLIP tokenizer for the tokenizer tests: open_clip's wheel, downloaded, never installed
+# (it pulls torchvision); the tests read its tokenizer module and vocabulary out of the archive.
+if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/open_clip_torch-3.3.0-*.whl >/dev/null 2>&1; then
+  echo "setup: downloading the open_clip wheel (tokenizer reference, not installed)" >&2
+  "$PIP" download -q --disable-pip-version-check --no-deps "open_clip_torch==3.3.0" -d .venv/huabi-reference
+fi
 
 echo "setup: ready ($MODE)" >&2

@@ -126,6 +126,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "uses.append(LoraUse(name, find_lora_file(name, folders), te_weight, unet_weight))",
            "uses.append(LoraUse(name, find_lora_file(name, folders), unet_weight, te_weight))",
            ("tests/test_reference_merge_lora.py", "tests/test_lora_engine.py")),
+    Mutant("openclip-bang-is-padding", "huabi/models/tokenizer.py",
+           "split_special_tokens=pad_token == OPEN_CLIP_PAD_TOKEN,",
+           "split_special_tokens=False,",
+           ("tests/test_reference_clip_tokenizer.py", "tests/test_tokenizer.py", "tests/test_conditioning.py")),
     # ---- prompt chunking (A1111's tokenize_line)
     Mutant("chunk-comma-backtrack-19", "huabi/core/conditioning.py",
            "and len(current.ids) - last_comma <= comma_backtrack",
