@@ -60,9 +60,16 @@ fi
 # Reference implementations for huabi.eval's equivalence tests (issue 18). They declare torchvision, which
 # would replace the pinned torch with a CUDA build: install them without dependencies (the tests load only
 # their modules that need no torchvision).
-if [ "$MODE" = "dev" ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch_fidelity', 'pytorch_fid', 'cleanfid')))" 2>/dev/null; then
-  echo "setup: installing the FID reference packages (--no-deps)" >&2
-  "$PIP" install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0" "pytorch-fid==0.3.0" "clean-fid==0.1.35"
+# spandrel (upscaler reference, issue 22) likewise: its tests import only its ESRGAN/Compact modules.
+if [ "$MODE" = "dev" ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch_fidelity', 'pytorch_fid', 'cleanfid', 'spandrel')))" 2>/dev/null; then
+  echo "setup: installing the FID and upscaler reference packages (--no-deps)" >&2
+  "$PIP" install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0" "pytorch-fid==0.3.0" "clean-fid==0.1.35" "spandrel==0.4.2"
+fi
+# The original CLIP tokenizer for the tokenizer tests: open_clip's wheel, downloaded, never installed
+# (it pulls torchvision); the tests read its tokenizer module and vocabulary out of the archive.
+if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/open_clip_torch-3.3.0-*.whl >/dev/null 2>&1; then
+  echo "setup: downloading the open_clip wheel (tokenizer reference, not installed)" >&2
+  "$PIP" download -q --disable-pip-version-check --no-deps "open_clip_torch==3.3.0" -d .venv/huabi-reference
 fi
 
 echo "setup: ready ($MODE)" >&2

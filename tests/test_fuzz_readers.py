@@ -32,6 +32,7 @@ from huabi.errors import HuabiError
 
 SECONDS = float(os.environ.get("HUABI_FUZZ_SECONDS", "3"))
 SEED = int(os.environ.get("HUABI_FUZZ_SEED", "14"))
+pytestmark = pytest.mark.slow  # SECONDS per format for every reader (about a minute by default); CI runs it
 
 
 class _RunsCode:

@@ -38,6 +38,8 @@ from tiny_models import randomize_
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "outputs.json"
 RECORD = os.environ.get("HUABI_RECORD_GOLDEN") == "1"
+# 27 whole CLI runs: 70 s on a quiet 2-core machine, 180 s loaded (measured 2026-12-06); CI runs them.
+pytestmark = pytest.mark.slow
 
 COMMON = ["--steps", "3", "--seed", "5", "--quiet"]
 SIZE = ["--size", "64x64"]

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import random
+import sys
 import unicodedata
 import zipfile
 
@@ -196,6 +197,7 @@ def test_vocab_json_is_clips_layout():
 
 def _wheel_or_gz() -> str | None:
     candidates = [os.environ.get("HUABI_OPEN_CLIP_WHEEL", "")] + sorted(glob.glob("/tmp/oc/open_clip_torch-*.whl"))
+    candidates += sorted(glob.glob(os.path.join(sys.prefix, "huabi-reference", "open_clip_torch-*.whl")))  # setup.sh --dev
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 

@@ -26,6 +26,7 @@ from huabi.core.samplers import (
     StepCallback,
     call_denoiser,
     checked_sigmas,
+    dpmpp_2m_loop,
     report_step,
     sample_euler,
     sample_heun,
@@ -149,34 +150,16 @@ def sample_dpmpp_2m_flow(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) with ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``; first order on the
-    first step and on the step to 0 (as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``)."""
-    s = checked_sigmas(x, sigmas)
-    total = len(s) - 1
-    old_denoised: Tensor | None = None
-    h_last = 0.0
+    first step and on the step to 0 (as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``).
+    The loop and the update are sigma space's (:func:`huabi.core.samplers.dpmpp_2m_loop`)."""
 
     def lam(sigma: float) -> float:
         # -inf at sigma = 1 (pure noise): clamped, so expm1(-h) there is -1 to double precision
         return math.log(max(1.0 - sigma, 1e-30)) - math.log(sigma)
 
-    for i in range(total):
-        sigma, sigma_next = s[i], s[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            alpha_next = 1.0 - sigma_next
-            h = lam(sigma_next) - lam(sigma)
-            if old_denoised is None:
-                x = x * (sigma_next / sigma) - denoised * (alpha_next * math.expm1(-h))
-            else:
-                r = h_last / h
-                corrected = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
-                x = x * (sigma_next / sigma) - corrected * (alpha_next * math.expm1(-h))
-            h_last = h
-        old_denoised = denoised
-        report_step(on_step, i, total, x, denoised)
-    return x
+    return dpmpp_2m_loop(denoiser, x, sigmas, on_step=on_step,
+                         lambda_step=lambda sigma, sigma_next: lam(sigma_next) - lam(sigma),
+                         alpha=lambda sigma: 1.0 - sigma)
 
 
 _FLOW_SAMPLER_FUNCTIONS = {

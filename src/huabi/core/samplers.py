@@ -289,23 +289,23 @@ def sample_restart(
     ``s_noise**2 * (sigma_up**2 - sigma_now**2)`` takes x to the higher level (the forward
     process), and the segment is integrated down again. Progress is reported on the scale of
     the given schedule's steps (the step list is longer when restarts are added)."""
-    s = _prepare(x, sigmas)
+    s = checked_sigmas(x, sigmas)
     _, pairs = restart_plan(s, restart_list)
     total, count = len(s) - 1, len(pairs)
     current = None
     for j, (sigma, sigma_next) in enumerate(pairs):
         if current is not None and sigma > current:  # a restart: forward-diffuse back up to sigma
             x = x + _need_noise(noise, "Restart")(current, sigma) * (s_noise * math.sqrt(sigma**2 - current**2))
-        denoised = _call(denoiser, x, sigma)
+        denoised = call_denoiser(denoiser, x, sigma)
         slope = (x - denoised) / sigma
         x_next = x + slope * (sigma_next - sigma)
         if sigma_next > 0:
-            denoised_next = _call(denoiser, x_next, sigma_next)
+            denoised_next = call_denoiser(denoiser, x_next, sigma_next)
             x_next = x + (slope + (x_next - denoised_next) / sigma_next) * ((sigma_next - sigma) / 2)
         x, current = x_next, sigma_next
         shown = (j + 1) * total // count - 1  # the given schedule's step this point of the list reaches
         if shown >= 0 and shown != (j * total // count - 1):
-            _report(on_step, shown, total, x, denoised)
+            report_step(on_step, shown, total, x, denoised)
     return x
 
 
@@ -503,6 +503,56 @@ def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
     return float(0.5 * (b - a) * np.dot(gauss_w, values))
 
 
+def dpmpp_2m_step(
+    x: Tensor,
+    denoised: Tensor,
+    previous: Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    h: float,
+    h_last: float,
+    alpha_next: float = 1.0,
+) -> Tensor:
+    """One DPM-Solver++(2M) update from ``sigma`` to ``sigma_next`` (> 0), ``h`` the step in
+    lambda = log(alpha / sigma): first order without a ``previous`` prediction, else the prediction
+    extrapolated by ``h / (2 h_last)``. ``alpha_next`` is 1 in sigma space (x = x0 + sigma * noise)
+    and ``1 - sigma_next`` in flow space (:mod:`huabi.core.flow`)."""
+    if previous is not None:
+        half_over_r = h / (2.0 * h_last)
+        denoised = denoised * (1.0 + half_over_r) - previous * half_over_r
+    return x * (sigma_next / sigma) - denoised * (alpha_next * math.expm1(-h))
+
+
+def dpmpp_2m_loop(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    on_step: StepCallback | None,
+    lambda_step: Callable[[float, float], float],
+    alpha: Callable[[float], float],
+) -> Tensor:
+    """DPM-Solver++(2M) over ``sigmas``: ``lambda_step(sigma, sigma_next)`` is the step in
+    lambda, ``alpha(sigma)`` the signal scale; the step to 0 returns the prediction (diffusers'
+    ``lower_order_final`` / ``final_sigmas_type="zero"``)."""
+    s = checked_sigmas(x, sigmas)
+    total = len(s) - 1
+    previous: Tensor | None = None
+    h_last = 0.0
+    for i in range(total):
+        sigma, sigma_next = s[i], s[i + 1]
+        denoised = call_denoiser(denoiser, x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = lambda_step(sigma, sigma_next)
+            x = dpmpp_2m_step(x, denoised, previous, sigma, sigma_next, h, h_last, alpha(sigma_next))
+            h_last = h
+        previous = denoised
+        report_step(on_step, i, total, x, denoised)
+    return x
+
+
 def sample_dpmpp_2m(
     denoiser: Denoiser,
     x: Tensor,
@@ -516,25 +566,47 @@ def sample_dpmpp_2m(
     First order on the first step and on the step to 0 (diffusers calls this
     ``lower_order_final`` / ``final_sigmas_type="zero"``).
     """
+    return dpmpp_2m_loop(denoiser, x, sigmas, on_step=on_step,
+                         lambda_step=lambda sigma, sigma_next: math.log(sigma / sigma_next), alpha=lambda _: 1.0)
+
+
+# (prediction, h) of earlier steps, newest first: what a multistep SDE update looks back on.
+History = list[tuple[Tensor, float]]
+
+
+def _sde_multistep(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSampler | None,
+    on_step: StepCallback | None,
+    eta: float,
+    s_noise: float,
+    name: str,
+    update: Callable[[Tensor, Tensor, History, float, float, float], Tensor],
+) -> Tensor:
+    """The loop DPM++ 2M SDE and 3M SDE share: predict, take ``update(x, denoised, history, sigma,
+    sigma_next, h)`` (h = log(sigma / sigma_next)), then add ``sigma_next * sqrt(1 - e^{-2 eta h})``
+    of fresh noise; the step to 0 returns the prediction. ``history`` keeps the last two steps."""
     s = checked_sigmas(x, sigmas)
+    noise = _need_noise(noise, name) if eta > 0 else noise
     total = len(s) - 1
-    old_denoised: Tensor | None = None
-    h_last = 0.0
+    history: History = []
     for i in range(total):
         sigma, sigma_next = s[i], s[i + 1]
         denoised = call_denoiser(denoiser, x, sigma)
+        h = 0.0
         if sigma_next == 0:
             x = denoised
         else:
             h = math.log(sigma / sigma_next)
-            if old_denoised is None:
-                x = x * (sigma_next / sigma) - denoised * math.expm1(-h)
-            else:
-                half_over_r = h / (2.0 * h_last)
-                corrected = denoised * (1.0 + half_over_r) - old_denoised * half_over_r
-                x = x * (sigma_next / sigma) - corrected * math.expm1(-h)
-            h_last = h
-        old_denoised = denoised
+            x = update(x, denoised, history, sigma, sigma_next, h)
+            if eta > 0:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * (
+                    sigma_next * math.sqrt(-math.expm1(-2.0 * (eta * h))) * s_noise
+                )
+        history = [(denoised, h), *history[:1]]
         report_step(on_step, i, total, x, denoised)
     return x
 
@@ -550,33 +622,20 @@ def sample_dpmpp_2m_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant; eta = 0 is a deterministic 2M-like ODE solver."""
-    s = checked_sigmas(x, sigmas)
-    noise = _need_noise(noise, "DPM++ 2M SDE") if eta > 0 else noise
-    total = len(s) - 1
-    old_denoised: Tensor | None = None
-    h_last = 0.0
-    for i in range(total):
-        sigma, sigma_next = s[i], s[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            eta_h = eta * h
-            # -expm1(-h - eta h): weight of the prediction after the noisy step.
-            weight = -math.expm1(-h - eta_h)
-            x = x * (sigma_next / sigma * math.exp(-eta_h)) + denoised * weight
-            if old_denoised is not None:
-                r = h_last / h
-                x = x + (denoised - old_denoised) * (0.5 * weight / r)
-            if eta > 0:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * (
-                    sigma_next * math.sqrt(-math.expm1(-2.0 * eta_h)) * s_noise
-                )
-            h_last = h
-        old_denoised = denoised
-        report_step(on_step, i, total, x, denoised)
-    return x
+
+    def update(x: Tensor, denoised: Tensor, history: History, sigma: float, sigma_next: float, h: float) -> Tensor:
+        eta_h = eta * h
+        # -expm1(-h - eta h): weight of the prediction after the noisy step.
+        weight = -math.expm1(-h - eta_h)
+        x = x * (sigma_next / sigma * math.exp(-eta_h)) + denoised * weight
+        if history:
+            old_denoised, h_last = history[0]
+            r = h_last / h
+            x = x + (denoised - old_denoised) * (0.5 * weight / r)
+        return x
+
+    return _sde_multistep(denoiser, x, sigmas, noise=noise, on_step=on_step, eta=eta, s_noise=s_noise,
+                          name="DPM++ 2M SDE", update=update)
 
 
 def sample_dpmpp_3m_sde(
@@ -601,40 +660,27 @@ def sample_dpmpp_3m_sde(
     """
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise HuabiError(f"eta: must be a number >= 0, got {eta!r}")
-    s = checked_sigmas(x, sigmas)
-    noise = _need_noise(noise, "DPM++ 3M SDE") if eta > 0 else noise
-    total = len(s) - 1
-    denoised_1: Tensor | None = None  # the previous two predictions and step sizes
-    denoised_2: Tensor | None = None
-    h_1: float | None = None
-    h_2: float | None = None
-    h = 0.0
-    for i in range(total):
-        sigma, sigma_next = s[i], s[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            h_eta = h * (eta + 1.0)
-            x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
-            phi_2 = math.expm1(-h_eta) / h_eta + 1.0
-            if h_2 is not None and denoised_1 is not None and denoised_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + d1 * phi_2 - d2 * phi_3
-            elif h_1 is not None and denoised_1 is not None:
-                x = x + (denoised - denoised_1) * (phi_2 * h / h_1)
-            if eta > 0:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * (sigma_next * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-        report_step(on_step, i, total, x, denoised)
-    return x
+
+    def update(x: Tensor, denoised: Tensor, history: History, sigma: float, sigma_next: float, h: float) -> Tensor:
+        h_eta = h * (eta + 1.0)
+        x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
+        phi_2 = math.expm1(-h_eta) / h_eta + 1.0
+        if len(history) == 2:
+            (denoised_1, h_1), (denoised_2, h_2) = history
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + d1 * phi_2 - d2 * phi_3
+        elif history:
+            denoised_1, h_1 = history[0]
+            x = x + (denoised - denoised_1) * (phi_2 * h / h_1)
+        return x
+
+    return _sde_multistep(denoiser, x, sigmas, noise=noise, on_step=on_step, eta=eta, s_noise=s_noise,
+                          name="DPM++ 3M SDE", update=update)
 
 
 def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[np.ndarray, float]:

@@ -8,7 +8,10 @@ that fills a sequence after its end-of-text token:
 * OpenAI CLIP-L (SD1, huabi-mini, SDXL's first encoder): ``<|endoftext|>`` (49407),
   as A1111, diffusers and the original ldm/sgm code do;
 * OpenCLIP (SD2, SDXL's bigG, the refiner): id 0 (the token ``!``), as
-  ``open_clip.tokenize`` pads and as A1111/diffusers reproduce it.
+  ``open_clip.tokenize`` pads and as A1111/diffusers reproduce it. A ``!`` in the
+  prompt stays an ordinary token there (``!!`` is one token, as open_clip and
+  A1111 read it; transformers alone would read each ``!`` as padding), and so
+  does the literal text ``<|endoftext|>``.
 
 Text normalisation is transformers' (NFC, whitespace runs -> one space,
 lower case).  The original CLIP code additionally runs ``ftfy.fix_text``
@@ -71,6 +74,10 @@ def _read_files(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _make(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> CLIPTokenizer:
+    # OpenCLIP pads with "!" (id 0), also an ordinary token: transformers would cut every "!" of a
+    # prompt out as the pad token ("wow!!" -> [wow, pad, pad]), where A1111 (open_clip's own
+    # tokenizer for these encoders) reads "!!" as one token. split_special_tokens keeps prompt text
+    # ordinary text, as open_clip does (BOS/EOS/padding are added outside the text either way).
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,
@@ -79,6 +86,7 @@ def _make(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) 
         unk_token=EOS_TOKEN,
         pad_token=pad_token,
         model_max_length=MODEL_MAX_LENGTH,
+        split_special_tokens=pad_token == OPEN_CLIP_PAD_TOKEN,
     )
 
 

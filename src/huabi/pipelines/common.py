@@ -21,6 +21,7 @@ from huabi.core.variation import NoiseVariation
 from huabi.core.schedules import DiscreteSchedule, compute_sigmas
 from huabi.models.bundle import ModelBundle
 from huabi.core.family import ModelFamily, UNetVariant
+from huabi.errors import HuabiError
 from huabi.pipelines.patches import FIRST_PASS, DenoisePass, Patch, as_patches, combined_unet_kwargs, wrapped_denoiser
 
 if TYPE_CHECKING:
@@ -211,6 +212,7 @@ def denoise(
     variation: NoiseVariation | None = None,
     init_latent: torch.Tensor | None = None,
     denoising_strength: float = 1.0,
+    fixed_steps: bool = False,
     image_channels: torch.Tensor | None = None,
     patches: Sequence[Patch] = (),
     pass_name: str = FIRST_PASS,
@@ -224,7 +226,10 @@ def denoise(
     Without ``init_latent`` this is text-to-image.  With it (image-to-image) the
     sampler runs only the tail of the ``steps``-step schedule picked by
     ``denoising_strength`` (see :func:`img2img_sigmas`), starting from
-    ``init_latent + noise * sigma_start``.  ``image_channels`` replaces the extra
+    ``init_latent + noise * sigma_start``.  With ``fixed_steps`` (A1111's rule for the
+    hires fix's second pass, see :func:`fixed_steps_schedule_length`) exactly ``steps``
+    steps run, the last ones of a schedule stretched by the strength.
+    ``image_channels`` replaces the extra
     UNet inputs that text-to-image would give inpainting/pix2pix models.
 
     ``patches`` (:mod:`huabi.pipelines.patches`) change this pass in one place: their
@@ -240,7 +245,9 @@ def denoise(
     """
     spec = get_sampler(sampler_name)
     schedule = DiscreteSchedule(bundle.alphas_cumprod)
-    sigmas = compute_sigmas(schedule_name, sampler_name, steps, schedule).to(device)
+    stretched = init_latent is not None and fixed_steps and denoising_strength > 0
+    schedule_length = fixed_steps_schedule_length(steps, denoising_strength) if stretched else steps
+    sigmas = compute_sigmas(schedule_name, sampler_name, schedule_length, schedule).to(device)
     # Variation seeds / seed resize (A1111) change only the first draw; ancestral noise
     # still continues each image's own seed stream.
     if variation is None:
@@ -251,7 +258,7 @@ def denoise(
     if init_latent is None:
         x = noise * sigmas[0]
     else:
-        sigmas = img2img_sigmas(sigmas, denoising_strength)
+        sigmas = sigmas[schedule_length - steps:] if stretched else img2img_sigmas(sigmas, denoising_strength)
         x = init_latent.to(device=device, dtype=torch.float32) + noise * sigmas[0]
     if spec.brownian:
         noise_sampler = BrownianNoiseSampler.for_sigmas(x, full_sigmas, seeds)
@@ -300,14 +307,26 @@ def img2img_sigmas(sigmas: torch.Tensor, denoising_strength: float) -> torch.Ten
     step): the schedule is just ``[0]`` so the input comes back unchanged.
     """
     if not 0.0 <= denoising_strength <= 1.0:
-        from huabi.errors import HuabiError
-
         raise HuabiError(f"denoising strength: must be from 0 to 1, got {denoising_strength}")
     if denoising_strength == 0:
         return sigmas[-1:]
     steps = len(sigmas) - 1
     t_enc = int(min(denoising_strength, 0.999) * steps)
     return sigmas[steps - t_enc - 1:]
+
+
+def fixed_steps_schedule_length(steps: int, denoising_strength: float) -> int:
+    """How long a schedule A1111's "fixed steps" img2img rule samples the tail of.
+
+    A1111 and Forge (``setup_img2img_steps`` with ``steps`` given, as the hires fix's
+    second pass always does with ``hr_second_pass_steps or steps``; plain img2img only
+    with the ``img2img_fix_steps`` option): a schedule of ``int(S / min(d, 0.999))``
+    steps whose last S run, so the pass always takes exactly S steps and starts at
+    about the strength's sigma.  At d = 1 that is the plain S-step schedule.
+    """
+    if not 0.0 < denoising_strength <= 1.0:
+        raise HuabiError(f"denoising strength: fixed steps need a strength above 0 and at most 1, got {denoising_strength}")
+    return int(steps / min(denoising_strength, 0.999))
 
 
 # Decode as many images per VAE call as fit in this many output pixels: small images go

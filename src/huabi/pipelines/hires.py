@@ -6,7 +6,12 @@
    (Lanczos, or a model upscaler passed in as a callable so this layer never
    imports the service layer) and encode it again.
 3. Image to image at the target size with ``hires_steps`` (0: the first pass's
-   steps) and ``hires_denoise``, same prompt, same seeds.
+   steps) and ``hires_denoise``, same prompt, same seeds, by A1111's "fixed steps"
+   rule, as A1111 and Forge always run this pass (``sample_img2img(...,
+   steps=hr_second_pass_steps or steps)``): exactly S = ``hires_steps`` steps, the
+   last S of a schedule of ``int(S / min(denoise, 0.999))`` steps, so the same
+   infotext gives the same schedule in huabi and A1111 (plain img2img keeps
+   A1111's default rule: ``int(d * S) + 1`` steps of an S-step schedule).
 
 Noise of the second pass: A1111 builds a fresh per-image generator from the
 same seeds (and variation seeds / seed resize) at the new latent shape and
@@ -128,7 +133,7 @@ def hires_txt2img(
     ``pixel_upscaler`` resizes decoded images for non-latent upscalers (default
     Lanczos; the engine passes a model upscaler for a file path).  ``on_step``
     sees events counted over both passes: the first pass's ``request.steps``
-    then ``hires_steps`` (or ``request.steps``) scaled over the steps actually run, with
+    then ``hires_steps`` (or ``request.steps``), with
     the phase ("first pass", "hires", or "refiner" once the refiner took over).
     ``first_pass`` replaces step 1's denoise (same keyword arguments as
     :func:`denoise`).  ``patches`` apply to both passes; each sees which pass it is in
@@ -157,9 +162,8 @@ def hires_txt2img(
             on_step(replace(event, step=min(event.step, request.steps), total=total_steps))
 
     def second_step(event: ProgressEvent) -> None:
-        if on_step is not None:
-            done = request.steps + round(event.step * hires_steps / max(event.total, 1))
-            on_step(replace(event, step=done, total=total_steps))
+        if on_step is not None:  # fixed steps: the pass runs exactly hires_steps steps
+            on_step(replace(event, step=request.steps + event.step, total=total_steps))
 
     guidance = encode_guidance(
         bundle, request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
@@ -196,7 +200,7 @@ def hires_txt2img(
         bundle, hires_guidance, sampler_name=request.sampler, schedule_name=request.schedule, steps=hires_steps,
         cfg_scale=request.cfg_scale, seeds=seeds, shape=target_shape, device=device, on_step=second_step,
         variation=variation, init_latent=latents, denoising_strength=float(request.hires_denoise),
-        patches=patches, pass_name=HIRES_PASS,
+        fixed_steps=True, patches=patches, pass_name=HIRES_PASS,
     )
 
     # 4. Decode to pixels.
