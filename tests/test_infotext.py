@@ -421,7 +421,7 @@ def test_overrides_replace_fields_and_drop_stale_model_records():
         ("a\nSteps: 20, CFG scale: nan, Seed: 1", "infotext: CFG scale: expected a finite number, got 'nan'"),
         ("a\nSteps: 20, Seed: 1, Size: 512 by 512", "infotext: Size: expected WIDTHxHEIGHT, got '512 by 512'"),
         ("a\nSteps: 20, Sampler: Euler, Clip skip: two", "infotext: Clip skip: expected an integer, got 'two'"),
-        ("a\nSteps: 20, Sampler: Restart, Seed: 1", "sampler: unknown sampler 'Restart'"),
+        ("a\nSteps: 20, Sampler: Restart++, Seed: 1", "sampler: unknown sampler 'Restart++'"),
         ("a\nSteps: 20, Sampler: Euler, Size: 500x512", "width_px: must be a multiple of 8, got 500"),
     ],
 )

@@ -67,10 +67,19 @@ NOT_RUN = {
         "benchmark on the full-size SD1.5 architecture (GBs, minutes per step)",
     ".venv/bin/python bench/bench_mini.py": "benchmark (timings, not behaviour)",
     "pip install 'huabi[openvino]'": "installs packages (the dev set-up already has them)",
+    "pip install 'huabi[ray]'": "installs packages (the dev set-up already has them)",
+    "ray start --head --port 6379": "starts a Ray cluster (tests/test_ray.py starts one on loopback)",
+    "ray start --address HEAD:6379 --num-gpus 2 --resources '{\"huabi_slot\": 2}'":
+        "joins a GPU machine to a Ray cluster (tests/test_ray.py starts workers on loopback)",
+    "huabi generate --prompt-file prompts.txt --seed 7 --ray HEAD:6379 --models-dir /mnt/models":
+        "needs a Ray cluster at HEAD (tests/test_ray.py runs a prompt file on a loopback cluster)",
+    ".venv/bin/python bench/bench_ray.py --jobs 6 --steps 4 --size 128 --latency-jobs 4":
+        "starts a Ray cluster (benchmark; scale-out is tested in tests/test_ray.py)",
 }
 SERVERS = {  # long-running servers: tested in tests/test_server.py and tests/test_webui_browser.py
     "huabi serve", "huabi serve --host 0.0.0.0 --api-auth ann:s3cret",
     "huabi serve --model my-model --gallery-folder outputs --data-dir ~/huabi/server",
+    "huabi serve --ray HEAD:6379 --models-dir /mnt/models",
 }
 TINY_FLOW = "the tiny SD3/FLUX fixtures' position embeddings cover 256 px at most (the real models' 1536+)"
 # Exact command text -> (flags appended, reason): run smaller than written, because of time on a 2-core CI.
@@ -97,6 +106,10 @@ SMALLER = {
         (["--size", "64x64"], TINY_FLOW),
     "huabi generate \"a red fox in snow\" --model flux1-schnell.safetensors --steps 4 --sampler Euler":
         (["--size", "64x64"], TINY_FLOW),
+    "huabi edit photo.png \"a wide river valley\" --model flux1-fill-dev.safetensors --outpaint left=256,right=256 "
+    "--strength 1": (["--outpaint", "left=16,right=16"], TINY_FLOW),
+    "huabi generate \"a red fox in snow\" --model flux1-dev.safetensors --size 768x768 --hires --hires-scale 1.5 "
+    "--hires-denoise 0.5": (["--size", "64x64", "--steps", "2"], TINY_FLOW),
     "huabi xyz \"a red apple\" --x \"Steps: 10, 20, 30\" --y \"CFG scale: 3-9 (+3)\" "
     "--z \"Sampler: Euler, DPM++ 2M\" --seed 7": ([], "runs as written (18 images)"),
 }
@@ -392,6 +405,7 @@ def world(tmp_path_factory, tiny_model_factory):
     flux.write_transformer(files / "flux1-dev.safetensors")
     write_transformer_gguf(flux.transformer_original(), files / "flux1-dev-Q4_0.gguf", "Q4_0", arch="flux")
     TinyFlowModel(TransformerFamily.FLUX_SCHNELL).write_transformer(files / "flux1-schnell.safetensors")
+    TinyFlowModel(TransformerFamily.FLUX_FILL).write_transformer(files / "flux1-fill-dev.safetensors")
     shutil.copyfile(parts["clip_l"], files / "clip_l.safetensors")
     shutil.copyfile(parts["t5xxl"], files / "t5xxl_fp16.safetensors")
     shutil.copyfile(parts["vae"], files / "ae.safetensors")
