@@ -212,7 +212,7 @@ def _split_units(
     return chunks
 
 
-class _NameIndex:
+class EmbeddingNameIndex:
     """Embedding names by their first token, longest token sequence first (A1111's lookup)."""
 
     def __init__(self, tokenizer, embeddings: EmbeddingLookup | None) -> None:
@@ -235,7 +235,7 @@ class _NameIndex:
 
 
 def _tokenize_runs(
-    tokenizer, runs: Sequence[PromptRun], names: _NameIndex | None = None, embeddings: EmbeddingLookup | None = None
+    tokenizer, runs: Sequence[PromptRun], names: EmbeddingNameIndex | None = None, embeddings: EmbeddingLookup | None = None
 ) -> tuple[list[int | _EmbeddingUse], list[float]]:
     texts = [text for text, _ in runs]
     if not texts:
@@ -278,7 +278,7 @@ def _chunk_prompt(tokenizer, runs: Sequence[PromptRun], comma_id: int | None) ->
 
 def _chunk_prompt_units(
     tokenizer, runs: Sequence[PromptRun], comma_id: int | None,
-    names: _NameIndex | None = None, embeddings: EmbeddingLookup | None = None,
+    names: EmbeddingNameIndex | None = None, embeddings: EmbeddingLookup | None = None,
 ) -> list[_Chunk]:
     """Tokenize and chunk one prompt's runs; each BREAK run starts a new chunk."""
     segments: list[list[PromptRun]] = [[]]
@@ -432,7 +432,7 @@ def encode_weighted_prompts(
         comma_id = tokenizer.convert_tokens_to_ids(COMMA_TOKEN)
         if comma_id == tokenizer.unk_token_id:
             comma_id = None  # a vocabulary without CLIP's comma token: no backtracking
-        names = _NameIndex(tokenizer, embeddings) if embeddings else None
+        names = EmbeddingNameIndex(tokenizer, embeddings) if embeddings else None
         chunked = [_chunk_prompt_units(tokenizer, runs, comma_id, names, embeddings) for runs in prompts]
         per_encoder_chunks.append(chunked)
     used: list[str] = []

@@ -150,9 +150,10 @@ def weighted_ids(tokenizer, texts: list[str], length: int, device) -> tuple[torc
 def prompt_rows(tokenizer, texts: list[str], length: int, device, embeddings=None, encoder_index: int = 0) -> PromptRows:
     """:func:`weighted_ids` plus textual inversion (A1111/Forge): an embedding's name, matched within
     one run of the prompt, becomes its vectors for this encoder (``embeddings[name][encoder_index]``)."""
+    from huabi.core.conditioning import EmbeddingNameIndex
     from huabi.core.prompt_parser import parse_prompt_attention
 
-    names = _embedding_names(tokenizer, embeddings)
+    names = EmbeddingNameIndex(tokenizer, embeddings)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     room = length - len(bos) - 1
     # Placeholder ids for embedding vectors: never EOS (CLIP pools at the first EOS; CLIP-L pads with it).
@@ -167,7 +168,7 @@ def prompt_rows(tokenizer, texts: list[str], length: int, device, embeddings=Non
             run_ids = tokenizer(run_text, add_special_tokens=False).input_ids
             position = 0
             while position < len(run_ids):
-                found = _match_name(names, run_ids, position)
+                found = names.match(run_ids, position)
                 if found is None:
                     ids.append(run_ids[position])
                     weights.append(float(weight))
@@ -189,25 +190,6 @@ def prompt_rows(tokenizer, texts: list[str], length: int, device, embeddings=Non
         all_weights.append(weights)
     return PromptRows(torch.tensor(all_ids, device=device), torch.tensor(all_weights, device=device), splices,
                       list(dict.fromkeys(used)))
-
-
-def _embedding_names(tokenizer, embeddings) -> dict[int, list[tuple[list[int], str]]]:
-    """Embedding names by their first token, longest first (A1111's lookup)."""
-    by_first: dict[int, list[tuple[list[int], str]]] = {}
-    for name in (embeddings or {}):
-        ids = tokenizer(name, add_special_tokens=False).input_ids if name.strip() else []
-        if ids:
-            by_first.setdefault(ids[0], []).append((ids, name))
-    for candidates in by_first.values():
-        candidates.sort(key=lambda item: -len(item[0]))
-    return by_first
-
-
-def _match_name(names, ids: list[int], position: int) -> tuple[str, int] | None:
-    for name_ids, name in names.get(ids[position], ()):
-        if ids[position:position + len(name_ids)] == name_ids:
-            return name, len(name_ids)
-    return None
 
 
 def run_with_vectors(model, rows: PromptRows, token_embedding=None, **kwargs):
