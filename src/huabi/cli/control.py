@@ -128,6 +128,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pre.add_argument("--threshold-b", type=float, help="module parameter B")
     pre.add_argument("--mask", help="inpaint_only: mask image (white = repaint)")
     pre.add_argument("--seed", type=int, default=0, help="shuffle: random seed (default 0)")
+    pre.add_argument("--models-dir", type=Path,
+                     help="models folder whose annotators/ holds network preprocessors' weights "
+                          "(default: $HUABI_MODELS_DIR or ~/huabi/models)")
+    pre.add_argument("--device", default="cpu", help="network preprocessors run here: cpu (default), cuda, cuda:N")
     return pre
 
 
@@ -137,5 +141,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     unit = ControlUnit(model="preview", image=str(args.image), module=args.module, processor_res=args.res,
                        threshold_a=args.threshold_a, threshold_b=args.threshold_b, mask=args.mask)
-    print(preview_map(unit, args.out, seed=args.seed, overwrite=args.overwrite))
+    print(preview_map(unit, args.out, seed=args.seed, overwrite=args.overwrite, models_dir=args.models_dir,
+                      device=args.device))
     return 0

@@ -40,11 +40,16 @@ SHUFFLE_CELL_PX = 256  # scale of the shuffle flow field's features
 @dataclass(frozen=True)
 class ModuleSpec:
     name: str
-    fn: Callable[..., np.ndarray]
+    fn: Callable[..., np.ndarray] | None  # None: a network annotator (huabi.models.annotators runs it)
     uses_res: bool  # resize the input to processor_res (short side) first
     threshold_a: tuple[str, float, float, float] | None = None  # (meaning, default, min, max)
     threshold_b: tuple[str, float, float, float] | None = None
     needs_mask: bool = False
+
+    @property
+    def is_network(self) -> bool:
+        """Needs annotator weights from the user's files (run by the service layer, not here)."""
+        return self.fn is None
 
     def check_thresholds(self, a: float | None, b: float | None) -> tuple[float | None, float | None]:
         """The thresholds this module uses (defaults filled in); unused ones come back None."""
@@ -235,6 +240,8 @@ def run_preprocessor(
     a, b = spec.check_thresholds(threshold_a, threshold_b)
     if spec.uses_res:
         image = resize_short_side(image, processor_res)
+    if spec.is_network:
+        raise HuabiError(f"preprocessor {spec.name}: a network annotator; run it with huabi.service.control.detect_map")
     return np.ascontiguousarray(spec.fn(image, a=a, b=b, mask=mask, seed=seed), dtype=np.float32)
 
 

@@ -315,4 +315,4 @@ class Runner:
 
         unit = ControlUnit(model="preview", image=str(image_path), module=module, processor_res=res,
                            threshold_a=threshold_a, threshold_b=threshold_b)
-        return preview_map(unit, out)
+        return preview_map(unit, out, models_dir=self.config.models_dir)

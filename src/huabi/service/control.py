@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from huabi.core.control import ControlUnit
-from huabi.core.preprocess import map_to_uint8, run_preprocessor
+from huabi.core.preprocess import map_to_uint8, module_spec, resize_short_side, run_preprocessor
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.controlnet import CONTROLNET_SUFFIXES, legacy_model_hash, load_control_model
@@ -78,8 +78,13 @@ def detect_map(
     fallback_mask: Image.Image | None = None,
     index: int = 0,
     crop: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None,
+    models_dir: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """The unit's detected map (float32 [H, W, 3]).
+
+    Network preprocessors (depth, pose, ...) read their annotator weights from
+    ``models_dir`` (default: the usual models folder) and run on ``device``.
 
     ``fallback_image`` / ``fallback_mask``: an edit's own image and mask, used by a
     unit without an image (sd-webui-controlnet uses the img2img input then).
@@ -102,6 +107,21 @@ def detect_map(
         mask = np.asarray(fallback_mask.convert("L").resize((image.shape[1], image.shape[0])), dtype=np.uint8)
     if crop is not None:
         image, mask = _crop(image, crop), (None if mask is None else _crop(mask, crop))
+    spec = module_spec(unit.module)
+    if spec.is_network:
+        from huabi.models.annotators import run_annotator
+
+        a, b = spec.check_thresholds(unit.threshold_a, unit.threshold_b)
+        if spec.uses_res:
+            image = resize_short_side(image, unit.processor_res)
+        if models_dir is None:
+            from huabi.service.model_files import default_models_dir
+
+            models_dir = default_models_dir()
+        from huabi.service.devices import resolve_device
+
+        return run_annotator(spec.name, image, threshold_a=a, threshold_b=b, models_dir=Path(models_dir),
+                             device=resolve_device(str(device)))
     return run_preprocessor(unit.module, image, processor_res=unit.processor_res, threshold_a=unit.threshold_a,
                             threshold_b=unit.threshold_b, mask=mask, seed=seed)
 
@@ -141,13 +161,14 @@ def prepare_controls(
             loaded[path] = load_control_model(path, base_family=bundle.family, unet_config=bundle.unet.config,
                                            device=device, dtype=dtype)
         detected = detect_map(unit, seed=seed, fallback_image=fallback_image, fallback_mask=fallback_mask, index=index,
-                              crop=crop)
+                              crop=crop, models_dir=models_dir, device=device)
         label = f"{path.stem if path.is_file() else path.name} [{legacy_model_hash(path)}]"
         prepared.append(PreparedControl(unit, loaded[path], detected, label))
     return ControlSet(tuple(prepared), sdxl=bundle.family is ModelFamily.SDXL, vae_scale_factor=bundle.vae_scale_factor)
 
 
-def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0, overwrite: bool = False,
+                models_dir: Path | None = None, device: torch.device | str = "cpu") -> Path:
     """Run the unit's preprocessor and write the map (atomically) in the format ``out``'s suffix names.
 
     An existing folder as ``out`` gets ``<image>-<module>.png`` inside it; an
@@ -162,5 +183,5 @@ def preview_map(unit: ControlUnit, out: Path, *, seed: int = 0, overwrite: bool 
     check_output_file(out, overwrite=overwrite)
     if os.path.lexists(out) and os.path.samefile(out, Path(unit.image).expanduser()):
         raise HuabiError(f"--out {out}: is the input image; choose another file")
-    detected = detect_map(unit, seed=seed)
+    detected = detect_map(unit, seed=seed, models_dir=models_dir, device=device)
     return save_image_file(Image.fromarray(map_to_uint8(detected)), out, overwrite=overwrite)
