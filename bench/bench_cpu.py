@@ -136,7 +136,7 @@ def run_huabi(bundle, name: str, *, steps: int, size_px: int, sampler: str = "DP
         encoded = time.perf_counter()
         latents = denoise(bundle, guidance, sampler_name=sampler, schedule_name=schedule, steps=steps,
                           cfg_scale=cfg_scale, seeds=[SEED], shape=latent_shape(bundle, size_px, size_px),
-                          device=torch.device("cpu"), on_step=lambda done, total: marks.append(time.perf_counter()))
+                          device=torch.device("cpu"), on_step=lambda _event: marks.append(time.perf_counter()))
         denoised = time.perf_counter()
         [image] = decode_latents(bundle, latents)
         done = time.perf_counter()
