@@ -93,7 +93,8 @@ def run_diffusers(bundle, *, steps: int, size_px: int) -> Run:
     if len(bundle.text_encoders) == 2:
         pipe = StableDiffusionXLPipeline(
             vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
-            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler)
+            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=False)  # A1111 (and huabi) encode an empty negative prompt as text
     else:
         pipe = StableDiffusionPipeline(
             vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
