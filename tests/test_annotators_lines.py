@@ -42,7 +42,7 @@ WHEEL_GLOB = "controlnet_aux-0.0.10-*.whl"
 REFERENCE_FILES = (
     "util.py", "hed/__init__.py", "lineart/__init__.py", "lineart_anime/__init__.py",
     "lineart_standard/__init__.py", "mlsd/__init__.py", "mlsd/utils.py", "mlsd/models/__init__.py",
-    "mlsd/models/mbv2_mlsd_large.py",
+    "mlsd/models/mbv2_mlsd_large.py", "pidi/__init__.py", "pidi/model.py",
 )
 PACKAGE = "controlnet_aux_reference"
 
@@ -55,7 +55,7 @@ def _wheel() -> str | None:
 
 @pytest.fixture(scope="module")
 def aux(tmp_path_factory):
-    """controlnet_aux's hed, lineart, lineart_anime, lineart_standard and mlsd modules, out of the wheel."""
+    """controlnet_aux's hed, lineart, lineart_anime, lineart_standard, mlsd and pidi modules, out of the wheel."""
     wheel = _wheel()
     if wheel is None:
         pytest.skip("controlnet_aux wheel not found (bash setup.sh --dev downloads it; or set HUABI_CONTROLNET_AUX_WHEEL)")
@@ -73,7 +73,7 @@ def aux(tmp_path_factory):
     try:
         loaded = {name: importlib.import_module(f"{PACKAGE}.{name}")
                   for name in ("util", "hed", "lineart", "lineart_anime", "lineart_standard", "mlsd", "mlsd.utils",
-                               "mlsd.models.mbv2_mlsd_large")}
+                               "mlsd.models.mbv2_mlsd_large", "pidi", "pidi.model")}
     finally:
         sys.path.remove(str(root))
     yield SimpleNamespace(**{name.replace(".", "_"): module for name, module in loaded.items()})
@@ -357,6 +357,67 @@ def test_mlsd_thresholds_are_checked():
         spec.check_thresholds(None, 25)
 
 
+# --------------------------------------------------------------------------- PiDiNet
+
+
+@pytest.fixture(scope="module")
+def pidinet(aux, tmp_path_factory):
+    models = tmp_path_factory.mktemp("pidinet_models")
+    torch.manual_seed(7)
+    net = aux.pidi_model.pidinet()
+    _he_init_(net, seed=8)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name == "init_block.weight" or (name.startswith("block") and ".conv1." in name):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)  # the custom convs
+        net.classifier.weight.mul_(0.3)
+    # The released file nests the names in {"state_dict": {"module.<name>": ...}} (a DataParallel run).
+    path = models / "annotators" / "table5_pidinet.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"epoch": 14, "state_dict": {f"module.{k}": v.clone() for k, v in net.state_dict().items()}}, path)
+    return SimpleNamespace(models=models, net=net.eval(), detector=aux.pidi.PidiNetDetector(net.eval()))
+
+
+def test_pidinet_network_matches_reference(pidinet):
+    from huabi.models.annotators.pidinet import PIDINET_FILE, load_pidinet
+
+    ours = load_pidinet({PIDINET_FILE: pidinet.models / "annotators" / PIDINET_FILE}, torch.device("cpu"))
+    image = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for mine, theirs in zip(ours(image), pidinet.net(image), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module, safe", [("softedge_pidinet", False), ("pidinet", False), ("softedge_pidisafe", True)])
+def test_pidinet_maps_match_reference(pidinet, tmp_path, module, safe):
+    for h, w in ((128, 192), (100, 150)):
+        image = _photo(h, w, seed=h + 1)
+        ours = _huabi_map(tmp_path, pidinet.models, module, image)
+
+        def reference(padded):
+            side = min(padded.shape[:2])
+            return _grey(pidinet.detector(padded, detect_resolution=side, image_resolution=side, safe=safe,
+                                          output_type="np"))
+
+        theirs = _a1111_order(reference, image)
+        assert np.array_equal(ours, theirs), f"{module} {h}x{w}: {np.count_nonzero(ours != theirs)} pixels differ"
+        levels = np.unique(ours)
+        assert (len(levels) <= 3) if safe else (len(levels) > 50)
+
+
+def test_scribble_pidinet_matches_reference_nms(pidinet, aux, tmp_path):
+    import cv2
+
+    image = _photo(100, 150, seed=6)
+    soft = _huabi_map(tmp_path, pidinet.models, "softedge_pidinet", image)
+    scribble = _huabi_map(tmp_path, pidinet.models, "scribble_pidinet", image)
+    expected = cv2.GaussianBlur(aux.util.nms(soft, 127, 3.0), (0, 0), 3.0)
+    expected[expected > 4] = 255
+    expected[expected < 255] = 0
+    assert np.array_equal(scribble, expected) and 0 < np.count_nonzero(scribble) < scribble.size
+
+
 # --------------------------------------------------------------------------- the CLI and bad files
 
 
@@ -373,7 +434,7 @@ def test_preprocess_command_runs_a_network_module(hed, tmp_path, capsys):
 
 @pytest.mark.parametrize("module, file_name", [
     ("softedge_hed", "ControlNetHED.pth"), ("lineart_realistic", "sk_model.pth"), ("lineart_coarse", "sk_model2.pth"),
-    ("lineart_anime", "netG.pth"), ("mlsd", "mlsd_large_512_fp32.pth"),
+    ("lineart_anime", "netG.pth"), ("mlsd", "mlsd_large_512_fp32.pth"), ("softedge_pidinet", "table5_pidinet.pth"),
 ])
 def test_missing_file_is_one_line_naming_it(tmp_path, capsys, module, file_name):
     out = tmp_path / "map.png"

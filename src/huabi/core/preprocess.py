@@ -28,7 +28,8 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
 (sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
-(mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1).
+(mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
+``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet`` (table5_pidinet.pth).
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("shuffle", _shuffle, uses_res=True),
         ModuleSpec("inpaint_only", _inpaint_only, uses_res=False, needs_mask=True),
         ModuleSpec("lineart_standard", _lineart_standard, uses_res=True),
-        # Line and edge networks (huabi.models.annotators.lines / .mlsd).
+        # Line and edge networks (huabi.models.annotators.lines / .mlsd / .pidinet).
         ModuleSpec("softedge_hed", None, uses_res=True),
         ModuleSpec("softedge_hedsafe", None, uses_res=True),
         ModuleSpec("scribble_hed", None, uses_res=True),
@@ -205,6 +206,9 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("lineart_anime", None, uses_res=True),
         ModuleSpec("mlsd", None, uses_res=True, threshold_a=("MLSD Value Threshold", 0.1, 0.01, 2.0),
                    threshold_b=("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
+        ModuleSpec("softedge_pidinet", None, uses_res=True),
+        ModuleSpec("softedge_pidisafe", None, uses_res=True),
+        ModuleSpec("scribble_pidinet", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -221,6 +225,9 @@ MODULE_ALIASES = {
     "hed": "softedge_hed",
     "hed_safe": "softedge_hedsafe",
     "lineart": "lineart_realistic",
+    "pidinet": "softedge_pidinet",
+    "pidinet_safe": "softedge_pidisafe",
+    "pidinet_scribble": "scribble_pidinet",
 }
 
 

@@ -76,7 +76,8 @@ def _without_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[st
     return {name[len(prefix):] if name.startswith(prefix) else name: value for name, value in tensors.items()}
 
 
-def _ready(net: nn.Module, path: Path, device: torch.device, module: str, *, strip: str | None = None) -> nn.Module:
+def load_checked(net: nn.Module, path: Path, device: torch.device, module: str, *, strip: str | None = None) -> nn.Module:
+    """``net`` with the weights of ``path`` (read safely, names checked exactly), float32 on ``device``, eval mode."""
     tensors = read_annotator_weights(path)
     if strip:
         tensors = _without_prefix(tensors, strip)
@@ -84,11 +85,11 @@ def _ready(net: nn.Module, path: Path, device: torch.device, module: str, *, str
     return net.to(device=device, dtype=torch.float32).eval()
 
 
-def _device_of(net: nn.Module) -> torch.device:
+def device_of(net: nn.Module) -> torch.device:
     return next(net.parameters()).device
 
 
-def _grey_map(single: np.ndarray) -> np.ndarray:
+def grey_map(single: np.ndarray) -> np.ndarray:
     """uint8 [H, W] -> float32 [H, W, 3] in [0, 1]."""
     return np.repeat(single[..., None], 3, axis=2).astype(np.float32) / 255.0
 
@@ -136,7 +137,7 @@ class SoftEdgeHed(nn.Module):
 
 
 def load_hed(paths: dict[str, Path], device: torch.device) -> SoftEdgeHed:
-    return _ready(SoftEdgeHed(), paths[HED_FILE], device, "softedge_hed")
+    return load_checked(SoftEdgeHed(), paths[HED_FILE], device, "softedge_hed")
 
 
 def hed_edges(net: SoftEdgeHed, image: np.ndarray, *, safe: bool) -> np.ndarray:
@@ -146,7 +147,7 @@ def hed_edges(net: SoftEdgeHed, image: np.ndarray, *, safe: bool) -> np.ndarray:
     h, w = image.shape[:2]
     padded = pad_edge(image)
     ph, pw = padded.shape[:2]
-    rgb = torch.from_numpy(padded).to(_device_of(net), torch.float32).permute(2, 0, 1)[None]
+    rgb = torch.from_numpy(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None]
     sides = [side[0, 0].float().cpu().numpy() for side in net(rgb)]
     # Bilinear upsampling with OpenCV, as A1111 does, so the maps agree to the last bit.
     stacked = np.stack([cv2.resize(side, (pw, ph), interpolation=cv2.INTER_LINEAR) for side in sides], axis=2)
@@ -155,15 +156,15 @@ def hed_edges(net: SoftEdgeHed, image: np.ndarray, *, safe: bool) -> np.ndarray:
 
 
 def detect_hed(net, image, a, b):
-    return _grey_map(hed_edges(net, image, safe=False))
+    return grey_map(hed_edges(net, image, safe=False))
 
 
 def detect_hed_safe(net, image, a, b):
-    return _grey_map(hed_edges(net, image, safe=True))
+    return grey_map(hed_edges(net, image, safe=True))
 
 
 def detect_scribble_hed(net, image, a, b):
-    return _grey_map(scribble_from_edges(hed_edges(net, image, safe=False)))
+    return grey_map(scribble_from_edges(hed_edges(net, image, safe=False)))
 
 
 # --------------------------------------------------------------------------- line art (realistic / coarse)
@@ -205,7 +206,7 @@ class LineartGenerator(nn.Module):
 
 def _load_lineart(file_name: str, module: str):
     def load(paths: dict[str, Path], device: torch.device) -> LineartGenerator:
-        return _ready(LineartGenerator(), paths[file_name], device, module)
+        return load_checked(LineartGenerator(), paths[file_name], device, module)
 
     return load
 
@@ -213,10 +214,10 @@ def _load_lineart(file_name: str, module: str):
 def detect_lineart(net: LineartGenerator, image: np.ndarray, a, b) -> np.ndarray:
     h, w = image.shape[:2]
     padded = pad_edge(image)
-    rgb = torch.from_numpy(padded).to(_device_of(net), torch.float32).permute(2, 0, 1)[None] / 255.0
+    rgb = torch.from_numpy(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None] / 255.0
     drawing = net(rgb)[0, 0].float().cpu().numpy()
     ink_on_paper = (drawing * 255.0).clip(0, 255).astype(np.uint8)
-    return _grey_map((255 - ink_on_paper)[:h, :w])  # white lines on black
+    return grey_map((255 - ink_on_paper)[:h, :w])  # white lines on black
 
 
 # --------------------------------------------------------------------------- line art (anime)
@@ -270,7 +271,7 @@ class AnimeLineartUNet(nn.Module):
 
 
 def load_lineart_anime(paths: dict[str, Path], device: torch.device) -> AnimeLineartUNet:
-    return _ready(AnimeLineartUNet(), paths[LINEART_ANIME_FILE], device, "lineart_anime", strip="module.")
+    return load_checked(AnimeLineartUNet(), paths[LINEART_ANIME_FILE], device, "lineart_anime", strip="module.")
 
 
 def detect_lineart_anime(net: AnimeLineartUNet, image: np.ndarray, a, b) -> np.ndarray:
@@ -281,11 +282,11 @@ def detect_lineart_anime(net: AnimeLineartUNet, image: np.ndarray, a, b) -> np.n
     ph, pw = padded.shape[:2]
     run_h, run_w = -(-ph // ANIME_MULTIPLE_PX) * ANIME_MULTIPLE_PX, -(-pw // ANIME_MULTIPLE_PX) * ANIME_MULTIPLE_PX
     enlarged = cv2.resize(padded, (run_w, run_h), interpolation=cv2.INTER_CUBIC)
-    rgb = torch.from_numpy(enlarged).to(_device_of(net), torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
+    rgb = torch.from_numpy(enlarged).to(device_of(net), torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
     drawing = (net(rgb)[0, 0] * 127.5 + 127.5).float().cpu().numpy()
     drawing = cv2.resize(drawing, (pw, ph), interpolation=cv2.INTER_CUBIC)
     ink_on_paper = drawing.clip(0, 255).astype(np.uint8)
-    return _grey_map((255 - ink_on_paper)[:h, :w])
+    return grey_map((255 - ink_on_paper)[:h, :w])
 
 
 ANNOTATORS = (

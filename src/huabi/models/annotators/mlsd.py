@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from huabi.core.line_maps import pad_edge
 from huabi.models.annotators import Annotator
-from huabi.models.annotators.lines import _device_of, _grey_map, _ready
+from huabi.models.annotators.lines import device_of, grey_map, load_checked
 
 MLSD_FILE = "mlsd_large_512_fp32.pth"
 CANDIDATE_LINES = 200
@@ -175,7 +175,7 @@ class MlsdLarge(nn.Module):
 
 
 def load_mlsd(paths: dict[str, Path], device: torch.device) -> MlsdLarge:
-    return _ready(MlsdLarge(), paths[MLSD_FILE], device, "mlsd")
+    return load_checked(MlsdLarge(), paths[MLSD_FILE], device, "mlsd")
 
 
 # --------------------------------------------------------------------------- decoding and drawing
@@ -221,10 +221,10 @@ def draw_lines(segments: np.ndarray, height: int, width: int) -> np.ndarray:
 def detect_mlsd(net: MlsdLarge, image: np.ndarray, a: float | None, b: float | None) -> np.ndarray:
     h, w = image.shape[:2]
     padded = pad_edge(image)
-    output = net(network_input(padded).to(_device_of(net)))
+    output = net(network_input(padded).to(device_of(net)))
     # The output is at half size: coordinates double back to the padded image's pixels.
     segments = decode_lines(output, float(a), float(b)) * 2.0
-    return _grey_map(draw_lines(segments, *padded.shape[:2])[:h, :w])
+    return grey_map(draw_lines(segments, *padded.shape[:2])[:h, :w])
 
 
 ANNOTATORS = (Annotator("mlsd", (MLSD_FILE,), load_mlsd, detect_mlsd),)
