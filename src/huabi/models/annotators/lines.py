@@ -147,7 +147,7 @@ def hed_edges(net: SoftEdgeHed, image: np.ndarray, *, safe: bool) -> np.ndarray:
     h, w = image.shape[:2]
     padded = pad_edge(image)
     ph, pw = padded.shape[:2]
-    rgb = torch.from_numpy(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None]
+    rgb = torch.tensor(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None]
     sides = [side[0, 0].float().cpu().numpy() for side in net(rgb)]
     # Bilinear upsampling with OpenCV, as A1111 does, so the maps agree to the last bit.
     stacked = np.stack([cv2.resize(side, (pw, ph), interpolation=cv2.INTER_LINEAR) for side in sides], axis=2)
@@ -214,7 +214,7 @@ def _load_lineart(file_name: str, module: str):
 def detect_lineart(net: LineartGenerator, image: np.ndarray, a, b) -> np.ndarray:
     h, w = image.shape[:2]
     padded = pad_edge(image)
-    rgb = torch.from_numpy(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None] / 255.0
+    rgb = torch.tensor(padded).to(device_of(net), torch.float32).permute(2, 0, 1)[None] / 255.0
     drawing = net(rgb)[0, 0].float().cpu().numpy()
     ink_on_paper = (drawing * 255.0).clip(0, 255).astype(np.uint8)
     return grey_map((255 - ink_on_paper)[:h, :w])  # white lines on black
