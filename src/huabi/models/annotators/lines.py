@@ -20,6 +20,7 @@ multiple of 64) and cropped back, and quantised to 8 bits like A1111's.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +137,8 @@ class SoftEdgeHed(nn.Module):
         return sides
 
 
-def load_hed(paths: dict[str, Path], device: torch.device) -> SoftEdgeHed:
-    return load_checked(SoftEdgeHed(), paths[HED_FILE], device, "softedge_hed")
+def load_hed(paths: dict[str, Path], device: torch.device, module: str = "softedge_hed") -> SoftEdgeHed:
+    return load_checked(SoftEdgeHed(), paths[HED_FILE], device, module)
 
 
 def hed_edges(net: SoftEdgeHed, image: np.ndarray, *, safe: bool) -> np.ndarray:
@@ -291,8 +292,8 @@ def detect_lineart_anime(net: AnimeLineartUNet, image: np.ndarray, a, b) -> np.n
 
 ANNOTATORS = (
     Annotator("softedge_hed", (HED_FILE,), load_hed, detect_hed),
-    Annotator("softedge_hedsafe", (HED_FILE,), load_hed, detect_hed_safe),
-    Annotator("scribble_hed", (HED_FILE,), load_hed, detect_scribble_hed),
+    Annotator("softedge_hedsafe", (HED_FILE,), partial(load_hed, module="softedge_hedsafe"), detect_hed_safe),
+    Annotator("scribble_hed", (HED_FILE,), partial(load_hed, module="scribble_hed"), detect_scribble_hed),
     Annotator("lineart_realistic", (LINEART_FILE,), _load_lineart(LINEART_FILE, "lineart_realistic"), detect_lineart),
     Annotator("lineart_coarse", (LINEART_COARSE_FILE,), _load_lineart(LINEART_COARSE_FILE, "lineart_coarse"),
               detect_lineart),

@@ -24,6 +24,7 @@ as 8 bits (``pidisafe``: snapped to 0, 0.5, 1 first).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,8 @@ class PiDiNet(nn.Module):
         return [torch.sigmoid(edge) for edge in edges]
 
 
-def load_pidinet(paths: dict[str, Path], device: torch.device) -> PiDiNet:
-    return load_checked(PiDiNet(), paths[PIDINET_FILE], device, "softedge_pidinet", strip="module.")
+def load_pidinet(paths: dict[str, Path], device: torch.device, module: str = "softedge_pidinet") -> PiDiNet:
+    return load_checked(PiDiNet(), paths[PIDINET_FILE], device, module, strip="module.")
 
 
 def pidinet_edges(net: PiDiNet, image: np.ndarray, *, safe: bool) -> np.ndarray:
@@ -195,6 +196,7 @@ def detect_scribble_pidinet(net, image, a, b):
 
 ANNOTATORS = (
     Annotator("softedge_pidinet", (PIDINET_FILE,), load_pidinet, detect_pidinet),
-    Annotator("softedge_pidisafe", (PIDINET_FILE,), load_pidinet, detect_pidinet_safe),
-    Annotator("scribble_pidinet", (PIDINET_FILE,), load_pidinet, detect_scribble_pidinet),
+    Annotator("softedge_pidisafe", (PIDINET_FILE,), partial(load_pidinet, module="softedge_pidisafe"), detect_pidinet_safe),
+    Annotator("scribble_pidinet", (PIDINET_FILE,), partial(load_pidinet, module="scribble_pidinet"),
+              detect_scribble_pidinet),
 )
