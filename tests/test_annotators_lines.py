@@ -406,6 +406,19 @@ def test_pidinet_maps_match_reference(pidinet, tmp_path, module, safe):
         assert (len(levels) <= 3) if safe else (len(levels) > 50)
 
 
+def test_t2ia_sketch_pidi_matches_reference_filter(pidinet, tmp_path):
+    image = _photo(100, 150, seed=7)
+    ours = _huabi_map(tmp_path, pidinet.models, "pidinet_sketch", image)
+
+    def reference(padded):
+        side = min(padded.shape[:2])
+        return _grey(pidinet.detector(padded, detect_resolution=side, image_resolution=side, apply_filter=True,
+                                      output_type="np"))
+
+    assert np.array_equal(ours, _a1111_order(reference, image))
+    assert set(np.unique(ours)) == {0, 255}
+
+
 def test_scribble_pidinet_matches_reference_nms(pidinet, aux, tmp_path):
     import cv2
 

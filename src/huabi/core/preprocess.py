@@ -29,7 +29,7 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
 (sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
-``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet`` (table5_pidinet.pth).
+``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth).
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("softedge_pidinet", None, uses_res=True),
         ModuleSpec("softedge_pidisafe", None, uses_res=True),
         ModuleSpec("scribble_pidinet", None, uses_res=True),
+        ModuleSpec("t2ia_sketch_pidi", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -228,6 +229,7 @@ MODULE_ALIASES = {
     "pidinet": "softedge_pidinet",
     "pidinet_safe": "softedge_pidisafe",
     "pidinet_scribble": "scribble_pidinet",
+    "pidinet_sketch": "t2ia_sketch_pidi",
 }
 
 

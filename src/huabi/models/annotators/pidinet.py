@@ -1,4 +1,6 @@
-"""PiDiNet soft edges (``softedge_pidinet``, ``softedge_pidisafe``, ``scribble_pidinet``), ``table5_pidinet.pth``.
+"""PiDiNet soft edges (``softedge_pidinet``, ``softedge_pidisafe``, ``scribble_pidinet``, ``t2ia_sketch_pidi``).
+
+Weights: sd-webui-controlnet's ``table5_pidinet.pth``.
 
 PiDiNet (Su et al., "Pixel Difference Networks for Efficient Edge Detection",
 ICCV 2021), the "carv4" network of the paper's table 5 that sd-webui-controlnet
@@ -19,7 +21,8 @@ pixels instead of pixels:
 * ``cv``: a plain convolution.
 
 The network takes BGR in 0..1 and the fused map is a sigmoid; A1111 stores it
-as 8 bits (``pidisafe``: snapped to 0, 0.5, 1 first).
+as 8 bits (``pidisafe``: snapped to 0, 0.5, 1 first; ``t2ia_sketch_pidi``: 0 or 255 at 0.5;
+``scribble_pidinet``: thinned into bold strokes).
 """
 
 from __future__ import annotations
@@ -173,12 +176,17 @@ def load_pidinet(paths: dict[str, Path], device: torch.device, module: str = "so
     return load_checked(PiDiNet(), paths[PIDINET_FILE], device, module, strip="module.")
 
 
-def pidinet_edges(net: PiDiNet, image: np.ndarray, *, safe: bool) -> np.ndarray:
-    """uint8 [H, W] soft edges of an RGB image (edge-padded to a multiple of 64, then cropped)."""
+def pidinet_edges(net: PiDiNet, image: np.ndarray, *, safe: bool = False, binary: bool = False) -> np.ndarray:
+    """uint8 [H, W] soft edges of an RGB image (edge-padded to a multiple of 64, then cropped).
+
+    ``binary``: 255 where the edge probability is above 0.5, else 0 (the T2I-Adapter sketch input).
+    """
     h, w = image.shape[:2]
     bgr = np.ascontiguousarray(pad_edge(image)[:, :, ::-1])
     x = torch.from_numpy(bgr).to(device_of(net), torch.float32).permute(2, 0, 1)[None] / 255.0
     fused = net(x)[-1][0, 0].float().cpu().numpy()
+    if binary:
+        fused = (fused > 0.5).astype(np.float32)
     return quantise_probability(fused, safe=safe)[:h, :w]
 
 
@@ -190,6 +198,10 @@ def detect_pidinet_safe(net, image, a, b):
     return grey_map(pidinet_edges(net, image, safe=True))
 
 
+def detect_sketch_pidinet(net, image, a, b):
+    return grey_map(pidinet_edges(net, image, binary=True))
+
+
 def detect_scribble_pidinet(net, image, a, b):
     return grey_map(scribble_from_edges(pidinet_edges(net, image, safe=False)))
 
@@ -199,4 +211,6 @@ ANNOTATORS = (
     Annotator("softedge_pidisafe", (PIDINET_FILE,), partial(load_pidinet, module="softedge_pidisafe"), detect_pidinet_safe),
     Annotator("scribble_pidinet", (PIDINET_FILE,), partial(load_pidinet, module="scribble_pidinet"),
               detect_scribble_pidinet),
+    Annotator("t2ia_sketch_pidi", (PIDINET_FILE,), partial(load_pidinet, module="t2ia_sketch_pidi"),
+              detect_sketch_pidinet),
 )
