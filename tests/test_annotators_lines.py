@@ -33,7 +33,6 @@ from PIL import Image
 
 from huabi.cli.main import EXIT_ERROR, main
 from huabi.core.control import ControlUnit
-from huabi.core.line_maps import pad_edge
 from huabi.core.preprocess import module_spec, run_preprocessor
 from huabi.errors import HuabiError
 from huabi.service.control import detect_map
