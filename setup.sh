@@ -71,5 +71,11 @@ if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/open_clip_torch-3.3.0-*.whl
   echo "setup: downloading the open_clip wheel (tokenizer reference, not installed)" >&2
   "$PIP" download -q --disable-pip-version-check --no-deps "open_clip_torch==3.3.0" -d .venv/huabi-reference
 fi
+# lllyasviel's annotator code (controlnet_aux) for the ControlNet preprocessor tests: downloaded, never
+# installed (it pulls torchvision); the tests load the detector modules they need out of the archive.
+if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/controlnet_aux-0.0.10-*.whl >/dev/null 2>&1; then
+  echo "setup: downloading the controlnet_aux wheel (preprocessor reference, not installed)" >&2
+  "$PIP" download -q --disable-pip-version-check --no-deps "controlnet_aux==0.0.10" -d .venv/huabi-reference
+fi
 
 echo "setup: ready ($MODE)" >&2

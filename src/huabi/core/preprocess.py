@@ -21,7 +21,15 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 ``color``          t2ia_color_grid: shrink to 1/64 (bicubic), enlarge back with nearest neighbour
 ``shuffle``        content shuffle: a smooth random flow field (seeded) warps the image
 ``inpaint_only``   the image with the pixels under the mask set to -1 (A1111's inpaint_only)
+``lineart_standard`` dark strokes on a light page -> white lines on black: how much darker than its
+                   blurred surroundings (sigma 6) each pixel is, median stroke scaled to 127
 =================  ==========================================================================
+
+Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
+``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
+(sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
+(mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
+``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth).
 """
 
 from __future__ import annotations
@@ -158,6 +166,12 @@ def _shuffle(image, seed, **_):
     return _to_unit(cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR))
 
 
+def _lineart_standard(image, **_):
+    from huabi.core.line_maps import lineart_standard
+
+    return _grey3(lineart_standard(image).astype(np.float32) / 255.0)
+
+
 def _inpaint_only(image, mask, **_):
     if mask is None:
         raise HuabiError("control module inpaint_only: needs a mask (--control-mask, or the edit's --mask)")
@@ -182,6 +196,20 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("color", _color, uses_res=True),
         ModuleSpec("shuffle", _shuffle, uses_res=True),
         ModuleSpec("inpaint_only", _inpaint_only, uses_res=False, needs_mask=True),
+        ModuleSpec("lineart_standard", _lineart_standard, uses_res=True),
+        # Line and edge networks (huabi.models.annotators.lines / .mlsd / .pidinet).
+        ModuleSpec("softedge_hed", None, uses_res=True),
+        ModuleSpec("softedge_hedsafe", None, uses_res=True),
+        ModuleSpec("scribble_hed", None, uses_res=True),
+        ModuleSpec("lineart_realistic", None, uses_res=True),
+        ModuleSpec("lineart_coarse", None, uses_res=True),
+        ModuleSpec("lineart_anime", None, uses_res=True),
+        ModuleSpec("mlsd", None, uses_res=True, threshold_a=("MLSD Value Threshold", 0.1, 0.01, 2.0),
+                   threshold_b=("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
+        ModuleSpec("softedge_pidinet", None, uses_res=True),
+        ModuleSpec("softedge_pidisafe", None, uses_res=True),
+        ModuleSpec("scribble_pidinet", None, uses_res=True),
+        ModuleSpec("t2ia_sketch_pidi", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -194,6 +222,14 @@ MODULE_ALIASES = {
     "blur": "blur_gaussian",
     "inpaint": "inpaint_only",
     "content_shuffle": "shuffle",
+    "lineart_standard (from white bg & black line)": "lineart_standard",
+    "hed": "softedge_hed",
+    "hed_safe": "softedge_hedsafe",
+    "lineart": "lineart_realistic",
+    "pidinet": "softedge_pidinet",
+    "pidinet_safe": "softedge_pidisafe",
+    "pidinet_scribble": "scribble_pidinet",
+    "pidinet_sketch": "t2ia_sketch_pidi",
 }
 
 
