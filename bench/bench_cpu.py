@@ -94,7 +94,7 @@ def run_diffusers(bundle, *, steps: int, size_px: int) -> Run:
         pipe = StableDiffusionXLPipeline(
             vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
             tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=False)  # A1111 (and huabi) encode an empty negative prompt as text
+            force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionPipeline(
             vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
@@ -109,7 +109,9 @@ def run_diffusers(bundle, *, steps: int, size_px: int) -> Run:
     generator = torch.Generator("cpu").manual_seed(SEED)
     with PeakRSS() as peak, torch.inference_mode():
         start = time.perf_counter()
-        latents = pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=CFG_SCALE,
+        # A1111 (and huabi) zero an all-empty SDXL negative; diffusers does that for negative_prompt=None only.
+        negative = None if len(bundle.text_encoders) == 2 else ""
+        latents = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=CFG_SCALE,
                        height=size_px, width=size_px, generator=generator, output_type="latent",
                        callback_on_step_end=on_step_end).images
         denoised = time.perf_counter()
