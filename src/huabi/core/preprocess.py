@@ -21,6 +21,9 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 ``color``          t2ia_color_grid: shrink to 1/64 (bicubic), enlarge back with nearest neighbour
 ``shuffle``        content shuffle: a smooth random flow field (seeded) warps the image
 ``inpaint_only``   the image with the pixels under the mask set to -1 (A1111's inpaint_only)
+``openpose``       OpenPose body skeleton on black (``body_pose_model.pth``); ``openpose_hand`` adds
+                   hands (``hand_pose_model.pth``), ``openpose_face`` face points (``facenet.pth``),
+                   ``openpose_full`` both, ``openpose_faceonly`` face points only
 =================  ==========================================================================
 """
 
@@ -182,6 +185,12 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("color", _color, uses_res=True),
         ModuleSpec("shuffle", _shuffle, uses_res=True),
         ModuleSpec("inpaint_only", _inpaint_only, uses_res=False, needs_mask=True),
+        # OpenPose (huabi.models.annotators.openpose): body, + hands, + face, face only, everything.
+        ModuleSpec("openpose", None, uses_res=True),
+        ModuleSpec("openpose_hand", None, uses_res=True),
+        ModuleSpec("openpose_face", None, uses_res=True),
+        ModuleSpec("openpose_faceonly", None, uses_res=True),
+        ModuleSpec("openpose_full", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
