@@ -67,8 +67,7 @@ BODY_COLORS: tuple[tuple[int, int, int], ...] = (
 )
 # Hand skeleton: wrist (0) to each finger's four joints.
 HAND_EDGES: tuple[tuple[int, int], ...] = tuple(
-    edge for finger in range(5) for edge in
-    ((0, 4 * finger + 1), (4 * finger + 1, 4 * finger + 2), (4 * finger + 2, 4 * finger + 3), (4 * finger + 3, 4 * finger + 4))
+    (joint - 1 if joint % 4 != 1 else 0, joint) for joint in range(1, HAND_KEYPOINTS)
 )
 
 BOX_SIZE = 368  # the network's nominal input height
@@ -462,7 +461,8 @@ def hand_keypoints(net: CascadeHeatmapNet, crop_bgr: np.ndarray) -> np.ndarray:
         side = factor * BOX_SIZE
         padded, pad_bottom, pad_right = _pad_to_stride(_resize(blurred, side, side))
         maps = net(_net_input(padded, _net_device(net)))
-        average += _maps_to_image(maps, padded.shape[:2], (pad_bottom, pad_right), (HAND_GRID, HAND_GRID)) / len(HAND_SCALES)
+        grid = _maps_to_image(maps, padded.shape[:2], (pad_bottom, pad_right), (HAND_GRID, HAND_GRID))
+        average += grid / len(HAND_SCALES)
     points = np.zeros((HAND_KEYPOINTS, 2), dtype=np.int64)
     for part in range(HAND_KEYPOINTS):
         raw = average[:, :, part]
@@ -473,7 +473,8 @@ def hand_keypoints(net: CascadeHeatmapNet, crop_bgr: np.ndarray) -> np.ndarray:
         labels, count = label(above, structure=np.ones((3, 3), dtype=int))
         best = 1 + int(np.argmax([raw[labels == i].sum() for i in range(1, count + 1)]))
         y, x = np.unravel_index(int(np.argmax(np.where(labels == best, raw, 0.0))), raw.shape)
-        points[part] = (int(float(x) * float(crop_w) / float(HAND_GRID)), int(float(y) * float(crop_h) / float(HAND_GRID)))
+        points[part] = (int(float(x) * float(crop_w) / float(HAND_GRID)),
+                        int(float(y) * float(crop_h) / float(HAND_GRID)))
     return points
 
 
@@ -585,7 +586,8 @@ def detect_people(nets: OpenPoseNets, rgb: np.ndarray, *, hands: bool, face: boo
             box = face_box(person.body, height, width)
             if box is not None:
                 x, y, size = box
-                face_points = _normalise_points(face_keypoints(nets.face, bgr[y:y + size, x:x + size]), x, y, height, width)
+                crop = bgr[y:y + size, x:x + size]
+                face_points = _normalise_points(face_keypoints(nets.face, crop), x, y, height, width)
         body = tuple(None if p is None else (p[0] / float(width), p[1] / float(height)) for p in person.body)
         people.append(Person(body=body, score=person.score, parts=person.parts, left_hand=left, right_hand=right,
                              face=face_points))
@@ -643,3 +645,71 @@ ANNOTATORS = (
     _annotator("openpose_faceonly", draw_body=False, hands=False, face=True),
     _annotator("openpose_full", draw_body=True, hands=True, face=True),
 )
+
+
+# --------------------------------------------------------------------------- pose JSON (A1111's pose editor)
+
+POSE_JSON_MAX_SIDE = 16384
+_JSON_PARTS = (("pose_keypoints_2d", "body", BODY_KEYPOINTS), ("hand_left_keypoints_2d", "left hand", HAND_KEYPOINTS),
+               ("hand_right_keypoints_2d", "right hand", HAND_KEYPOINTS), ("face_keypoints_2d", "face", None))
+
+
+def pose_map_from_json(data: object) -> np.ndarray:
+    """Draw an OpenPose-format JSON (what sd-webui-controlnet and its pose editor exchange) as a pose map.
+
+    ``{"canvas_width": W, "canvas_height": H, "people": [{"pose_keypoints_2d": [x, y, c, ...], ...}]}``
+    with ``hand_left_keypoints_2d``, ``hand_right_keypoints_2d`` and ``face_keypoints_2d`` optional.
+    A point with confidence ``c`` 0 is absent.  Coordinates are pixels of the canvas, or
+    normalised to [0, 1] when every present coordinate is (the extension writes those).
+    Returns the uint8 RGB map [H, W, 3], drawn exactly like a detected pose.
+    """
+    if not isinstance(data, dict):
+        raise HuabiError("pose JSON: expected an object with canvas_width, canvas_height and people")
+    size = []
+    for key in ("canvas_height", "canvas_width"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                or not 1 <= value <= POSE_JSON_MAX_SIDE:
+            raise HuabiError(f"pose JSON: {key} must be a whole number of pixels from 1 to {POSE_JSON_MAX_SIDE}, "
+                             f"got {value!r}")
+        size.append(int(value))
+    height, width = size
+    people_json = data.get("people", [])
+    if not isinstance(people_json, list) or not all(isinstance(p, dict) for p in people_json):
+        raise HuabiError("pose JSON: people must be a list of objects")
+    parsed = []
+    for index, person in enumerate(people_json):
+        parts = {}
+        for key, what, count in _JSON_PARTS:
+            parts[what] = _json_points(person.get(key), f"pose JSON: person {index} {key}", count)
+        parsed.append(parts)
+    coordinates = [c for parts in parsed for points in parts.values() if points for p in points if p for c in p]
+    normalised = all(0.0 <= c <= 1.0 for c in coordinates)
+    scale_x, scale_y = (1.0, 1.0) if normalised else (float(width), float(height))
+
+    def scaled(points):
+        return None if points is None else [None if p is None else (p[0] / scale_x, p[1] / scale_y) for p in points]
+
+    def as_array(points):
+        if not points:
+            return None
+        return np.array([(-1.0, -1.0) if p is None else p for p in scaled(points)], dtype=np.float32)
+
+    people = []
+    for parts in parsed:
+        body = scaled(parts["body"]) or [None] * BODY_KEYPOINTS
+        people.append(Person(body=tuple(body), score=0.0, parts=sum(p is not None for p in body),
+                             left_hand=as_array(parts["left hand"]), right_hand=as_array(parts["right hand"]),
+                             face=as_array(parts["face"])))
+    return draw_people(people, height, width)
+
+
+def _json_points(values: object, what: str, count: int | None) -> list[tuple[float, float] | None] | None:
+    if values is None or values == []:
+        return None
+    if not isinstance(values, list) or len(values) % 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise HuabiError(f"{what}: must be a flat list of finite numbers x, y, confidence (a multiple of 3)")
+    if count is not None and len(values) != 3 * count:
+        raise HuabiError(f"{what}: expected {count} points ({3 * count} numbers), got {len(values)} numbers")
+    return [None if c <= 0 else (float(x), float(y)) for x, y, c in zip(values[0::3], values[1::3], values[2::3])]
