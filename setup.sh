@@ -71,5 +71,11 @@ if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/open_clip_torch-3.3.0-*.whl
   echo "setup: downloading the open_clip wheel (tokenizer reference, not installed)" >&2
   "$PIP" download -q --disable-pip-version-check --no-deps "open_clip_torch==3.3.0" -d .venv/huabi-reference
 fi
+# controlnet_aux's annotator code (ControlNet preprocessor reference): downloaded, never installed (it pulls
+# torchvision/timm); the annotator tests load single module files out of the archive.
+if [ "$MODE" = "dev" ] && ! ls .venv/huabi-reference/controlnet_aux-0.0.10-*.whl >/dev/null 2>&1; then
+  echo "setup: downloading the controlnet_aux wheel (annotator reference, not installed)" >&2
+  "$PIP" download -q --disable-pip-version-check --no-deps "controlnet_aux==0.0.10" -d .venv/huabi-reference
+fi
 
 echo "setup: ready ($MODE)" >&2
