@@ -70,15 +70,9 @@ def _label_8_connected(binary, return_num=True, connectivity=2):
     return label(binary, structure=np.ones((3, 3), dtype=int))
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    """The reference modules: ``body``, ``util``, ``model`` and a namespace with Hand/Face/OpenposeDetector."""
-    wheel = _wheel()
-    if wheel is None:
-        pytest.skip("controlnet_aux wheel not found (bash setup.sh --dev downloads it; "
-                    "or set HUABI_CONTROLNET_AUX_WHEEL)")
-    folder = tmp_path_factory.mktemp("controlnet_aux") / "reference_open_pose"
-    folder.mkdir()
+def load_reference(wheel: str, folder: Path) -> types.SimpleNamespace:
+    """The reference modules: ``body``, ``util``, ``model`` and Hand/FaceNet/Face/OpenposeDetector/draw_poses."""
+    folder.mkdir(parents=True)
     with zipfile.ZipFile(wheel) as archive:
         sources = {name: archive.read(PACKAGE + name).decode() for name in
                    ("model.py", "util.py", "body.py", "hand.py", "face.py", "__init__.py")}
@@ -112,10 +106,19 @@ def ref(tmp_path_factory):
     exec(_compile_definitions(sources["face.py"], {"FaceNet", "params", "Face"}, "face.py"), ns)
     exec(_compile_definitions(sources["__init__.py"], {"HandResult", "FaceResult", "PoseResult", "draw_poses",
                                                         "OpenposeDetector"}, "__init__.py"), ns)
-    yield types.SimpleNamespace(body=body, util=util, model=model, **{k: ns[k] for k in
-                                ("Hand", "FaceNet", "Face", "OpenposeDetector", "draw_poses")})
-    sys.modules.pop(folder.name, None)
-    for key in [k for k in sys.modules if k.startswith(folder.name + ".")]:
+    return types.SimpleNamespace(body=body, util=util, model=model, **{k: ns[k] for k in
+                                 ("Hand", "FaceNet", "Face", "OpenposeDetector", "draw_poses")})
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    wheel = _wheel()
+    if wheel is None:
+        pytest.skip("controlnet_aux wheel not found (bash setup.sh --dev downloads it; "
+                    "or set HUABI_CONTROLNET_AUX_WHEEL)")
+    folder = tmp_path_factory.mktemp("controlnet_aux") / "reference_open_pose"
+    yield load_reference(wheel, folder)
+    for key in [k for k in sys.modules if k == folder.name or k.startswith(folder.name + ".")]:
         sys.modules.pop(key)
 
 

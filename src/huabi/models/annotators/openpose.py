@@ -285,7 +285,10 @@ def _gaussian(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Person:
-    """One detected person: 18 body keypoints as (x, y) pixels or None, plus hands and face."""
+    """One detected person: 18 body keypoints (x, y) or None, plus hands and face.
+
+    :func:`detect_bodies` gives pixel coordinates; :func:`detect_people` normalised ones ([0, 1]).
+    """
 
     body: tuple[tuple[float, float] | None, ...]
     score: float
