@@ -215,7 +215,8 @@ def load_strict(net: nn.Module, path: Path, *, what: str) -> nn.Module:
                              f"expected {tuple(value.shape)}")
         if not tensors[key].is_floating_point():
             raise HuabiError(f"{path}: not {what}: {key} is {tensors[key].dtype}, expected floating point weights")
-    net.load_state_dict({key: tensors[key].float() for key in expected}, strict=True)
+    # assign=True: a network built on the meta device takes the file's tensors as they are.
+    net.load_state_dict({key: tensors[key].float() for key in expected}, strict=True, assign=True)
     return net.eval()
 
 
@@ -614,12 +615,12 @@ def pose_map(nets: OpenPoseNets, image: np.ndarray, *, body: bool = True, hands:
 
 def _loader(body: bool, hand: bool, face: bool):
     def load(paths: dict[str, Path], device: torch.device) -> OpenPoseNets:
+        with torch.device("meta"):  # no time spent initialising weights the files replace
+            body_net, hand_net, face_net = BodyPoseNet(), CascadeHeatmapNet(HAND_HEATMAPS), CascadeHeatmapNet(FACE_HEATMAPS)
         nets = OpenPoseNets(
-            body=load_strict(BodyPoseNet(), paths[BODY_FILE], what="an OpenPose body model"),
-            hand=load_strict(CascadeHeatmapNet(HAND_HEATMAPS), paths[HAND_FILE], what="an OpenPose hand model")
-            if hand else None,
-            face=load_strict(CascadeHeatmapNet(FACE_HEATMAPS), paths[FACE_FILE], what="an OpenPose face model")
-            if face else None,
+            body=load_strict(body_net, paths[BODY_FILE], what="an OpenPose body model"),
+            hand=load_strict(hand_net, paths[HAND_FILE], what="an OpenPose hand model") if hand else None,
+            face=load_strict(face_net, paths[FACE_FILE], what="an OpenPose face model") if face else None,
         )
         for net in (nets.body, nets.hand, nets.face):
             if net is not None:
