@@ -269,7 +269,7 @@ def _net_device(net: nn.Module) -> torch.device:
 def _maps_to_image(maps: torch.Tensor, padded_hw: tuple[int, int], pads: tuple[int, int],
                    out_hw: tuple[int, int]) -> np.ndarray:
     """Network maps [1, C, h, w] -> [out_h, out_w, C]: x8 upsample, padding removed, resized to the image."""
-    array = maps[0].float().cpu().numpy().transpose(1, 2, 0)
+    array = maps[0].detach().float().cpu().numpy().transpose(1, 2, 0)
     array = _scale(array, STRIDE)
     array = array[: padded_hw[0] - pads[0], : padded_hw[1] - pads[1], :]
     return _resize(array, out_hw[0], out_hw[1])
@@ -489,7 +489,7 @@ def face_keypoints(net: CascadeHeatmapNet, crop_bgr: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(square)).permute(2, 0, 1).to(_net_device(net)) / 256.0 - 0.5
     maps = net(x[None])
     maps = nn.functional.interpolate(maps.float(), (crop_h, crop_w), mode="bilinear", align_corners=True)
-    maps = maps.cpu().numpy()[0]
+    maps = maps.detach().cpu().numpy()[0]
     points = []
     for heatmap in maps:
         if (heatmap > FACE_THRESHOLD).any():
