@@ -23,6 +23,9 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 ``inpaint_only``   the image with the pixels under the mask set to -1 (A1111's inpaint_only)
 ``lineart_standard`` dark strokes on a light page -> white lines on black: how much darker than its
                    blurred surroundings (sigma 6) each pixel is, median stroke scaled to 127
+``openpose``       OpenPose body skeleton on black (``body_pose_model.pth``); ``openpose_hand`` adds
+                   hands (``hand_pose_model.pth``), ``openpose_face`` face points (``facenet.pth``),
+                   ``openpose_full`` both, ``openpose_faceonly`` face points only
 =================  ==========================================================================
 
 Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
@@ -210,6 +213,12 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("softedge_pidisafe", None, uses_res=True),
         ModuleSpec("scribble_pidinet", None, uses_res=True),
         ModuleSpec("t2ia_sketch_pidi", None, uses_res=True),
+        # OpenPose (huabi.models.annotators.openpose): body, + hands, + face, face only, everything.
+        ModuleSpec("openpose", None, uses_res=True),
+        ModuleSpec("openpose_hand", None, uses_res=True),
+        ModuleSpec("openpose_face", None, uses_res=True),
+        ModuleSpec("openpose_faceonly", None, uses_res=True),
+        ModuleSpec("openpose_full", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.

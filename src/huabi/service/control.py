@@ -61,6 +61,11 @@ def resolve_controlnet(reference: str, models_dir: Path) -> Path:
 def _load_rgb(path: str, what: str) -> np.ndarray:
     from huabi.service.images import load_image
 
+    if str(path).lower().endswith(".json"):  # an OpenPose JSON (A1111's pose editor): drawn as its pose map
+        from huabi.service.pose_json import load_pose_json_map
+
+        return load_pose_json_map(path, what)
+
     return np.asarray(load_image(path, what=what), dtype=np.uint8)
 
 
