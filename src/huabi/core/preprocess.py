@@ -21,6 +21,9 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 ``color``          t2ia_color_grid: shrink to 1/64 (bicubic), enlarge back with nearest neighbour
 ``shuffle``        content shuffle: a smooth random flow field (seeded) warps the image
 ``inpaint_only``   the image with the pixels under the mask set to -1 (A1111's inpaint_only)
+``depth_midas``    network (weights from the user's files): MiDaS DPT-Hybrid depth (alias ``depth``)
+``depth_anything`` network: Depth Anything depth; ``depth_anything_v2`` its v2
+``normal_midas``   network: normal from MiDaS depth; Threshold A = background threshold (0.4)
 =================  ==========================================================================
 """
 
@@ -182,6 +185,11 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("color", _color, uses_res=True),
         ModuleSpec("shuffle", _shuffle, uses_res=True),
         ModuleSpec("inpaint_only", _inpaint_only, uses_res=False, needs_mask=True),
+        # network annotators (huabi.models.annotators.depth)
+        ModuleSpec("depth_midas", None, uses_res=True),
+        ModuleSpec("depth_anything", None, uses_res=True),
+        ModuleSpec("depth_anything_v2", None, uses_res=True),
+        ModuleSpec("normal_midas", None, uses_res=True, threshold_a=("Normal Background Threshold", 0.4, 0.0, 1.0)),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -194,6 +202,8 @@ MODULE_ALIASES = {
     "blur": "blur_gaussian",
     "inpaint": "inpaint_only",
     "content_shuffle": "shuffle",
+    "depth": "depth_midas",
+    "normal_map": "normal_midas",
 }
 
 
