@@ -314,7 +314,7 @@ def test_depth_anything_map_through_detect_map(tmp_path, aux_transforms, version
     from huabi.service.control import detect_map
 
     reference, original = tiny_depth_anything(version, seed=3)
-    name = "depth_anything_vitl14.pth" if version == 1 else "depth_anything_v2_vitl.pth"
+    name = "depth_anything_vits14.pth" if version == 1 else "depth_anything_v2_vitl.pth"  # any listed name
     _save(original, tmp_path / "models", name)
     image = _image(96, 150)
     image_path = tmp_path / "in.png"
@@ -516,7 +516,7 @@ def test_real_midas_hybrid_layout_is_recognised():
 def test_missing_file_is_one_line_naming_it(tmp_path):
     from huabi.models.annotators import run_annotator
 
-    for module, name in [("depth_anything", "depth_anything_vitl14.pth"),
+    for module, name in [("depth_anything", "depth_anything_vitl14.pth or depth_anything_vitb14.pth"),
                          ("depth_anything_v2", "depth_anything_v2_vitl.safetensors or depth_anything_v2_vitl.pth"),
                          ("depth_midas", "dpt_hybrid-midas-501f0c75.pt"),
                          ("normal_midas", "dpt_hybrid-midas-501f0c75.pt")]:
@@ -599,3 +599,23 @@ def test_preprocess_cli_writes_the_depth_map(tmp_path):
     assert result.returncode == 0, result.stderr
     written = np.asarray(Image.open(out))
     assert written.shape == (64, 96, 3) and written.max() == 255 and written.min() == 0
+
+
+def test_alternative_file_names_first_listed_wins_per_folder(tmp_path):
+    from huabi.models.annotators import find_annotator_file
+    from huabi.models.annotators.depth import DEPTH_ANYTHING_V2_FILE
+
+    models = tmp_path / "webui" / "models"
+    downloads = tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads"
+    a1111 = downloads / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors"
+    a1111.parent.mkdir(parents=True)
+    a1111.write_bytes(b"x")
+    assert find_annotator_file(DEPTH_ANYTHING_V2_FILE, models, module="depth_anything_v2") == a1111
+    small = models / "annotators" / "depth_anything_v2_vits.pth"
+    small.parent.mkdir(parents=True)
+    small.write_bytes(b"x")
+    assert find_annotator_file(DEPTH_ANYTHING_V2_FILE, models, module="depth_anything_v2") == small  # huabi folder first
+    large = models / "annotators" / "sub" / "depth_anything_v2_vitl.pth"
+    large.parent.mkdir()
+    large.write_bytes(b"x")
+    assert find_annotator_file(DEPTH_ANYTHING_V2_FILE, models, module="depth_anything_v2") == large  # ViT-L first

@@ -69,7 +69,7 @@ def find_annotator_file(file_name: str, models_dir: Path, *, module: str) -> Pat
     """The path of ``file_name`` in the search folders, or a one-line error saying where to put it.
 
     ``file_name`` may name alternatives as ``"a.safetensors|a.pth"`` (the same weights
-    released under two names): in each folder the first one found wins.
+    released under two names): in each folder, the first listed name that is there wins.
     """
     names = file_name.split("|")
     for folder in annotator_search_dirs(models_dir):
@@ -79,7 +79,6 @@ def find_annotator_file(file_name: str, models_dir: Path, *, module: str) -> Pat
             direct = folder / name
             if direct.is_file():
                 return direct
-        for name in names:
             for found in sorted(folder.rglob(name)):
                 if found.is_file():
                     return found

@@ -16,7 +16,7 @@ tested, so huabi only does what is specific to the user's files:
 * pre- and post-process as sd-webui-controlnet does:
 
 =================  ==========================================================================
-``depth_anything``     ``depth_anything_vitl14.pth``: the image (edge-padded to a multiple of 64,
+``depth_anything``     ``depth_anything_vitl14.pth`` (or ``_vitb14`` / ``_vits14``): the image (edge-padded to a multiple of 64,
                        as A1111's ``resize_image_with_pad``) scaled so both sides are >= 518 and
                        multiples of 14 (cubic), ImageNet-normalised; the depth is resized back
                        (bilinear), min-max scaled to 0-255 grey (truncated, as ``astype(uint8)``),
@@ -24,7 +24,8 @@ tested, so huabi only does what is specific to the user's files:
                        detector converts its RGB input "BGR2RGB"); huabi feeds RGB, the order the
                        model was trained on.
 ``depth_anything_v2``  ``depth_anything_v2_vitl.safetensors`` (A1111's download) or
-                       ``depth_anything_v2_vitl.pth`` (the original release): same steps.
+                       ``depth_anything_v2_vitl.pth`` (the original release; ``vitb`` / ``vits`` too):
+                       same steps.
 ``depth_midas``        ``dpt_hybrid-midas-501f0c75.pt``: the padded image scaled to [-1, 1]; depth
                        min-max scaled to 0-255 grey.  No thresholds.
 ``normal_midas``       the same network; the normal is (Sobel x, Sobel y, 2 pi) of the raw depth,
@@ -49,9 +50,11 @@ import torch
 from huabi.errors import HuabiError
 from huabi.models.annotators import Annotator, read_annotator_weights
 
-DEPTH_ANYTHING_FILE = "depth_anything_vitl14.pth"
-# A1111's extension downloads a safetensors copy; the original release is a .pth: either works.
-DEPTH_ANYTHING_V2_FILE = "depth_anything_v2_vitl.safetensors|depth_anything_v2_vitl.pth"
+# sd-webui-controlnet's ViT-L file first; the smaller releases work too (the size comes from the shapes).
+DEPTH_ANYTHING_FILE = "depth_anything_vitl14.pth|depth_anything_vitb14.pth|depth_anything_vits14.pth"
+# A1111's extension downloads a safetensors copy of ViT-L; the original release is a .pth.
+DEPTH_ANYTHING_V2_FILE = "|".join(f"depth_anything_v2_{size}.{suffix}" for size in ("vitl", "vitb", "vits")
+                                  for suffix in ("safetensors", "pth"))
 MIDAS_FILE = "dpt_hybrid-midas-501f0c75.pt"
 
 DEPTH_ANYTHING_SIZE = 518  # the short side the network sees (lower bound), a multiple of 14
