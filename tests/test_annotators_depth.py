@@ -619,3 +619,29 @@ def test_alternative_file_names_first_listed_wins_per_folder(tmp_path):
     large.parent.mkdir()
     large.write_bytes(b"x")
     assert find_annotator_file(DEPTH_ANYTHING_V2_FILE, models, module="depth_anything_v2") == large  # ViT-L first
+
+
+def test_depth_anything_v2_safetensors_in_half_precision(tmp_path):
+    """A1111's depth_anything_v2_vitl.safetensors layout, stored as float16: runs in float32, equal to the
+    reference holding the same (float16-rounded) weights."""
+    from safetensors.torch import save_file
+
+    from huabi.models.annotators import run_annotator
+
+    reference, _ = tiny_depth_anything(2, seed=11)
+    with torch.no_grad():
+        for tensor in reference.state_dict().values():
+            tensor.copy_(tensor.half().float())
+    original = depth_anything_to_original(reference.state_dict(), 8)
+    path = tmp_path / "annotators" / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({key: value.half().contiguous() for key, value in original.items()}, str(path))
+    image = _image(64, 64, seed=4)
+    ours = run_annotator("depth_anything_v2", image, threshold_a=None, threshold_b=None, models_dir=tmp_path)
+    from huabi.models.annotators.depth import depth_anything_pixels
+
+    with torch.inference_mode():
+        depth = reference(pixel_values=depth_anything_pixels(image)).predicted_depth
+        depth = torch.nn.functional.interpolate(depth[None], (64, 64), mode="bilinear", align_corners=False)[0, 0]
+        depth = (depth - depth.min()) / (depth.max() - depth.min()) * 255.0
+    assert np.array_equal(np.round(ours[:, :, 0] * 255).astype(np.uint8), depth.numpy().astype(np.uint8))
