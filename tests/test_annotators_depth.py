@@ -645,3 +645,20 @@ def test_depth_anything_v2_safetensors_in_half_precision(tmp_path):
         depth = torch.nn.functional.interpolate(depth[None], (64, 64), mode="bilinear", align_corners=False)[0, 0]
         depth = (depth - depth.min()) / (depth.max() - depth.min()) * 255.0
     assert np.array_equal(np.round(ours[:, :, 0] * 255).astype(np.uint8), depth.numpy().astype(np.uint8))
+
+
+def test_preprocess_cli_missing_weights_is_one_error_line(tmp_path):
+    from PIL import Image
+
+    image_path = tmp_path / "in.png"
+    Image.fromarray(_image(64, 64)).save(image_path)
+    out = tmp_path / "normal.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "huabi.cli.main", "preprocess", str(image_path), "--module", "normal_midas",
+         "--out", str(out), "--models-dir", str(tmp_path / "models")],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode != 0 and not out.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dpt_hybrid-midas-501f0c75.pt" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
