@@ -662,3 +662,20 @@ def test_preprocess_cli_missing_weights_is_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "dpt_hybrid-midas-501f0c75.pt" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_malformed_shapes_are_one_line(tmp_path):
+    from huabi.models.annotators.depth import load_depth_anything, load_midas
+
+    _, depth_anything = tiny_depth_anything(1)
+    _, midas = tiny_dpt_hybrid()
+    for loader, state, key, kwargs in [(load_depth_anything, depth_anything, "pretrained.pos_embed", {"version": 2}),
+                                       (load_midas, midas, "pretrained.model.pos_embed", {}),
+                                       (load_midas, midas, "scratch.layer1_rn.weight", {})]:
+        state = dict(state)
+        state[key] = torch.zeros(3)
+        path = tmp_path / "bad.pth"
+        torch.save(state, path)
+        with pytest.raises(HuabiError) as caught:
+            loader(path, torch.device("cpu"), **kwargs)
+        assert "\n" not in str(caught.value) and "bad.pth" in str(caught.value)

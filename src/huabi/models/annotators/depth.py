@@ -15,23 +15,25 @@ tested, so huabi only does what is specific to the user's files:
   key is one error line naming the file and a few keys, and nothing half-loads.
 * pre- and post-process as sd-webui-controlnet does:
 
-=================  ==========================================================================
-``depth_anything``     ``depth_anything_vitl14.pth`` (or ``_vitb14`` / ``_vits14``): the image (edge-padded to a multiple of 64,
-                       as A1111's ``resize_image_with_pad``) scaled so both sides are >= 518 and
-                       multiples of 14 (cubic), ImageNet-normalised; the depth is resized back
-                       (bilinear), min-max scaled to 0-255 grey (truncated, as ``astype(uint8)``),
-                       the padding cropped.  One difference: A1111 feeds the network BGR (its
-                       detector converts its RGB input "BGR2RGB"); huabi feeds RGB, the order the
-                       model was trained on.
+=====================  ======================================================================
+``depth_anything``     ``depth_anything_vitl14.pth`` (or ``_vitb14`` / ``_vits14``): the image,
+                       edge-padded to a multiple of 64 (A1111's ``resize_image_with_pad``), is
+                       scaled so both sides are >= 518 and multiples of 14 (cubic) and
+                       ImageNet-normalised; the depth is resized back (bilinear), min-max scaled
+                       to 0-255 grey (truncated, as ``astype(uint8)``), the padding cropped.
+                       One difference: A1111 feeds the network BGR (its detector converts its
+                       RGB input "BGR2RGB"); huabi feeds RGB, the order the model was trained on.
 ``depth_anything_v2``  ``depth_anything_v2_vitl.safetensors`` (A1111's download) or
-                       ``depth_anything_v2_vitl.pth`` (the original release; ``vitb`` / ``vits`` too):
-                       same steps.
+                       ``depth_anything_v2_vitl.pth`` (the original release; ``vitb`` / ``vits``
+                       too): same steps.
 ``depth_midas``        ``dpt_hybrid-midas-501f0c75.pt``: the padded image scaled to [-1, 1]; depth
                        min-max scaled to 0-255 grey.  No thresholds.
 ``normal_midas``       the same network; the normal is (Sobel x, Sobel y, 2 pi) of the raw depth,
                        normalised, with x and y zeroed where the 0-1 depth is below Threshold A
-                       ("Normal Background Threshold", 0.4), mapped to 0-255 as ``n * 127.5 + 127.5``.
-=================  ==========================================================================
+                       ("Normal Background Threshold", 0.4), mapped to 0-255 as
+                       ``n * 127.5 + 127.5`` in R, G, B order as sd-webui-controlnet (controlnet_aux
+                       returns it flipped to B, G, R).
+=====================  ======================================================================
 
 ZoeDepth and segmentation (OneFormer, UniFormer) are not implemented.
 """
@@ -132,6 +134,16 @@ def _load_strict(model: torch.nn.Module, converted: dict[str, torch.Tensor], pat
                           assign=True)
 
 
+def _parse_shapes(parse: Any, tensors: dict[str, torch.Tensor], path: Path, what: str) -> Any:
+    """``parse(tensors, path)``, a tensor of the wrong rank reported as one line, not a traceback."""
+    try:
+        return parse(tensors, path)
+    except HuabiError:
+        raise
+    except (IndexError, ValueError, TypeError, ZeroDivisionError):
+        raise HuabiError(f"{path.name}: not a {what} checkpoint (tensor shapes do not fit the architecture)") from None
+
+
 def _reverse(names: dict[str, str], layers: int, qkv: str, split: str, parts: tuple[str, str, str]) -> dict[str, str]:
     """transformers key -> original key, the split q/k/v pointing at the fused qkv they come from."""
     reverse = {target: source for source, target in names.items()}
@@ -182,11 +194,11 @@ class DepthAnythingShape:
 
 def depth_anything_shape(tensors: dict[str, torch.Tensor], path: Path) -> DepthAnythingShape:
     what = "Depth Anything"
+    if "pretrained.blocks.0.mlp.w12.weight" in tensors:
+        raise HuabiError(f"{path.name}: Depth Anything ViT-G (SwiGLU) checkpoints are not supported; use ViT-S/B/L")
     _require(tensors, path, what, "pretrained.cls_token", "pretrained.pos_embed", "pretrained.patch_embed.proj.weight",
              "pretrained.blocks.0.mlp.fc1.weight", "depth_head.scratch.layer1_rn.weight",
              "depth_head.scratch.output_conv2.0.weight", *(f"depth_head.projects.{i}.weight" for i in range(4)))
-    if "pretrained.blocks.0.mlp.w12.weight" in tensors:
-        raise HuabiError(f"{path.name}: Depth Anything ViT-G (SwiGLU) checkpoints are not supported; use ViT-S/B/L")
     layers = _count_blocks(tensors, r"pretrained\.blocks\.(\d+)\.norm1\.weight")
     if layers < 4:
         raise HuabiError(f"{path.name}: not a Depth Anything checkpoint (needs at least 4 numbered transformer blocks)")
@@ -317,7 +329,7 @@ def load_depth_anything(path: Path, device: torch.device, *, version: int) -> Lo
 
     what = f"Depth Anything{' v2' if version == 2 else ''}"
     tensors = _strip_prefix(read_annotator_weights(path), "module.")
-    shape = depth_anything_shape(tensors, path)
+    shape = _parse_shapes(depth_anything_shape, tensors, path, what)
     converted, unexpected = convert_depth_anything(tensors, shape.layers, shape.hidden)
     original_names = _reverse(depth_anything_key_map(shape.layers), shape.layers, "pretrained.blocks.{}.attn.qkv",
                               "backbone.encoder.layer.{}.attention.{}", ("q_proj", "k_proj", "v_proj"))
@@ -533,7 +545,7 @@ def load_midas(path: Path, device: torch.device) -> LoadedDepthNet:
     from transformers import DPTForDepthEstimation
 
     tensors = _strip_prefix(read_annotator_weights(path), "module.")
-    shape = midas_shape(tensors, path)
+    shape = _parse_shapes(midas_shape, tensors, path, "MiDaS DPT-Hybrid")
     converted, unexpected = convert_midas(tensors, shape)
     original_names = _reverse(midas_key_map(shape), shape.layers, "pretrained.model.blocks.{}.attn.qkv",
                               "dpt.encoder.layer.{}.attention.attention.{}", ("query", "key", "value"))
