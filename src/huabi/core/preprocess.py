@@ -23,16 +23,18 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 ``inpaint_only``   the image with the pixels under the mask set to -1 (A1111's inpaint_only)
 ``lineart_standard`` dark strokes on a light page -> white lines on black: how much darker than its
                    blurred surroundings (sigma 6) each pixel is, median stroke scaled to 127
-``openpose``       OpenPose body skeleton on black (``body_pose_model.pth``); ``openpose_hand`` adds
-                   hands (``hand_pose_model.pth``), ``openpose_face`` face points (``facenet.pth``),
-                   ``openpose_full`` both, ``openpose_faceonly`` face points only
 =================  ==========================================================================
 
 Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
 (sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
-``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth).
+``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth);
+``openpose`` body skeleton on black (body_pose_model.pth), ``openpose_hand`` + hands (hand_pose_model.pth),
+``openpose_face`` + face points (facenet.pth), ``openpose_full`` both, ``openpose_faceonly`` face points only;
+``depth_midas`` MiDaS DPT-Hybrid depth (dpt_hybrid-midas-501f0c75.pt, alias ``depth``), ``depth_anything`` /
+``depth_anything_v2`` Depth Anything depth, ``normal_midas`` normal from MiDaS depth (Threshold A =
+background threshold, 0.4).
 """
 
 from __future__ import annotations
@@ -219,6 +221,11 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("openpose_face", None, uses_res=True),
         ModuleSpec("openpose_faceonly", None, uses_res=True),
         ModuleSpec("openpose_full", None, uses_res=True),
+        # network annotators (huabi.models.annotators.depth)
+        ModuleSpec("depth_midas", None, uses_res=True),
+        ModuleSpec("depth_anything", None, uses_res=True),
+        ModuleSpec("depth_anything_v2", None, uses_res=True),
+        ModuleSpec("normal_midas", None, uses_res=True, threshold_a=("Normal Background Threshold", 0.4, 0.0, 1.0)),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -239,6 +246,8 @@ MODULE_ALIASES = {
     "pidinet_safe": "softedge_pidisafe",
     "pidinet_scribble": "scribble_pidinet",
     "pidinet_sketch": "t2ia_sketch_pidi",
+    "depth": "depth_midas",
+    "normal_map": "normal_midas",
 }
 
 
@@ -249,7 +258,7 @@ def module_spec(name: str) -> ModuleSpec:
     if spec is None:
         raise HuabiError(
             f"control module: unknown preprocessor {name!r}; built in: {', '.join(MODULES)} "
-            "(other maps, e.g. depth or pose: make them elsewhere and use module none)"
+            "(a map made elsewhere: use module none)"
         )
     return spec
 

@@ -30,7 +30,7 @@ from huabi.errors import HuabiError
 
 ANNOTATOR_FOLDER = "annotators"
 # Sub-modules that define ``ANNOTATORS`` (a tuple of Annotator); add yours here.
-ANNOTATOR_MODULES: tuple[str, ...] = ("lines", "mlsd", "pidinet", "openpose")
+ANNOTATOR_MODULES: tuple[str, ...] = ("lines", "mlsd", "pidinet", "openpose", "depth")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Annotator:
     """One network preprocessor.
 
     ``module``: its name in :data:`huabi.core.preprocess.MODULES`.
-    ``weight_files``: the sd-webui-controlnet file names it reads (all required).
+    ``weight_files``: the sd-webui-controlnet file names it reads (all required; ``"a|b"``: either).
     ``load(paths, device)``: the ready network(s) from ``{file name: path}``.
     ``detect(net, image, a, b)``: uint8 RGB ``[H, W, 3]`` (already resized to the
     processor resolution) -> float32 ``[H, W, 3]`` map in [0, 1].
@@ -66,19 +66,25 @@ def annotator_search_dirs(models_dir: Path) -> list[Path]:
 
 
 def find_annotator_file(file_name: str, models_dir: Path, *, module: str) -> Path:
-    """The path of ``file_name`` in the search folders, or a one-line error saying where to put it."""
+    """The path of ``file_name`` in the search folders, or a one-line error saying where to put it.
+
+    ``file_name`` may name alternatives as ``"a.safetensors|a.pth"`` (the same weights
+    released under two names): in each folder, the first listed name that is there wins.
+    """
+    names = file_name.split("|")
     for folder in annotator_search_dirs(models_dir):
         if not folder.is_dir():
             continue
-        direct = folder / file_name
-        if direct.is_file():
-            return direct
-        for found in sorted(folder.rglob(file_name)):
-            if found.is_file():
-                return found
-    target = Path(models_dir).expanduser() / ANNOTATOR_FOLDER / file_name
+        for name in names:
+            direct = folder / name
+            if direct.is_file():
+                return direct
+            for found in sorted(folder.rglob(name)):
+                if found.is_file():
+                    return found
+    target = Path(models_dir).expanduser() / ANNOTATOR_FOLDER / names[0]
     raise HuabiError(
-        f"preprocessor {module}: needs the annotator weights {file_name} (sd-webui-controlnet's file); "
+        f"preprocessor {module}: needs the annotator weights {' or '.join(names)} (sd-webui-controlnet's file); "
         f"put it at {target} (huabi downloads nothing)"
     )
 
