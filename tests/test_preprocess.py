@@ -99,8 +99,8 @@ def test_inpaint_only_marks_masked_pixels():
 def test_names_and_bad_inputs():
     assert module_spec("t2ia_color_grid").name == "color"
     assert module_spec("Canny").name == "canny"
-    with pytest.raises(HuabiError, match=r"^control module: unknown preprocessor 'depth_midas'; built in: none, invert, canny"):
-        module_spec("depth_midas")
+    with pytest.raises(HuabiError, match=r"^control module: unknown preprocessor 'no_such_module'; built in: none, invert, canny"):
+        module_spec("no_such_module")
     with pytest.raises(HuabiError, match=r"control threshold B \(canny high threshold\): must be from 1 to 255, got 0"):
         run_preprocessor("canny", square_image(), threshold_b=0)
     with pytest.raises(HuabiError, match="control image: expected an 8-bit RGB image"):
