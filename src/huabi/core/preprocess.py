@@ -29,7 +29,8 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
 (sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
-``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth).
+``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth),
+``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue).
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("softedge_pidisafe", None, uses_res=True),
         ModuleSpec("scribble_pidinet", None, uses_res=True),
         ModuleSpec("t2ia_sketch_pidi", None, uses_res=True),
+        # Surface normals (huabi.models.annotators.normalbae).
+        ModuleSpec("normal_bae", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
