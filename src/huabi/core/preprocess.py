@@ -27,7 +27,8 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 
 Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
-(sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
+(sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth),
+``lineart_anime_denoise`` (erika.pth: manga structural lines, screen tones dropped), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
 ``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth),
 ``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue).
@@ -205,6 +206,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("lineart_realistic", None, uses_res=True),
         ModuleSpec("lineart_coarse", None, uses_res=True),
         ModuleSpec("lineart_anime", None, uses_res=True),
+        ModuleSpec("lineart_anime_denoise", None, uses_res=True),  # huabi.models.annotators.manga_line
         ModuleSpec("mlsd", None, uses_res=True, threshold_a=("MLSD Value Threshold", 0.1, 0.01, 2.0),
                    threshold_b=("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
         ModuleSpec("softedge_pidinet", None, uses_res=True),
