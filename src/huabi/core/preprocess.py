@@ -31,6 +31,7 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``lineart_anime_denoise`` (erika.pth: manga structural lines, screen tones dropped), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
 ``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth),
+``softedge_teed`` (7_model.pth; Threshold A = Safe Steps, 2: 0 keeps every grey level),
 ``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue).
 """
 
@@ -213,6 +214,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("softedge_pidisafe", None, uses_res=True),
         ModuleSpec("scribble_pidinet", None, uses_res=True),
         ModuleSpec("t2ia_sketch_pidi", None, uses_res=True),
+        ModuleSpec("softedge_teed", None, uses_res=True, threshold_a=("Safe Steps", 2, 0, 10)),  # annotators.teed
         # Surface normals (huabi.models.annotators.normalbae).
         ModuleSpec("normal_bae", None, uses_res=True),
     )
@@ -235,6 +237,7 @@ MODULE_ALIASES = {
     "pidinet_safe": "softedge_pidisafe",
     "pidinet_scribble": "scribble_pidinet",
     "pidinet_sketch": "t2ia_sketch_pidi",
+    "te_hed": "softedge_teed",
 }
 
 
