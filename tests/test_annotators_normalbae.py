@@ -87,7 +87,8 @@ def bae(tmp_path_factory):
     with torch.no_grad():
         for layer in net.modules():
             if isinstance(layer, torch.nn.Conv1d):  # the refinement MLPs: random too, so every stage matters
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * (2.0 / layer.weight[0].numel()) ** 0.5)
+                he_std = (2.0 / layer.weight[0].numel()) ** 0.5
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * he_std)
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
     # Half precision on disk halves the ~290 MB file; the reference gets the same rounded weights.
     state = {key: value.half() if value.is_floating_point() else value for key, value in net.state_dict().items()}

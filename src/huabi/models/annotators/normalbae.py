@@ -68,7 +68,7 @@ def conv_tf_same(in_channels: int, out_channels: int, kernel: int, *, stride: in
 
 
 class StridedSameConv2d(nn.Conv2d):
-    """Strided conv with TF "SAME" padding: output = ceil(input / stride), the odd pixel of padding at the bottom/right."""
+    """Strided conv with TF "SAME" padding: output size ceil(input / stride), an odd pad pixel at the bottom/right."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []

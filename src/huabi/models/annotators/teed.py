@@ -153,7 +153,7 @@ def load_teed(paths: dict[str, Path], device: torch.device) -> Teed:
 
 
 def snap_to_steps(edge: np.ndarray, steps: int) -> np.ndarray:
-    """Edge probabilities snapped down to multiples of 1/steps, as sd-webui-controlnet's safe_step (steps = 2: 0, 0.5, 1)."""
+    """sd-webui-controlnet's safe_step: [0, 1] cut into steps + 1 equal bands, mapped to 0, 1/steps, ..., 1."""
     return (edge.astype(np.float32) * float(steps + 1)).astype(np.int32).astype(np.float32) / float(steps)
 
 
