@@ -61,7 +61,6 @@ def bae(tmp_path_factory):
         detector_source = archive.read("controlnet_aux/normalbae/__init__.py").decode()
         (root / PACKAGE / "util.py").write_bytes(archive.read("controlnet_aux/util.py"))
     (root / PACKAGE / "__init__.py").write_text("")
-    before = set(sys.modules)
     sys.path.insert(0, str(root))
     try:
         nnet = importlib.import_module(f"{PACKAGE}.nets.NNET")
@@ -71,7 +70,8 @@ def bae(tmp_path_factory):
         net = nnet.NNET(args)  # builds geffnet's tf_efficientnet_b5_ap through torch.hub's local loader
     finally:
         sys.path.remove(str(root))
-        for name in set(sys.modules) - before:  # the reference's packages (geffnet, hubconf, ...) leave with it
+        # The reference's packages leave with it (the loaded classes keep what they need).
+        for name in [name for name in sys.modules if name.split(".")[0] in (PACKAGE, "geffnet")]:
             del sys.modules[name]
 
     detector_module = types.ModuleType(f"{PACKAGE}_detector")
