@@ -27,14 +27,16 @@ resize the input so its short side is ``processor_res`` (sd-webui-controlnet's
 
 Network preprocessors (weights from the user's files, run by ``huabi.models.annotators``):
 ``softedge_hed``/``softedge_hedsafe``/``scribble_hed`` (ControlNetHED.pth), ``lineart_realistic``
-(sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth), ``mlsd``
+(sk_model.pth), ``lineart_coarse`` (sk_model2.pth), ``lineart_anime`` (netG.pth),
+``lineart_anime_denoise`` (erika.pth: manga structural lines, screen tones dropped), ``mlsd``
 (mlsd_large_512_fp32.pth; Threshold A / B = value / distance thresholds, 0.1 / 0.1),
 ``softedge_pidinet``/``softedge_pidisafe``/``scribble_pidinet``/``t2ia_sketch_pidi`` (table5_pidinet.pth);
 ``openpose`` body skeleton on black (body_pose_model.pth), ``openpose_hand`` + hands (hand_pose_model.pth),
 ``openpose_face`` + face points (facenet.pth), ``openpose_full`` both, ``openpose_faceonly`` face points only;
 ``depth_midas`` MiDaS DPT-Hybrid depth (dpt_hybrid-midas-501f0c75.pt, alias ``depth``), ``depth_anything`` /
 ``depth_anything_v2`` Depth Anything depth, ``normal_midas`` normal from MiDaS depth (Threshold A =
-background threshold, 0.4).
+background threshold, 0.4), ``softedge_teed`` (7_model.pth; Threshold A = Safe Steps, 2: 0 keeps every grey level),
+``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue).
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("lineart_realistic", None, uses_res=True),
         ModuleSpec("lineart_coarse", None, uses_res=True),
         ModuleSpec("lineart_anime", None, uses_res=True),
+        ModuleSpec("lineart_anime_denoise", None, uses_res=True),  # huabi.models.annotators.manga_line
         ModuleSpec("mlsd", None, uses_res=True, threshold_a=("MLSD Value Threshold", 0.1, 0.01, 2.0),
                    threshold_b=("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
         ModuleSpec("softedge_pidinet", None, uses_res=True),
@@ -226,6 +229,9 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("depth_anything", None, uses_res=True),
         ModuleSpec("depth_anything_v2", None, uses_res=True),
         ModuleSpec("normal_midas", None, uses_res=True, threshold_a=("Normal Background Threshold", 0.4, 0.0, 1.0)),
+        ModuleSpec("softedge_teed", None, uses_res=True, threshold_a=("Safe Steps", 2, 0, 10)),  # annotators.teed
+        # Surface normals (huabi.models.annotators.normalbae).
+        ModuleSpec("normal_bae", None, uses_res=True),
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -248,6 +254,7 @@ MODULE_ALIASES = {
     "pidinet_sketch": "t2ia_sketch_pidi",
     "depth": "depth_midas",
     "normal_map": "normal_midas",
+    "te_hed": "softedge_teed",
 }
 
 

@@ -262,6 +262,10 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     # Training checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}.
     while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
+    # Others (BAE's scannet.pt, ...) use {"model": {...}}: unwrapped only when no tensor sits beside it.
+    if (isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping)
+            and not any(isinstance(v, torch.Tensor) for v in loaded.values())):
+        loaded = loaded["model"]
     if not isinstance(loaded, Mapping):
         raise HuabiError(f"{path.name}: not a model checkpoint: it holds a {type(loaded).__name__}, not a dict of tensors")
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
