@@ -36,7 +36,7 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``depth_midas`` MiDaS DPT-Hybrid depth (dpt_hybrid-midas-501f0c75.pt, alias ``depth``), ``depth_anything`` /
 ``depth_anything_v2`` Depth Anything depth, ``normal_midas`` normal from MiDaS depth (Threshold A =
 background threshold, 0.4), ``softedge_teed`` (7_model.pth; Threshold A = Safe Steps, 2: 0 keeps every grey level),
-``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue).
+``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue), ``depth_zoe`` ZoeDepth depth (ZoeD_M12_N.pt).
 """
 
 from __future__ import annotations
@@ -232,6 +232,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("softedge_teed", None, uses_res=True, threshold_a=("Safe Steps", 2, 0, 10)),  # annotators.teed
         # Surface normals (huabi.models.annotators.normalbae).
         ModuleSpec("normal_bae", None, uses_res=True),
+        ModuleSpec("depth_zoe", None, uses_res=True),  # ZoeDepth metric depth (huabi.models.annotators.zoe)
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
