@@ -35,7 +35,7 @@ tested, so huabi only does what is specific to the user's files:
                        returns it flipped to B, G, R).
 =====================  ======================================================================
 
-ZoeDepth and segmentation (OneFormer, UniFormer) are not implemented.
+ZoeDepth is in ``zoe.py``; segmentation (OneFormer, UniFormer) is not implemented.
 """
 
 from __future__ import annotations
