@@ -175,6 +175,15 @@ def _min_max_uint8(depth: torch.Tensor) -> np.ndarray:
     return scaled.float().cpu().numpy().astype(np.uint8)
 
 
+# The checkpoint helpers other annotators built on transformers' ports reuse (zoe.py), under public names.
+require_keys = _require
+strip_prefix = _strip_prefix
+count_blocks = _count_blocks
+load_strict = _load_strict
+parse_shapes = _parse_shapes
+grey_map = _to_grey_map
+
+
 # --------------------------------------------------------------------------- Depth Anything
 
 

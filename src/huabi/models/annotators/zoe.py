@@ -42,14 +42,13 @@ from huabi.errors import HuabiError
 from huabi.models.annotators import Annotator, read_annotator_weights
 from huabi.models.annotators.depth import (
     LoadedDepthNet,
-    _count_blocks,
-    _fail,
-    _load_strict,
-    _parse_shapes,
-    _require,
-    _strip_prefix,
-    _to_grey_map,
+    count_blocks,
+    grey_map,
+    load_strict,
     pad_to_multiple,
+    parse_shapes,
+    require_keys,
+    strip_prefix,
 )
 
 ZOE_FILE = "ZoeD_M12_N.pt"
@@ -88,13 +87,13 @@ class ZoeShape:
 
 
 def zoe_shape(tensors: dict[str, torch.Tensor], path: Path) -> ZoeShape:
-    _require(tensors, path, WHAT, f"{BEIT}.cls_token", f"{BEIT}.patch_embed.proj.weight",
+    require_keys(tensors, path, WHAT, f"{BEIT}.cls_token", f"{BEIT}.patch_embed.proj.weight",
              f"{BEIT}.blocks.0.mlp.fc1.weight", f"{BEIT}.blocks.0.attn.relative_position_bias_table",
              f"{SCRATCH}.layer1_rn.weight", f"{SCRATCH}.output_conv.2.weight", "conv2.weight",
              "seed_bin_regressor._net.2.weight", "seed_projector._net.2.weight",
              *(f"core.core.pretrained.act_postprocess{i}.3.weight" for i in range(1, 5)))
-    layers = _count_blocks(tensors, rf"{re.escape(BEIT)}\.blocks\.(\d+)\.norm1\.weight")
-    attractors = _count_blocks(tensors, r"attractors\.(\d+)\._net\.2\.weight")
+    layers = count_blocks(tensors, rf"{re.escape(BEIT)}\.blocks\.(\d+)\.norm1\.weight")
+    attractors = count_blocks(tensors, r"attractors\.(\d+)\._net\.2\.weight")
     if layers < 4 or attractors != 4:
         raise HuabiError(f"{path.name}: not a ZoeDepth checkpoint (needs numbered BEiT blocks and 4 attractors)")
     hidden = int(tensors[f"{BEIT}.cls_token"].shape[-1])
@@ -237,18 +236,16 @@ def _materialise_buffers(model: torch.nn.Module) -> None:
 def load_zoe(path: Path, device: torch.device) -> LoadedDepthNet:
     from transformers import ZoeDepthForDepthEstimation
 
-    tensors = _strip_prefix(read_annotator_weights(path), "module.")
-    shape = _parse_shapes(zoe_shape, tensors, path, WHAT)
+    tensors = strip_prefix(read_annotator_weights(path), "module.")
+    shape = parse_shapes(zoe_shape, tensors, path, WHAT)
     converted, unexpected = convert_zoe(tensors, shape)
     original_names = {target: source for source, target in zoe_key_map(shape).items()}
     for layer in range(shape.layers):
         for part in ("q_proj", "k_proj", "v_proj"):
             original_names[f"backbone.beit.layers.{layer}.attention.{part}.weight"] = f"{BEIT}.blocks.{layer}.attn.qkv.weight"
-    if unexpected and not converted:
-        raise _fail(path, WHAT, [], unexpected)
     with torch.device("meta"):
         model = ZoeDepthForDepthEstimation(zoe_config(shape))
-    _load_strict(model, converted, path, WHAT, unexpected, original_names)
+    load_strict(model, converted, path, WHAT, unexpected, original_names)
     _materialise_buffers(model)
     return LoadedDepthNet(model.to(device).eval(), "zoe", device)
 
@@ -306,7 +303,7 @@ def zoe_grey(depth: np.ndarray) -> np.ndarray:
 def detect_zoe(net: LoadedDepthNet, image: np.ndarray, a: float | None, b: float | None) -> np.ndarray:
     height, width = image.shape[:2]
     depth = zoe_raw(net, pad_to_multiple(image)).float().cpu().numpy()
-    return _to_grey_map(zoe_grey(depth)[:height, :width])
+    return grey_map(zoe_grey(depth)[:height, :width])
 
 
 ANNOTATORS = (
