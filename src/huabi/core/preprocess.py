@@ -36,7 +36,8 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``depth_midas`` MiDaS DPT-Hybrid depth (dpt_hybrid-midas-501f0c75.pt, alias ``depth``), ``depth_anything`` /
 ``depth_anything_v2`` Depth Anything depth, ``normal_midas`` normal from MiDaS depth (Threshold A =
 background threshold, 0.4), ``softedge_teed`` (7_model.pth; Threshold A = Safe Steps, 2: 0 keeps every grey level),
-``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue), ``depth_zoe`` ZoeDepth depth (ZoeD_M12_N.pt).
+``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue), ``depth_zoe`` ZoeDepth depth (ZoeD_M12_N.pt),
+``seg_anime_face`` anime face parts in sd-webui-controlnet's colours (UNet.pth).
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ MODULES: dict[str, ModuleSpec] = {
         # Surface normals (huabi.models.annotators.normalbae).
         ModuleSpec("normal_bae", None, uses_res=True),
         ModuleSpec("depth_zoe", None, uses_res=True),  # ZoeDepth metric depth (huabi.models.annotators.zoe)
+        ModuleSpec("seg_anime_face", None, uses_res=True),  # anime face parts (huabi.models.annotators.anime_face)
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -256,6 +258,8 @@ MODULE_ALIASES = {
     "depth": "depth_midas",
     "normal_map": "normal_midas",
     "te_hed": "softedge_teed",
+    "zoe_depth": "depth_zoe",
+    "anime_face_segment": "seg_anime_face",
 }
 
 
