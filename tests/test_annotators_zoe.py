@@ -323,6 +323,7 @@ def test_module_is_registered_as_sd_webui_controlnet_names_it():
     from huabi.models.annotators import annotator_registry
 
     spec = module_spec("depth_zoe")
+    assert module_spec("zoe_depth").name == "depth_zoe"
     assert spec.is_network and spec.uses_res and spec.threshold_a is None and spec.threshold_b is None
     assert annotator_registry()["depth_zoe"].weight_files == (ZOE_FILE,)
 
