@@ -37,7 +37,8 @@ Network preprocessors (weights from the user's files, run by ``huabi.models.anno
 ``depth_anything_v2`` Depth Anything depth, ``normal_midas`` normal from MiDaS depth (Threshold A =
 background threshold, 0.4), ``softedge_teed`` (7_model.pth; Threshold A = Safe Steps, 2: 0 keeps every grey level),
 ``normal_bae`` (scannet.pt; RGB normal map, x red, y green, z blue), ``depth_zoe`` ZoeDepth depth (ZoeD_M12_N.pt),
-``seg_anime_face`` anime face parts in sd-webui-controlnet's colours (UNet.pth).
+``seg_anime_face`` anime face parts in sd-webui-controlnet's colours (UNet.pth), ``seg_ufade20k`` ADE20K
+classes in the ADE20K palette (upernet_global_small.pth, alias ``segmentation``).
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("normal_bae", None, uses_res=True),
         ModuleSpec("depth_zoe", None, uses_res=True),  # ZoeDepth metric depth (huabi.models.annotators.zoe)
         ModuleSpec("seg_anime_face", None, uses_res=True),  # anime face parts (huabi.models.annotators.anime_face)
+        ModuleSpec("seg_ufade20k", None, uses_res=True),  # ADE20K segmentation (huabi.models.annotators.uniformer)
     )
 }
 # sd-webui-controlnet's display names and older names for the same modules.
@@ -260,6 +262,7 @@ MODULE_ALIASES = {
     "te_hed": "softedge_teed",
     "zoe_depth": "depth_zoe",
     "anime_face_segment": "seg_anime_face",
+    "segmentation": "seg_ufade20k",
 }
 
 
