@@ -30,7 +30,7 @@ from huabi.errors import HuabiError
 
 ANNOTATOR_FOLDER = "annotators"
 # Sub-modules that define ``ANNOTATORS`` (a tuple of Annotator); add yours here.
-ANNOTATOR_MODULES: tuple[str, ...] = ("lines", "mlsd", "pidinet", "openpose", "depth", "normalbae", "manga_line", "teed", "zoe", "anime_face")
+ANNOTATOR_MODULES: tuple[str, ...] = ("lines", "mlsd", "pidinet", "openpose", "depth", "normalbae", "manga_line", "teed", "zoe", "anime_face", "uniformer")
 
 
 @dataclass(frozen=True)
