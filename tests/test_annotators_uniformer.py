@@ -318,6 +318,19 @@ def test_wrong_files_are_refused_with_keys_named(tmp_path):
         assert "\n" not in message and path.name in message and expected in message, message
 
 
+def test_batchnorm_step_counters_are_optional(tmp_path):
+    from huabi.models.annotators.uniformer import load_uniformer
+
+    state = random_state(seed=11)
+    without = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    assert len(without) < len(state)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode():
+        full = load_uniformer(_save(mmseg_file(state), tmp_path / "a"), torch.device("cpu")).model(x)
+        lean = load_uniformer(_save(mmseg_file(without), tmp_path / "b"), torch.device("cpu")).model(x)
+    torch.testing.assert_close(full, lean, rtol=0, atol=0)
+
+
 def test_code_carrying_pickle_is_refused(tmp_path):
     from huabi.models.annotators.uniformer import load_uniformer
 

@@ -19,7 +19,8 @@ checkpoint's key layout (mmseg's ``backbone.`` / ``decode_head.`` prefixes):
 
 The stage widths, depths and head width are read from the file (tests use a
 narrow copy with the same names).  The training-only auxiliary head's weights
-(``auxiliary_head.*``) are accepted and ignored; everything else loads strictly.
+(``auxiliary_head.*``) are accepted and ignored, BatchNorm step counters may be absent; everything
+else loads strictly.
 
 Processing as sd-webui-controlnet (mmseg's ``inference_segmentor`` + its
 ``show_result_pyplot`` at opacity 1): the image, edge-padded to a multiple of
@@ -280,6 +281,9 @@ def load_uniformer(path: Path, device: torch.device) -> LoadedUniformer:
     tensors = {key: value for key, value in tensors.items() if not key.startswith(AUXILIARY_PREFIX)}
     model = UniformerUperNet(config_from_state(tensors, path))
     expected = model.state_dict()
+    # BatchNorm's step counter is unused at inference; files saved without it load all the same.
+    tensors.update({key: value for key, value in expected.items()
+                    if key.endswith("num_batches_tracked") and key not in tensors})
     missing = [key for key in expected if key not in tensors]
     unexpected = sorted(key for key in tensors if key not in expected)
     if missing or unexpected:
