@@ -232,6 +232,10 @@ def cmd_textuse(args) -> None:
     other_rows = own_rows.roll(1)
     alphas = scaled_linear_alphas_cumprod(1000, 0.00085, 0.012)
     latents = cache.latents[items] * cache.scaling_factor
+    mean_latent = cache.latents.mean(dim=0) * cache.scaling_factor
+    state_names = json.loads((args.state / "data" / "pixels-128.json").read_text())["names"]
+    sources = [source_of(Path(state_names[i]).name) for i in items.tolist()]
+    by_source = {source: torch.tensor([s == source for s in sources]) for source in ("emoji", "clipart")}
     noise = torch.randn(latents.shape, generator=generator)
     text = lambda rows: torch.from_numpy(np.ascontiguousarray(cache.text[rows.numpy()])).float()
     contexts = {"own caption": text(own_rows), "another item's caption": text(other_rows), "empty": text(torch.zeros_like(own_rows))}
@@ -251,15 +255,107 @@ def cmd_textuse(args) -> None:
                 errors = torch.cat(errors)
                 row[label] = errors
             own = row["own caption"]
+            # the same errors as x0 errors: x0_hat - x0 = sqrt((1 - abar) / abar) (eps - eps_hat); next to
+            # what predicting the dataset's mean latent would score (the item-specific variance)
+            to_x0 = float((1 - abar) / abar)
             result[str(t)] = {
                 **{label: round(float(e.mean()), 5) for label, e in row.items()},
                 # share of items whose own caption predicts its noise better than another item's caption
                 "own beats another": round(float((own < row["another item's caption"]).float().mean()), 3),
+                "x0 MSE": {label: round(to_x0 * float(e.mean()), 4) for label, e in row.items()},
+                "x0 MSE of the mean latent": round(float((latents - mean_latent).pow(2).mean()), 4),
+                "x0 MSE by source (own / empty / mean latent)": {
+                    source: [round(to_x0 * float(own[rows].mean()), 4), round(to_x0 * float(row["empty"][rows].mean()), 4),
+                             round(float((latents[rows] - mean_latent).pow(2).mean()), 4), int(rows.sum())]
+                    for source, rows in by_source.items()},
             }
             print(t, json.dumps(result[str(t)]), flush=True)
     record = {"tag": args.tag, "kind": "textuse", "model": str(args.model), "items": count, "by_timestep": result, "wall_s": round(time.time() - started)}
     with open(args.work / "runs.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def cmd_ceiling(args) -> None:
+    """The best a generator could score here: the subset's real images through the VAE alone
+    (encode, decode), scored like a generation run (tag ``vae-ceiling``)."""
+    from PIL import Image
+
+    from huabi.eval.faithfulness import to_pixels
+    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.load import load_model
+    from huabi.train.data import default_tokenizer
+
+    started = time.time()
+    real = load_real(args.work)
+    items = real["subset"]
+    bundle = load_model(args.model, compute_hash=False)
+    clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
+    pixels = to_pixels([Image.open(args.data / real["files"][i]) for i in items], 128)
+    with torch.inference_mode():
+        decoded = torch.cat([bundle.vae.decode(bundle.vae.encode(pixels[s : s + 20]).latent_dist.mean).sample.clamp(-1, 1)
+                             for s in range(0, len(items), 20)])
+        prompts = [real["captions"][i][0] for i in items]
+        scores = score_images(decoded, prompts, items, real, clip, default_tokenizer())
+    psnr = float((10 * torch.log10(4.0 / (decoded - pixels).pow(2).mean(dim=(1, 2, 3)))).mean())
+    record = {"tag": "vae-ceiling", "kind": "sample", "model": str(args.model), "items": "eval100", "variant": 0, "cfg": 0,
+              "steps": 0, "sampler": "VAE round trip", "rescale": None, **scores, "item_ids": items, "psnr_db": round(psnr, 2),
+              "wall_s": round(time.time() - started)}
+    np.save(args.work / "vae-ceiling.npy", ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    with open(args.work / "runs.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k not in ("thumb_nn1", "item_ids")}))
+
+
+def centred_vae(vae, mean: torch.Tensor, std: torch.Tensor):
+    """A copy of ``vae`` whose latents are ``(z - mean) / std`` per channel and which decodes them
+    to the same pixels: the shift and scale folded into the 1x1 ``quant_conv`` (mean and log-variance
+    rows) and ``post_quant_conv`` (its input channels). An exact reparametrisation, same file layout."""
+    import copy
+
+    vae = copy.deepcopy(vae)
+    channels = mean.numel()
+    with torch.no_grad():
+        q = vae.quant_conv
+        q.weight[:channels] /= std.view(-1, 1, 1, 1)
+        q.bias[:channels] = (q.bias[:channels] - mean) / std
+        q.bias[channels:] -= 2 * torch.log(std)  # log-variance of z / std
+        p = vae.post_quant_conv
+        p.bias += (p.weight[:, :, 0, 0] * mean.view(1, -1)).sum(dim=1)
+        p.weight *= std.view(1, -1, 1, 1)
+    return vae
+
+
+def cmd_centre(args) -> None:
+    """How the cached latents sit in the UNet's units, and the exact fix: per-channel centring folded into the VAE."""
+    from PIL import Image
+
+    from huabi.eval.faithfulness import to_pixels
+    from huabi.models.load import load_model
+    from huabi.train.cache import load_cache
+
+    cache = load_cache(args.state / "cache")
+    latents = cache.latents  # unscaled posterior means
+    scaled = latents * cache.scaling_factor
+    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+    out = {
+        "scaling_factor": cache.scaling_factor,
+        "scaled latents: variance": round(float(scaled.var()), 4),
+        "scaled latents: per-channel mean": [round(float(x), 3) for x in scaled.mean(dim=(0, 2, 3))],
+        "scaled latents: per-channel std": [round(float(x), 3) for x in scaled.std(dim=(0, 2, 3))],
+        "scaled latents: variance around the per-channel mean": round(float((scaled - scaled.mean(dim=(0, 2, 3), keepdim=True)).pow(2).mean()), 4),
+        "scaled latents: variance around the dataset's mean latent": round(float((scaled - scaled.mean(dim=0)).pow(2).mean()), 4),
+    }
+    real = load_real(args.work)
+    bundle = load_model(args.model, compute_hash=False)
+    vae = bundle.vae.eval()
+    centred = centred_vae(vae, mean, std)
+    pixels = to_pixels([Image.open(args.data / real["files"][i]) for i in real["subset"][:20]], 128)
+    with torch.inference_mode():
+        z = vae.encode(pixels).latent_dist.mean
+        z_new = centred.encode(pixels).latent_dist.mean
+        out["centred VAE: max |latent - (z - mean) / std|"] = float((z_new - (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).abs().max())
+        out["centred VAE: max |decoded pixel difference|"] = float((centred.decode(z_new).sample - vae.decode(z).sample).abs().max())
+    print(json.dumps(out, indent=1))
 
 
 def cmd_checkenc(args) -> None:
@@ -274,7 +370,7 @@ def cmd_checkenc(args) -> None:
     trained = torch.load(args.state / "data" / "tokens.pt", weights_only=False)["captions"]
     row_of = {caption: row for row, caption in enumerate(trained)}
     bundle = load_model(args.model, compute_hash=False)
-    worst, checked, missing = 0.0, 0, 0
+    worst, checked, missing, differing = 0.0, 0, 0, []
     with torch.inference_mode():
         for item in real["subset"]:
             for variant in real["captions"][item][:3]:
@@ -284,13 +380,17 @@ def cmd_checkenc(args) -> None:
                 guidance = encode_guidance(bundle, variant, "", clip_skip=1, width_px=128, height_px=128, device=torch.device("cpu"))
                 conds, _ = guidance.conditioning(1)
                 context = conds[0][0].entries[0][1].context[0]
-                cached = torch.from_numpy(np.asarray(cache.text[row_of[variant]])).float()
+                cached = torch.from_numpy(np.array(cache.text[row_of[variant]])).float()
                 if context.shape != cached.shape:
                     print(f"shape differs for {variant!r}: {tuple(context.shape)} vs {tuple(cached.shape)}")
                     continue
-                worst = max(worst, float((context - cached).abs().max()))
+                difference = float((context - cached).abs().max())
+                worst = max(worst, difference)
                 checked += 1
-    print(json.dumps({"captions_checked": checked, "not_in_training_captions": missing, "max_abs_difference": worst}))
+                if difference > 0.01:  # fp16 storage rounds to ~1e-3
+                    differing.append((variant, round(difference, 3)))
+    print(json.dumps({"captions_checked": checked, "not_in_training_captions": missing, "max_abs_difference": worst,
+                      "differing_over_0.01": differing}, indent=1))
 
 
 # ---------------------------------------------------------------- the text tower alone
@@ -375,7 +475,23 @@ def cmd_confusions(args) -> None:
         "nearest is the same source (emoji/clipart)": round(same_source / len(misses), 3),
         "chance same source": round(sum(source_of(files[i]) == source_of(files[r]) for i, r in draws) / len(draws), 3),
     }
+    # skin-tone-blind: emoji that differ only by skin tone count as the same item (half the emoji are such variants)
+    from huabi.eval.faithfulness import nearest, thumbnail_features
+
+    base = [SKIN_TONE.sub("", n).strip(" ,") for n in names]
+    base_of = {b: i for i, b in enumerate(sorted(set(base)))}
+    base_labels = torch.tensor([base_of[b] for b in base])
+    pixels = torch.from_numpy(np.load(args.work / f"{args.tag}.npy")).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    nn = nearest(thumbnail_features(pixels), real["thumbs"], 10, metric="l2")
+    items = torch.tensor(run["item_ids"])
+    out["thumb (from the saved pixels)"] = retrieval(nn, real["labels"][items], real["labels"])
+    out["thumb, skin-tone-blind"] = retrieval(nn, base_labels[items], base_labels)
+    emoji = torch.tensor([source_of(files[i]) == "emoji" for i in run["item_ids"]])
+    out["emoji thumb, skin-tone-blind"] = retrieval(nn[emoji], base_labels[items][emoji], base_labels)
     print(json.dumps(out, indent=1))
+
+
+SKIN_TONE = re.compile(r"(,? ?(with )?(light|medium-light|medium|medium-dark|dark) skin tone)+")
 
 
 def cmd_failures(args) -> None:
@@ -388,7 +504,7 @@ def cmd_failures(args) -> None:
     folder = args.data
     rows = []
     for row, (item, nn) in enumerate(zip(run["item_ids"], run["thumb_nn1"])):
-        if real["labels"][nn] != real["labels"][item]:
+        if real["labels"][nn] != real["labels"][item] and args.source in ("all", source_of(real["files"][item])):
             rows.append((row, item, nn))
     rows = rows[: args.count]
     cell, label_h, columns = 128, 14, 2
@@ -451,6 +567,9 @@ def main() -> None:
     textuse.add_argument("--count", type=int, default=256)
     textuse.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     sub.add_parser("text")
+    sub.add_parser("ceiling")
+    centre = sub.add_parser("centre")
+    centre.add_argument("--state", type=Path, default=V2_STATE)
     check = sub.add_parser("checkenc")
     check.add_argument("--state", type=Path, default=V2_STATE)
     conf = sub.add_parser("confusions")
@@ -459,11 +578,12 @@ def main() -> None:
     fail.add_argument("--tag", required=True)
     fail.add_argument("--out", type=Path, required=True)
     fail.add_argument("--count", type=int, default=20)
+    fail.add_argument("--source", choices=("all", "emoji", "clipart"), default="all")
     sub.add_parser("table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    {"real": cmd_real, "sample": cmd_sample, "textuse": cmd_textuse, "text": cmd_text, "checkenc": cmd_checkenc, "confusions": cmd_confusions,
+    {"real": cmd_real, "sample": cmd_sample, "textuse": cmd_textuse, "text": cmd_text, "checkenc": cmd_checkenc, "ceiling": cmd_ceiling, "centre": cmd_centre, "confusions": cmd_confusions,
      "failures": cmd_failures, "table": cmd_table}[args.command](args)
 
 
