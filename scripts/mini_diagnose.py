@@ -98,7 +98,7 @@ def source_of(file_name: str) -> str:
 # ---------------------------------------------------------------- CFG rescale (diagnostic only)
 
 
-def rescaled_cfg(phi: float):
+def rescaled_cfg(phi: float, space: str = "eps"):
     """Guidance rule: CFG, then the guided eps rescaled to the std of the conditional eps
     (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", eq. 15-16),
     mixed with plain CFG by ``phi``; computed in eps space per image, as diffusers'
@@ -114,6 +114,10 @@ def rescaled_cfg(phi: float):
             inputs = UNetInputs.concat([uncond.at(0).repeat_to(batch), cond.at(0).repeat_to(batch)])
             d_uncond, d_cond = model(torch.cat([x, x]), torch.cat([sigma_flat, sigma_flat]), inputs).chunk(2)
             s = sigma_flat.view(-1, 1, 1, 1)
+            if space == "x0":  # on the denoised latents (what A1111's CFG-rescale extensions see)
+                d_cfg = d_uncond + (d_cond - d_uncond) * (scale * weight)
+                ratio = d_cond.std(dim=(1, 2, 3), keepdim=True) / d_cfg.std(dim=(1, 2, 3), keepdim=True)
+                return phi * (d_cfg * ratio) + (1.0 - phi) * d_cfg
             eps_u, eps_c = (x - d_uncond) / s, (x - d_cond) / s
             eps_cfg = eps_u + (eps_c - eps_u) * (scale * weight)
             ratio = eps_c.std(dim=(1, 2, 3), keepdim=True) / eps_cfg.std(dim=(1, 2, 3), keepdim=True)
@@ -186,7 +190,7 @@ def cmd_sample(args) -> None:
     engine = Engine(device="cpu", dtype="fp32")
     bundle = engine.load(str(args.model))
     clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
-    patches = (GuidancePatch(rescaled_cfg(args.rescale)),) if args.rescale is not None else ()
+    patches = (GuidancePatch(rescaled_cfg(args.rescale, args.rescale_space)),) if args.rescale is not None else ()
     images = []
     with torch.inference_mode():
         for prompt, seed in zip(prompts, seeds, strict=True):  # one prompt per image: seeds as the evaluation
@@ -199,6 +203,7 @@ def cmd_sample(args) -> None:
     record = {
         "tag": args.tag, "kind": "sample", "model": str(args.model), "items": args.items, "variant": args.variant,
         "cfg": args.cfg, "steps": args.steps, "sampler": args.sampler, "rescale": args.rescale,
+        "rescale_space": args.rescale_space if args.rescale is not None else None,
         **scores, "item_ids": items, "wall_s": round(time.time() - started),
     }
     with open(args.work / "runs.jsonl", "a", encoding="utf-8") as handle:
@@ -559,6 +564,7 @@ def main() -> None:
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--sampler", default="DPM++ 2M")
     sample.add_argument("--rescale", type=float, default=None, help="CFG rescale phi (default: off)")
+    sample.add_argument("--rescale-space", choices=("eps", "x0"), default="eps")
     sample.add_argument("--variant", type=int, default=0, help="caption variant (0 = the name); -1 = empty prompt")
     sample.add_argument("--items", choices=("eval100", "random100"), default="eval100")
     textuse = sub.add_parser("textuse")
