@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DEFAULT_WORK = Path.home() / ".cache" / "huabi" / "diag" / "mini"
 SUBSET_STRIDE = 3  # 300 evaluation items -> 100
