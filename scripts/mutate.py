@@ -179,6 +179,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "torch.randn(shape, generator=_cpu_generator(s)) for s in seeds",
            "torch.randn(shape, generator=_cpu_generator(seeds[0])) for s in seeds",
            ("tests/test_noise.py",)),
+    # ---- one infotext, one schedule; reproducible files; one LoRA lookup
+    Mutant("flow-hires-diffusers-steps", "huabi/service/flow_plans.py",
+           "embeddings=embeddings, fixed_steps=True)",
+           "embeddings=embeddings, fixed_steps=False)",
+           ("tests/test_flow_hires_steps.py", "tests/test_flow_engine.py")),
+    Mutant("safetensors-metadata-hash-order", "huabi/models/formats.py",
+           "        _sort_header_metadata(temp)\n",
+           "",
+           ("tests/test_merge.py",)),
+    Mutant("server-loras-own-list", "huabi/server/catalog.py",
+           "lora_files(lora_folders(self.models_dir))",
+           "lora_files(lora_folders(self.models_dir)[:-1])",
+           ("tests/test_server_loras.py",)),
 )
 
 

@@ -1,6 +1,7 @@
 """SD3/FLUX on the engine's shared path: one job entry, the same batch loop (progress events with
 phases, live previews, interrupt/skip), LoRA as a patch kept between jobs and restored bit for bit,
-X/Y/Z grids, and the hires fix against diffusers' FluxPipeline + FluxImg2ImgPipeline."""
+X/Y/Z grids, and the hires fix against diffusers' FluxPipeline + FluxImg2ImgPipeline (the second pass by
+A1111's fixed-steps rule: diffusers run with ``int(S / strength)`` steps at that strength, whose last S run)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from flow_fixtures import TinyFlowModel, plain_clip
-from huabi.core.flow import flow_sigmas, flux_shift_for, start_index_for_strength
+from huabi.core.flow import flow_sigmas, flux_shift_for
 from huabi.core.noise import initial_noise
 from huabi.core.request import EditOptions, GenerationRequest
 from huabi.errors import HuabiError
@@ -187,8 +188,8 @@ def test_hires_fix_equals_diffusers_txt2img_then_img2img(engine, flux, upscaler)
     events = []
     ours = prepared.plan.run_batch(bundle, seeds, None, events.append, prepared.embeddings)
     assert ours.images[0].size == (128, 128) and (ours.width_px, ours.height_px) == (64, 64)
-    assert [e.phase for e in events] == ["first pass"] * 4 + ["hires"] * 2
-    assert [e.step for e in events][-1] == 8  # the second pass's 2 steps counted as hires_steps
+    assert [e.phase for e in events] == ["first pass"] * 4 + ["hires"] * 4  # fixed steps: exactly hires_steps
+    assert [e.step for e in events] == list(range(1, 9))
 
     first, second = _pipes(flux)
     max_t5 = 512  # FLUX dev's T5 length, as the engine runs it
@@ -200,13 +201,15 @@ def test_hires_fix_equals_diffusers_txt2img_then_img2img(engine, flux, upscaler)
     else:
         image = decode_latents(bundle, first_latents)[0].resize((128, 128), Image.LANCZOS)
         upscaled = encode_image(bundle, image, "cpu")
-    # The start sigma as FluxImg2ImgPipeline picks it: its own schedule at the target size, cut by strength.
-    sigmas = flow_sigmas(hires_steps, shift=flux_shift_for(128, 128))
-    start = float(sigmas[start_index_for_strength(hires_steps, denoise)])
+    # A1111's fixed-steps rule through diffusers: FluxImg2ImgPipeline with int(S / strength) steps at that
+    # strength runs the last int(N * strength) = S of them; the start sigma is that schedule's (N - S)th.
+    schedule_length = int(hires_steps / denoise)
+    sigmas = flow_sigmas(schedule_length, shift=flux_shift_for(128, 128))
+    start = float(sigmas[schedule_length - hires_steps])
     noised = (1 - start) * upscaled + start * initial_noise(seeds, (16, 16, 16))
     reference = second("a red apple", image=Image.new("RGB", (128, 128)), height=128, width=128, strength=denoise,
-                       num_inference_steps=hires_steps, guidance_scale=guidance, latents=pack_latents(noised.float()),
-                       output_type="latent", max_sequence_length=max_t5).images
+                       num_inference_steps=schedule_length, guidance_scale=guidance,
+                       latents=pack_latents(noised.float()), output_type="latent", max_sequence_length=max_t5).images
     from huabi.pipelines.flow import FlowRequest, flow_generate
 
     # our final latent, recomputed without decoding, equals diffusers' (images are decoded from it)
@@ -217,7 +220,8 @@ def test_hires_fix_equals_diffusers_txt2img_then_img2img(engine, flux, upscaler)
     our_first = flow_generate(bundle, flow_first, seeds, decode=False).latents
     _close(our_first, first_latents)
     our_up = flow_hires_upscale(bundle, our_first, upscaler, _flow_hires_plan(request, 64, 64), None, torch.device("cpu"))
-    ours_final = flow_generate(bundle, flow_second, seeds, init_latent=our_up, strength=denoise, decode=False).latents
+    ours_final = flow_generate(bundle, flow_second, seeds, init_latent=our_up, strength=denoise, decode=False,
+                               fixed_steps=True).latents
     _close(ours_final, unpack_latents(reference, 16, 16))
     assert np.array_equal(np.asarray(decode_latents(bundle, ours_final)[0]), np.asarray(ours.images[0]))
 

@@ -195,3 +195,21 @@ def test_mixed_formats_merge(parents, tmp_path):
     out = tmp_path / "m1.safetensors"
     merge_checkpoints([parents[0], b_ckpt], MergeSpec("weighted-sum", 1.0), out)
     assert _identical(read_safetensors(out)[0], read_safetensors(parents[1])[0])
+
+
+def test_same_merge_gives_the_same_bytes(parents, tmp_path):
+    # safetensors writes __metadata__ in its Rust hash map's order, which changes from map to map, so
+    # the same merge used to give files of different SHA-256 (A1111's full-file hash). Five runs of the
+    # CLI must give one digest, and the recipe must read back unchanged.
+    a, b = parents[:2]
+    digests = set()
+    for run in range(5):
+        out = tmp_path / f"merged-{run}.safetensors"
+        assert main(["merge", str(a), str(b), "--alpha", "0.3", "--out", str(out)]) == 0
+        digests.add(_sha(out))
+    assert len(digests) == 1, digests
+    _, recipe = merge_checkpoints([a, b], MergeSpec("weighted-sum", 0.3), tmp_path / "api.safetensors")
+    assert _sha(tmp_path / "api.safetensors") in digests  # the Python API writes the same file
+    tensors, metadata = read_safetensors(out)  # loads (header length and offsets intact)
+    assert metadata == recipe and list(metadata) == sorted(metadata)
+    assert _identical(tensors, read_safetensors(tmp_path / "api.safetensors")[0])

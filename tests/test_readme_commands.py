@@ -116,8 +116,6 @@ SMALLER = {
 # Exact command text -> why its shown output is not compared (it is still run and must succeed).
 OUTPUT_NOT_COMPARED = {
     "huabi system": "describes the machine it runs on",
-    "huabi inspect models/mix.safetensors": "safetensors writes a merge's metadata in no fixed order, so the "
-                                            "file's sha256 (first lines of the hashes) changes from run to run",
     "huabi eval compare --vary \"Steps: 2, 20\" --prompts emoji-prompts.txt --seeds 1-4 --real emoji-real "
     "--out report": "numbers measured on the real emoji set, which the test does not build",
 }

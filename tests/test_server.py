@@ -156,7 +156,8 @@ def test_listing_routes_answer_in_a1111_shapes(api, server):
     assert not any(s["name"] == "beta" for s in schedulers)  # only what huabi implements
     assert any(u["name"] == "Lanczos" for u in api.get_upscalers())
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
-    assert api.get_loras() == [] and api.get_hypernetworks() == []
+    assert [lora["name"] for lora in api.get_loras()] == ["demo"]  # the built-in demo LoRA (empty Lora/)
+    assert api.get_hypernetworks() == []
     assert "loaded" in api.get_embeddings()
     assert any(s["name"] == "Cinematic" for s in api.get_prompt_styles())  # the built-in styles.csv (no user file)
     assert "ram" in api.get_memory()

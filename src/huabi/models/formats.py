@@ -419,7 +419,8 @@ def write_safetensors_atomic(
 ) -> Path:
     """Write ``tensors`` to ``path`` via a temp file in the same folder + ``os.replace``.
 
-    A crash or error leaves any existing file untouched and no partial file behind.
+    A crash or error leaves any existing file untouched and no partial file behind. Equal tensors and
+    metadata give equal bytes (``__metadata__`` keys sorted, see :func:`_sort_header_metadata`).
     """
     from safetensors.torch import save_file
 
@@ -432,7 +433,31 @@ def write_safetensors_atomic(
     prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     with atomic_path(path) as temp:
         save_file(_unshare(prepared), str(temp), metadata=dict(metadata) if metadata else None)
+        _sort_header_metadata(temp)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a just-written safetensors header with its ``__metadata__`` keys sorted.
+
+    safetensors serialises ``__metadata__`` from a Rust hash map, whose order changes from one
+    process (and one map) to the next, so the same merge gave files of different SHA-256. Tensor
+    entries keep the library's order (dtype, then name: already deterministic). Compact JSON without
+    ASCII escaping is never longer than the library's, so the new header is padded with spaces to the
+    old length (the format's own padding) and written in place: offsets and alignment are unchanged.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:
+            raise HuabiError(f"{path.name}: cannot normalise the safetensors header ({len(text)} > {length} bytes)")
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

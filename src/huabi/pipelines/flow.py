@@ -49,6 +49,7 @@ from huabi.models.flow_load import (
     FlowTextEncoders,
 )
 from huabi.models.transformer_families import TransformerFamily
+from huabi.pipelines.common import fixed_steps_schedule_length
 
 CLIP_MAX_LENGTH = 77
 FLUX_DEFAULT_GUIDANCE = 3.5
@@ -94,6 +95,18 @@ def family_shift(family: TransformerFamily, request: FlowRequest) -> float:
     if family.is_flux:
         return flux_shift_for(request.width_px, request.height_px)
     return SD3_SHIFT
+
+
+def fixed_steps_flow_sigmas(steps: int, strength: float, *, shift: float, schedule: str = "Simple") -> torch.Tensor:
+    """The hires fix's second-pass schedule by A1111's "fixed steps" rule, as SD1/SDXL run it
+    (:func:`huabi.pipelines.common.fixed_steps_schedule_length`): the last ``steps`` + 1 sigmas of a
+    flow schedule ``int(steps / min(strength, 0.999))`` steps long, so exactly ``steps`` steps run and
+    one infotext means one schedule whatever the family. Strength 0: ``[0]`` (the input comes back,
+    as SD1/SDXL's second pass at strength 0)."""
+    if strength == 0:
+        return torch.zeros(1, dtype=torch.float64)
+    length = fixed_steps_schedule_length(steps, strength)
+    return flow_sigmas(length, shift=shift, schedule=schedule)[length - steps:]
 
 
 def t5_length(family: TransformerFamily, request: FlowRequest) -> int:
@@ -451,13 +464,17 @@ def flow_generate(
     init_latent: torch.Tensor | None = None,
     phase: str = "first pass",
     embeddings=None,
+    fixed_steps: bool = False,
 ) -> FlowResult:
     """One batch (one image per seed). ``on_step(done, total)`` and ``on_event`` (a :class:`ProgressEvent`
     with ``phase`` and the denoised latent) are called after each step; ``on_event`` may raise
     :class:`StopSampling` to end the loop early (the latest denoised latent is returned, A1111's
     interrupt/skip). ``init_latent`` [1 or B, 16, h, w] (normalised) replaces ``init_image``'s encoding:
     the hires fix's second pass starts from the upscaled first-pass latent. ``embeddings``: textual
-    inversion by name (:func:`encode_flux` / :func:`encode_sd3`); the names used are in the result."""
+    inversion by name (:func:`encode_flux` / :func:`encode_sd3`); the names used are in the result.
+    ``fixed_steps`` (the hires fix's second pass): an init image or latent is denoised by A1111's
+    fixed-steps rule (:func:`fixed_steps_flow_sigmas`) instead of diffusers' img2img rule (the last
+    ``int(steps * strength)`` steps of the ``steps``-step schedule)."""
     device = torch.device(device)
     family = bundle.family
     fill = family is TransformerFamily.FLUX_FILL
@@ -476,7 +493,10 @@ def flow_generate(
     if init_image is not None or init_latent is not None:
         if init_image is not None and init_image.size != (request.width_px, request.height_px):
             init_image = init_image.convert("RGB").resize((request.width_px, request.height_px), Image.LANCZOS)
-        sigmas = sigmas[start_index_for_strength(request.steps, strength):]
+        if fixed_steps:
+            sigmas = fixed_steps_flow_sigmas(request.steps, strength, shift=shift, schedule=request.schedule)
+        else:
+            sigmas = sigmas[start_index_for_strength(request.steps, strength):]
     elif mask is not None:
         raise HuabiError("inpainting needs an init image")
 
@@ -543,7 +563,10 @@ def flow_generate(
             on_event(ProgressEvent(i + 1, total, phase=phase, latent=denoised))
 
     try:
-        latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+        if len(sigmas) > 1:
+            latents = sampler(denoiser, x, sigmas.to(work_dtype), noise=noise_sampler, on_step=step_callback)
+        else:  # strength 0 by the fixed-steps rule: nothing to denoise
+            latents = x
     except StopSampling:
         latents = latest[0]
     if latent_mask is not None:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from huabi.errors import HuabiError
 
-LORA_FOLDERS = ("Lora", "LyCORIS")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
 _EXTRA_NETWORK_TAG = re.compile(r"<([^:<>]+):([^<>]*)>")
@@ -83,7 +81,24 @@ class Catalog:
         return self._files(("VAE",), VAE_SUFFIXES)
 
     def loras(self) -> list[Entry]:
-        return self._files(LORA_FOLDERS, LORA_SUFFIXES)
+        """The files the engine's LoRA lookup searches (``Lora/``, ``LyCORIS/``, then huabi's built-in
+        LoRAs), so every listed name works in a prompt; a built-in one that a user's file of the same
+        name hides is not listed."""
+        from huabi.service.adapters import lora_files, lora_folders
+        from huabi.service.model_files import builtin_lora_dir
+
+        builtin = builtin_lora_dir()
+        entries = [Entry(path.stem, path) for path in lora_files(lora_folders(self.models_dir))]
+        users = {entry.name for entry in entries if not inside(entry.path, builtin)}
+        return [entry for entry in entries if not (entry.name in users and inside(entry.path, builtin))]
+
+    def _safe_lora(self, entry: Entry, what: str) -> Path:
+        """Inside the models folder, or one of huabi's own packaged LoRAs."""
+        from huabi.service.model_files import builtin_lora_dir
+
+        if inside(entry.path, builtin_lora_dir()):
+            return entry.path
+        return self._safe(entry, what)
 
     def hypernetworks(self) -> list[Entry]:
         return self._files(("hypernetworks",), (".pt", ".safetensors"))
@@ -157,7 +172,7 @@ class Catalog:
                 loras = self.loras() if loras is None else loras
                 for entry in loras:
                     if entry.name == name:
-                        self._safe(entry, f"{what}: <{kind}:{name}>")
+                        self._safe_lora(entry, f"{what}: <{kind}:{name}>")
         for wildcard in _WILDCARD.findall(prompt):
             if ".." in wildcard or wildcard.startswith(("/", "\\", "~")) or os.path.isabs(wildcard):
                 raise UnsafeName(f"{what}: wildcard __{wildcard}__ is a path; give a name from the wildcards folder")

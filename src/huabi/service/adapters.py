@@ -95,6 +95,13 @@ def lora_folders(models_dir: Path) -> list[Path]:
     return [Path(models_dir) / folder for folder in LORA_FOLDERS] + [builtin_lora_dir()]
 
 
+def lora_files(folders: Sequence[Path]) -> list[Path]:
+    """Every LoRA file in ``folders`` and their sub-folders, in lookup order (the folders' order, then
+    sorted paths): the first file with a name is the one a prompt's tag gets. The server lists these."""
+    return [path for folder in folders if folder.is_dir() for path in sorted(folder.rglob("*"))
+            if path.suffix.lower() in LORA_SUFFIXES and path.is_file()]
+
+
 def parse_lora_hashes(text: str | None) -> dict[str, str]:
     """An infotext's ``Lora hashes`` value (``name: hash, ...``) as {name: short hash}."""
     result: dict[str, str] = {}
@@ -114,8 +121,7 @@ def find_lora_file(name: str, folders: Sequence[Path], short_hash: str | None = 
     as_path = Path(name).expanduser()
     if ("/" in name or name.lower().endswith(LORA_SUFFIXES)) and as_path.is_file():
         return as_path
-    candidates = [path for folder in folders if folder.is_dir() for path in sorted(folder.rglob("*"))
-                  if path.suffix.lower() in LORA_SUFFIXES and path.is_file()]
+    candidates = lora_files(folders)
     for path in candidates:
         if name in (path.stem, path.name):
             return path

@@ -13,8 +13,9 @@ latent (previews), cancellation (interrupt/skip), the backend's VAE choice, info
   mode on the normalised 16-channel latent, or decode -> Lanczos / model upscaler -> encode), then
   the flow img2img path at the target size with ``hires_steps`` and ``hires_denoise``, same seeds
   (the second pass's noise is what a plain run at the target size starts from). The second pass
-  follows the flow img2img step rule (diffusers': the last ``int(steps * strength)`` steps of the
-  schedule; FLUX dev's shift is the target size's).
+  follows A1111's "fixed steps" rule as SD1/SDXL's does (exactly ``hires_steps`` steps, the last of
+  a flow schedule ``int(hires_steps / min(denoise, 0.999))`` steps long; FLUX dev's shift is the
+  target size's), so one infotext means one schedule in every family.
 * Edits: img2img, inpainting (white repainted), and with a FLUX.1 Fill model inpainting and
   outpainting as diffusers' ``FluxFillPipeline`` (mask and masked image as extra input channels).
 
@@ -193,7 +194,7 @@ def plan_flow_txt2img(engine: Engine, request: GenerationRequest, bundle: FlowBu
             request.hires_upscaler, plan, pixel_upscaler, engine.device)
         result = flow_generate(job_bundle, second, seeds, device=engine.device, init_latent=latents,
                                strength=float(request.hires_denoise), on_event=second_step, phase=HIRES_PASS,
-                               embeddings=embeddings)
+                               embeddings=embeddings, fixed_steps=True)
         return FlowBatch(result.images, result.seeds, width_px, height_px, result.embeddings_used)
 
     return BatchPlan(run_batch, recorded=recorded, steps_per_batch=total, infotext_size=(width_px, height_px))
