@@ -120,6 +120,44 @@ def run_variant(name: str, fp32_unet: torch.nn.Module, inputs, *, steps: int) ->
     return result
 
 
+def interleaved(names: list[str], fp32_unet: torch.nn.Module, inputs, *, rounds: int) -> list[dict]:
+    """Build every variant first (compiling what compiles), then time one call of each in turn,
+    ``rounds`` times: a shared machine's changing load then hits every variant alike."""
+    sample, timestep, context = inputs
+    prepared = []
+    for name in names:
+        autocast = "autocast" in name
+        dtype = torch.float32 if (autocast or name == "eager-fp32") else torch.bfloat16
+        module = copy.deepcopy(fp32_unet).to(dtype).to(memory_format=torch.channels_last)
+        x = sample.to(dtype).contiguous(memory_format=torch.channels_last)
+        c = context.to(dtype)
+
+        def call(unet=module, x=x, c=c, autocast=autocast, freeze="freeze" in name):
+            with torch.inference_mode(), inductor_settings(freeze), (
+                    torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()):
+                return unet(x, timestep, encoder_hidden_states=c, return_dict=False)[0]
+
+        runner = torch.compile(module, dynamic=False) if name.startswith("compile") else module
+        start = time.perf_counter()
+        out = call(runner)
+        first_s = time.perf_counter() - start
+        call(runner)  # warm-up
+        print(f"{name}: first call {first_s:.1f} s", flush=True)
+        prepared.append({"variant": name, "call": (lambda r=runner, f=call: f(r)), "first_call_s": first_s,
+                         "step_times_s": [], "output": out.float().clone(), "peak_gib": float("nan")})
+    for round_index in range(rounds):
+        for entry in prepared:
+            start = time.perf_counter()
+            entry["call"]()
+            entry["step_times_s"].append(time.perf_counter() - start)
+        print(f"round {round_index + 1}: " + ", ".join(f"{e['variant']} {e['step_times_s'][-1]:.2f} s" for e in prepared)
+              + f" (load average {os.getloadavg()[0]:.2f})", flush=True)
+    for entry in prepared:
+        entry.pop("call")
+        entry["s_per_step"] = statistics.median(entry["step_times_s"])
+    return prepared
+
+
 def main() -> None:
     from huabi.service.device_choice import read_cpu_info
 
@@ -133,6 +171,9 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="also eager fp32 (reference for the differences)")
     parser.add_argument("--cache-dir", help="inductor's on-disk cache (default: a fresh temporary folder)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build all variants, then time them call by call in turn (fair under a changing load; "
+                             "no per-variant peak RSS)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "eager-bf16" not in variants:
@@ -155,7 +196,10 @@ def main() -> None:
           f"batch {args.batch}, {args.size}x{args.size} ({args.size // 8}x{args.size // 8} latents)", flush=True)
     inputs = inputs_for(unet, args.batch, args.size // 8)
 
-    results = [run_variant(name, unet, inputs, steps=args.steps) for name in variants]
+    if args.interleave:
+        results = interleaved(variants, unet, inputs, rounds=args.steps)
+    else:
+        results = [run_variant(name, unet, inputs, steps=args.steps) for name in variants]
     reference = next(r for r in results if r["variant"] == "eager-bf16")
     fp32 = next((r for r in results if r["variant"] == "eager-fp32"), None)
     print()

@@ -18,7 +18,6 @@ while loaded: a changed file is an error, not silently different weights.
 
 from __future__ import annotations
 
-import gc
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +74,9 @@ class ReleasableUNet:
         self._stamp = self._file_stamp()
         release_parameters(bundle.unet)
         self.patcher.forget_released()
-        gc.collect()
+        from huabi.backends.openvino import return_freed_memory
+
+        return_freed_memory()
 
     def ensure_resident(self) -> None:
         """Read the weights back from the file and re-apply the active LoRA set (no-op if resident)."""
