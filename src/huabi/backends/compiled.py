@@ -1,10 +1,11 @@
 """``--backend compile``: the UNet through ``torch.compile`` (inductor) with frozen weights.
 
 Measured on the development machine (AMD Zen 4, avx512_bf16, 2 threads; bench/bench_compile.py,
-docs/cpu.md): the full-size SD1.5 UNet at 512x512, batch 2, bf16, ran several times faster per
-call than eager bf16 once compiled with ``freezing`` (weights become constants: folded and
-prepacked for oneDNN), after a one-time compile of about six minutes. Without freezing it
-gained nothing, which is what DESIGN.md recorded earlier.
+docs/cpu.md), on a heavily loaded machine, so noisy: the full-size SD1.5 UNet at 512x512, batch 2,
+bf16, compiled with ``freezing`` (weights become constants: folded and prepacked for oneDNN)
+ran 2.4-3.1x faster per call than eager bf16 in the calls measured at moderate load, and
+slower in one call at peak load; the compile took 6-7 minutes. Without freezing (tiny model)
+it gained nothing, as DESIGN.md recorded earlier. Hence an explicit option, not the default.
 
 Costs and rules:
 - the compile is paid once per input shape (batch, latent size, token count) and per weight
