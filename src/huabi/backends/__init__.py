@@ -1,9 +1,7 @@
 """Execution backends for the denoising UNet, the VAE and the text encoders.
 
 ``torch`` (the default) runs the loaded modules as they are. ``openvino`` converts them
-at first use (:mod:`huabi.backends.openvino`, needs the ``[openvino]`` extra); ``compile``
-runs the UNet through ``torch.compile`` with frozen weights (:mod:`huabi.backends.compiled`,
-needs a C++ compiler). Nothing
+at first use (:mod:`huabi.backends.openvino`, needs the ``[openvino]`` extra). Nothing
 heavy is imported here: only whether a backend can be used.
 """
 
@@ -11,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-BACKENDS = ("torch", "openvino", "compile")
+BACKENDS = ("torch", "openvino")
 
 
 def available_backends() -> list[str]:
@@ -19,8 +17,4 @@ def available_backends() -> list[str]:
     found = ["torch"]
     if importlib.util.find_spec("openvino") is not None:
         found.append("openvino")
-    from huabi.backends.compiled import compiler_available
-
-    if compiler_available():
-        found.append("compile")
     return found

@@ -70,8 +70,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
     parser.add_argument("--backend", default="torch",
-                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]'), "
-                             "compile (torch.compile with frozen weights; minutes of compile per shape and LoRA set)")
+                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
     parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
                         help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
     parser.add_argument("--vae-tiling", action="store_true",

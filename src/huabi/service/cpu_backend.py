@@ -23,8 +23,7 @@ from huabi.models.family import ModelFamily
 
 log = logging.getLogger("huabi")
 
-BACKEND_INFOTEXT_NAMES = {"torch": "torch", "openvino": "OpenVINO", "openvino-int8": "OpenVINO int8",
-                          "compile": "torch.compile"}
+BACKEND_INFOTEXT_NAMES = {"torch": "torch", "openvino": "OpenVINO", "openvino-int8": "OpenVINO int8"}
 
 
 def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, device: torch.device,
@@ -45,12 +44,12 @@ def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, d
 
 
 def parse_backend(name: str) -> tuple[str, bool]:
-    """``torch``, ``openvino``, ``openvino-int8`` or ``compile`` -> (backend, int8)."""
+    """``torch``, ``openvino`` or ``openvino-int8`` -> (backend, int8)."""
     name = (name or "torch").strip().lower()
     if name == "openvino-int8":
         return "openvino", True
     if name not in BACKENDS:
-        raise HuabiError(f"backend: unknown backend {name!r}; valid: torch, openvino, openvino-int8, compile")
+        raise HuabiError(f"backend: unknown backend {name!r}; valid: torch, openvino, openvino-int8")
     return name, False
 
 
@@ -99,14 +98,6 @@ class BackendChoice:
             self._runtime = OpenVINORuntime((cache_dir or default_cache_dir()) / "openvino",
                                             precision="bf16" if dtype == torch.bfloat16 else "f32",
                                             int8=self.int8, threads=threads)
-        self._compiled = None
-        if self.name == "compile":
-            from huabi.backends.compiled import CompiledUNets
-
-            if "compile" not in available_backends():
-                raise HuabiError("backend: compile needs a C++ compiler (g++) on PATH for torch.compile "
-                                 "(or use --backend torch)")
-            self._compiled = CompiledUNets()
 
     @property
     def infotext_name(self) -> str:
@@ -115,11 +106,6 @@ class BackendChoice:
     @property
     def runtime(self):
         return self._runtime
-
-    @property
-    def compiled_unets(self):
-        """The compile backend's compiled UNets (None for other backends)."""
-        return self._compiled
 
     def job_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
                    adapters_active: bool, device: torch.device,
@@ -170,9 +156,6 @@ class BackendChoice:
     def _backend_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
                         adapters_active: bool, device: torch.device, on_the_fly_gguf: bool,
                         weights=None) -> tuple[ModelBundle, str]:
-        if self._compiled is not None:
-            return self._compiled_bundle(bundle, request, lora_state=lora_state, adapters_active=adapters_active,
-                                         on_the_fly_gguf=on_the_fly_gguf)
         if self._runtime is None:
             return bundle, "torch"
         if not isinstance(bundle, ModelBundle):  # SD3/FLUX transformers: no OpenVINO conversion (yet)
@@ -199,22 +182,6 @@ class BackendChoice:
         if weights is not None and self.release_torch_weights:
             weights.release()
         return converted, self.infotext_name
-
-    def _compiled_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
-                         adapters_active: bool, on_the_fly_gguf: bool) -> tuple[ModelBundle, str]:
-        """``--backend compile``: the UNet through torch.compile (huabi.backends.compiled), unless the
-        job patches the UNet's modules at run time (then eager, with a note)."""
-        if not isinstance(bundle, ModelBundle):
-            log.warning("huabi: note: --backend compile covers SD1/SD2/SDXL/huabi-mini UNets; this job runs in eager torch")
-            return bundle, "torch"
-        reasons = [reason for reason in openvino_unsupported(request, adapters_active=adapters_active, device=self.device,
-                                                             on_the_fly_gguf=on_the_fly_gguf)
-                   if not reason.startswith("device")]
-        if reasons:
-            log.warning("huabi: note: torch.compile cannot run %s; this job runs in eager torch", "; ".join(reasons))
-            return bundle, "torch"
-        unet = self._compiled.unet_for(bundle.unet, (id(bundle), id(bundle.unet), lora_state))
-        return dataclasses.replace(bundle, unet=unet), self.infotext_name
 
     def _known_unet_key(self, bundle: ModelBundle, lora_state: tuple) -> str | None:
         """The graph key this bundle's UNet had with ``lora_state`` before, if its graph is still usable."""
