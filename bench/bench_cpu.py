@@ -16,6 +16,9 @@ same steps, CFG 7, same seed, one process:
    encoding, 4 steps, decode; load excluded) against 2x (4 x slowest single UNet step +
    one decode) measured in the same dtype.
 
+As the engine does, the torch UNet's weights are released during the OpenVINO runs (the
+converted graph holds its own copy); ``--keep-torch-unet`` keeps them, as huabi did before.
+
 Seconds per step are the median of the per-step times (the first step, which also
 builds oneDNN/OpenVINO kernels, is in the total but not in the median). Peak memory
 is the process's resident set sampled every 5 ms during each run (it includes the
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="default: 512 (sd15) or 1024 (sdxl)")
     parser.add_argument("--skip-openvino", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also OpenVINO weight-only int8 (needs nncf)")
+    parser.add_argument("--keep-torch-unet", action="store_true",
+                        help="keep the torch UNet's weights resident during the OpenVINO runs (huabi before it released them)")
     parser.add_argument("--skip-lcm", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -198,7 +203,12 @@ def main() -> None:
             start = time.perf_counter()
             converted = convert_bundle(choice_backend.runtime, bundle)
             setup_s = time.perf_counter() - start
+            saved_unet = None if args.keep_torch_unet else release_torch_unet(bundle.unet, Path(cache))
             run = run_huabi(converted, f"huabi {backend}", steps=args.steps, size_px=size_px)
+            if saved_unet is not None:  # the next runs need the torch UNet again
+                from safetensors.torch import load_file
+
+                bundle.unet.load_state_dict(load_file(str(saved_unet)), strict=True, assign=True)
             run.setup_s = setup_s
             run.dtype = f"{choice_backend.runtime.precision} hint" + (" int8 weights" if choice_backend.int8 else "")
             runs.append(run)
@@ -264,6 +274,21 @@ def lcm_check(bundle, size_px: int) -> dict:
           f"{'OK' if end_to_end <= budget else 'OVER'}", flush=True)
     return {"end_to_end_s": end_to_end, "unet_call_s": unet_times, "decode_s": decode_s, "budget_s": budget,
             "within": end_to_end <= budget}
+
+
+def release_torch_unet(unet: torch.nn.Module, folder) -> object:
+    """As the engine does after a conversion (service/unet_weights.py): the torch UNet's
+    parameters go to the meta device. The engine reads them back from the model file; this
+    in-memory model is saved to ``folder`` first (outside the timed run)."""
+    from safetensors.torch import save_file
+
+    from huabi.service.unet_weights import release_parameters
+
+    path = folder / "torch_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    release_parameters(unet)
+    gc.collect()
+    return path
 
 
 def _print_run(run: Run, reference: Run) -> None:

@@ -23,7 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,26 @@ from huabi.errors import HuabiError
 
 UNET_INPUTS_SD = ("sample", "timestep", "context")
 UNET_INPUTS_SDXL = ("sample", "timestep", "context", "text_embeds", "time_ids")
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed after a conversion or compile back to the OS (glibc's ``malloc_trim``).
+
+    Tracing, conversion and compilation allocate and free gigabytes in many mid-sized
+    blocks; glibc keeps freed heap for reuse, so without this the process's resident set
+    stayed ~1.7 GB higher on a mid-size SD1 model (bench/bench_openvino_memory.py). No-op
+    where glibc is not the allocator."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def require_openvino():
@@ -111,7 +131,10 @@ class CompiledGraph:
                   "CACHE_DIR": str(self.blob_dir)}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
-        return core.compile_model(model, "CPU", config)
+        compiled = core.compile_model(model, "CPU", config)
+        del model
+        return_freed_memory()
+        return compiled
 
 
 def convert_to_ir(graph: torch.nn.Module, example: tuple, input_names: Sequence[str], out_dir: Path, *,
@@ -160,11 +183,12 @@ class OpenVINOUNet(torch.nn.Module):
     engine falls back to torch for such jobs before it gets here.
     """
 
-    def __init__(self, torch_unet: torch.nn.Module, graph: CompiledGraph, with_added: bool) -> None:
+    def __init__(self, torch_unet: torch.nn.Module, graph: CompiledGraph, with_added: bool, graph_key: str = "") -> None:
         super().__init__()
         self.config = torch_unet.config
         self.graph = graph
         self.with_added = with_added
+        self.graph_key = graph_key  # which IR this is (model hash, weights checksum, format)
         self.input_dtype = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
     @property
@@ -237,47 +261,72 @@ class OpenVINORuntime:
         checksum = weights_checksum(module)
         return f"{part}-{model_hash or 'nohash'}-{checksum}-{'int8' if int8 else 'fp32'}"
 
-    def _graph(self, key: str, build: tuple[torch.nn.Module, tuple, Sequence[str]], *, int8: bool) -> CompiledGraph:
+    def has_graph(self, key: str) -> bool:
+        """Whether ``key``'s graph can be used without the torch weights (compiled or on disk)."""
+        ir_dir = self.cache_dir / key
+        return key in self._graphs or ((ir_dir / "model.xml").exists() and (ir_dir / "model.bin").exists())
+
+    def _graph(self, key: str, build: Callable[[], tuple[torch.nn.Module, tuple]], names: Sequence[str], *,
+               int8: bool) -> CompiledGraph:
+        """``key``'s compiled graph; ``build`` (the traceable module and an example input) is
+        called only when the IR is not on disk, so a cache hit never copies the weights."""
         if key in self._graphs:
             return self._graphs[key]
         ir_dir = self.cache_dir / key
         xml = ir_dir / "model.xml"
-        graph_module, example, names = build
-        if not (xml.exists() and (ir_dir / "model.bin").exists()):
+        if not self.has_graph(key):
+            graph_module, example = build()
             convert_to_ir(graph_module, example, names, ir_dir, int8=int8)
+            del graph_module, example
+            return_freed_memory()
             self.conversions += 1
         compiled = CompiledGraph(xml, names, precision=self.precision, blob_dir=self.cache_dir / "blobs",
                                  threads=self.threads)
         self._graphs[key] = compiled
         return compiled
 
+    def unet_key(self, torch_unet: torch.nn.Module, model_hash: str | None) -> str:
+        """The UNet graph's cache key (needs the torch weights resident: it checksums them)."""
+        return self.graph_key("unet", model_hash, torch_unet, int8=self.int8)
+
     def unet(self, torch_unet: torch.nn.Module, model_hash: str | None, *, context_width: int,
-             pooled_width: int | None, time_ids: int | None) -> OpenVINOUNet:
+             pooled_width: int | None, time_ids: int | None, key: str | None = None) -> OpenVINOUNet:
+        """The UNet as an OpenVINO graph. ``key``: a graph key known from an earlier call with
+        the same weights; with it (and the graph compiled or on disk) the torch weights are not
+        read at all, so they may have been released."""
         with_added = pooled_width is not None
-        key = self.graph_key("unet", model_hash, torch_unet, int8=self.int8)
-        channels = int(torch_unet.config.in_channels)
-        dtype = next(torch_unet.parameters()).dtype
-        example: tuple = (torch.randn(2, channels, 8, 8, dtype=dtype), torch.tensor([500.0, 500.0], dtype=dtype),
-                          torch.randn(2, 77, context_width, dtype=dtype))
-        if with_added:
-            example += (torch.randn(2, pooled_width, dtype=dtype), torch.randn(2, time_ids, dtype=dtype))
-        graph_module = _UNetGraph(torch_unet, with_added)
+        key = key or self.unet_key(torch_unet, model_hash)
         names = UNET_INPUTS_SDXL if with_added else UNET_INPUTS_SD
-        if dtype != torch.float32:  # trace in fp32: OpenVINO picks the compute precision itself
-            graph_module = _float32_copy(graph_module)
-            example = tuple(tensor.float() for tensor in example)
-        graph = self._graph(key, (graph_module, example, names), int8=self.int8)
-        return OpenVINOUNet(torch_unet, graph, with_added)
+
+        def build() -> tuple[torch.nn.Module, tuple]:
+            channels = int(torch_unet.config.in_channels)
+            dtype = next(torch_unet.parameters()).dtype
+            example: tuple = (torch.randn(2, channels, 8, 8, dtype=dtype), torch.tensor([500.0, 500.0], dtype=dtype),
+                              torch.randn(2, 77, context_width, dtype=dtype))
+            if with_added:
+                example += (torch.randn(2, pooled_width, dtype=dtype), torch.randn(2, time_ids, dtype=dtype))
+            graph_module: torch.nn.Module = _UNetGraph(torch_unet, with_added)
+            if dtype != torch.float32:  # trace in fp32: OpenVINO picks the compute precision itself
+                graph_module = _float32_copy(graph_module)
+                example = tuple(tensor.float() for tensor in example)
+            return graph_module, example
+
+        graph = self._graph(key, build, names, int8=self.int8)
+        return OpenVINOUNet(torch_unet, graph, with_added, graph_key=key)
 
     def vae(self, torch_vae: torch.nn.Module, model_hash: str | None) -> OpenVINOVAE:
         key = self.graph_key("vae-decoder", model_hash, torch_vae.decoder, int8=False)
-        dtype = next(torch_vae.parameters()).dtype
-        graph_module: torch.nn.Module = _DecoderGraph(torch_vae)
-        example = (torch.randn(1, int(torch_vae.config.latent_channels), 8, 8, dtype=dtype),)
-        if dtype != torch.float32:
-            graph_module = _float32_copy(graph_module)
-            example = (example[0].float(),)
-        graph = self._graph(key, (graph_module, example, ("latents",)), int8=False)
+
+        def build() -> tuple[torch.nn.Module, tuple]:
+            dtype = next(torch_vae.parameters()).dtype
+            graph_module: torch.nn.Module = _DecoderGraph(torch_vae)
+            example = (torch.randn(1, int(torch_vae.config.latent_channels), 8, 8, dtype=dtype),)
+            if dtype != torch.float32:
+                graph_module = _float32_copy(graph_module)
+                example = (example[0].float(),)
+            return graph_module, example
+
+        graph = self._graph(key, build, ("latents",), int8=False)
         return OpenVINOVAE(torch_vae, graph)
 
 

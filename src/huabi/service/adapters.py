@@ -218,6 +218,17 @@ class LoraPatcher:
     def applied(self) -> bool:
         return bool(self._backups)
 
+    @property
+    def active(self) -> ActiveLoras:
+        return self._active
+
+    def forget_released(self) -> None:
+        """Drop the backups of weights that were released to the meta device (an execution
+        backend holds them as a compiled graph; they come back from the model file, base
+        weights, and the backend re-applies the set: :mod:`huabi.service.unet_weights`)."""
+        self._backups = {target: saved for target, saved in self._backups.items()
+                         if not target.module.weight.is_meta}
+
     def _read(self, path: Path) -> LoraFile:
         key = _file_key(path)
         if key not in self._files:
@@ -253,6 +264,8 @@ class LoraPatcher:
             with torch.no_grad():
                 for target, (delta, bias_delta) in deltas.items():
                     weight = target.module.weight
+                    if weight.is_meta:  # released (see forget_released): re-applied after the reload
+                        continue
                     bias = getattr(target.module, "bias", None) if bias_delta is not None else None
                     if bias_delta is not None and not isinstance(bias, torch.Tensor):
                         raise HuabiError(f"LoRA: {target.module_path} has no bias for the file's bias change")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -64,7 +65,12 @@ class BackendChoice:
         self.dtype = dtype
         self.device = device or torch.device("cpu")
         self._runtime = None
-        self._converted: tuple[tuple, ModelBundle] | None = None
+        self._converted: tuple[tuple, ModelBundle, weakref.ref] | None = None
+        # After a conversion the torch UNet's weights are released (service/unet_weights.py); the
+        # graph key of each (bundle, LoRA set) seen is remembered so that a known set needs no weights.
+        self.release_torch_weights = True
+        self._weights = None  # the ReleasableUNet of the last bundle run here
+        self._unet_keys: dict[tuple, tuple[weakref.ref, str]] = {}
         self.preview_spec = preview
         preview_method, _ = parse_decoder_spec(preview, "preview")
         if preview_method not in ("cheap", "taesd", "none"):
@@ -103,15 +109,17 @@ class BackendChoice:
 
     def job_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
                    adapters_active: bool, device: torch.device,
-                   on_the_fly_gguf: bool = False) -> tuple[ModelBundle, dict[str, str | None]]:
+                   on_the_fly_gguf: bool = False, weights=None) -> tuple[ModelBundle, dict[str, str | None]]:
         """``(bundle to run, infotext keys)`` for one job: the backend's modules, then the
-        VAE decoder choice (TAESD, tiles). Keys that do not apply are None (dropped)."""
+        VAE decoder choice (TAESD, tiles). Keys that do not apply are None (dropped).
+        ``weights``: the bundle's UNet as it may be released after conversion and read back
+        when torch needs it (a :class:`huabi.service.unet_weights.ReleasableUNet`; None: kept)."""
         from huabi.service.device_choice import precision_infotext
         from huabi.service.previews import with_vae
 
         job, backend_name = self._backend_bundle(bundle, request, lora_state=lora_state,
                                                  adapters_active=adapters_active, device=device,
-                                                 on_the_fly_gguf=on_the_fly_gguf)
+                                                 on_the_fly_gguf=on_the_fly_gguf, weights=self._kept_weights(weights))
         job = with_vae(job, tiny_decoder=self._tiny_decoder, tiled=self.vae_tiling)
         infotext = precision_infotext(device, self.dtype, backend_name)
         infotext["VAE Decoder"] = f"TAESD ({self._tiny_decoder.name})" if self._tiny_decoder is not None else None
@@ -130,8 +138,24 @@ class BackendChoice:
     def preview_due(self, done: int, total: int) -> bool:
         return done % self.preview_every == 0 or done == total
 
+    def need_torch_unet(self, weights) -> None:
+        """Make the torch UNet's weights resident now (read back if a conversion released them)."""
+        weights = self._kept_weights(weights)
+        if weights is not None:
+            weights.ensure_resident()
+
+    def _kept_weights(self, weights):
+        """One ReleasableUNet per bundle: it remembers the file it released the weights of."""
+        if weights is None:
+            return None
+        if self._weights is not None and self._weights.bundle is weights.bundle:
+            return self._weights
+        self._weights = weights
+        return weights
+
     def _backend_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
-                        adapters_active: bool, device: torch.device, on_the_fly_gguf: bool) -> tuple[ModelBundle, str]:
+                        adapters_active: bool, device: torch.device, on_the_fly_gguf: bool,
+                        weights=None) -> tuple[ModelBundle, str]:
         if self._runtime is None:
             return bundle, "torch"
         if not isinstance(bundle, ModelBundle):  # SD3/FLUX transformers: no OpenVINO conversion (yet)
@@ -141,25 +165,43 @@ class BackendChoice:
                                        on_the_fly_gguf=on_the_fly_gguf)
         if reasons:
             log.warning("huabi: note: OpenVINO cannot run %s; this job runs in torch", "; ".join(reasons))
+            if weights is not None:
+                weights.ensure_resident()
             return bundle, "torch"
         key = (id(bundle), id(bundle.unet), lora_state)
-        if self._converted is not None and self._converted[0] == key:
-            return self._converted[1], self.infotext_name
-        self._converted = None
-        converted = convert_bundle(self._runtime, bundle)
-        self._converted = (key, converted)
+        if self._converted is not None and self._converted[0] == key and self._converted[2]() is bundle:
+            converted = self._converted[1]
+        else:
+            self._converted = None
+            unet_key = self._known_unet_key(bundle, lora_state)
+            if unet_key is None and weights is not None:
+                weights.ensure_resident()  # a new LoRA set: its merged weights decide the graph
+            converted = convert_bundle(self._runtime, bundle, unet_key=unet_key)
+            self._unet_keys[(id(bundle), id(bundle.unet), lora_state)] = (weakref.ref(bundle), converted.unet.graph_key)
+            self._converted = (key, converted, weakref.ref(bundle))
+        if weights is not None and self.release_torch_weights:
+            weights.release()
         return converted, self.infotext_name
 
+    def _known_unet_key(self, bundle: ModelBundle, lora_state: tuple) -> str | None:
+        """The graph key this bundle's UNet had with ``lora_state`` before, if its graph is still usable."""
+        self._unet_keys = {k: v for k, v in self._unet_keys.items() if v[0]() is not None}  # drop unloaded models
+        known = self._unet_keys.get((id(bundle), id(bundle.unet), lora_state))
+        if known is None or known[0]() is not bundle or not self._runtime.has_graph(known[1]):
+            return None
+        return known[1]
 
-def convert_bundle(runtime, bundle: ModelBundle) -> ModelBundle:
-    """A copy of ``bundle`` whose UNet and VAE decoder run in OpenVINO (text encoders: torch)."""
+
+def convert_bundle(runtime, bundle: ModelBundle, *, unet_key: str | None = None) -> ModelBundle:
+    """A copy of ``bundle`` whose UNet and VAE decoder run in OpenVINO (text encoders: torch).
+    ``unet_key``: the UNet graph's key when known (then its torch weights are not read)."""
     config = bundle.unet.config
     pooled = time_ids = None
     if bundle.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER):
         time_ids = 6 if bundle.family is ModelFamily.SDXL else 5
         pooled = int(config.projection_class_embeddings_input_dim) - time_ids * int(config.addition_time_embed_dim)
     unet = runtime.unet(bundle.unet, bundle.short_hash, context_width=int(config.cross_attention_dim),
-                        pooled_width=pooled, time_ids=time_ids)
+                        pooled_width=pooled, time_ids=time_ids, key=unet_key)
     vae = runtime.vae(bundle.vae, bundle.vae_short_hash or bundle.short_hash)
     return dataclasses.replace(bundle, unet=unet, vae=vae)
 

@@ -32,6 +32,7 @@ from huabi.pipelines.refiner import RefinerStage, check_refiner_pair
 from huabi.service.adapters import ActiveLoras, LoraPatch, LoraPatcher, lora_folders, lora_uses, parse_lora_hashes
 from huabi.service.attention_adapters import AttentionAdapters, prepare_attention_adapters
 from huabi.service.cpu_backend import BackendChoice, lora_state_key
+from huabi.service.unet_weights import releasable_unet
 from huabi.service.flow_jobs import FlowBundle, is_flow_model, load_flow_for
 from huabi.service.flow_plans import flow_embeddings, plan_flow, release_flow_loras
 from huabi.service.devices import (  # noqa: F401 -- also importable from here, as before
@@ -264,6 +265,8 @@ class Engine:
                                embeddings=flow_embeddings(self, bundle), model_patches=tuple(flow_patches), extra=extra)
         refiner = self.refiner_stage(request, bundle) if edit is None else None
         lora = self.lora_patch(bundle, request)  # before any text encoding (text-encoder LoRA)
+        if request.ip_adapter is not None:  # its modules are built on the UNet's device: weights must be there
+            self.backend.need_torch_unet(releasable_unet(self, bundle))
         adapters = self.attention_adapters(bundle, request)  # hypernetworks, IP-Adapter: applied per batch
         model_patches: list[Patch] = [lora]
         if request.tile:  # circular padding in the UNet and the VAE decoder, per batch
@@ -309,7 +312,7 @@ class Engine:
         # precision, recorded when not the device's reference (always set: drops stale --from copies).
         run_bundle, backend_infotext = self.backend.job_bundle(
             job.bundle, request, lora_state=job.lora_state, adapters_active=job.adapters_active, device=self.device,
-            on_the_fly_gguf=self.gguf_on_the_fly)
+            on_the_fly_gguf=self.gguf_on_the_fly, weights=releasable_unet(self, job.bundle))
         previewer = self.backend.previewer(run_bundle) if on_preview is not None else None
         batches = request.image_seeds()
         variation_batches = request.image_variation_seeds()  # None unless a variation strength is set

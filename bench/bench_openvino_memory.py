@@ -1,0 +1,170 @@
+"""OpenVINO backend memory: the torch UNet kept beside the compiled graph vs released.
+
+Writes a mid-size SD1-architecture checkpoint (A1111 single-file layout, random seeded
+weights: UNet at half the SD1.5 widths, ~1/4 of its parameters; full-size VAE and
+CLIP-L) to a temporary folder, then runs the same generation through the engine in
+separate child processes (peak RSS of a process only grows, so each mode gets its own):
+
+- ``torch``: ``--backend torch`` (the reference),
+- ``openvino-kept``: ``--backend openvino`` with the torch UNet's weights kept resident
+  (what huabi did before),
+- ``openvino-released``: ``--backend openvino`` as it is now: after conversion the
+  torch UNet's parameters go to the meta device (service/unet_weights.py).
+
+For each: the peak RSS of the whole process (load + conversion + compile + first job),
+the peak RSS during a second identical job (the steady state a user of the server
+lives in), the RSS after it, and the seconds of both jobs; the OpenVINO modes also
+report a third job with a ``--tile`` request (falls back to torch: the released mode
+reads the UNet back from the file) and a fourth back in OpenVINO. Images of the modes
+are compared (mean absolute pixel difference from torch).
+
+    .venv/bin/python bench/bench_openvino_memory.py [--size 256] [--steps 2] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import PeakRSS
+
+MODES = ("torch", "openvino-kept", "openvino-released")
+
+
+def write_mid_sd1(path: Path) -> int:
+    """A mid-size SD1 checkpoint at ``path``; returns its parameter count."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from huabi.models.configs import reference_configs
+    from huabi.models.convert import unet_to_original, vae_to_original
+    from huabi.models.family import ModelFamily
+    from huabi.models.text_encoders import text_encoders_to_original
+
+    configs = reference_configs(ModelFamily.SD1)
+    unet_config = {**configs["unet"], "block_out_channels": [160, 320, 640, 640]}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(unet_config).eval()
+    vae = AutoencoderKL.from_config(configs["vae"]).eval()
+    encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
+    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_original(unet.state_dict(), unet.config).items()}
+    tensors.update({"first_stage_model." + k: v for k, v in vae_to_original(vae.state_dict()).items()})
+    tensors.update(text_encoders_to_original([encoder], ModelFamily.SD1))
+    # fp16 on disk, as most shared checkpoints are
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+    return sum(p.numel() for m in (unet, vae, encoder) for p in m.parameters())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: str) -> None:
+    """One mode in this process; writes its numbers (and images as .npy) next to ``out``."""
+    from huabi.core.request import GenerationRequest
+    from huabi.service.engine import Engine
+
+    backend = "torch" if mode == "torch" else "openvino"
+    engine = Engine(device="cpu", dtype=dtype, backend=backend)
+    if mode == "openvino-kept":
+        engine.backend.release_torch_weights = False
+    jobs = [("first", {}), ("second", {})]
+    if backend == "openvino":
+        jobs += [("tile (torch fallback)", {"tile": True}), ("back to OpenVINO", {})]
+    result: dict = {"mode": mode, "jobs": []}
+    for name, fields in jobs:
+        request = GenerationRequest(prompt="a lighthouse on a cliff at sunset", negative_prompt="", model=str(model),
+                                    steps=steps, width_px=size, height_px=size, seed=1234, sampler="DPM++ 2M",
+                                    schedule="Karras", **fields)
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            [image] = engine.generate(request)
+            seconds = time.perf_counter() - start
+        np.save(out.with_name(f"{out.stem}-{len(result['jobs'])}.npy"), np.asarray(image.image, dtype=np.int16))
+        result["jobs"].append({"job": name, "seconds": seconds, "peak_gib": peak.peak_bytes / 2**30,
+                               "rss_after_gib": rss_bytes() / 2**30})
+    result["process_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    weights = engine.backend._weights
+    result["unet_reloads"] = weights.reloads if weights is not None else 0
+    result["conversions"] = engine.backend.runtime.conversions if engine.backend.runtime is not None else 0
+    out.write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", default="bf16", help="the engine's --dtype (bf16: what auto picks on this CPU)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, model, out = args.child
+        child(mode, Path(model), Path(out), size=args.size, steps=args.steps, dtype=args.dtype)
+        return
+
+    from huabi.service.device_choice import read_cpu_info
+
+    cpu = read_cpu_info()
+    print(f"CPU: {cpu.model_name}; flags: {' '.join(cpu.relevant_flags)}; load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="huabi-ovmem-") as work:
+        work_dir = Path(work)
+        model = work_dir / "mid_sd1.safetensors"
+        started = time.perf_counter()
+        params = write_mid_sd1(model)
+        print(f"wrote a mid-size SD1 checkpoint ({params / 1e6:.0f}M parameters, {model.stat().st_size / 2**30:.2f} GiB "
+              f"fp16) in {time.perf_counter() - started:.1f} s; {args.size}x{args.size}, {args.steps} steps, "
+              f"--dtype {args.dtype}", flush=True)
+        env = {**os.environ, "HUABI_CACHE_DIR": str(work_dir / "cache"), "HF_HUB_OFFLINE": "1"}
+        results = []
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            out = work_dir / f"{mode}.json"
+            # a fresh OpenVINO cache per mode: each converts once, as a first run does
+            subprocess.run([sys.executable, __file__, "--child", mode, str(model), str(out), "--size", str(args.size),
+                            "--steps", str(args.steps), "--dtype", args.dtype],
+                           env={**env, "HUABI_CACHE_DIR": str(work_dir / f"cache-{mode}")}, check=True)
+            result = json.loads(out.read_text())
+            result["images"] = [np.load(work_dir / f"{mode}-{i}.npy") for i in range(len(result["jobs"]))]
+            results.append(result)
+            for job in result["jobs"]:
+                print(f"{mode:18} {job['job']:24} {job['seconds']:7.1f} s  peak {job['peak_gib']:5.2f} GiB  "
+                      f"after {job['rss_after_gib']:5.2f} GiB", flush=True)
+            print(f"{mode:18} process peak {result['process_peak_gib']:.2f} GiB; conversions {result['conversions']}; "
+                  f"UNet read back {result['unet_reloads']} times", flush=True)
+    reference = next((r for r in results if r["mode"] == "torch"), results[0])
+    print()
+    print(f"{'mode':18} {'process peak GiB':>16} {'2nd job peak GiB':>16} {'RSS after GiB':>13} {'2nd job s':>9} "
+          f"{'|diff| vs torch':>15}")
+    for r in results:
+        second = r["jobs"][1]
+        diff = float(np.abs(r["images"][1] - reference["images"][1]).mean())
+        r["mean_abs_pixel_diff_vs_torch"] = diff
+        print(f"{r['mode']:18} {r['process_peak_gib']:16.2f} {second['peak_gib']:16.2f} {second['rss_after_gib']:13.2f} "
+              f"{second['seconds']:9.1f} {diff:15.2f}")
+    for r in results:
+        if len(r["images"]) >= 3:  # the tile fallback ran in torch; the last job is OpenVINO again
+            print(f"{r['mode']}: last OpenVINO job vs second: |diff| max "
+                  f"{int(np.abs(r['images'][3] - r['images'][1]).max())}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"cpu": cpu.model_name, "flags": list(cpu.relevant_flags), "size_px": args.size,
+                       "steps": args.steps, "dtype": args.dtype, "parameters": params,
+                       "results": [{k: v for k, v in r.items() if k != "images"} for r in results]}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
