@@ -41,8 +41,7 @@ def models_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def two_worker_cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     nodes = RayCluster(cache_dir=Path(os.environ["HUABI_CACHE_DIR"]))
     try:
@@ -56,15 +55,58 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cluster, models_dir):
-    process = ServerProcess(tmp_path_factory.mktemp("serve") / "data", models_dir, "--model", TINY,
-                            "--ray", cluster.address)
+def cluster():
+    yield from two_worker_cluster()
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster for one test that changes it for good (adds a node)."""
+    yield from two_worker_cluster()
+
+
+class LiveServer:
+    """The module's head server on ``cluster``; started again when a test stopped or killed the last one,
+    so every test gets a running head whatever ran before it (the tests run in any order)."""
+
+    def __init__(self, tmp_path_factory, cluster: RayCluster, models_dir: Path) -> None:
+        self.tmp_path_factory, self.cluster, self.models_dir = tmp_path_factory, cluster, models_dir
+        self.current: ServerProcess | None = None
+
+    def running(self) -> ServerProcess:
+        if self.current is not None and self.current.process.poll() is None:
+            return self.current
+        if self.current is not None:
+            self.current.stop()
+        self.current = start_head_server(self.tmp_path_factory.mktemp("serve") / "data", self.models_dir,
+                                         self.cluster)
+        return self.current
+
+
+def start_head_server(data_dir: Path, models_dir: Path, cluster: RayCluster) -> ServerProcess:
+    process = ServerProcess(data_dir, models_dir, "--model", TINY, "--ray", cluster.address)
     process.start(timeout_s=180)
     try:
         wait_for_workers(process, 2)
-        yield process
-    finally:
+    except BaseException:
         process.stop()
+        raise
+    return process
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory, cluster, models_dir):
+    holder = LiveServer(tmp_path_factory, cluster, models_dir)
+    try:
+        yield holder
+    finally:
+        if holder.current is not None:
+            holder.current.stop()
+
+
+@pytest.fixture
+def server(live_server) -> ServerProcess:
+    return live_server.running()
 
 
 def wait_for_workers(server: ServerProcess, count: int, timeout_s: float = 120) -> None:
@@ -228,7 +270,16 @@ def test_worker_refuses_a_file_that_is_not_the_heads(models_dir, tmp_path):
         check_fingerprints([head], tmp_path / "empty", "w")
 
 
-def test_head_killed_and_restarted_keeps_the_queue_and_a_late_node_gets_work(server, cluster, models_dir):
+def test_head_killed_and_restarted_keeps_the_queue_and_a_late_node_gets_work(own_cluster, models_dir, tmp_path):
+    cluster = own_cluster  # this test kills its head and adds a node: the module's cluster stays as it was
+    server = start_head_server(tmp_path / "data", models_dir, cluster)
+    try:
+        head_killed_and_restarted(server, cluster, models_dir)
+    finally:
+        server.stop()
+
+
+def head_killed_and_restarted(server: ServerProcess, cluster: RayCluster, models_dir: Path) -> None:
     running = [submit(server, prompt=f"running when the head dies {i}", seed=5 + i, steps=300) for i in range(2)]
     queued = [submit(server, prompt=f"queued {i}", seed=40 + i) for i in range(3)]
     deadline = time.monotonic() + 120
@@ -261,7 +312,7 @@ def test_head_killed_and_restarted_keeps_the_queue_and_a_late_node_gets_work(ser
 
 
 def test_batch_prompt_file_on_ray_is_byte_identical_to_a_local_run(server, cluster, models_dir, tmp_path):
-    server.stop()  # (stopped already when the head test ran) its workers would hold both slots
+    server.stop()  # its workers would hold both slots (the next test that needs a head starts one again)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a small house number {i}\n" for i in range(6)), encoding="utf-8")
     common = ["generate", "--prompt-file", str(prompts), "--seed", "11", "--steps", "2", "--size", "64x64",
