@@ -1,15 +1,22 @@
-"""OpenVINO backend memory: the torch UNet kept beside the compiled graph vs released.
+"""OpenVINO backend memory: the torch UNet kept beside the compiled graph vs released,
+a first run (conversion) vs a later one (graphs cached on disk), against diffusers.
 
 Writes a mid-size SD1-architecture checkpoint (A1111 single-file layout, random seeded
 weights: UNet at half the SD1.5 widths, ~1/4 of its parameters; full-size VAE and
-CLIP-L) to a temporary folder, then runs the same generation through the engine in
-separate child processes (peak RSS of a process only grows, so each mode gets its own):
+CLIP-L; ``--full``: the full SD1.5 UNet) to a temporary folder, then runs the same
+generation in separate child processes (peak RSS of a process only grows, so each mode
+gets its own):
 
 - ``torch``: ``--backend torch`` (the reference),
 - ``openvino-kept``: ``--backend openvino`` with the torch UNet's weights kept resident
   (what huabi did before),
 - ``openvino-released``: ``--backend openvino`` as it is now: after conversion the
-  torch UNet's parameters go to the meta device (service/unet_weights.py).
+  torch UNet's parameters go to the meta device (service/unet_weights.py),
+- ``openvino-cached``: the same in a new process that finds ``openvino-released``'s
+  converted graphs and compiled blobs on disk (a user's every run after the first),
+- ``diffusers``: diffusers' StableDiffusionPipeline in fp32 on the same file's weights
+  (read by huabi's loader into diffusers modules), DPM++ 2M Karras, the same jobs
+  (``--dtype`` does not apply to it: it is the fp32 reference of issue 20).
 
 For each: the peak RSS of the whole process (load + conversion + compile + first job),
 the peak RSS during a second identical job (the steady state a user of the server
@@ -38,10 +45,11 @@ import numpy as np
 from harness import PeakRSS
 
 MODES = ("torch", "openvino-kept", "openvino-released")
+ALL_MODES = ("diffusers", *MODES, "openvino-cached")
 
 
-def write_mid_sd1(path: Path) -> int:
-    """A mid-size SD1 checkpoint at ``path``; returns its parameter count."""
+def write_mid_sd1(path: Path, *, full: bool = False) -> int:
+    """A mid-size (``full``: full-size) SD1 checkpoint at ``path``; returns its parameter count."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -53,7 +61,7 @@ def write_mid_sd1(path: Path) -> int:
     from huabi.models.text_encoders import text_encoders_to_original
 
     configs = reference_configs(ModelFamily.SD1)
-    unet_config = {**configs["unet"], "block_out_channels": [160, 320, 640, 640]}
+    unet_config = configs["unet"] if full else {**configs["unet"], "block_out_channels": [160, 320, 640, 640]}
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(unet_config).eval()
     vae = AutoencoderKL.from_config(configs["vae"]).eval()
@@ -76,6 +84,8 @@ def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: st
     from huabi.core.request import GenerationRequest
     from huabi.service.engine import Engine
 
+    if mode == "diffusers":
+        return diffusers_child(model, out, size=size, steps=steps)
     backend = "torch" if mode == "torch" else "openvino"
     engine = Engine(device="cpu", dtype=dtype, backend=backend)
     if mode == "openvino-kept":
@@ -102,12 +112,45 @@ def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: st
     out.write_text(json.dumps(result))
 
 
+def diffusers_child(model: Path, out: Path, *, size: int, steps: int) -> None:
+    """The fp32 diffusers reference: two identical jobs, as the engine modes' first two."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from huabi.models.load import load_model
+
+    bundle = load_model(model, dtype=torch.float32, compute_hash=False)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, algorithm_type="dpmsolver++", solver_order=2,
+                                            use_karras_sigmas=True)
+    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
+                                   unet=bundle.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    del bundle
+    result: dict = {"mode": "diffusers", "jobs": []}
+    for name in ("first", "second"):
+        with PeakRSS() as peak, torch.inference_mode():
+            start = time.perf_counter()
+            [image] = pipe("a lighthouse on a cliff at sunset", negative_prompt="", num_inference_steps=steps,
+                           guidance_scale=7.0, height=size, width=size,
+                           generator=torch.Generator("cpu").manual_seed(1234), output_type="np").images
+            seconds = time.perf_counter() - start
+        np.save(out.with_name(f"{out.stem}-{len(result['jobs'])}.npy"), (image * 255).round().astype(np.int16))
+        result["jobs"].append({"job": name, "seconds": seconds, "peak_gib": peak.peak_bytes / 2**30,
+                               "rss_after_gib": rss_bytes() / 2**30})
+    result["process_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["unet_reloads"] = result["conversions"] = 0
+    out.write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--dtype", default="bf16", help="the engine's --dtype (bf16: what auto picks on this CPU)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(ALL_MODES)}")
+    parser.add_argument("--full", action="store_true", help="the full-size SD1.5 UNet (default: half widths)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,18 +167,20 @@ def main() -> None:
         work_dir = Path(work)
         model = work_dir / "mid_sd1.safetensors"
         started = time.perf_counter()
-        params = write_mid_sd1(model)
-        print(f"wrote a mid-size SD1 checkpoint ({params / 1e6:.0f}M parameters, {model.stat().st_size / 2**30:.2f} GiB "
+        params = write_mid_sd1(model, full=args.full)
+        print(f"wrote a {'full' if args.full else 'mid'}-size SD1 checkpoint ({params / 1e6:.0f}M parameters, {model.stat().st_size / 2**30:.2f} GiB "
               f"fp16) in {time.perf_counter() - started:.1f} s; {args.size}x{args.size}, {args.steps} steps, "
               f"--dtype {args.dtype}", flush=True)
         env = {**os.environ, "HUABI_CACHE_DIR": str(work_dir / "cache"), "HF_HUB_OFFLINE": "1"}
         results = []
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             out = work_dir / f"{mode}.json"
-            # a fresh OpenVINO cache per mode: each converts once, as a first run does
+            # a fresh OpenVINO cache per mode: each converts once, as a first run does; "openvino-cached"
+            # starts where "openvino-released" left its cache
+            cache = work_dir / ("cache-openvino-released" if mode == "openvino-cached" else f"cache-{mode}")
             subprocess.run([sys.executable, __file__, "--child", mode, str(model), str(out), "--size", str(args.size),
                             "--steps", str(args.steps), "--dtype", args.dtype],
-                           env={**env, "HUABI_CACHE_DIR": str(work_dir / f"cache-{mode}")}, check=True)
+                           env={**env, "HUABI_CACHE_DIR": str(cache)}, check=True)
             result = json.loads(out.read_text())
             result["images"] = [np.load(work_dir / f"{mode}-{i}.npy") for i in range(len(result["jobs"]))]
             results.append(result)
@@ -145,15 +190,21 @@ def main() -> None:
             print(f"{mode:18} process peak {result['process_peak_gib']:.2f} GiB; conversions {result['conversions']}; "
                   f"UNet read back {result['unet_reloads']} times", flush=True)
     reference = next((r for r in results if r["mode"] == "torch"), results[0])
+    baseline = next((r for r in results if r["mode"] == "diffusers"), None)
     print()
     print(f"{'mode':18} {'process peak GiB':>16} {'2nd job peak GiB':>16} {'RSS after GiB':>13} {'2nd job s':>9} "
-          f"{'|diff| vs torch':>15}")
+          f"{'|diff| vs torch':>15}" + (f" {'peaks vs diffusers':>18}" if baseline else ""))
     for r in results:
         second = r["jobs"][1]
         diff = float(np.abs(r["images"][1] - reference["images"][1]).mean())
         r["mean_abs_pixel_diff_vs_torch"] = diff
-        print(f"{r['mode']:18} {r['process_peak_gib']:16.2f} {second['peak_gib']:16.2f} {second['rss_after_gib']:13.2f} "
-              f"{second['seconds']:9.1f} {diff:15.2f}")
+        line = (f"{r['mode']:18} {r['process_peak_gib']:16.2f} {second['peak_gib']:16.2f} {second['rss_after_gib']:13.2f} "
+                f"{second['seconds']:9.1f} {diff:15.2f}")
+        if baseline:
+            r["process_peak_vs_diffusers"] = r["process_peak_gib"] / baseline["process_peak_gib"]
+            r["second_job_peak_vs_diffusers"] = second["peak_gib"] / baseline["jobs"][1]["peak_gib"]
+            line += f" {r['process_peak_vs_diffusers']:8.2f} / {r['second_job_peak_vs_diffusers']:.2f}"
+        print(line)
     for r in results:
         if len(r["images"]) >= 3:  # the tile fallback ran in torch; the last job is OpenVINO again
             print(f"{r['mode']}: last OpenVINO job vs second: |diff| max "

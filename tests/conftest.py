@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Golden images must not depend on the test machine's CPU: `--dtype auto` stays fp32 here
 # (tests of the per-machine choice inject CPU flags and probe results instead).
 os.environ.setdefault("HUABI_AUTO_DTYPE", "fp32")
+# Likewise `--backend auto` stays torch for full-size models (tiny models are torch anyway):
+# no backend probe runs here (tests/test_backend_auto.py unpins it and states the probe's record).
+os.environ.setdefault("HUABI_AUTO_BACKEND", "torch")
 # One torch thread in this process and in every server it starts: summation order (and so the last
 # bit of a pixel) depends on the thread count, and byte-equality tests compare processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

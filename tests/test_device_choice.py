@@ -168,3 +168,4 @@ def test_system_command_prints_the_choice(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "native bf16:" in out and "--dtype auto -> fp32: pinned by HUABI_AUTO_DTYPE" in out
     assert "backends: torch" in out
+    assert "--backend auto -> full-size SD1/SD2/SDXL models: torch: pinned by HUABI_AUTO_BACKEND" in out

@@ -145,5 +145,5 @@ def test_int8_weights_cost_a_measured_amount(tiny_model_factory, tmp_path, monke
 def test_unknown_backend_is_a_clear_error():
     from huabi.errors import HuabiError
 
-    with pytest.raises(HuabiError, match="backend: unknown backend 'tensorrt'; valid: torch, openvino, openvino-int8"):
+    with pytest.raises(HuabiError, match="backend: unknown backend 'tensorrt'; valid: auto, torch, openvino, openvino-int8"):
         Engine(device="cpu", dtype="fp32", backend="tensorrt")

@@ -99,6 +99,17 @@ class _DecoderGraph(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+def cpu_compile_config(precision: str, threads: int | None = None, blob_dir: Path | None = None) -> dict:
+    """How every huabi graph is compiled for the CPU: one latency-bound request at a time
+    (a job's steps run one after another), in ``precision`` (f32 or bf16)."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if blob_dir is not None:
+        config["CACHE_DIR"] = str(blob_dir)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 class CompiledGraph:
     """One converted graph (IR on disk), compiled per input-shape signature."""
 
@@ -127,11 +138,7 @@ class CompiledGraph:
         model = core.read_model(self.xml_path)
         model.reshape({model.inputs[i]: ov.PartialShape(list(shape)) for i, shape in enumerate(signature)})
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
-                  "CACHE_DIR": str(self.blob_dir)}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = int(self.threads)
-        compiled = core.compile_model(model, "CPU", config)
+        compiled = core.compile_model(model, "CPU", cpu_compile_config(self.precision, self.threads, self.blob_dir))
         del model
         return_freed_memory()
         return compiled

@@ -69,8 +69,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, help="models folder (default: $HUABI_MODELS_DIR or ~/huabi/models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
-    parser.add_argument("--backend", default="torch",
-                        help="torch, openvino, openvino-int8 (CPU; needs pip install 'huabi[openvino]')")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (default: OpenVINO for full-size models on a CPU where it measured faster, "
+                             "else torch), torch, openvino, openvino-int8 (CPU; pip install 'huabi[openvino]')")
     parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
                         help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
     parser.add_argument("--vae-tiling", action="store_true",
@@ -98,7 +99,7 @@ def make_studio(args: argparse.Namespace):
 
     return Studio(models_dir=args.models_dir, device=args.device, dtype=args.dtype,
                   embeddings_dir=getattr(args, "embeddings_dir", None), base_model=getattr(args, "base", None),
-                  gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "torch"),
+                  gguf_on_the_fly=getattr(args, "gguf_on_the_fly", False), backend=getattr(args, "backend", "auto"),
                   vae_decoder=getattr(args, "vae_decoder", "full"), vae_tiling=getattr(args, "vae_tiling", False),
                   text_encoder_files=text_encoder_files(args))
 

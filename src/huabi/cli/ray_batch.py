@@ -48,7 +48,7 @@ def generate_on_ray(args: argparse.Namespace, jobs: list) -> int:
         "models_dir": str(models_dir), "device": args.device, "dtype": args.dtype,
         "embeddings_dir": _text(getattr(args, "embeddings_dir", None)),
         "base_model": _text(getattr(args, "base", None)),
-        "gguf_on_the_fly": getattr(args, "gguf_on_the_fly", False), "backend": getattr(args, "backend", "torch"),
+        "gguf_on_the_fly": getattr(args, "gguf_on_the_fly", False), "backend": getattr(args, "backend", "auto"),
         "vae_decoder": getattr(args, "vae_decoder", "full"), "vae_tiling": getattr(args, "vae_tiling", False),
         "text_encoder_files": {k: str(v) for k, v in text_encoder_files(args).items()},
     }

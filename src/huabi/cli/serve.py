@@ -41,6 +41,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     serve.add_argument("--styles-file", type=Path, metavar="PATH", help="A1111 styles.csv")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
+    serve.add_argument("--backend", default="auto",
+                       help="auto (OpenVINO for full-size models on a CPU where it measured faster, else torch), "
+                            "torch, openvino, openvino-int8")
     scale = serve.add_argument_group("scale-out on Ray (docs/scale-out.md; needs the [ray] extra)")
     scale.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                        help="run jobs on the huabi workers of a Ray cluster (HOST:PORT of its head; "
@@ -89,7 +92,10 @@ def config_from_args(args: argparse.Namespace):
         raise HuabiError(f"worker-threads: must be >= 1, got {args.worker_threads}")
     if not 0 < args.port < 65536:
         raise HuabiError(f"port: must be from 1 to 65535, got {args.port}")
-    runner = RunnerConfig(models_dir=args.models_dir, device=args.device, dtype=args.dtype,
+    from huabi.service.cpu_backend import parse_backend
+
+    parse_backend(args.backend)  # a wrong name fails now, not at the first job
+    runner = RunnerConfig(models_dir=args.models_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                           embeddings_dir=args.embeddings_dir, wildcards_dir=args.wildcards_dir,
                           styles_file=args.styles_file)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,

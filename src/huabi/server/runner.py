@@ -74,6 +74,7 @@ class RunnerConfig:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "auto"  # huabi.service.cpu_backend: auto, torch, openvino, openvino-int8
     embeddings_dir: Path | None = None
     wildcards_dir: Path | None = None
     styles_file: Path | None = None
@@ -206,7 +207,7 @@ class Runner:
                 # summation order, and so a pixel's last bit, depends on it, so the same count makes
                 # a server job's PNG byte-identical to the CLI's. The queue's worker thread follows it.
                 configure_threads()
-                self._engine = Engine(device=self.config.device, dtype=self.config.dtype,
+                self._engine = Engine(device=self.config.device, dtype=self.config.dtype, backend=self.config.backend,
                                       models_dir=self.config.models_dir, embeddings_dir=self.config.embeddings_dir)
             return self._engine
 

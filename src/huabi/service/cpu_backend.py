@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +22,13 @@ from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.family import ModelFamily
 
+if TYPE_CHECKING:
+    from huabi.service.backend_choice import BackendDecision
+
 log = logging.getLogger("huabi")
 
 BACKEND_INFOTEXT_NAMES = {"torch": "torch", "openvino": "OpenVINO", "openvino-int8": "OpenVINO int8"}
+BACKEND_NAMES = ("auto", "torch", "openvino", "openvino-int8")
 
 
 def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, device: torch.device,
@@ -44,12 +49,12 @@ def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, d
 
 
 def parse_backend(name: str) -> tuple[str, bool]:
-    """``torch``, ``openvino`` or ``openvino-int8`` -> (backend, int8)."""
-    name = (name or "torch").strip().lower()
+    """``auto``, ``torch``, ``openvino`` or ``openvino-int8`` -> (backend, int8)."""
+    name = (name or "auto").strip().lower()
     if name == "openvino-int8":
         return "openvino", True
-    if name not in BACKENDS:
-        raise HuabiError(f"backend: unknown backend {name!r}; valid: torch, openvino, openvino-int8")
+    if name != "auto" and name not in BACKENDS:
+        raise HuabiError(f"backend: unknown backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
     return name, False
 
 
@@ -88,20 +93,53 @@ class BackendChoice:
 
             self._tiny_decoder = load_taesd(decoder_path, device=self.device)
         self.vae_tiling = bool(vae_tiling)
+        self.cache_dir, self.threads = cache_dir, threads
+        # --backend auto: one decision per loaded model, forgotten when the model is unloaded
+        self._auto_decisions: dict[int, tuple[weakref.ref, BackendDecision]] = {}
         if self.name == "openvino":
             if "openvino" not in available_backends():
                 raise HuabiError("backend: openvino is not installed; pip install 'huabi[openvino]' "
                                  "(or use --backend torch)")
+            self._start_runtime()
+
+    def _start_runtime(self):
+        if self._runtime is None:
             from huabi.backends.openvino import OpenVINORuntime
             from huabi.service.device_choice import default_cache_dir
 
-            self._runtime = OpenVINORuntime((cache_dir or default_cache_dir()) / "openvino",
-                                            precision="bf16" if dtype == torch.bfloat16 else "f32",
-                                            int8=self.int8, threads=threads)
+            self._runtime = OpenVINORuntime((self.cache_dir or default_cache_dir()) / "openvino",
+                                            precision="bf16" if self.dtype == torch.bfloat16 else "f32",
+                                            int8=self.int8, threads=self.threads)
+        return self._runtime
+
+    def auto_decision(self, bundle) -> BackendDecision:
+        """What ``--backend auto`` runs ``bundle`` on (measured once per machine, decided once per model)."""
+        from huabi.service.backend_choice import cached_backend_probe, choose_backend
+        from huabi.service.device_choice import read_cpu_info, recommended_threads
+
+        self._auto_decisions = {k: v for k, v in self._auto_decisions.items() if v[0]() is not None}
+        known = self._auto_decisions.get(id(bundle))
+        decision = known[1] if known is not None and known[0]() is bundle else None
+        if decision is None:
+            unet = getattr(bundle, "unet", None)
+            params = sum(param.numel() for param in unet.parameters()) if unet is not None else 0
+
+            def probe():
+                cpu = read_cpu_info()
+                return cached_backend_probe(cpu, self.dtype, self.threads or recommended_threads(cpu),
+                                            cache_dir=self.cache_dir)[0]
+
+            decision = choose_backend(device=self.device, openvino_installed="openvino" in available_backends(),
+                                      convertible=isinstance(bundle, ModelBundle), unet_params=params, probe=probe)
+            log.info("huabi: --backend auto for %s: %s", getattr(bundle, "short_hash", None) or "this model",
+                     decision.reason)
+            self._auto_decisions[id(bundle)] = (weakref.ref(bundle), decision)
+        return decision
 
     @property
     def infotext_name(self) -> str:
-        return BACKEND_INFOTEXT_NAMES["openvino-int8" if self.int8 else self.name]
+        """The infotext name of the OpenVINO graphs this choice runs (auto runs them as ``openvino``)."""
+        return BACKEND_INFOTEXT_NAMES["openvino-int8" if self.int8 else "openvino"]
 
     @property
     def runtime(self):
@@ -156,15 +194,21 @@ class BackendChoice:
     def _backend_bundle(self, bundle: ModelBundle, request: GenerationRequest, *, lora_state: tuple,
                         adapters_active: bool, device: torch.device, on_the_fly_gguf: bool,
                         weights=None) -> tuple[ModelBundle, str]:
+        if self.name == "auto":
+            if self.auto_decision(bundle).backend == "torch":
+                return bundle, "torch"
+            self._start_runtime()
         if self._runtime is None:
             return bundle, "torch"
+        # asked for explicitly, a fallback is worth a warning; under auto it is routine
+        note = log.info if self.name == "auto" else log.warning
         if not isinstance(bundle, ModelBundle):  # SD3/FLUX transformers: no OpenVINO conversion (yet)
-            log.warning("huabi: note: OpenVINO cannot run SD3/FLUX; this job runs in torch")
+            note("huabi: note: OpenVINO cannot run SD3/FLUX; this job runs in torch")
             return bundle, "torch"
         reasons = openvino_unsupported(request, adapters_active=adapters_active, device=device,
                                        on_the_fly_gguf=on_the_fly_gguf)
         if reasons:
-            log.warning("huabi: note: OpenVINO cannot run %s; this job runs in torch", "; ".join(reasons))
+            note("huabi: note: OpenVINO cannot run %s; this job runs in torch", "; ".join(reasons))
             if weights is not None:
                 weights.ensure_resident()
             return bundle, "torch"

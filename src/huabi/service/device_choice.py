@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,28 +176,37 @@ def default_cache_dir() -> Path:
     return huabi_cache_dir()
 
 
-def cached_probe(cpu: CpuInfo, *, cache_dir: Path | None = None,
-                 run: Callable[[], ProbeResult] = run_probe) -> tuple[ProbeResult, bool]:
-    """``(result, was_cached)``: the stored probe for this machine, or a fresh one saved atomically."""
+def cached_measurement(key: str, run: Callable[[], dict], decode: Callable[[dict], Any], *,
+                       cache_dir: Path | None = None) -> tuple[Any, bool]:
+    """``(decode(entry), was_cached)``: ``key``'s stored measurement in this machine's probe
+    file, or ``run()``'s fresh one saved atomically beside the others. A missing, corrupt or
+    undecodable entry is measured again and rewritten."""
     cache_file = (cache_dir or default_cache_dir()) / PROBE_CACHE_FILE
-    key = probe_cache_key(cpu)
     stored: dict = {}
     try:
         stored = json.loads(cache_file.read_text(encoding="utf-8"))
         if not isinstance(stored, dict):
             stored = {}
-        entry = stored.get(key)
-        if isinstance(entry, dict):
-            return ProbeResult(float(entry["fp32_s"]), float(entry["bf16_s"]), int(entry["threads"])), True
+        if isinstance(stored.get(key), dict):
+            return decode(stored[key]), True
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # missing or corrupt: probe again and rewrite
-    result = run()
-    stored[key] = asdict(result)
+        pass
+    entry = run()
+    stored[key] = entry
     try:
         atomic_write_text(cache_file, json.dumps(stored, indent=1))
     except OSError:
         pass  # a read-only cache only costs a probe next time
-    return result, False
+    return decode(entry), False
+
+
+def cached_probe(cpu: CpuInfo, *, cache_dir: Path | None = None,
+                 run: Callable[[], ProbeResult] = run_probe) -> tuple[ProbeResult, bool]:
+    """``(result, was_cached)``: the stored probe for this machine, or a fresh one saved atomically."""
+    return cached_measurement(
+        probe_cache_key(cpu), lambda: asdict(run()),
+        lambda entry: ProbeResult(float(entry["fp32_s"]), float(entry["bf16_s"]), int(entry["threads"])),
+        cache_dir=cache_dir)
 
 
 # -- the choice -------------------------------------------------------------------
@@ -313,8 +323,10 @@ def system_report(device: torch.device, *, cache_dir: Path | None = None) -> lis
                      f"({choice.probe.threads} threads; cached in {(cache_dir or default_cache_dir()) / PROBE_CACHE_FILE})")
     lines.append(f"device: {device}; --dtype auto -> {choice.reason}")
     from huabi.backends import available_backends
+    from huabi.service.backend_choice import auto_backend_report
 
     lines.append(f"backends: {', '.join(available_backends())}")
+    lines.extend(auto_backend_report(device, choice.dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir))
     return lines
 
 

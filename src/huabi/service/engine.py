@@ -103,7 +103,7 @@ class Engine:
         embeddings_dir: Path | None = None,
         base_model: Path | None = None,
         gguf_on_the_fly: bool = False,
-        backend: str = "torch",
+        backend: str = "auto",
         preview: str = "cheap",
         preview_every: int = 1,
         vae_decoder: str = "full",
@@ -126,7 +126,8 @@ class Engine:
         # Text encoders + VAE for GGUF UNet files (ComfyUI-GGUF style); unused for full checkpoints.
         self.base_model = Path(base_model).expanduser() if base_model is not None else None
         self.gguf_on_the_fly = gguf_on_the_fly  # GGUF weights stay packed, dequantized at each use
-        # torch, openvino or openvino-int8 (huabi.service.cpu_backend); OpenVINO graphs are cached on disk.
+        # auto, torch, openvino or openvino-int8 (huabi.service.cpu_backend; auto's rules in
+        # huabi.service.backend_choice); OpenVINO graphs are cached on disk.
         # preview: cheap | taesd:PATH | none (live previews for on_preview); vae_decoder: full | taesd:PATH;
         # vae_tiling: decode/encode large images in tiles (huabi.service.previews).
         self.backend = BackendChoice(backend, dtype=self.dtype, device=self.device, preview=preview,

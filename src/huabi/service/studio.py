@@ -68,7 +68,7 @@ class Studio:
         embeddings_dir: str | Path | None = None,
         base_model: str | Path | None = None,
         gguf_on_the_fly: bool = False,
-        backend: str = "torch",
+        backend: str = "auto",
         vae_decoder: str = "full",
         vae_tiling: bool = False,
         text_encoder_files: Mapping[str, str | Path] | None = None,
