@@ -10,8 +10,12 @@ same steps, CFG 7, same seed, one process:
 2. huabi with ``--backend openvino`` (precision hint from huabi's per-machine choice),
    with the conversion time reported separately; and ``openvino-int8`` when NNCF is
    installed (``--int8``)
-3. huabi ``--dtype auto`` (torch; bf16 or fp32 as chosen for this CPU, channels_last as
-   the engine loads it)
+3. huabi ``--backend torch`` (bf16 or fp32 as ``--dtype auto`` chose for this CPU,
+   channels_last as the engine loads it)
+
+``--backend auto`` (huabi's default) is one of 2 and 3 for a model of this size: the
+header says which (service/backend_choice.py: a cached per-machine probe decides), and
+the "huabi auto" line of the summary repeats that row.
 4. the 4-step LCM check: one 512x512 image, LCM sampler, CFG 1, end to end (prompt
    encoding, 4 steps, decode; load excluded) against 2x (4 x slowest single UNet step +
    one decode) measured in the same dtype.
@@ -184,6 +188,12 @@ def main() -> None:
     print(f"CPU: {cpu.model_name}; flags: {' '.join(cpu.relevant_flags)}; {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}")
     print(f"auto: {choice.reason}")
+    from huabi.service.backend_choice import auto_backend_report
+
+    backend_lines = auto_backend_report(torch.device("cpu"), choice.dtype, cpu, torch.get_num_threads())
+    header["auto_backend"] = backend_lines
+    print("\n".join(backend_lines))
+    auto_openvino = "-> full-size SD1/SD2/SDXL models: OpenVINO" in backend_lines[-1]
     started = time.perf_counter()
     bundle = build_bundle(args.family, torch.float32)
     print(f"built {args.family} architecture (random weights) in {time.perf_counter() - started:.1f} s", flush=True)
@@ -217,7 +227,7 @@ def main() -> None:
             gc.collect()
 
     convert_in_place(bundle, choice.dtype)
-    auto = run_huabi(bundle, f"huabi auto ({dtype_name(choice.dtype)})", steps=args.steps, size_px=size_px)
+    auto = run_huabi(bundle, f"huabi torch ({dtype_name(choice.dtype)})", steps=args.steps, size_px=size_px)
     runs.append(auto)
     _print_run(auto, runs[0])
 
@@ -234,6 +244,11 @@ def main() -> None:
               f"{run.decode_s:9.2f} {reference.decode_s / run.decode_s:5.2f}x {run.peak_gib:9.2f} "
               f"{run.peak_gib / reference.peak_gib:6.2f} {np.abs(run.image - reference.image).mean():7.2f} "
               f"{run.setup_s:8.1f}")
+    picked = next((run for run in runs if run.name == "huabi openvino"), None) if auto_openvino else auto
+    if picked is not None:
+        print(f"{'huabi auto = ' + picked.name:28} {picked.dtype:16} {picked.s_per_step:8.2f} "
+              f"{reference.s_per_step / picked.s_per_step:5.2f}x")
+        header["auto_run"] = picked.name
     print("ratio: diffusers fp32 time / this run's time (> 1 is faster); peak ratio: this / diffusers (< 1 is smaller)")
     print("|diff|: mean absolute pixel difference (0..255) from diffusers fp32, same seed")
     if args.json:
