@@ -60,6 +60,9 @@ def _never():
     ({"unet_params": 13_810_000, "probe": _never}, "torch", "small UNet (13.8 M parameters"),
     ({"unet_params": bc.AUTO_MIN_UNET_PARAMS, "probe": lambda: probe(2.0, 1.0)}, "openvino", "2.00x"),
     ({"probe": None}, "torch", "no backend probe"),
+    ({"free_bytes": 7 * 2**30}, "openvino", "measured"),  # SD1.5 needs ~6.4 GiB free to convert
+    ({"free_bytes": 6 * 2**30, "probe": _never}, "torch", "needs ~6.4 GiB free, 6.0 GiB are"),
+    ({"unet_params": 2_567_000_000, "free_bytes": 16 * 2**30, "probe": _never}, "torch", "needs ~19.1 GiB free"),
 ])
 def test_rules(overrides, backend, reason):
     decision = decide(**overrides)
@@ -143,6 +146,33 @@ def test_full_size_rule_converts_like_the_explicit_backend(tiny_model_factory, t
     assert "Backend" not in tiled.infotext
     notes = [r for r in caplog.records if "cannot run seamless tiling" in r.getMessage()]
     assert notes and all(r.levelno == logging.INFO for r in notes)
+
+
+@pytest.mark.slow  # one OpenVINO conversion of a tiny model, LoRA jobs in between
+def test_lora_jobs_run_in_torch_under_auto(tiny_sd1_file, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from huabi.models.load import load_model
+    from test_lora import kohya_lora_state_dict, write_lora
+
+    monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HUABI_AUTO_BACKEND", "openvino")
+    monkeypatch.setattr(bc, "AUTO_MIN_UNET_PARAMS", 0)
+    models = tmp_path / "models"
+    write_lora(models / "Lora" / "style.safetensors",
+               kohya_lora_state_dict(load_model(tiny_sd1_file, compute_hash=False), seed=11, scale=0.3))
+    auto = Engine(device="cpu", dtype="fp32", models_dir=models)
+    torch_engine = Engine(device="cpu", dtype="fp32", models_dir=models, backend="torch")
+    base = auto.generate(request(tiny_sd1_file))[0]
+    assert "Backend: OpenVINO" in base.infotext and auto.backend.runtime.conversions == 2
+    lora_request = GenerationRequest(prompt="a red apple <lora:style:0.8>", model=str(tiny_sd1_file), steps=3,
+                                     width_px=64, height_px=64, seed=5, batch_size=1)
+    styled = auto.generate(lora_request)[0]  # the UNet's weights were released: read back, LoRA applied, torch
+    assert "Backend" not in styled.infotext and "Lora hashes" in styled.infotext
+    reference = torch_engine.generate(lora_request)[0]
+    assert np.array_equal(np.asarray(styled.image), np.asarray(reference.image))
+    again = auto.generate(request(tiny_sd1_file))[0]  # base model: its graph again, no new conversion
+    assert "Backend: OpenVINO" in again.infotext and auto.backend.runtime.conversions == 2
+    assert np.array_equal(np.asarray(again.image), np.asarray(base.image))
 
 
 @pytest.mark.slow  # converts and times a small block in both backends (a few seconds)

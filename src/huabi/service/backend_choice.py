@@ -11,6 +11,10 @@ all of these hold, and torch otherwise, silently:
 - the UNet is full-size (at least ``AUTO_MIN_UNET_PARAMS``): small UNets such as
   huabi-mini's already run in tens of milliseconds per step in torch, where a conversion
   would never pay for itself;
+- there is room to convert it: tracing copies the UNet in fp32 beside the loaded model
+  (SD1.5's first run peaked 3.5 GiB above torch's job, ~4.4 bytes per UNet parameter),
+  so free memory must be at least ``CONVERSION_BYTES_PER_PARAM`` per parameter; otherwise
+  torch runs it (an SDXL UNet asks ~19 GiB free);
 - a short measured probe on this machine (the same SD-UNet-like mix of convolution,
   feed-forward and attention work as the dtype probe, run by torch and by OpenVINO in the
   engine's precision) finds OpenVINO at least ``OPENVINO_MIN_SPEEDUP`` times faster. Its
@@ -18,7 +22,8 @@ all of these hold, and torch otherwise, silently:
   precision) in ``<huabi cache>/cpu_probe.json``, like the dtype probe.
 
 A job whose features OpenVINO cannot run (ControlNet, hypernetworks, ...) runs in torch.
-``HUABI_AUTO_BACKEND=torch|openvino`` pins the answer for full-size models.
+``HUABI_AUTO_BACKEND=torch|openvino`` pins the answer for full-size models that fit the
+memory rule.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ AUTO_MIN_UNET_PARAMS = 100_000_000
 # OpenVINO must beat torch by this factor in the probe: a smaller gain does not pay for the
 # first run's conversion and the graph's different rounding.
 OPENVINO_MIN_SPEEDUP = 1.10
+# Free memory a conversion needs per UNet parameter: the measured 4.4 bytes with a 2x margin.
+CONVERSION_BYTES_PER_PARAM = 8
 
 
 @dataclass(frozen=True)
@@ -136,9 +143,11 @@ def cached_backend_probe(cpu: CpuInfo, dtype: torch.dtype, threads: int, *, cach
 
 
 def choose_backend(*, device: torch.device, openvino_installed: bool, convertible: bool, unet_params: int,
-                   probe: Callable[[], BackendProbe] | BackendProbe | None = None) -> BackendDecision:
+                   probe: Callable[[], BackendProbe] | BackendProbe | None = None,
+                   free_bytes: int | None = None) -> BackendDecision:
     """The rules of the module docstring; ``probe`` (a result, or a function measuring one) is
-    consulted only when every other rule allows OpenVINO."""
+    consulted only when every other rule allows OpenVINO. ``free_bytes``: memory available now
+    (None: not checked, e.g. the graph is already converted)."""
     if device.type != "cpu":
         return BackendDecision("torch", f"torch: device {device} (OpenVINO is used on the CPU only)")
     if not openvino_installed:
@@ -148,6 +157,10 @@ def choose_backend(*, device: torch.device, openvino_installed: bool, convertibl
     if unet_params < AUTO_MIN_UNET_PARAMS:
         return BackendDecision("torch", f"torch: small UNet ({unet_params / 1e6:.1f} M parameters < "
                                         f"{AUTO_MIN_UNET_PARAMS / 1e6:.0f} M): a conversion would not pay")
+    if free_bytes is not None and free_bytes < unet_params * CONVERSION_BYTES_PER_PARAM:
+        return BackendDecision("torch", f"torch: converting this UNet to OpenVINO needs ~"
+                                        f"{unet_params * CONVERSION_BYTES_PER_PARAM / 2**30:.1f} GiB free, "
+                                        f"{free_bytes / 2**30:.1f} GiB are")
     pinned = os.environ.get("HUABI_AUTO_BACKEND", "").strip().lower()
     if pinned:
         if pinned not in ("torch", "openvino"):
