@@ -310,25 +310,6 @@ def cmd_ceiling(args) -> None:
     print(json.dumps({k: v for k, v in record.items() if k not in ("thumb_nn1", "item_ids")}))
 
 
-def centred_vae(vae, mean: torch.Tensor, std: torch.Tensor):
-    """A copy of ``vae`` whose latents are ``(z - mean) / std`` per channel and which decodes them
-    to the same pixels: the shift and scale folded into the 1x1 ``quant_conv`` (mean and log-variance
-    rows) and ``post_quant_conv`` (its input channels). An exact reparametrisation, same file layout."""
-    import copy
-
-    vae = copy.deepcopy(vae)
-    channels = mean.numel()
-    with torch.no_grad():
-        q = vae.quant_conv
-        q.weight[:channels] /= std.view(-1, 1, 1, 1)
-        q.bias[:channels] = (q.bias[:channels] - mean) / std
-        q.bias[channels:] -= 2 * torch.log(std)  # log-variance of z / std
-        p = vae.post_quant_conv
-        p.bias += (p.weight[:, :, 0, 0] * mean.view(1, -1)).sum(dim=1)
-        p.weight *= std.view(1, -1, 1, 1)
-    return vae
-
-
 def cmd_centre(args) -> None:
     """How the cached latents sit in the UNet's units, and the exact fix: per-channel centring folded into the VAE."""
     from PIL import Image
@@ -336,6 +317,7 @@ def cmd_centre(args) -> None:
     from huabi.eval.faithfulness import to_pixels
     from huabi.models.load import load_model
     from huabi.train.cache import load_cache
+    from huabi.train.mini_v2 import centred_vae
 
     cache = load_cache(args.state / "cache")
     latents = cache.latents  # unscaled posterior means

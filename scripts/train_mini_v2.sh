@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Train (or resume) huabi-mini v2, warm-started from the shipped v1 files; niced, detached-safe,
+# Train (or resume) huabi-mini v2 or v3, warm-started from the shipped v1 files; niced, detached-safe,
 # appending to the state dir's log. Safe to re-run at any time: finished stages are skipped, the
 # running one resumes from its last save (every 5 minutes). Usage (one command, also to resume):
 #   setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v2.out 2>&1 < /dev/null &
-# Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further).
-# Environment overrides: HUABI_TRAIN_STATE, HUABI_TRAIN_DATA, HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE, HUABI_PYTHON.
+#   HUABI_TRAIN_RECIPE=v3 setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v3.out 2>&1 < /dev/null &
+# Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
+# --init-unet FILE to start v3's UNet from given weights). The export goes to the state dir
+# (STATE/huabi-mini-RECIPE.safetensors), never over the repository's shipped model.
+# Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
+# HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE, HUABI_PYTHON.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini-v2}"
+RECIPE="${HUABI_TRAIN_RECIPE:-v2}"
+STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini-$RECIPE}"
 DATA="${HUABI_TRAIN_DATA:-$HOME/.cache/huabi/data/huabi-mini-128}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"
 DEVICE="${HUABI_TRAIN_DEVICE:-cpu}"
@@ -22,16 +27,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 # run the repository's code even when another huabi is installed in the venv
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-echo "$(date '+%F %T') [launcher] pid $$ start (v2): data $DATA state $STATE threads $THREADS device $DEVICE" >> "$STATE/train.log"
+echo "$(date '+%F %T') [launcher] pid $$ start ($RECIPE): data $DATA state $STATE threads $THREADS device $DEVICE" >> "$STATE/train.log"
 cd "$REPO"
 if [ ! -f "$DATA/metadata.jsonl" ] && [ ! -d "$STATE/data" ]; then
     echo "$(date '+%F %T') [launcher] building the dataset in $DATA" >> "$STATE/train.log"
     "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --quiet >> "$STATE/train.log" 2>&1
 fi
 set +e
-nice -n 19 "$PYTHON" -m huabi.train mini-v2 \
+nice -n 19 "$PYTHON" -m huabi.train mini-v2 --recipe "$RECIPE" \
     --data "$DATA" --state "$STATE" --device "$DEVICE" --threads "$THREADS" \
-    --repo-log "$REPO/docs/huabi-mini-v2-training-log.txt" "$@"
+    --out "$STATE/huabi-mini-$RECIPE.safetensors" \
+    --repo-log "$REPO/docs/huabi-mini-$RECIPE-training-log.txt" "$@"
 status=$?
 echo "$(date '+%F %T') [launcher] exit status $status" >> "$STATE/train.log"
 exit $status

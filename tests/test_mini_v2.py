@@ -198,3 +198,63 @@ def test_aspect_ratio_on_a_128px_model_gives_that_shape(capsys, tiny_mini_file, 
     images = [line for line in captured.out.splitlines() if not line.rsplit("/", 1)[-1].startswith("grid-")]
     assert len(images) == 1
     assert Image.open(images[0]).size == (160, 112)
+
+
+def test_centred_vae_is_an_exact_reparametrisation(v1_files):
+    """v3's VAE: latents (z - mean_c) / std_c, the same pixels back, scaling factor 1."""
+    from huabi.models.load import load_model
+    from huabi.train.mini_v2 import centred_vae
+
+    vae = load_model(v1_files[0], compute_hash=False).vae.eval()
+    mean, std = torch.tensor([-1.1, -0.5, -1.7, 0.8]), torch.tensor([0.9, 1.3, 0.7, 1.6])
+    centred = centred_vae(vae, mean, std)
+    assert centred.config.scaling_factor == 1.0 and vae.config.scaling_factor != 1.0  # the original is untouched
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        z, z_new = vae.encode(pixels).latent_dist, centred.encode(pixels).latent_dist
+        torch.testing.assert_close(z_new.mean, (z.mean - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), rtol=0, atol=2e-5)
+        torch.testing.assert_close(z_new.std, z.std / std.view(1, -1, 1, 1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(centred.decode(z_new.mean).sample, vae.decode(z.mean).sample, rtol=0, atol=2e-5)
+
+
+def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, v1_files, tmp_path):
+    from huabi.models.load import load_model
+    from huabi.train.cache import load_cache
+    from huabi.train.mini_v2 import channel_stats
+
+    v1_model, _ = v1_files
+    messages: list[str] = []
+    recipe = MiniV2Recipe(**{**tiny_v2_recipe().__dict__, "centre_latents": True})
+    run = _v2_run(folder, tmp_path, messages)
+    run_v2(run, recipe, base_model=v1_model)
+    stats = json.loads((tmp_path / "state" / "unet" / "latent_stats.json").read_text())
+    cache = load_cache(tmp_path / "state" / "cache")
+    mean, std = channel_stats(cache.latents)
+    assert stats["mean"] == mean.tolist() and stats["std"] == std.tolist()
+    assert any(m.startswith("[unet] centred latents") for m in messages)
+    old, new = _tensors(v1_model), _tensors(run.out_path)
+    changed = {k for k in old if k.startswith("first_stage_model.") and not torch.equal(old[k], new[k])}
+    assert changed == {f"first_stage_model.{conv}.{p}" for conv in ("quant_conv", "post_quant_conv") for p in ("weight", "bias")}
+    assert float(new["huabi.vae_scaling_factor"]) == 1.0
+    # the exported VAE is v1's with exactly these statistics folded in (fp16 file)
+    from huabi.train.mini_v2 import centred_vae
+
+    expected = centred_vae(load_model(v1_model, compute_hash=False).vae, mean, std).state_dict()
+    exported = load_model(run.out_path, compute_hash=False).vae.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value.half().float(), rtol=0, atol=0)
+    with safe_open(str(run.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe v3"
+
+    # --init-unet: the UNet stage starts from given weights instead of v1
+    from huabi.train.common import atomic_torch_save
+
+    start = _tensors(run.out_path)
+    weights = recipe.unet_model.build(seed=9).state_dict()
+    atomic_torch_save({"state_dict": weights}, tmp_path / "init.pt")
+    other = _v2_run(folder, tmp_path / "init", messages)
+    run_v2(other, recipe.with_overrides(unet={"steps": 1, "lr": 1e-12}), base_model=v1_model, init_unet=tmp_path / "init.pt")
+    assert any("initial weights from" in m for m in messages)
+    got = _tensors(other.out_path)
+    key = "model.diffusion_model.out.2.weight"
+    assert key in got and not torch.equal(got[key], start[key])

@@ -55,6 +55,9 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
     v2.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
     v2.add_argument("--snapshot", action="store_true", help="only export the model with the UNet stage's last saved state (EMA) to --out")
     v2.add_argument("--steps", action="append", default=[], metavar="unet=N", help="the UNet stage's step count (extends a finished stage)")
+    v2.add_argument("--recipe", choices=("v2", "v3"), default="v2", help="v3: centred latents, long cosine run (docs/training.md)")
+    v2.add_argument("--init-unet", type=Path, default=None, metavar="STATE",
+                    help="start the UNet stage from these weights (a torch file with 'state_dict' of the v2 layout) instead of v1")
     return parser
 
 
@@ -150,10 +153,10 @@ def _main_v2(args) -> int:
     import torch
 
     from huabi.train.common import TrainingStopped
-    from huabi.train.mini_v2 import V2_STAGES, MiniV2Recipe, run_v2, write_v2_export
+    from huabi.train.mini_v2 import RECIPES, V2_STAGES, run_v2, write_v2_export
     from huabi.train.recipe import RecipeRun, clip_out_path_for, default_out_path
 
-    recipe = MiniV2Recipe()
+    recipe = RECIPES[args.recipe]
     for item in args.steps:
         stage, _, count = item.partition("=")
         if stage != "unet" or not count.isdigit() or int(count) < 1:
@@ -172,7 +175,7 @@ def _main_v2(args) -> int:
         return 0
     stages = V2_STAGES if args.stage == "all" else (args.stage,)
     try:
-        run_v2(run, recipe, stages, base_model=args.base_model, force_export=args.force_export)
+        run_v2(run, recipe, stages, base_model=args.base_model, force_export=args.force_export, init_unet=args.init_unet)
     except TrainingStopped as exc:
         run.log(f"[recipe] {exc}")
         return 143

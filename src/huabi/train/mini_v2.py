@@ -20,6 +20,18 @@ same curve)::
     cache   v1 VAE latent means of every image (with v1's scaling factor) + v1 text states
     unet    the v2 UNet from the warm start: eps, caption dropout, Min-SNR, EMA, bf16 autocast
     export  huabi-mini.safetensors (v1 VAE + text encoder, v2 UNet) and the unchanged CLIP pair
+
+v3 (``MINI_V3``, ``--recipe v3``) is the same pipeline with the latents *centred*: v1's
+latents scaled by its one factor have variance 1 overall but per-channel means of
+-1.11/-0.47/-1.74/+0.81 (mostly the white background), so what differs between items has
+only 0.112 of the variance the noise schedule assumes and sits below the noise for every
+timestep past ~96 of 1000 (docs/training.md, "v2 diagnosis"). v3 trains on
+``(z - mean_c) / std_c`` per channel (statistics of the cached latents, saved with the
+UNet state) and exports v1's VAE with that shift and scale folded into its 1x1
+``quant_conv`` / ``post_quant_conv`` (:func:`centred_vae`: exact, same file layout,
+scaling factor 1), so the file loads like any huabi-mini. Its UNet starts from v1 as v2's
+does, or from ``--init-unet`` (a UNet state of the v2 layout already trained on centred
+latents); its LR decays (cosine) over a long run meant to be resumed in ~2 h sittings.
 """
 
 from __future__ import annotations
@@ -65,6 +77,8 @@ class MiniV2Recipe:
         ema_decay=0.999, seed=20261206,
     )
     cache_batch_size: int = 64
+    # v3: train on per-channel centred latents; the export folds the shift/scale into the VAE
+    centre_latents: bool = False
     model_sha256: str = V1_MODEL_SHA256  # "" skips the check (tests warm-start from tiny models)
     clip_sha256: str = V1_CLIP_SHA256
 
@@ -75,6 +89,68 @@ class MiniV2Recipe:
                 raise HuabiError(f"the v2 recipe trains only the UNet; cannot override {name!r}")
             changes[name] = dataclasses.replace(getattr(self, name), **fields)
         return dataclasses.replace(self, **changes)
+
+
+# v3: centred latents, a long cosine run (~2 h sittings of ~8,000 steps on 2 free Zen 4 cores).
+MINI_V3 = MiniV2Recipe(
+    centre_latents=True,
+    unet=UNetTrainConfig(
+        steps=30000, batch_size=32, lr=1.5e-4, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1,
+        precision="bf16", ema_decay=0.999, seed=20261208,
+    ),
+)
+RECIPES = {"v2": MiniV2Recipe(), "v3": MINI_V3}
+
+
+def channel_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of latents [N, C, h, w] (sums in float64)."""
+    flat = latents.double().transpose(0, 1).reshape(latents.shape[1], -1)
+    return flat.mean(dim=1).float(), flat.std(dim=1).float()
+
+
+def centred_cache(cache, mean: torch.Tensor, std: torch.Tensor):
+    """``cache`` with latents ``(z - mean_c) / std_c`` and scaling factor 1 (text unchanged)."""
+    latents = (cache.latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return dataclasses.replace(cache, latents=latents, scaling_factor=1.0)
+
+
+def centred_vae(vae, mean: torch.Tensor, std: torch.Tensor):
+    """A copy of ``vae`` whose latents are ``(z - mean_c) / std_c`` per channel and which decodes
+    them to the same pixels: the shift and scale folded into the 1x1 ``quant_conv`` (mean and
+    log-variance rows) and ``post_quant_conv`` (its input channels); scaling factor 1. An exact
+    reparametrisation in the same file layout."""
+    import copy
+
+    vae = copy.deepcopy(vae)
+    channels = mean.numel()
+    with torch.no_grad():
+        q = vae.quant_conv
+        q.weight[:channels] /= std.view(-1, 1, 1, 1)
+        q.bias[:channels] = (q.bias[:channels] - mean) / std
+        q.bias[channels:] -= 2 * torch.log(std)  # log-variance of z / std
+        p = vae.post_quant_conv
+        p.bias += (p.weight[:, :, 0, 0] * mean.view(1, -1)).sum(dim=1)
+        p.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    return vae
+
+
+def _stats_path(run: RecipeRun) -> Path:
+    return run.state_dir / "unet" / "latent_stats.json"
+
+
+def latent_stats(run: RecipeRun, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centring statistics of this run: computed from the cache once, then read back, so a
+    resumed run and the export use exactly the numbers the UNet was trained with."""
+    path = _stats_path(run)
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return torch.tensor(stored["mean"], dtype=torch.float32), torch.tensor(stored["std"], dtype=torch.float32)
+    if cache is None:
+        raise HuabiError(f"{path} is missing: the centred UNet stage has not started in {run.state_dir}")
+    mean, std = channel_stats(cache.latents)
+    atomic_write_text(path, json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+    return torch.tensor(mean.tolist()), torch.tensor(std.tolist())  # as the JSON round trip gives them
 
 
 def _sha256(path: Path) -> str:
@@ -169,14 +245,24 @@ def warm_start_unet(model_config: UNetModelConfig, base_unet: torch.nn.Module, *
     return unet
 
 
-def stage_unet(run: RecipeRun, recipe: MiniV2Recipe) -> None:
+def stage_unet(run: RecipeRun, recipe: MiniV2Recipe, init_unet: Path | None = None) -> None:
     if not is_done(run.state_dir, "cache"):
         raise HuabiError(f"stage 'cache' has not finished in {run.state_dir}; run it first (--stage cache)")
     cache = load_cache(run.state_dir / "cache")
     started = time.time()
-    unet = warm_start_unet(recipe.unet_model, load_base(run).unet, seed=recipe.unet.seed)
+    if recipe.centre_latents:
+        mean, std = latent_stats(run, cache)
+        cache = centred_cache(cache, mean, std)
+        run.log(f"[unet] centred latents: per-channel mean {[round(float(x), 4) for x in mean]}, std {[round(float(x), 4) for x in std]}")
+    if init_unet is not None:
+        unet = recipe.unet_model.build(seed=recipe.unet.seed)
+        unet.load_state_dict(load_torch_file(Path(init_unet), what="--init-unet UNet weights")["state_dict"])
+        source = f"initial weights from {init_unet}"
+    else:
+        unet = warm_start_unet(recipe.unet_model, load_base(run).unet, seed=recipe.unet.seed)
+        source = "warm start from v1"
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    run.log(f"[unet] {len(cache)} latents {list(cache.latents.shape[1:])}, scaling factor {cache.scaling_factor:.5f}; UNet {params:.2f}M params (warm start from v1); {recipe.unet}")
+    run.log(f"[unet] {len(cache)} latents {list(cache.latents.shape[1:])}, scaling factor {cache.scaling_factor:.5f}; UNet {params:.2f}M params ({source}); {recipe.unet}")
     unet, ema = train_unet(recipe.unet, cache, model_config=recipe.unet_model, unet=unet, state_path=run.state_dir / "unet" / "state.pt", device=run.device, log=run.log, should_stop=run.should_stop)
     if ema is not None:
         ema.copy_to(unet)
@@ -206,10 +292,11 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     weights, step = _unet_weights(run, recipe, snapshot=snapshot)
     unet = recipe.unet_model.build()
     unet.load_state_dict(weights)
+    vae = centred_vae(base.vae, *latent_stats(run, None)) if recipe.centre_latents else base.vae
     parts = ModelParts(
         family=ModelFamily.HUABI_MINI,
         unet=unet.eval(),
-        vae=base.vae,
+        vae=vae,
         text_encoders=list(base.text_encoders),
         prediction=base.prediction,
         native_size_px=recipe.size_px,
@@ -217,7 +304,7 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     )
     metadata = {
         "huabi.recipe": json.dumps({"v2": config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})"}, default=str),
-        "huabi.trained_by": "huabi.train mini-v2",
+        "huabi.trained_by": "huabi.train mini-v2" + (" --recipe v3" if recipe.centre_latents else ""),
         "huabi.unet_step": step,
         "modelspec.architecture": "huabi-mini",
         "modelspec.resolution": f"{recipe.size_px}x{recipe.size_px}",
@@ -255,6 +342,7 @@ def run_v2(
     base_model: Path | None = None,
     base_clip: Path | None = None,
     force_export: bool = False,
+    init_unet: Path | None = None,
 ) -> None:
     """Run ``stages`` in order, skipping finished ones. ``base_*`` default to the repo's shipped files."""
     from huabi.train.recipe import clip_out_path_for, default_out_path
@@ -277,7 +365,7 @@ def run_v2(
         elif stage == "cache":
             stage_cache(run, recipe)
         elif stage == "unet":
-            stage_unet(run, recipe)
+            stage_unet(run, recipe, init_unet=init_unet)
         else:
             _mark_done(run, "export", write_v2_export(run, recipe))
     refresh_repo_log(run)

@@ -1,0 +1,114 @@
+"""A/B for huabi-mini v3's first lever: does training on centred latents help?
+
+Two fine-tunes of the finished v2 UNet, identical except for the latents they learn:
+
+    old       the v2 cache as trained so far (v1 VAE means x v1's scaling factor 0.26726:
+              variance 1 overall, but per-channel means -1.11/-0.47/-1.74/+0.81, so the
+              content's variance is only 0.112 in the UNet's units)
+    centred   the same means, centred and scaled per channel: (z - mean_c) / std_c. The VAE
+              that produces and decodes these is v1's with the shift/scale folded exactly into
+              quant_conv / post_quant_conv (huabi.train.mini_v2.centred_vae), file
+              scaling factor 1.0, so the exported file loads like any huabi-mini.
+
+Same seed, data order, noise, timesteps, LR (constant after warm-up), steps and EMA. Each arm
+is resumable (state saved every 5 minutes and on SIGTERM); exports go next to the states and
+are scored with ``scripts/mini_diagnose.py sample --model FILE`` (the fixed 100 items).
+
+    python scripts/mini_centre_ab.py train --arm old --threads 1
+    python scripts/mini_centre_ab.py train --arm centred --threads 1
+    python scripts/mini_centre_ab.py export --arm centred     # -> WORK/centred/huabi-mini-centred.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_WORK = Path.home() / ".cache" / "huabi" / "diag" / "centre-ab"
+V2_STATE = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini-v2"
+
+
+def arm_setup(args):
+    from huabi.train.cache import load_cache
+    from huabi.train.mini_v2 import MiniV2Recipe, centred_cache, channel_stats
+
+    recipe = MiniV2Recipe()
+    cache = load_cache(args.v2_state / "cache")
+    stats = None
+    if args.arm == "centred":
+        stats = channel_stats(cache.latents)
+        cache = centred_cache(cache, *stats)
+    config = dataclasses.replace(recipe.unet, steps=args.steps, ema_decay=args.ema, warmup_steps=100, seed=recipe.unet.seed + 1)
+    return recipe, cache, config, stats
+
+
+def cmd_train(args) -> None:
+    from huabi.train.common import TrainLog, atomic_torch_save, config_dict, load_torch_file
+    from huabi.train.unet import train_unet
+
+    recipe, cache, config, stats = arm_setup(args)
+    out = args.work / args.arm
+    out.mkdir(parents=True, exist_ok=True)
+    log = TrainLog(out / "train.log")
+    final = load_torch_file(args.v2_state / "unet" / "final.pt", what="v2 UNet weights")
+    unet = recipe.unet_model.build()
+    unet.load_state_dict(final["state_dict"])
+    log(f"[ab] arm {args.arm}: {len(cache)} latents, scaling {cache.scaling_factor:.5f}, "
+        f"scaled variance {float((cache.latents * cache.scaling_factor).var()):.4f}; {config}")
+    started = time.time()
+    unet, ema = train_unet(config, cache, model_config=recipe.unet_model, unet=unet, state_path=out / "state.pt", log=log)
+    if ema is not None:
+        ema.copy_to(unet)
+    record = {"model_config": config_dict(recipe.unet_model), "state_dict": unet.state_dict()}
+    if stats is not None:
+        record["channel_mean"], record["channel_std"] = stats
+    atomic_torch_save(record, out / "final.pt")
+    log(f"[ab] arm {args.arm} done in {time.time() - started:.0f} s")
+
+
+def cmd_export(args) -> None:
+    from huabi.models.family import ModelFamily
+    from huabi.models.files import atomic_copy
+    from huabi.models.load import load_model
+    from huabi.models.save import ModelParts, save_single_file
+    from huabi.train.common import load_torch_file
+    from huabi.train.mini_v2 import MiniV2Recipe, centred_vae
+
+    recipe = MiniV2Recipe()
+    out = args.work / args.arm
+    final = load_torch_file(out / "final.pt", what=f"{args.arm} UNet")
+    base = load_model(args.v2_state / "base" / "huabi-mini-v1.safetensors", compute_hash=False)
+    unet = recipe.unet_model.build()
+    unet.load_state_dict(final["state_dict"])
+    vae = base.vae
+    if "channel_mean" in final:
+        vae = centred_vae(vae, final["channel_mean"], final["channel_std"])
+    parts = ModelParts(family=ModelFamily.HUABI_MINI, unet=unet.eval(), vae=vae, text_encoders=list(base.text_encoders),
+                       prediction=base.prediction, native_size_px=recipe.size_px, alphas_cumprod=base.alphas_cumprod)
+    path = out / f"huabi-mini-{args.arm}.safetensors"
+    save_single_file(parts, path, dtype=torch.float16, metadata={"huabi.trained_by": f"scripts/mini_centre_ab.py {args.arm}"})
+    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.arm}-clip.safetensors")
+    print(json.dumps({"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("train", "export"))
+    parser.add_argument("--arm", choices=("old", "centred"), required=True)
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--v2-state", type=Path, default=V2_STATE)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--ema", type=float, default=0.995, help="EMA decay (a ~200-step window: the arms adapt fast)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"train": cmd_train, "export": cmd_export}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
