@@ -104,6 +104,44 @@ def test_corrupt_probe_entry_is_measured_again(tmp_path):
     assert not cached and result.openvino_speedup == 2.0
 
 
+def test_cache_pruning_deletes_the_least_recently_used_graphs_first(tmp_path, monkeypatch):
+    import os
+
+    from huabi.backends.openvino import cache_limit_bytes, prune_cache
+
+    for age, name in enumerate(["unet-c", "unet-b", "unet-a", "vae-a"]):  # unet-c is the oldest
+        folder = tmp_path / name
+        (folder / "blobs").mkdir(parents=True)
+        (folder / "model.bin").write_bytes(b"x" * 1000)
+        (folder / "blobs" / "1.blob").write_bytes(b"y" * 500)
+        os.utime(folder, (1000 + age, 1000 + age))
+    (tmp_path / ".unet-d.staging").mkdir()  # a conversion in progress elsewhere: never touched
+    removed = prune_cache(tmp_path, 4500, keep={tmp_path / "unet-c"})
+    assert removed == [tmp_path / "unet-b"]  # unet-c kept although oldest; 6000 -> 4500 bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".unet-d.staging", "unet-a", "unet-c", "vae-a"]
+    assert prune_cache(tmp_path, 10_000) == []
+    monkeypatch.setenv("HUABI_OPENVINO_CACHE_GB", "0.5")
+    assert cache_limit_bytes() == 500_000_000
+    monkeypatch.setenv("HUABI_OPENVINO_CACHE_GB", "lots")
+    with pytest.raises(HuabiError, match="HUABI_OPENVINO_CACHE_GB: 'lots' is not a number of gigabytes"):
+        cache_limit_bytes()
+
+
+@pytest.mark.slow  # two tiny models converted
+def test_a_conversion_prunes_other_models_graphs_beyond_the_limit(tiny_model_factory, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path))
+    first, second = tiny_model_factory(ModelFamily.SD1), tiny_model_factory(ModelFamily.SD2)
+    Engine(device="cpu", dtype="fp32", backend="openvino").generate(request(first))
+    graphs = sorted(p.name for p in (tmp_path / "openvino").iterdir())
+    assert len(graphs) == 2 and all((tmp_path / "openvino" / g / "blobs").is_dir() for g in graphs)
+    monkeypatch.setenv("HUABI_OPENVINO_CACHE_GB", "0.000001")  # 1 kB: only the graphs in use survive
+    engine = Engine(device="cpu", dtype="fp32", backend="openvino")
+    result = engine.generate(request(second))[0]
+    left = sorted(p.name for p in (tmp_path / "openvino").iterdir())
+    assert set(left).isdisjoint(graphs) and len(left) == 2 and "Backend: OpenVINO" in result.infotext
+
+
 def request(model, **fields) -> GenerationRequest:
     return GenerationRequest(prompt="a red apple", model=str(model), steps=3, width_px=64, height_px=64, seed=5,
                              batch_size=1, **fields)

@@ -6,8 +6,9 @@ saved as OpenVINO IR under ``<huabi cache>/openvino/<key>/`` where the key is th
 model's hash, a checksum of the weights as loaded (LoRA set included), the part and
 the weight format (fp32 / int8); a changed model or LoRA set gives a new key. Each
 call shape (batch, latent size, token count) is compiled once with static shapes
-(faster on the CPU) and OpenVINO's own blob cache (``CACHE_DIR``) makes the second
-run's compile near free.
+(faster on the CPU) and OpenVINO's own blob cache (``CACHE_DIR``, in the graph's folder)
+makes the second run's compile near free. Beyond ``HUABI_OPENVINO_CACHE_GB`` (default 20)
+the least recently used graph folders are deleted after a conversion.
 
 Precision: ``INFERENCE_PRECISION_HINT`` is bf16 when the engine chose bf16 for this
 CPU (see :mod:`huabi.service.device_choice`), else f32. Inputs and outputs stay fp32.
@@ -261,6 +262,48 @@ class OpenVINOVAE(torch.nn.Module):
         return (out,) if not return_dict else _Output(out)
 
 
+# Each graph costs ~3.5 GB at SD1.5 size (fp16 IR + compiled blob); every model and LoRA set
+# converted adds one. HUABI_OPENVINO_CACHE_GB caps the folder; the least recently used go first.
+DEFAULT_CACHE_LIMIT_GB = 20.0
+
+
+def cache_limit_bytes() -> int:
+    value = os.environ.get("HUABI_OPENVINO_CACHE_GB", "").strip()
+    try:
+        limit = float(value) if value else DEFAULT_CACHE_LIMIT_GB
+    except ValueError:
+        raise HuabiError(f"HUABI_OPENVINO_CACHE_GB: {value!r} is not a number of gigabytes") from None
+    if limit <= 0:
+        raise HuabiError(f"HUABI_OPENVINO_CACHE_GB: must be > 0, got {value!r}")
+    return int(limit * 1e9)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def prune_cache(cache_dir: Path, limit_bytes: int, *, keep: set[Path] = frozenset()) -> list[Path]:
+    """Delete the least recently used graph folders of ``cache_dir`` until it holds at most
+    ``limit_bytes`` (never those in ``keep``); returns what was deleted. A process still running
+    a deleted graph keeps working (its files stay open until it ends)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    graphs = [path for path in cache_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    sizes = {path: _folder_bytes(path) for path in graphs}
+    total = sum(sizes.values())
+    removed = []
+    for path in sorted(graphs, key=lambda p: p.stat().st_mtime):
+        if total <= limit_bytes:
+            break
+        if path in keep:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= sizes[path]
+        removed.append(path)
+    return removed
+
+
 class OpenVINORuntime:
     """Converts and compiles one model's parts, caching IR on disk; owned by the engine."""
 
@@ -298,7 +341,10 @@ class OpenVINORuntime:
             del graph_module, example
             return_freed_memory()
             self.conversions += 1
-        compiled = CompiledGraph(xml, names, precision=self.precision, blob_dir=self.cache_dir / "blobs",
+            prune_cache(self.cache_dir, cache_limit_bytes(), keep={self.cache_dir / k for k in (*self._graphs, key)})
+        os.utime(ir_dir)  # last use, for the least-recently-used pruning
+        # the graph's compiled blobs live in its folder, so pruning a graph removes them too
+        compiled = CompiledGraph(xml, names, precision=self.precision, blob_dir=ir_dir / "blobs",
                                  threads=self.threads)
         self._graphs[key] = compiled
         return compiled

@@ -93,7 +93,9 @@ def generate_with_engine(
     from huabi.core.request import GenerationRequest
     from huabi.service.engine import Engine
 
-    engine = Engine(device=device, dtype="auto", models_dir=models_dir,
+    # torch, not auto: each sample is a one-off of a model that changes between samples, so an
+    # OpenVINO conversion (~30 s and a new cached graph at SD1.5 size) would never pay
+    engine = Engine(device=device, dtype="auto", backend="torch", models_dir=models_dir,
                     embeddings_dir=embeddings_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
