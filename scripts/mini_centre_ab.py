@@ -16,7 +16,8 @@ are scored with ``scripts/mini_diagnose.py sample --model FILE`` (the fixed 100 
 
     python scripts/mini_centre_ab.py train --arm old --threads 1
     python scripts/mini_centre_ab.py train --arm centred --threads 1
-    python scripts/mini_centre_ab.py export --arm centred     # -> WORK/centred/huabi-mini-centred.safetensors
+    python scripts/mini_centre_ab.py export --arm centred     # -> WORK/centred/huabi-mini-centred-STEP.safetensors
+    python scripts/mini_centre_ab.py export --arm centred --snapshot   # the running arm's last save (EMA)
 """
 
 from __future__ import annotations
@@ -81,19 +82,31 @@ def cmd_export(args) -> None:
 
     recipe = MiniV2Recipe()
     out = args.work / args.arm
-    final = load_torch_file(out / "final.pt", what=f"{args.arm} UNet")
+    if args.snapshot:
+        from huabi.train.cache import load_cache
+        from huabi.train.common import ema_weights
+        from huabi.train.mini_v2 import channel_stats
+
+        state = load_torch_file(out / "state.pt", what=f"{args.arm} training state")
+        weights = ema_weights(state["modules"]["unet"], state["ema"]["shadow"]) if state.get("ema") else state["modules"]["unet"]
+        step = int(state["step"])
+        stats = channel_stats(load_cache(args.v2_state / "cache").latents) if args.arm == "centred" else None
+    else:
+        final = load_torch_file(out / "final.pt", what=f"{args.arm} UNet")
+        weights, step = final["state_dict"], args.steps
+        stats = (final["channel_mean"], final["channel_std"]) if "channel_mean" in final else None
     base = load_model(args.v2_state / "base" / "huabi-mini-v1.safetensors", compute_hash=False)
     unet = recipe.unet_model.build()
-    unet.load_state_dict(final["state_dict"])
+    unet.load_state_dict(weights)
     vae = base.vae
-    if "channel_mean" in final:
-        vae = centred_vae(vae, final["channel_mean"], final["channel_std"])
+    if stats is not None:
+        vae = centred_vae(vae, *stats)
     parts = ModelParts(family=ModelFamily.HUABI_MINI, unet=unet.eval(), vae=vae, text_encoders=list(base.text_encoders),
                        prediction=base.prediction, native_size_px=recipe.size_px, alphas_cumprod=base.alphas_cumprod)
-    path = out / f"huabi-mini-{args.arm}.safetensors"
+    path = out / f"huabi-mini-{args.arm}-{step}.safetensors"
     save_single_file(parts, path, dtype=torch.float16, metadata={"huabi.trained_by": f"scripts/mini_centre_ab.py {args.arm}"})
-    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.arm}-clip.safetensors")
-    print(json.dumps({"out": str(path), "size_mb": round(path.stat().st_size / 1e6, 2)}))
+    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.arm}-{step}-clip.safetensors")
+    print(json.dumps({"out": str(path), "step": step, "size_mb": round(path.stat().st_size / 1e6, 2)}))
 
 
 def main() -> None:
@@ -105,6 +118,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay (a ~200-step window: the arms adapt fast)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--snapshot", action="store_true", help="export: the last saved training state (EMA), not final.pt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"train": cmd_train, "export": cmd_export}[args.command](args)
