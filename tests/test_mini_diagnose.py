@@ -1,5 +1,6 @@
-"""scripts/mini_diagnose.py's two pieces of model maths, on tiny random-weight models:
-the per-channel latent centring folded into a VAE, and the CFG-rescale guidance rule."""
+"""The two pieces of model maths behind scripts/mini_diagnose.py, on tiny random-weight models:
+the per-channel latent centring folded into a VAE (huabi.train.mini_v2.centred_vae, which the
+v3 recipe exports), and the script's CFG-rescale guidance rule."""
 
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ def parts():
     return build_tiny_parts(ModelFamily.HUABI_MINI, seed=3)
 
 
-def test_centred_vae_is_an_exact_reparametrisation(diagnose, parts):
+def test_centred_vae_is_an_exact_reparametrisation(parts):
+    from huabi.train.mini_v2 import centred_vae
+
     vae = parts.vae
     pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean = torch.tensor([0.7, -1.3, 0.2, 2.0])[: vae.config.latent_channels]
     std = torch.tensor([0.3, 2.5, 1.1, 0.05])[: vae.config.latent_channels]
-    centred = diagnose.centred_vae(vae, mean, std)
+    centred = centred_vae(vae, mean, std)
+    assert centred.config.scaling_factor == 1.0
     view = (1, -1, 1, 1)
     with torch.no_grad():
         before, after = vae.encode(pixels).latent_dist, centred.encode(pixels).latent_dist

@@ -200,23 +200,6 @@ def test_aspect_ratio_on_a_128px_model_gives_that_shape(capsys, tiny_mini_file, 
     assert Image.open(images[0]).size == (160, 112)
 
 
-def test_centred_vae_is_an_exact_reparametrisation(v1_files):
-    """v3's VAE: latents (z - mean_c) / std_c, the same pixels back, scaling factor 1."""
-    from huabi.models.load import load_model
-    from huabi.train.mini_v2 import centred_vae
-
-    vae = load_model(v1_files[0], compute_hash=False).vae.eval()
-    mean, std = torch.tensor([-1.1, -0.5, -1.7, 0.8]), torch.tensor([0.9, 1.3, 0.7, 1.6])
-    centred = centred_vae(vae, mean, std)
-    assert centred.config.scaling_factor == 1.0 and vae.config.scaling_factor != 1.0  # the original is untouched
-    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    with torch.no_grad():
-        z, z_new = vae.encode(pixels).latent_dist, centred.encode(pixels).latent_dist
-        torch.testing.assert_close(z_new.mean, (z.mean - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), rtol=0, atol=2e-5)
-        torch.testing.assert_close(z_new.std, z.std / std.view(1, -1, 1, 1), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(centred.decode(z_new.mean).sample, vae.decode(z.mean).sample, rtol=0, atol=2e-5)
-
-
 def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, v1_files, tmp_path):
     from huabi.models.load import load_model
     from huabi.train.cache import load_cache

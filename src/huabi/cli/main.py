@@ -256,10 +256,10 @@ def printable_text(text: str) -> str:
 
 
 def cmd_system(args: argparse.Namespace) -> int:
-    from huabi.service.device_choice import system_report
+    from huabi.service.backend_choice import system_report_with_backend
     from huabi.service.devices import resolve_device
 
-    for line in system_report(resolve_device(args.device)):
+    for line in system_report_with_backend(resolve_device(args.device)):
         print(line)
     return 0
 

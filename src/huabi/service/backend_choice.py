@@ -36,7 +36,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from huabi.errors import HuabiError
-from huabi.service.device_choice import CpuInfo, cached_measurement, dtype_name
+from huabi.service.device_choice import (
+    CpuInfo,
+    auto_dtype,
+    cached_measurement,
+    dtype_name,
+    read_cpu_info,
+    recommended_threads,
+    system_report,
+)
 
 # Below this many UNet parameters torch is kept (huabi-mini: 13.8 M; SD1.5: 860 M).
 AUTO_MIN_UNET_PARAMS = 100_000_000
@@ -193,3 +201,11 @@ def auto_backend_report(device: torch.device, dtype: torch.dtype, cpu: CpuInfo, 
     lines.append(f"--backend auto -> full-size SD1/SD2/SDXL models: {decision.reason}; "
                  f"smaller models (e.g. huabi-mini) and SD3/FLUX: torch")
     return lines
+
+
+def system_report_with_backend(device: torch.device, *, cache_dir=None) -> list[str]:
+    """`huabi system`: the processor and the dtype choice (device_choice), then the backend choice."""
+    cpu = read_cpu_info()
+    dtype = auto_dtype(device, cpu=cpu, cache_dir=cache_dir).dtype
+    return [*system_report(device, cache_dir=cache_dir),
+            *auto_backend_report(device, dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir)]

@@ -323,10 +323,8 @@ def system_report(device: torch.device, *, cache_dir: Path | None = None) -> lis
                      f"({choice.probe.threads} threads; cached in {(cache_dir or default_cache_dir()) / PROBE_CACHE_FILE})")
     lines.append(f"device: {device}; --dtype auto -> {choice.reason}")
     from huabi.backends import available_backends
-    from huabi.service.backend_choice import auto_backend_report
 
     lines.append(f"backends: {', '.join(available_backends())}")
-    lines.extend(auto_backend_report(device, choice.dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir))
     return lines
 
 
