@@ -71,7 +71,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 (CUDA), bf16")
     parser.add_argument("--backend", default="auto",
                         help="auto (default: OpenVINO for full-size models on a CPU where it measured faster, "
-                             "else torch), torch, openvino, openvino-int8 (CPU; pip install 'huabi[openvino]')")
+                             "else torch), torch, openvino, openvino-int8 (CPU; int8 needs pip install 'huabi[openvino]')")
     parser.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH",
                         help="final decode: the model's VAE (default) or a TAESD/TAESDXL file (fast, less detail)")
     parser.add_argument("--vae-tiling", action="store_true",
