@@ -64,7 +64,13 @@ class Run:
         return statistics.median(steady)
 
 
-def build_bundle(family: str, dtype: torch.dtype):
+# --tiny: the SD1 layout at toy widths, so tests/test_bench_smoke.py can run this script end to end
+# in seconds (benches are not run by CI otherwise, and one rotted unnoticed). Not a measurement.
+TINY_UNET = {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 2, "cross_attention_dim": 64}
+TINY_VAE = {"block_out_channels": [32, 32, 64, 64]}
+
+
+def build_bundle(family: str, dtype: torch.dtype, *, tiny: bool = False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -77,6 +83,11 @@ def build_bundle(family: str, dtype: torch.dtype):
     torch.manual_seed(0)
     model_family = ModelFamily.SDXL if family == "sdxl" else ModelFamily.SD1
     configs = reference_configs(model_family)
+    if tiny:
+        from huabi.models.text_encoders import tiny_text_encoder_configs
+
+        configs = {"unet": {**configs["unet"], **TINY_UNET}, "vae": {**configs["vae"], **TINY_VAE},
+                   "text_encoder": tiny_text_encoder_configs(model_family)[0].to_dict()}
     unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype).eval()
     vae = AutoencoderKL.from_config(configs["vae"]).to(dtype).eval()
     encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype).eval()]
@@ -164,7 +175,7 @@ def convert_in_place(bundle, dtype: torch.dtype) -> None:
     gc.collect()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from huabi.service.device_choice import auto_dtype, dtype_name, read_cpu_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -177,7 +188,10 @@ def main() -> None:
                         help="keep the torch UNet's weights resident during the OpenVINO runs (huabi before it released them)")
     parser.add_argument("--skip-lcm", action="store_true")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="toy widths (SD1.5 layout): a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.tiny and args.family != "sd15":
+        parser.error("--tiny is for --family sd15")
     size_px = args.size or (1024 if args.family == "sdxl" else 512)
 
     cpu = read_cpu_info()
@@ -195,7 +209,7 @@ def main() -> None:
     print("\n".join(backend_lines))
     auto_openvino = "-> full-size SD1/SD2/SDXL models: OpenVINO" in backend_lines[-1]
     started = time.perf_counter()
-    bundle = build_bundle(args.family, torch.float32)
+    bundle = build_bundle(args.family, torch.float32, tiny=args.tiny)
     print(f"built {args.family} architecture (random weights) in {time.perf_counter() - started:.1f} s", flush=True)
 
     runs: list[Run] = [run_diffusers(bundle, steps=args.steps, size_px=size_px)]
