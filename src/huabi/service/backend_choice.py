@@ -102,8 +102,9 @@ def run_backend_probe(dtype: torch.dtype, threads: int, repeats: int = 3) -> Bac
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        block = _ProbeBlock().eval()
+        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's global RNG
+            torch.manual_seed(0)
+            block = _ProbeBlock().eval()
         inputs = (torch.randn(2, 320, 64, 64, generator=generator), torch.randn(2, 4096, 320, generator=generator),
                   torch.randn(2, 8, 1024, 40, generator=generator))
         precision = "bf16" if dtype == torch.bfloat16 else "f32"
