@@ -238,6 +238,9 @@ def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, 
     other = _v2_run(folder, tmp_path / "init", messages)
     run_v2(other, recipe.with_overrides(unet={"steps": 1, "lr": 1e-12}), base_model=v1_model, init_unet=tmp_path / "init.pt")
     assert any("initial weights from" in m for m in messages)
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(HuabiError, match=rf"^--init-unet UNet weights {missing} does not exist$"):
+        run_v2(_v2_run(folder, tmp_path / "missing"), recipe, base_model=v1_model, init_unet=missing)
     got = _tensors(other.out_path)
     key = "model.diffusion_model.out.2.weight"
     assert key in got and not torch.equal(got[key], start[key])
