@@ -73,12 +73,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from huabi.models.family import ModelFamily
     from huabi.models.files import atomic_copy
     from huabi.models.load import load_model
-    from huabi.models.save import ModelParts, save_single_file
+    from huabi.models.save import save_single_file
     from huabi.train.common import load_torch_file
-    from huabi.train.mini_v2 import MiniV2Recipe, centred_vae
+    from huabi.train.mini_v2 import MiniV2Recipe, mini_parts
 
     recipe = MiniV2Recipe()
     out = args.work / args.arm
@@ -96,13 +95,7 @@ def cmd_export(args) -> None:
         weights, step = final["state_dict"], args.steps
         stats = (final["channel_mean"], final["channel_std"]) if "channel_mean" in final else None
     base = load_model(args.v2_state / "base" / "huabi-mini-v1.safetensors", compute_hash=False)
-    unet = recipe.unet_model.build()
-    unet.load_state_dict(weights)
-    vae = base.vae
-    if stats is not None:
-        vae = centred_vae(vae, *stats)
-    parts = ModelParts(family=ModelFamily.HUABI_MINI, unet=unet.eval(), vae=vae, text_encoders=list(base.text_encoders),
-                       prediction=base.prediction, native_size_px=recipe.size_px, alphas_cumprod=base.alphas_cumprod)
+    parts = mini_parts(base, recipe, weights, stats)
     path = out / f"huabi-mini-{args.arm}-{step}.safetensors"
     save_single_file(parts, path, dtype=torch.float16, metadata={"huabi.trained_by": f"scripts/mini_centre_ab.py {args.arm}"})
     atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.arm}-{step}-clip.safetensors")

@@ -283,25 +283,31 @@ def _unet_weights(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool) -> tu
     return weights, f"{int(state['step'])}/{int(state['config']['steps'])}"
 
 
-def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = False) -> dict:
-    """v1's VAE and text encoder with the v2 UNet, fp16 single file; the CLIP pair copied unchanged."""
+def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The ``ModelParts`` of a huabi-mini file: ``base``'s (v1's) VAE and text encoder with a UNet
+    of ``recipe``'s layout holding ``unet_weights``; ``stats`` (per-channel mean, std) centre the VAE."""
     from huabi.models.family import ModelFamily
-    from huabi.models.save import ModelParts, save_single_file
+    from huabi.models.save import ModelParts
 
-    base = load_base(run)
-    weights, step = _unet_weights(run, recipe, snapshot=snapshot)
     unet = recipe.unet_model.build()
-    unet.load_state_dict(weights)
-    vae = centred_vae(base.vae, *latent_stats(run, None)) if recipe.centre_latents else base.vae
-    parts = ModelParts(
+    unet.load_state_dict(unet_weights)
+    return ModelParts(
         family=ModelFamily.HUABI_MINI,
         unet=unet.eval(),
-        vae=vae,
+        vae=centred_vae(base.vae, *stats) if stats is not None else base.vae,
         text_encoders=list(base.text_encoders),
         prediction=base.prediction,
         native_size_px=recipe.size_px,
         alphas_cumprod=base.alphas_cumprod,
     )
+
+
+def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = False) -> dict:
+    """v1's VAE and text encoder with the v2 UNet, fp16 single file; the CLIP pair copied unchanged."""
+    from huabi.models.save import save_single_file
+
+    weights, step = _unet_weights(run, recipe, snapshot=snapshot)
+    parts = mini_parts(load_base(run), recipe, weights, latent_stats(run, None) if recipe.centre_latents else None)
     metadata = {
         "huabi.recipe": json.dumps({"v2": config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})"}, default=str),
         "huabi.trained_by": "huabi.train mini-v2" + (" --recipe v3" if recipe.centre_latents else ""),
