@@ -82,3 +82,31 @@ def test_hires_target_is_checked_before_sampling(engine, tiny_sd1_file, monkeypa
     assert steps == []  # refused before the first pass ran
     plain = GenerationRequest("a castle", model=str(tiny_sd1_file), steps=2, seed=1, width_px=64, height_px=64)
     assert len(engine.generate(plain)) == 1  # the first pass alone fits
+
+
+def test_vae_tiling_lowers_the_estimate_and_lets_a_large_size_through(tiny_sd1_file, monkeypatch):
+    """With ``--vae-tiling`` the VAE holds one tile's activations (plus the blended float32 image),
+    so a size refused for the full-image decoder's memory is allowed; below one tile nothing changes."""
+    from huabi.service.previews import TILE_LATENT
+
+    tiled_engine = Engine(device="cpu", dtype="fp32", vae_tiling=True)
+    plain_engine = Engine(device="cpu", dtype="fp32")
+    bundle = plain_engine.load(str(tiny_sd1_file))
+    tile_px = TILE_LATENT * bundle.vae_scale_factor
+    size = 4 * tile_px
+    full = estimate_peak_bytes(bundle, size, size, 1, torch.float32)
+    tiled = estimate_peak_bytes(bundle, size, size, 1, torch.float32, vae_tile_px=tile_px)
+    unet_part = estimate_peak_bytes(bundle, size, size, 2, torch.float32) - full
+    channels = int(bundle.vae.config.block_out_channels[0])
+    assert full - tiled == (size * size - tile_px * tile_px) * channels * 4 * 6 - size * size * 16
+    assert tiled > unet_part  # the UNet part stays
+    small = estimate_peak_bytes(bundle, tile_px, tile_px, 1, torch.float32)
+    assert estimate_peak_bytes(bundle, tile_px, tile_px, 1, torch.float32, vae_tile_px=tile_px) == small
+
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda device: (full + tiled) // 2)
+    with pytest.raises(HuabiError, match=r"use a smaller size or batch \(or VAE tiling\)$"):
+        plain_engine.check_memory(bundle, size, size, 1)
+    tiled_engine.check_memory(bundle, size, size, 1)  # fits once tiled
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda device: tiled - 1)
+    with pytest.raises(HuabiError, match=r"use a smaller size or batch$"):
+        tiled_engine.check_memory(bundle, size, size, 1)

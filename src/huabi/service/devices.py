@@ -71,17 +71,24 @@ def available_memory_bytes(device: torch.device) -> int:
     return 16 * 2**30  # unknown platform: assume a typical desktop
 
 
-def estimate_peak_bytes(bundle: ModelBundle, width_px: int, height_px: int, batch_size: int, dtype: torch.dtype) -> int:
+def estimate_peak_bytes(bundle: ModelBundle, width_px: int, height_px: int, batch_size: int, dtype: torch.dtype,
+                        *, vae_tile_px: int | None = None) -> int:
     """A deliberately rough upper bound on activation memory for one batch.
 
     The VAE decoder's full-resolution blocks dominate at large sizes (decoded one
     image at a time); self-attention at the first UNet level grows with the
     square of the latent token count when the attention kernel materialises it.
+    ``vae_tile_px``: the VAE runs in tiles of that side (``--vae-tiling``), so its
+    blocks hold one tile's activations, plus the float32 image being blended.
     """
     element = torch.finfo(dtype).bits // 8
     pixels = width_px * height_px
     decoder_channels = int(bundle.vae.config.block_out_channels[0])
-    vae_bytes = pixels * decoder_channels * element * 6
+    if vae_tile_px is not None and max(width_px, height_px) > vae_tile_px:
+        blended = pixels * 4 * 4  # RGB sum and blend weight, float32
+        vae_bytes = vae_tile_px * vae_tile_px * decoder_channels * element * 6 + blended
+    else:
+        vae_bytes = pixels * decoder_channels * element * 6
     tokens = pixels // bundle.vae_scale_factor**2
     unet_bytes = 2 * batch_size * tokens * int(bundle.unet.config.block_out_channels[0]) * element * 40
     return vae_bytes + unet_bytes

@@ -56,7 +56,7 @@ from huabi.service.plans import BatchPlan, BatchResult, RunBatch, plan_edit, pla
 from huabi.service.pngio import next_image_path, save_png
 from huabi.service.results import GeneratedImage  # noqa: F401 -- importable from here, as before
 from huabi.service.progress import Cancellation, ProgressCallback, ProgressEvent, StopSampling
-from huabi.service.previews import PreviewCallback
+from huabi.service.previews import TILE_LATENT, PreviewCallback
 from huabi.service.tiling import circular_padding
 
 
@@ -433,13 +433,15 @@ class Engine:
         return EmbeddingLibrary.from_folder(self.embeddings_dir, family=bundle.family, text_encoders=bundle.text_encoders)
 
     def check_memory(self, bundle: ModelBundle, width_px: int, height_px: int, batch_size: int) -> None:
-        needed = estimate_peak_bytes(bundle, width_px, height_px, batch_size, self.dtype)
+        tiled = self.backend.vae_tiling
+        tile_px = TILE_LATENT * bundle.vae_scale_factor if tiled else None
+        needed = estimate_peak_bytes(bundle, width_px, height_px, batch_size, self.dtype, vae_tile_px=tile_px)
         available = available_memory_bytes(self.device)
         if needed > available:
             raise HuabiError(
                 f"size: {width_px}x{height_px} with batch size {batch_size} needs about "
                 f"{needed / 2**30:.1f} GiB but {self.device} has {available / 2**30:.1f} GiB free; "
-                "use a smaller size or batch"
+                "use a smaller size or batch" + ("" if tiled else " (or VAE tiling)")
             )
 
     @staticmethod
