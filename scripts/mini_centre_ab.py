@@ -9,6 +9,8 @@ Two fine-tunes of the finished v2 UNet, identical except for the latents they le
               that produces and decodes these is v1's with the shift/scale folded exactly into
               quant_conv / post_quant_conv (huabi.train.mini_v2.centred_vae), file
               scaling factor 1.0, so the exported file loads like any huabi-mini.
+    emoji     the old latents, emoji items only (names that describe the picture; 2.5x the
+              exposures per emoji item in the same steps): does recall rise with exposure?
 
 Same seed, data order, noise, timesteps, LR (constant after warm-up), steps and EMA. Each arm
 is resumable (state saved every 5 minutes and on SIGTERM); exports go next to the states and
@@ -34,6 +36,17 @@ DEFAULT_WORK = Path.home() / ".cache" / "huabi" / "diag" / "centre-ab"
 V2_STATE = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini-v2"
 
 
+def emoji_items(v2_state: Path) -> list[int]:
+    """Cache rows of the emoji images (the cache's rows follow the data stage's name list)."""
+    names = json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
+    return [i for i, name in enumerate(names) if Path(name).name.startswith("emoji")]
+
+
+def items_cache(cache, rows: list[int]):
+    """``cache`` restricted to ``rows`` (the text states stay whole: caption ids index them)."""
+    return dataclasses.replace(cache, latents=cache.latents[rows], caption_ids=[cache.caption_ids[i] for i in rows])
+
+
 def arm_setup(args):
     from huabi.train.cache import load_cache
     from huabi.train.mini_v2 import MiniV2Recipe, centred_cache, channel_stats
@@ -44,6 +57,8 @@ def arm_setup(args):
     if args.arm == "centred":
         stats = channel_stats(cache.latents)
         cache = centred_cache(cache, *stats)
+    elif args.arm == "emoji":
+        cache = items_cache(cache, emoji_items(args.v2_state))
     config = dataclasses.replace(recipe.unet, steps=args.steps, ema_decay=args.ema, warmup_steps=100, seed=recipe.unet.seed + 1)
     return recipe, cache, config, stats
 
@@ -105,7 +120,7 @@ def cmd_export(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("train", "export"))
-    parser.add_argument("--arm", choices=("old", "centred"), required=True)
+    parser.add_argument("--arm", choices=("old", "centred", "emoji"), required=True)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--v2-state", type=Path, default=V2_STATE)
     parser.add_argument("--steps", type=int, default=1500)
