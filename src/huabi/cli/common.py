@@ -93,6 +93,28 @@ def request_values(args: argparse.Namespace) -> dict:
                       seed_resize_from=getattr(args, "seed_resize_from", None))
 
 
+def use_recorded_precision(args: argparse.Namespace, infotext: str, image) -> None:
+    """With ``--from``, ``--dtype auto`` and ``--backend auto`` mean "as the image was made": its
+    recorded Dtype/Backend (none recorded: fp32 and torch on a CPU), so the same seed gives the same
+    picture on this machine, not the one this machine's fastest path would draw. Explicit values win."""
+    from huabi.core.infotext import parse_infotext
+    from huabi.service.cpu_backend import recorded_precision
+    from huabi.service.devices import resolve_device
+
+    if args.dtype != "auto" and getattr(args, "backend", "auto") != "auto":
+        return
+    dtype, backend = recorded_precision(parse_infotext(infotext).params, resolve_device(args.device))
+    chosen = []
+    if args.dtype == "auto":
+        args.dtype = dtype
+        chosen.append(f"--dtype {dtype}")
+    if getattr(args, "backend", "auto") == "auto":
+        args.backend = backend
+        chosen.append(f"--backend {backend}")
+    print(f"huabi: note: {image}: {' '.join(chosen)} as the image was made (give them to choose otherwise)",
+          file=sys.stderr)
+
+
 def make_studio(args: argparse.Namespace):
     from huabi.cli.flow_options import text_encoder_files
     from huabi.service.studio import Studio

@@ -95,13 +95,17 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from huabi.cli.common import ProgressBar, gallery_recorder, keep_and_record, make_studio, print_saved_paths
+    from huabi.cli.common import (ProgressBar, gallery_recorder, keep_and_record, make_studio, print_saved_paths,
+                                  use_recorded_precision)
+    from huabi.service.pngio import read_infotext
     from huabi.service.requests import with_flow_extras
     from huabi.service.engine import Job
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
     request, options = request_from_args(args)
+    if args.from_image is not None:
+        use_recorded_precision(args, read_infotext(args.from_image), args.from_image)
     studio = make_studio(args)
     request = with_flow_extras(request, args)
     progress = ProgressBar(enabled=not args.quiet)

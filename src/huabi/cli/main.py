@@ -26,6 +26,7 @@ from huabi.cli.common import (  # noqa: F401 -- importable from here, as before
     parse_size,
     print_saved_paths,
     request_values,
+    use_recorded_precision,
 )
 from huabi.cli import edit as edit_cli
 from huabi.cli import eval as eval_cli
@@ -184,8 +185,11 @@ def _note_unimplemented(text: str, image) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from huabi.service.outputs import check_output_folder
+    from huabi.service.pngio import read_infotext
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
+    if args.from_image is not None:
+        use_recorded_precision(args, read_infotext(args.from_image), args.from_image)
     if getattr(args, "ray", None):  # scale-out (docs/scale-out.md): imports ray, only here
         return ray_batch.generate_on_ray(args, jobs_from_args(args))
     jobs = jobs_from_args(args)

@@ -48,6 +48,23 @@ def openvino_unsupported(request: GenerationRequest, *, adapters_active: bool, d
     return reasons
 
 
+def recorded_precision(params: dict[str, str], device: torch.device) -> tuple[str, str]:
+    """``(dtype, backend)`` names that reproduce an image on ``device`` from its infotext
+    parameters, the inverse of ``device_choice.precision_infotext``: no "Dtype" is the device's
+    reference precision (fp32 on a CPU, fp16 on CUDA), no "Backend" is torch. What this device
+    cannot run falls back to the nearest it can: fp16 on a CPU -> fp32; OpenVINO off the CPU
+    or not installed -> torch."""
+    reference = "fp16" if device.type == "cuda" else "fp32"
+    dtype = params.get("Dtype", "").strip().lower() or reference
+    if dtype not in {"fp32", "bf16", "fp16"} or (dtype == "fp16" and device.type == "cpu"):
+        dtype = reference
+    by_infotext = {shown.lower(): name for name, shown in BACKEND_INFOTEXT_NAMES.items()}
+    backend = by_infotext.get(params.get("Backend", "").strip().lower(), "torch")
+    if device.type != "cpu" or (backend != "torch" and "openvino" not in available_backends()):
+        backend = "torch"
+    return dtype, backend
+
+
 def parse_backend(name: str) -> tuple[str, bool]:
     """``auto``, ``torch``, ``openvino`` or ``openvino-int8`` -> (backend, int8)."""
     name = (name or "auto").strip().lower()
