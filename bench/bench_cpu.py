@@ -70,7 +70,7 @@ TINY_UNET = {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 2, "c
 TINY_VAE = {"block_out_channels": [32, 32, 64, 64]}
 
 
-def build_bundle(family: str, dtype: torch.dtype, *, tiny: bool = False):
+def build_bundle(family: str, dtype: torch.dtype, *, tiny: bool = False, unet_overrides: dict | None = None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -88,7 +88,7 @@ def build_bundle(family: str, dtype: torch.dtype, *, tiny: bool = False):
 
         configs = {"unet": {**configs["unet"], **TINY_UNET}, "vae": {**configs["vae"], **TINY_VAE},
                    "text_encoder": tiny_text_encoder_configs(model_family)[0].to_dict()}
-    unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype).eval()
+    unet = UNet2DConditionModel.from_config({**configs["unet"], **(unet_overrides or {})}).to(dtype).eval()
     vae = AutoencoderKL.from_config(configs["vae"]).to(dtype).eval()
     encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype).eval()]
     if model_family is ModelFamily.SDXL:

@@ -14,18 +14,27 @@ gets its own):
   torch UNet's parameters go to the meta device (service/unet_weights.py),
 - ``openvino-cached``: the same in a new process that finds ``openvino-released``'s
   converted graphs and compiled blobs on disk (a user's every run after the first),
-- ``diffusers``: diffusers' StableDiffusionPipeline in fp32 on the same file's weights
-  (read by huabi's loader into diffusers modules), DPM++ 2M Karras, the same jobs
-  (``--dtype`` does not apply to it: it is the fp32 reference of issue 20).
+- ``auto``: ``--backend auto`` (the default) in a new process that finds
+  ``openvino-released``'s cache: which backend auto picks at this model size and this
+  machine's free memory, and what it costs,
+- ``diffusers``: diffusers' StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) in
+  fp32 on the same file's weights (read by huabi's loader into diffusers modules), DPM++ 2M
+  Karras, the same jobs (``--dtype`` does not apply to it: it is the fp32 reference of issue 20).
+
+``--family sdxl`` writes a full-size SDXL checkpoint instead (2.6 B UNet parameters, both text
+encoders; use ``--size 1024``).
 
 For each: the peak RSS of the whole process (load + conversion + compile + first job),
 the peak RSS during a second identical job (the steady state a user of the server
 lives in), the RSS after it, and the seconds of both jobs; the OpenVINO modes also
 report a third job with a ``--tile`` request (falls back to torch: the released mode
 reads the UNet back from the file) and a fourth back in OpenVINO. Images of the modes
-are compared (mean absolute pixel difference from torch).
+are compared (mean absolute pixel difference from torch). Seconds per step: the median
+interval between step callbacks after the first (text encoding and decode excluded).
 
     .venv/bin/python bench/bench_openvino_memory.py [--size 256] [--steps 2] [--dtype bf16]
+    .venv/bin/python bench/bench_openvino_memory.py --family sdxl --size 1024 --steps 3 --no-fallback-jobs \
+        --modes diffusers,torch,openvino-released,auto
 """
 
 from __future__ import annotations
@@ -45,33 +54,32 @@ import numpy as np
 from harness import PeakRSS
 
 MODES = ("torch", "openvino-kept", "openvino-released")
-ALL_MODES = ("diffusers", *MODES, "openvino-cached")
+ALL_MODES = ("diffusers", *MODES, "openvino-cached", "auto")
 
 
-def write_mid_sd1(path: Path, *, full: bool = False) -> int:
-    """A mid-size (``full``: full-size) SD1 checkpoint at ``path``; returns its parameter count."""
+def write_checkpoint(path: Path, *, family: str = "sd15", full: bool = False) -> int:
+    """A mid-size (``full``: full-size) SD1 or a full-size SDXL checkpoint (A1111 layout) at
+    ``path``; returns its parameter count."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from huabi.models.configs import reference_configs
+    from bench_cpu import build_bundle
     from huabi.models.convert import unet_to_original, vae_to_original
-    from huabi.models.family import ModelFamily
     from huabi.models.text_encoders import text_encoders_to_original
 
-    configs = reference_configs(ModelFamily.SD1)
-    unet_config = configs["unet"] if full else {**configs["unet"], "block_out_channels": [160, 320, 640, 640]}
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(unet_config).eval()
-    vae = AutoencoderKL.from_config(configs["vae"]).eval()
-    encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
-    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_original(unet.state_dict(), unet.config).items()}
-    tensors.update({"first_stage_model." + k: v for k, v in vae_to_original(vae.state_dict()).items()})
-    tensors.update(text_encoders_to_original([encoder], ModelFamily.SD1))
-    # fp16 on disk, as most shared checkpoints are
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
-    return sum(p.numel() for m in (unet, vae, encoder) for p in m.parameters())
+    half_widths = {"block_out_channels": [160, 320, 640, 640]} if family == "sd15" and not full else None
+    bundle = build_bundle(family, torch.float32, unet_overrides=half_widths)  # seeded random reference weights
+    params = sum(p.numel() for m in (bundle.unet, bundle.vae, *bundle.text_encoders) for p in m.parameters())
+    # fp16 on disk, as most shared checkpoints are (converted part by part: SDXL's fp32 copy is 13 GB)
+    half_precision = lambda tensors: {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}  # noqa: E731
+    tensors = {"model.diffusion_model." + k: v for k, v in
+               half_precision(unet_to_original(bundle.unet.state_dict(), bundle.unet.config)).items()}
+    bundle.unet = None
+    tensors.update({"first_stage_model." + k: v for k, v in half_precision(vae_to_original(bundle.vae.state_dict())).items()})
+    tensors.update(half_precision(text_encoders_to_original(bundle.text_encoders, bundle.family)))
+    del bundle
+    save_file(tensors, str(path))
+    return params
 
 
 def rss_bytes() -> int:
@@ -79,31 +87,43 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: str) -> None:
+def step_seconds(marks: list[float]) -> float | None:
+    """Median interval between step callbacks after the first (None with fewer than 2 steps)."""
+    intervals = [b - a for a, b in zip(marks, marks[1:])]
+    return float(np.median(intervals)) if intervals else None
+
+
+def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: str, fallback_jobs: bool = True) -> None:
     """One mode in this process; writes its numbers (and images as .npy) next to ``out``."""
+    from huabi.core.infotext import parse_infotext
     from huabi.core.request import GenerationRequest
     from huabi.service.engine import Engine
 
     if mode == "diffusers":
         return diffusers_child(model, out, size=size, steps=steps)
-    backend = "torch" if mode == "torch" else "openvino"
+    backend = {"torch": "torch", "auto": "auto"}.get(mode, "openvino")
+    if backend == "auto":
+        os.environ.pop("HUABI_AUTO_BACKEND", None)  # auto decides, as for a user
     engine = Engine(device="cpu", dtype=dtype, backend=backend)
     if mode == "openvino-kept":
         engine.backend.release_torch_weights = False
     jobs = [("first", {}), ("second", {})]
-    if backend == "openvino":
+    if backend != "torch" and fallback_jobs:
         jobs += [("tile (torch fallback)", {"tile": True}), ("back to OpenVINO", {})]
     result: dict = {"mode": mode, "jobs": []}
     for name, fields in jobs:
         request = GenerationRequest(prompt="a lighthouse on a cliff at sunset", negative_prompt="", model=str(model),
                                     steps=steps, width_px=size, height_px=size, seed=1234, sampler="DPM++ 2M",
                                     schedule="Karras", **fields)
+        marks: list[float] = []
         with PeakRSS() as peak:
             start = time.perf_counter()
-            [image] = engine.generate(request)
+            [image] = engine.generate(request, on_progress=lambda _done, _total: marks.append(time.perf_counter()))
             seconds = time.perf_counter() - start
         np.save(out.with_name(f"{out.stem}-{len(result['jobs'])}.npy"), np.asarray(image.image, dtype=np.int16))
-        result["jobs"].append({"job": name, "seconds": seconds, "peak_gib": peak.peak_bytes / 2**30,
+        ran = parse_infotext(image.infotext).params.get("Backend", "torch")
+        result["jobs"].append({"job": name, "seconds": seconds, "s_per_step": step_seconds(marks[:steps]),
+                               "backend": ran, "peak_gib": peak.peak_bytes / 2**30,
                                "rss_after_gib": rss_bytes() / 2**30})
     result["process_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     weights = engine.backend._weights
@@ -115,29 +135,45 @@ def child(mode: str, model: Path, out: Path, *, size: int, steps: int, dtype: st
 def diffusers_child(model: Path, out: Path, *, size: int, steps: int) -> None:
     """The fp32 diffusers reference: two identical jobs, as the engine modes' first two."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from huabi.models.family import ModelFamily
     from huabi.models.load import load_model
 
     bundle = load_model(model, dtype=torch.float32, compute_hash=False)
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             steps_offset=1, algorithm_type="dpmsolver++", solver_order=2,
                                             use_karras_sigmas=True)
-    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
-                                   unet=bundle.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    sdxl = bundle.family is ModelFamily.SDXL
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                                         text_encoder_2=bundle.text_encoders[1], tokenizer=bundle.tokenizers[0],
+                                         tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
+                                       unet=bundle.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     del bundle
     result: dict = {"mode": "diffusers", "jobs": []}
     for name in ("first", "second"):
+        marks: list[float] = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            marks.append(time.perf_counter())
+            return kwargs
+
         with PeakRSS() as peak, torch.inference_mode():
             start = time.perf_counter()
-            [image] = pipe("a lighthouse on a cliff at sunset", negative_prompt="", num_inference_steps=steps,
-                           guidance_scale=7.0, height=size, width=size,
-                           generator=torch.Generator("cpu").manual_seed(1234), output_type="np").images
+            # A1111 and huabi zero an empty SDXL negative; diffusers does that for negative_prompt=None only.
+            [image] = pipe("a lighthouse on a cliff at sunset", negative_prompt=None if sdxl else "",
+                           num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                           generator=torch.Generator("cpu").manual_seed(1234), output_type="np",
+                           callback_on_step_end=on_step_end).images
             seconds = time.perf_counter() - start
         np.save(out.with_name(f"{out.stem}-{len(result['jobs'])}.npy"), (image * 255).round().astype(np.int16))
-        result["jobs"].append({"job": name, "seconds": seconds, "peak_gib": peak.peak_bytes / 2**30,
+        result["jobs"].append({"job": name, "seconds": seconds, "s_per_step": step_seconds(marks),
+                               "backend": "diffusers", "peak_gib": peak.peak_bytes / 2**30,
                                "rss_after_gib": rss_bytes() / 2**30})
     result["process_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["unet_reloads"] = result["conversions"] = 0
@@ -151,12 +187,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", help="the engine's --dtype (bf16: what auto picks on this CPU)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(ALL_MODES)}")
     parser.add_argument("--full", action="store_true", help="the full-size SD1.5 UNet (default: half widths)")
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15", help="sdxl: a full-size SDXL checkpoint")
+    parser.add_argument("--no-fallback-jobs", action="store_true",
+                        help="skip the OpenVINO modes' tile (torch fallback) and back-to-OpenVINO jobs")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, model, out = args.child
-        child(mode, Path(model), Path(out), size=args.size, steps=args.steps, dtype=args.dtype)
+        child(mode, Path(model), Path(out), size=args.size, steps=args.steps, dtype=args.dtype,
+              fallback_jobs=not args.no_fallback_jobs)
         return
 
     from huabi.service.device_choice import read_cpu_info
@@ -165,10 +205,11 @@ def main() -> None:
     print(f"CPU: {cpu.model_name}; flags: {' '.join(cpu.relevant_flags)}; load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="huabi-ovmem-") as work:
         work_dir = Path(work)
-        model = work_dir / "mid_sd1.safetensors"
+        model = work_dir / f"bench_{args.family}.safetensors"
         started = time.perf_counter()
-        params = write_mid_sd1(model, full=args.full)
-        print(f"wrote a {'full' if args.full else 'mid'}-size SD1 checkpoint ({params / 1e6:.0f}M parameters, {model.stat().st_size / 2**30:.2f} GiB "
+        params = write_checkpoint(model, family=args.family, full=args.full)
+        kind = "full-size SDXL" if args.family == "sdxl" else f"{'full' if args.full else 'mid'}-size SD1"
+        print(f"wrote a {kind} checkpoint ({params / 1e6:.0f}M parameters, {model.stat().st_size / 2**30:.2f} GiB "
               f"fp16) in {time.perf_counter() - started:.1f} s; {args.size}x{args.size}, {args.steps} steps, "
               f"--dtype {args.dtype}", flush=True)
         env = {**os.environ, "HUABI_CACHE_DIR": str(work_dir / "cache"), "HF_HUB_OFFLINE": "1"}
@@ -177,33 +218,40 @@ def main() -> None:
             out = work_dir / f"{mode}.json"
             # a fresh OpenVINO cache per mode: each converts once, as a first run does; "openvino-cached"
             # starts where "openvino-released" left its cache
-            cache = work_dir / ("cache-openvino-released" if mode == "openvino-cached" else f"cache-{mode}")
+            shares = mode in ("openvino-cached", "auto")
+            cache = work_dir / ("cache-openvino-released" if shares else f"cache-{mode}")
             subprocess.run([sys.executable, __file__, "--child", mode, str(model), str(out), "--size", str(args.size),
-                            "--steps", str(args.steps), "--dtype", args.dtype],
+                            "--steps", str(args.steps), "--dtype", args.dtype,
+                            *(["--no-fallback-jobs"] if args.no_fallback_jobs else [])],
                            env={**env, "HUABI_CACHE_DIR": str(cache)}, check=True)
             result = json.loads(out.read_text())
             result["images"] = [np.load(work_dir / f"{mode}-{i}.npy") for i in range(len(result["jobs"]))]
             results.append(result)
             for job in result["jobs"]:
-                print(f"{mode:18} {job['job']:24} {job['seconds']:7.1f} s  peak {job['peak_gib']:5.2f} GiB  "
-                      f"after {job['rss_after_gib']:5.2f} GiB", flush=True)
+                per_step = f"{job['s_per_step']:6.2f} s/step" if job.get("s_per_step") else " " * 13
+                print(f"{mode:18} {job['job']:24} {job['seconds']:7.1f} s {per_step} ({job['backend']})  "
+                      f"peak {job['peak_gib']:5.2f} GiB  after {job['rss_after_gib']:5.2f} GiB", flush=True)
             print(f"{mode:18} process peak {result['process_peak_gib']:.2f} GiB; conversions {result['conversions']}; "
                   f"UNet read back {result['unet_reloads']} times", flush=True)
     reference = next((r for r in results if r["mode"] == "torch"), results[0])
     baseline = next((r for r in results if r["mode"] == "diffusers"), None)
     print()
     print(f"{'mode':18} {'process peak GiB':>16} {'2nd job peak GiB':>16} {'RSS after GiB':>13} {'2nd job s':>9} "
-          f"{'|diff| vs torch':>15}" + (f" {'peaks vs diffusers':>18}" if baseline else ""))
+          f"{'s/step':>7} {'|diff| vs torch':>15}" + (f" {'peaks vs diffusers':>18} {'speed vs diffusers':>18}" if baseline else ""))
     for r in results:
         second = r["jobs"][1]
         diff = float(np.abs(r["images"][1] - reference["images"][1]).mean())
         r["mean_abs_pixel_diff_vs_torch"] = diff
+        per_step = second.get("s_per_step") or float("nan")
         line = (f"{r['mode']:18} {r['process_peak_gib']:16.2f} {second['peak_gib']:16.2f} {second['rss_after_gib']:13.2f} "
-                f"{second['seconds']:9.1f} {diff:15.2f}")
+                f"{second['seconds']:9.1f} {per_step:7.2f} {diff:15.2f}")
         if baseline:
             r["process_peak_vs_diffusers"] = r["process_peak_gib"] / baseline["process_peak_gib"]
             r["second_job_peak_vs_diffusers"] = second["peak_gib"] / baseline["jobs"][1]["peak_gib"]
-            line += f" {r['process_peak_vs_diffusers']:8.2f} / {r['second_job_peak_vs_diffusers']:.2f}"
+            reference_step = baseline["jobs"][1].get("s_per_step") or float("nan")
+            r["step_speed_vs_diffusers"] = reference_step / per_step
+            line += (f" {r['process_peak_vs_diffusers']:8.2f} / {r['second_job_peak_vs_diffusers']:.2f}"
+                     f" {r['step_speed_vs_diffusers']:17.2f}x")
         print(line)
     for r in results:
         if len(r["images"]) >= 3:  # the tile fallback ran in torch; the last job is OpenVINO again
@@ -212,7 +260,7 @@ def main() -> None:
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"cpu": cpu.model_name, "flags": list(cpu.relevant_flags), "size_px": args.size,
+            json.dump({"cpu": cpu.model_name, "flags": list(cpu.relevant_flags), "family": args.family, "size_px": args.size,
                        "steps": args.steps, "dtype": args.dtype, "parameters": params,
                        "results": [{k: v for k, v in r.items() if k != "images"} for r in results]}, handle, indent=2)
 

@@ -39,10 +39,14 @@ def test_bench_cpu_runs_every_row(tmp_path):
 def test_bench_openvino_memory_runs_its_modes(tmp_path):
     pytest.importorskip("openvino")
     out = tmp_path / "memory.json"
-    done = run_bench("bench_openvino_memory.py", "--size", "64", "--steps", "1", "--dtype", "fp32",
+    done = run_bench("bench_openvino_memory.py", "--size", "64", "--steps", "3", "--dtype", "fp32",
                      "--modes", "diffusers,torch", "--json", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["mode"] for r in result["results"]] == ["diffusers", "torch"]
     assert all(r["process_peak_gib"] > 0 and len(r["jobs"]) == 2 for r in result["results"])
     assert result["results"][1]["mean_abs_pixel_diff_vs_torch"] == 0
+    # seconds per step from the step callbacks of both (diffusers' and huabi's), and their ratio
+    assert all(job["s_per_step"] > 0 for r in result["results"] for job in r["jobs"])
+    assert [job["backend"] for job in result["results"][1]["jobs"]] == ["torch", "torch"]
+    assert result["results"][1]["step_speed_vs_diffusers"] > 0
