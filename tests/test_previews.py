@@ -221,3 +221,16 @@ def test_engine_vae_tiling_for_large_images(tiny_sd1_file):
     [tiled] = Engine(device="cpu", dtype="fp32", vae_tiling=True).generate(request)
     difference = np.abs(np.asarray(tiled.image, dtype=np.int16) - np.asarray(whole.image, dtype=np.int16))
     assert 0 < difference.mean() < 6, difference.mean()
+
+
+def test_hires_fix_previews_both_passes_at_their_sizes(tiny_sd1_file):
+    """Hires fix: previews follow the first pass (native latent size), then the second (the upscaled
+    one), counted over both passes' steps, as A1111's progress does."""
+    engine = Engine(device="cpu", dtype="fp32", preview="cheap")
+    seen = []
+    engine.generate(_request(tiny_sd1_file, batch_size=1, hires=True, hires_scale=2.0, hires_steps=3,
+                             hires_upscaler="Latent"),
+                    on_preview=lambda done, total, images: seen.append((done, total, images[0].size)))
+    assert [(done, total) for done, total, _ in seen] == [(step, 7) for step in range(1, 8)]
+    assert {size for done, _, size in seen if done <= 4} == {(8, 8)}  # 64 px / 8: one preview pixel per latent
+    assert {size for done, _, size in seen if done > 4} == {(16, 16)}
