@@ -147,3 +147,41 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(HuabiError, match="backend: unknown backend 'tensorrt'; valid: auto, torch, openvino, openvino-int8"):
         Engine(device="cpu", dtype="fp32", backend="tensorrt")
+
+
+def test_fp32_runs_store_fp16_weights_only_when_lossless(tiny_model_factory, tmp_path, monkeypatch):
+    """With an f32 hint the IR is stored in fp16 when every weight survives fp16 unchanged (weights
+    read from an fp16 file): the same images as an fp32 IR, in half the disk and memory. Other weights
+    keep fp32."""
+    from huabi.backends import openvino as ov_backend
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "fp16.safetensors"  # the tiny SD1 file stored in fp16, as most shared checkpoints are
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in load_file(str(tiny_model_factory(ModelFamily.SD1))).items()}, str(model))
+    bundle = Engine(device="cpu", dtype="fp32").load(str(model))
+    runtime = ov_backend.OpenVINORuntime(tmp_path / "keys", precision="f32")
+    assert ov_backend.fits_fp16(bundle.unet)  # read from fp16 into fp32: exact
+    assert runtime.graph_key("unet", "h", bundle.unet, int8=False).endswith("-fp16")
+    assert ov_backend.OpenVINORuntime(tmp_path / "keys", precision="f32", int8=True).graph_key(
+        "unet", "h", bundle.unet, int8=True).endswith("-int8")
+    with torch.no_grad():
+        bundle.unet.conv_in.weight[0, 0, 0, 0] += 1e-6  # one value fp16 cannot hold
+    assert not ov_backend.fits_fp16(bundle.unet)
+    assert runtime.graph_key("unet", "h", bundle.unet, int8=False).endswith("-fp32")
+
+    def run(cache, exact: bool):
+        monkeypatch.setenv("HUABI_CACHE_DIR", str(tmp_path / cache))
+        if not exact:
+            monkeypatch.setattr(ov_backend, "fits_fp16", lambda module: False)
+        engine = Engine(device="cpu", dtype="fp32", backend="openvino")
+        pictures, _ = images(engine, model)
+        monkeypatch.undo()
+        formats = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / cache).rglob("*") if p.is_dir() and "-" in p.name}
+        return pictures, formats
+
+    compact, compact_formats = run("compact", exact=True)
+    full, full_formats = run("full", exact=False)
+    assert "fp16" in compact_formats and "fp32" not in compact_formats and "fp16" not in full_formats
+    assert np.abs(compact - full).max() <= 1  # the same graph: at most a rounding step between compilations

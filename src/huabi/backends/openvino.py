@@ -173,14 +173,26 @@ def convert_to_ir(graph: torch.nn.Module, example: tuple, input_names: Sequence[
     return out_dir / "model.xml"
 
 
-def weight_format(precision: str, int8: bool) -> str:
+def fits_fp16(module: torch.nn.Module) -> bool:
+    """Whether every floating weight survives a round trip through fp16 unchanged, as weights
+    read from an fp16 file (most shared checkpoints) do: an fp16 IR then computes exactly
+    what an fp32 one would."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_floating_point() and not torch.equal(tensor, tensor.to(torch.float16).to(tensor.dtype)):
+                return False
+    return True
+
+
+def weight_format(precision: str, int8: bool, *, exact_in_fp16: bool = False) -> str:
     """How a graph's weights are stored on disk. The CPU plugin keeps the IR's constants beside
     its own compute-precision copy, so with a bf16 hint fp32 constants cost twice the bf16
     weights for nothing (SD1.5 UNet: 5.16 GiB compiled from fp32, 3.56 from fp16, same speed;
-    docs/cpu.md). fp16 holds every bf16 value's precision and more; fp32 runs keep fp32."""
+    docs/cpu.md). fp16 holds every bf16 value's precision and more. fp32 runs store fp16 only
+    when that is lossless (``exact_in_fp16``: :func:`fits_fp16`), else fp32."""
     if int8:
         return "int8"
-    return "fp16" if precision == "bf16" else "fp32"
+    return "fp16" if precision == "bf16" or exact_in_fp16 else "fp32"
 
 
 def compress_int8(model):
@@ -320,24 +332,30 @@ class OpenVINORuntime:
 
     def graph_key(self, part: str, model_hash: str | None, module: torch.nn.Module, *, int8: bool) -> str:
         checksum = weights_checksum(module)
-        return f"{part}-{model_hash or 'nohash'}-{checksum}-{weight_format(self.precision, int8)}"
+        exact = self.precision == "f32" and not int8 and fits_fp16(module)
+        return f"{part}-{model_hash or 'nohash'}-{checksum}-{weight_format(self.precision, int8, exact_in_fp16=exact)}"
+
+    @staticmethod
+    def key_weight_format(key: str) -> str:
+        """The weight format a :meth:`graph_key` names (its last field)."""
+        return key.rsplit("-", 1)[-1]
 
     def has_graph(self, key: str) -> bool:
         """Whether ``key``'s graph can be used without the torch weights (compiled or on disk)."""
         ir_dir = self.cache_dir / key
         return key in self._graphs or ((ir_dir / "model.xml").exists() and (ir_dir / "model.bin").exists())
 
-    def _graph(self, key: str, build: Callable[[], tuple[torch.nn.Module, tuple]], names: Sequence[str], *,
-               int8: bool) -> CompiledGraph:
-        """``key``'s compiled graph; ``build`` (the traceable module and an example input) is
-        called only when the IR is not on disk, so a cache hit never copies the weights."""
+    def _graph(self, key: str, build: Callable[[], tuple[torch.nn.Module, tuple]], names: Sequence[str]) -> CompiledGraph:
+        """``key``'s compiled graph, its weights stored as the key says; ``build`` (the traceable
+        module and an example input) is called only when the IR is not on disk, so a cache hit
+        never copies the weights."""
         if key in self._graphs:
             return self._graphs[key]
         ir_dir = self.cache_dir / key
         xml = ir_dir / "model.xml"
         if not self.has_graph(key):
             graph_module, example = build()
-            convert_to_ir(graph_module, example, names, ir_dir, weights=weight_format(self.precision, int8))
+            convert_to_ir(graph_module, example, names, ir_dir, weights=self.key_weight_format(key))
             del graph_module, example
             return_freed_memory()
             self.conversions += 1
@@ -375,7 +393,7 @@ class OpenVINORuntime:
                 example = tuple(tensor.float() for tensor in example)
             return graph_module, example
 
-        graph = self._graph(key, build, names, int8=self.int8)
+        graph = self._graph(key, build, names)
         return OpenVINOUNet(torch_unet, graph, with_added, graph_key=key)
 
     def vae(self, torch_vae: torch.nn.Module, model_hash: str | None) -> OpenVINOVAE:
@@ -390,7 +408,7 @@ class OpenVINORuntime:
                 example = (example[0].float(),)
             return graph_module, example
 
-        graph = self._graph(key, build, ("latents",), int8=False)
+        graph = self._graph(key, build, ("latents",))
         return OpenVINOVAE(torch_vae, graph)
 
 
