@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
 from huabi.models.annotators.depth import pad_to_multiple
 
 ANIME_FACE_FILE = "UNet.pth"
@@ -129,19 +129,9 @@ def load_anime_face(path: Path, device: torch.device) -> LoadedAnimeFace:
     tensors = {key.replace("module.", ""): value for key, value in tensors.items()}
     model = AnimeFaceUNet()
     expected = model.state_dict()
-    missing = [key for key in expected if key not in tensors]
-    unexpected = sorted(key for key in tensors if key not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
-        raise HuabiError(f"{path.name}: not an anime face segmentation UNet checkpoint ({'; '.join(parts)})")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise HuabiError(f"{path.name}: not an anime face segmentation UNet checkpoint ({key}: shape "
-                             f"{tuple(tensors[key].shape)}, expected {tuple(value.shape)})")
+    problem = state_dict_mismatch(expected, tensors)
+    if problem:
+        raise HuabiError(f"{path.name}: not an anime face segmentation UNet checkpoint ({problem})")
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in tensors.items()}, strict=True)
     return LoadedAnimeFace(model.to(device).eval(), device)
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
 
 # sd-webui-controlnet's ViT-L file first; the smaller releases work too (the size comes from the shapes).
 DEPTH_ANYTHING_FILE = "depth_anything_vitl14.pth|depth_anything_vitb14.pth|depth_anything_vits14.pth"
@@ -120,16 +120,10 @@ def _load_strict(model: torch.nn.Module, converted: dict[str, torch.Tensor], pat
     ``original_names``: transformers key -> the file's key, so errors name what the file lacks.
     """
     expected = model.state_dict()
-    missing = list(dict.fromkeys(original_names.get(key, key) for key in expected if key not in converted))
-    unexpected = unexpected + [key for key in converted if key not in expected]
-    if missing or unexpected:
-        raise _fail(path, what, missing, unexpected)
-    wrong = [key for key, value in expected.items() if tuple(converted[key].shape) != tuple(value.shape)]
-    if wrong:
-        key = wrong[0]
-        raise HuabiError(f"{path.name}: not a {what} checkpoint ({original_names.get(key, key)}: shape "
-                         f"{tuple(converted[key].shape)} after conversion, "
-                         f"expected {tuple(expected[key].shape)})")
+    stray = dict.fromkeys(unexpected)  # file keys the conversion did not take: reported with the rest
+    problem = state_dict_mismatch(expected, {**converted, **stray}, shown_names=original_names)
+    if problem:
+        raise HuabiError(f"{path.name}: not a {what} checkpoint ({problem})")
     model.load_state_dict({key: value.to(torch.float32) for key, value in converted.items()}, strict=True,
                           assign=True)
 

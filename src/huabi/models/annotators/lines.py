@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from huabi.core.line_maps import pad_edge, quantise_probability, scribble_from_edges
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
 
 HED_FILE = "ControlNetHED.pth"
 LINEART_FILE = "sk_model.pth"
@@ -49,25 +49,9 @@ def load_exact_state_dict(net: nn.Module, tensors: Mapping[str, torch.Tensor], p
     never leaves a half-loaded network behind.
     """
     expected = net.state_dict()
-    missing = [name for name in expected if name not in tensors]
-    unexpected = [name for name in tensors if name not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
-        raise HuabiError(f"{Path(path).name}: not the weights preprocessor {module} expects: {'; '.join(parts)}")
-    for name, target in expected.items():
-        given = tensors[name]
-        if not isinstance(given, torch.Tensor) or tuple(given.shape) != tuple(target.shape):
-            shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
-            raise HuabiError(
-                f"{Path(path).name}: not the weights preprocessor {module} expects: "
-                f"{name} has shape {shape}, expected {tuple(target.shape)}"
-            )
-        if not (given.is_floating_point() or name.endswith("num_batches_tracked")):
-            raise HuabiError(f"{Path(path).name}: not the weights preprocessor {module} expects: {name} is {given.dtype}")
+    problem = state_dict_mismatch(expected, tensors, floating=True)
+    if problem:
+        raise HuabiError(f"{Path(path).name}: not the weights preprocessor {module} expects: {problem}")
     net.load_state_dict({name: tensors[name].to(expected[name].dtype) for name in expected}, strict=True)
     return net
 

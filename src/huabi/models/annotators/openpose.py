@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
 
 BODY_FILE = "body_pose_model.pth"
 HAND_FILE = "hand_pose_model.pth"
@@ -200,21 +200,9 @@ def load_strict(net: nn.Module, path: Path, *, what: str) -> nn.Module:
     """Load ``path`` into ``net``: every key and shape must match, else one line naming the file (nothing loaded)."""
     tensors = read_annotator_weights(path)
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise HuabiError(f"{path}: not {what}: {'; '.join(parts)}")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise HuabiError(f"{path}: not {what}: {key} has shape {tuple(tensors[key].shape)}, "
-                             f"expected {tuple(value.shape)}")
-        if not tensors[key].is_floating_point():
-            raise HuabiError(f"{path}: not {what}: {key} is {tensors[key].dtype}, expected floating point weights")
+    problem = state_dict_mismatch(expected, tensors, floating=True)
+    if problem:
+        raise HuabiError(f"{path}: not {what}: {problem}")
     # assign=True: a network built on the meta device takes the file's tensors as they are.
     net.load_state_dict({key: tensors[key].float() for key in expected}, strict=True, assign=True)
     return net.eval()

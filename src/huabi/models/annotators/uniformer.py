@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
 from huabi.models.annotators.depth import pad_to_multiple
 
 UNIFORMER_FILE = "upernet_global_small.pth"
@@ -284,18 +284,9 @@ def load_uniformer(path: Path, device: torch.device) -> LoadedUniformer:
     # BatchNorm's step counter is unused at inference; files saved without it load all the same.
     tensors.update({key: value for key, value in expected.items()
                     if key.endswith("num_batches_tracked") and key not in tensors})
-    missing = [key for key in expected if key not in tensors]
-    unexpected = sorted(key for key in tensors if key not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
-        raise _not_uniformer(path, "; ".join(parts))
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise _not_uniformer(path, f"{key}: shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
+    problem = state_dict_mismatch(expected, tensors)
+    if problem:
+        raise _not_uniformer(path, problem)
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in tensors.items()}, strict=True)
     return LoadedUniformer(model.to(device).eval(), device)
 
