@@ -180,6 +180,9 @@ def cmd_sample(args) -> None:
         pool = [i for i in range(len(real["names"])) if i not in taken]
         items = sorted(random.Random(20261206).sample(pool, 100))
         seeds = [5000 + j for j in range(100)]
+    elif args.items == "eval-emoji":  # every emoji among the evaluation's 300, each with its evaluation seed
+        positions = [p for p, i in enumerate(real["eval_items"]) if source_of(real["files"][i]) == "emoji"]
+        items, seeds = [real["eval_items"][p] for p in positions], [1000 + p for p in positions]
     captions = real["captions"]
     prompts = []
     for i in items:
@@ -547,7 +550,7 @@ def main() -> None:
     sample.add_argument("--rescale", type=float, default=None, help="CFG rescale phi (default: off)")
     sample.add_argument("--rescale-space", choices=("eps", "x0"), default="eps")
     sample.add_argument("--variant", type=int, default=0, help="caption variant (0 = the name); -1 = empty prompt")
-    sample.add_argument("--items", choices=("eval100", "random100"), default="eval100")
+    sample.add_argument("--items", choices=("eval100", "random100", "eval-emoji"), default="eval100")
     textuse = sub.add_parser("textuse")
     textuse.add_argument("--tag", required=True)
     textuse.add_argument("--state", type=Path, default=V2_STATE)
