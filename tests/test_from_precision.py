@@ -15,12 +15,10 @@ import torch
 from PIL import Image
 
 from huabi.backends import available_backends
-from huabi.cli.main import main
 from huabi.core.infotext import parse_infotext
-from huabi.models.family import ModelFamily
 from huabi.service.cpu_backend import recorded_precision
 from huabi.service.pngio import read_infotext
-from tiny_models import write_tiny_single_file
+from test_cli import pixels, run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 OPENVINO = "openvino" in available_backends()
@@ -47,37 +45,22 @@ def test_recorded_openvino_backends_on_the_cpu():
     assert recorded_precision({"Backend": "OpenVINO int8"}, CPU) == ("fp32", "openvino-int8")
 
 
-@pytest.fixture(scope="module")
-def sd1_file(tmp_path_factory) -> Path:
-    return write_tiny_single_file(tmp_path_factory.mktemp("sd1"), ModelFamily.SD1)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
-def test_from_reproduces_a_bf16_image_and_an_explicit_dtype_wins(capsys, sd1_file, tmp_path):
+def test_from_reproduces_a_bf16_image_and_an_explicit_dtype_wins(capsys, tiny_sd1_file, tmp_path):
     # The suite pins --dtype auto to fp32 (HUABI_AUTO_DTYPE), so only the recorded value can make bf16 here.
-    code, out, err = run(capsys, "generate", "a red apple", "--model", sd1_file, "--steps", "3", "--size", "64x64",
+    code, out, err = run(capsys, "generate", "a red apple", "--model", tiny_sd1_file, "--steps", "3", "--size", "64x64",
                          "--seed", "11", "--dtype", "bf16", "--out", tmp_path / "a", "--quiet")
     assert code == 0, err
     original = Path(out.strip())
     assert parse_infotext(read_infotext(original)).params["Dtype"] == "bf16"
 
-    code, out, err = run(capsys, "generate", "--from", original, "--model", sd1_file, "--out", tmp_path / "b", "--quiet")
+    code, out, err = run(capsys, "generate", "--from", original, "--model", tiny_sd1_file, "--out", tmp_path / "b", "--quiet")
     assert code == 0, err
     again = Path(out.strip())
     assert f"huabi: note: {original}: --dtype bf16 --backend torch as the image was made" in err
     assert np.array_equal(pixels(original), pixels(again))
     assert read_infotext(again) == read_infotext(original)
 
-    code, out, err = run(capsys, "generate", "--from", original, "--model", sd1_file, "--dtype", "fp32",
+    code, out, err = run(capsys, "generate", "--from", original, "--model", tiny_sd1_file, "--dtype", "fp32",
                          "--backend", "torch", "--out", tmp_path / "c", "--quiet")
     assert code == 0, err
     fp32 = Path(out.strip())
@@ -86,14 +69,14 @@ def test_from_reproduces_a_bf16_image_and_an_explicit_dtype_wins(capsys, sd1_fil
     assert not np.array_equal(pixels(original), pixels(fp32))  # bf16 and fp32 differ: the recorded value mattered
 
 
-def test_edit_from_takes_the_recorded_dtype(capsys, sd1_file, tmp_path):
+def test_edit_from_takes_the_recorded_dtype(capsys, tiny_sd1_file, tmp_path):
     source = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 40, 40)).save(source)
-    code, out, err = run(capsys, "edit", source, "a blue apple", "--model", sd1_file, "--steps", "3", "--seed", "4",
+    code, out, err = run(capsys, "edit", source, "a blue apple", "--model", tiny_sd1_file, "--steps", "3", "--seed", "4",
                          "--dtype", "bf16", "--out", tmp_path / "a", "--quiet")
     assert code == 0, err
     original = Path(out.strip())
-    code, out, err = run(capsys, "edit", source, "--from", original, "--model", sd1_file, "--out", tmp_path / "b",
+    code, out, err = run(capsys, "edit", source, "--from", original, "--model", tiny_sd1_file, "--out", tmp_path / "b",
                          "--quiet")
     assert code == 0, err
     assert "--dtype bf16" in err
