@@ -11,6 +11,9 @@ Two fine-tunes of the finished v2 UNet, identical except for the latents they le
               scaling factor 1.0, so the exported file loads like any huabi-mini.
     emoji     the old latents, emoji items only (names that describe the picture; 2.5x the
               exposures per emoji item in the same steps): does recall rise with exposure?
+    decay     the old latents, all items, the LR decayed by a cosine from 1.5e-4 to 1.5e-5 over
+              the arm's steps (the others keep it constant): is recall held down by the
+              optimiser's noise floor rather than by exposures or capacity?
 
 Same seed, data order, noise, timesteps, LR (constant after warm-up), steps and EMA. Each arm
 is resumable (state saved every 5 minutes and on SIGTERM); exports go next to the states and
@@ -60,6 +63,8 @@ def arm_setup(args):
     elif args.arm == "emoji":
         cache = items_cache(cache, emoji_items(args.v2_state))
     config = dataclasses.replace(recipe.unet, steps=args.steps, ema_decay=args.ema, warmup_steps=100, seed=recipe.unet.seed + 1)
+    if args.arm == "decay":
+        config = dataclasses.replace(config, lr_schedule="cosine", min_lr_ratio=0.1)
     return recipe, cache, config, stats
 
 
@@ -120,7 +125,7 @@ def cmd_export(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("train", "export"))
-    parser.add_argument("--arm", choices=("old", "centred", "emoji"), required=True)
+    parser.add_argument("--arm", choices=("old", "centred", "emoji", "decay"), required=True)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--v2-state", type=Path, default=V2_STATE)
     parser.add_argument("--steps", type=int, default=1500)
