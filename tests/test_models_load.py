@@ -208,6 +208,34 @@ def test_ckpt_loads_end_to_end(tiny_model_factory, tmp_path):
     assert bundle.family is ModelFamily.SD1 and bundle.name == "old"
 
 
+def test_consuming_build_frees_each_source_tensor_and_loads_the_same(tiny_model_factory, monkeypatch):
+    """load_model hands its converted UNet/VAE dicts over (``consume``): the dict is emptied as each
+    tensor is cast (no second full copy of a checkpoint read into memory), the module is the same."""
+    import weakref
+
+    from huabi.models import load as load_module
+
+    given: list = []
+    original = load_module.build_module
+
+    def watching(model_class, config, weights, **kwargs):
+        refs = [weakref.ref(t) for t in weights.values()]
+        given.append((kwargs["what"], kwargs.get("consume"), weights, refs))
+        return original(model_class, config, weights, **kwargs)
+
+    monkeypatch.setattr(load_module, "build_module", watching)
+    path = tiny_model_factory(ModelFamily.SD1)
+    consumed = load_model(path, dtype=torch.bfloat16, compute_hash=False)  # a cast: every tensor is a new one
+    assert {what for what, consume, _, _ in given} == {"UNet", "VAE"} and all(consume for _, consume, _, _ in given)
+    for _what, _consume, weights, refs in given:
+        assert weights == {} and all(ref() is None for ref in refs)  # nothing keeps the file's tensors alive
+    monkeypatch.setattr(load_module, "build_module",
+                        lambda *a, **k: original(*a, **{**k, "consume": False}))
+    copied = load_model(path, dtype=torch.bfloat16, compute_hash=False)
+    for a, b in ((consumed.unet, copied.unet), (consumed.vae, copied.vae)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 # --------------------------------------------------------------------------- saving
 
 

@@ -59,13 +59,26 @@ def build_module(
     device: torch.device | str,
     dtype: torch.dtype,
     what: str,
+    consume: bool = False,
 ) -> torch.nn.Module:
-    """Instantiate ``model_class(**config)`` without initialising weights, then assign ``weights`` strictly."""
+    """Instantiate ``model_class(**config)`` without initialising weights, then assign ``weights`` strictly.
+
+    ``consume``: ``weights`` is the caller's to give away (a dict nothing else references): each
+    tensor leaves it as it is cast, so a checkpoint read into memory (.ckpt/.pt pickles; safetensors
+    are file-backed pages the kernel can drop) is not held twice: an fp16 SD1.5 .ckpt loaded in fp32
+    peaked at 6.42 GiB, now 4.70 (4.53-4.60 after loading)."""
     with torch.device("meta"):
         module = model_class(**config)
     check_against_module(weights, module, what)
+
+    def place(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
     # Place each tensor on its device/dtype before assigning: no second full copy, no module.to().
-    placed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in weights.items()}
+    if consume:
+        placed = {key: place(weights.pop(key)) for key in list(weights)}
+    else:
+        placed = {k: place(v) for k, v in weights.items()}
     module.load_state_dict(placed, strict=True, assign=True)
     leftover = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftover:  # a non-persistent buffer the file cannot provide; never ship a meta tensor
@@ -74,19 +87,21 @@ def build_module(
 
 
 def build_unet(
-    config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, consume: bool = False,
 ) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    return build_module(UNet2DConditionModel, config, weights, device=device, dtype=dtype, what="UNet")
+    return build_module(UNet2DConditionModel, config, weights, device=device, dtype=dtype, what="UNet", consume=consume)
 
 
 def build_vae(
-    config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, consume: bool = False,
 ) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    return build_module(AutoencoderKL, config, weights, device=device, dtype=dtype, what="VAE")
+    return build_module(AutoencoderKL, config, weights, device=device, dtype=dtype, what="VAE", consume=consume)
 
 
 @torch.no_grad()
@@ -206,8 +221,9 @@ def load_model(
         scaling_factor=vae_scaling_factor(family, state_dict),
         sample_size=native_size_px(family, provisional_prediction, state_dict),
     )
-    vae_module = build_vae(vae_config, vae_to_diffusers(vae_sd), device=device, dtype=dtype)
-    del vae_sd
+    vae_weights = vae_to_diffusers(vae_sd)
+    del vae_sd  # the converted dict holds the file's tensors now; the build frees each as it casts it
+    vae_module = build_vae(vae_config, vae_weights, device=device, dtype=dtype, consume=True)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     # 3. UNet
@@ -222,9 +238,11 @@ def load_model(
 
         packed = unet_to_diffusers({k[len(UNET_PREFIX):]: v for k, v in packed.items()}, unet_config)
         unet = build_unet_packed(unet_config, unet_to_diffusers(unet_sd, unet_config), packed, device=device, dtype=dtype)
+        del unet_sd
     else:
-        unet = build_unet(unet_config, unet_to_diffusers(unet_sd, unet_config), device=device, dtype=dtype)
-    del unet_sd
+        unet_weights = unet_to_diffusers(unet_sd, unet_config)
+        del unet_sd  # as for the VAE: one copy of each tensor at a time
+        unet = build_unet(unet_config, unet_weights, device=device, dtype=dtype, consume=True)
 
     # 4. prediction: override > what the file says > A1111's SD2 test
     if prediction is not None:
