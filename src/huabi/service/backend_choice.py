@@ -207,6 +207,6 @@ def auto_backend_report(device: torch.device, dtype: torch.dtype, cpu: CpuInfo, 
 def system_report_with_backend(device: torch.device, *, cache_dir=None) -> list[str]:
     """`huabi system`: the processor and the dtype choice (device_choice), then the backend choice."""
     cpu = read_cpu_info()
-    dtype = auto_dtype(device, cpu=cpu, cache_dir=cache_dir).dtype
-    return [*system_report(device, cache_dir=cache_dir),
-            *auto_backend_report(device, dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir)]
+    choice = auto_dtype(device, cpu=cpu, cache_dir=cache_dir)
+    return [*system_report(device, cache_dir=cache_dir, cpu=cpu, choice=choice),
+            *auto_backend_report(device, choice.dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir)]

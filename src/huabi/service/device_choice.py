@@ -305,9 +305,11 @@ def configure_threads(cpu: CpuInfo | None = None, *, concurrent_jobs: int = 1) -
 # -- report ---------------------------------------------------------------------------
 
 
-def system_report(device: torch.device, *, cache_dir: Path | None = None) -> list[str]:
-    """Lines for `huabi system`: the processor, what it supports, and what huabi chose."""
-    cpu = read_cpu_info()
+def system_report(device: torch.device, *, cache_dir: Path | None = None, cpu: CpuInfo | None = None,
+                  choice: DtypeChoice | None = None) -> list[str]:
+    """Lines for `huabi system`: the processor, what it supports, and what huabi chose (``cpu`` and
+    ``choice``: already read / made by the caller)."""
+    cpu = cpu or read_cpu_info()
     lines = [
         f"CPU: {cpu.model_name}",
         f"cores: {cpu.physical_cores} physical, {cpu.logical_cpus} logical (available to this process)",
@@ -317,7 +319,7 @@ def system_report(device: torch.device, *, cache_dir: Path | None = None) -> lis
     ]
     if torch.cuda.is_available():
         lines.append(f"CUDA: {torch.cuda.get_device_name(0)}")
-    choice = auto_dtype(device, cpu=cpu, cache_dir=cache_dir)
+    choice = choice or auto_dtype(device, cpu=cpu, cache_dir=cache_dir)
     if choice.probe is not None:
         lines.append(f"probe: fp32 {choice.probe.fp32_s * 1000:.1f} ms, bf16 {choice.probe.bf16_s * 1000:.1f} ms "
                      f"({choice.probe.threads} threads; cached in {(cache_dir or default_cache_dir()) / PROBE_CACHE_FILE})")
