@@ -74,8 +74,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return edit
 
 
-def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, EditOptions]
-    """The request and edit options from the flags (and --from's infotext), validated before any model loads."""
+def request_from_args(args: argparse.Namespace, recorded_text: str | None = None):  # -> tuple[GenerationRequest, EditOptions]
+    """The request and edit options from the flags (and --from's infotext: ``recorded_text`` when the
+    caller has read it already), validated before any model loads."""
     from huabi.cli.control import control_input
     from huabi.cli.common import request_values
     from huabi.service.pngio import read_infotext
@@ -89,7 +90,8 @@ def request_from_args(args: argparse.Namespace):  # -> tuple[GenerationRequest, 
     }
     return edit_job(
         args.image, args.prompt, request_values(args), edit_values, mask_image=args.mask,
-        from_infotext=read_infotext(args.from_image) if args.from_image is not None else None,
+        from_infotext=(recorded_text if recorded_text is not None else read_infotext(args.from_image))
+        if args.from_image is not None else None,
         control=control_input(args),
     )
 
@@ -103,9 +105,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from huabi.service.outputs import check_output_folder
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
-    request, options = request_from_args(args)
-    if args.from_image is not None:
-        use_recorded_precision(args, read_infotext(args.from_image), args.from_image)
+    recorded_text = read_infotext(args.from_image) if args.from_image is not None else None
+    request, options = request_from_args(args, recorded_text)
+    if recorded_text is not None:
+        use_recorded_precision(args, recorded_text, args.from_image)
     studio = make_studio(args)
     request = with_flow_extras(request, args)
     progress = ProgressBar(enabled=not args.quiet)

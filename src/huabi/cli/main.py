@@ -147,8 +147,9 @@ def requests_from_args(args: argparse.Namespace) -> list:
     return [job.request for job in jobs_from_args(args)]
 
 
-def jobs_from_args(args: argparse.Namespace) -> list:
-    """One job per prompt (the service's :func:`huabi.service.requests.prompt_jobs` on the flags)."""
+def jobs_from_args(args: argparse.Namespace, recorded_text: str | None = None) -> list:
+    """One job per prompt (the service's :func:`huabi.service.requests.prompt_jobs` on the flags);
+    ``recorded_text``: ``--from``'s infotext when the caller has read it already."""
     from huabi.service.pngio import read_infotext
     from huabi.service.requests import prompt_jobs
     from huabi.service.textfiles import read_prompt_lines
@@ -161,9 +162,8 @@ def jobs_from_args(args: argparse.Namespace) -> list:
         prompts = [None]
     else:
         raise HuabiError("prompt: give a prompt, --prompt-file FILE or --from IMAGE")
-    recorded_text = None
     if args.from_image is not None:
-        recorded_text = read_infotext(args.from_image)
+        recorded_text = recorded_text if recorded_text is not None else read_infotext(args.from_image)
         _note_unimplemented(recorded_text, args.from_image)
     return prompt_jobs(
         prompts, request_values(args),
@@ -188,11 +188,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from huabi.service.pngio import read_infotext
 
     check_output_folder(args.out)  # fail before any model loads, not after the run
-    if args.from_image is not None:
-        use_recorded_precision(args, read_infotext(args.from_image), args.from_image)
+    recorded_text = read_infotext(args.from_image) if args.from_image is not None else None
+    if recorded_text is not None:
+        use_recorded_precision(args, recorded_text, args.from_image)
     if getattr(args, "ray", None):  # scale-out (docs/scale-out.md): imports ray, only here
-        return ray_batch.generate_on_ray(args, jobs_from_args(args))
-    jobs = jobs_from_args(args)
+        return ray_batch.generate_on_ray(args, jobs_from_args(args, recorded_text))
+    jobs = jobs_from_args(args, recorded_text)
     studio = make_studio(args)
     recorder = gallery_recorder()
     try:
