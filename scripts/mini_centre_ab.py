@@ -40,9 +40,12 @@ V2_STATE = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini-v2"
 
 
 def emoji_items(v2_state: Path) -> list[int]:
-    """Cache rows of the emoji images (the cache's rows follow the data stage's name list)."""
+    """Cache rows of the emoji images (the cache's rows follow the data stage's name list), by the
+    same source rule the diagnosis scores with."""
+    from mini_diagnose import source_of  # a sibling script: scripts/ is on the path when run
+
     names = json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
-    return [i for i, name in enumerate(names) if Path(name).name.startswith("emoji")]
+    return [i for i, name in enumerate(names) if source_of(Path(name).name) == "emoji"]
 
 
 def items_cache(cache, rows: list[int]):
