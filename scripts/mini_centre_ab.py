@@ -14,6 +14,10 @@ Two fine-tunes of the finished v2 UNet, identical except for the latents they le
     decay     the old latents, all items, the LR decayed by a cosine from 1.5e-4 to 1.5e-5 over
               the arm's steps (the others keep it constant): is recall held down by the
               optimiser's noise floor rather than by exposures or capacity?
+    evalset   the old latents, only the 300 items the faithfulness evaluation draws (~160
+              exposures per item in 1,500 steps, 30x the full set's): can this UNet store
+              these names -> pictures at all? High recall = the full set is limited by
+              exposures x capacity; low = the conditioning cannot tell the names apart.
 
 Same seed, data order, noise, timesteps, LR (constant after warm-up), steps and EMA. Each arm
 is resumable (state saved every 5 minutes and on SIGTERM); exports go next to the states and
@@ -48,6 +52,20 @@ def emoji_items(v2_state: Path) -> list[int]:
     return [i for i, name in enumerate(names) if source_of(Path(name).name) == "emoji"]
 
 
+def evalset_items(v2_state: Path, diag_work: Path) -> list[int]:
+    """Cache rows of the faithfulness evaluation's 300 items (``mini_diagnose.py real``'s list), by
+    file name: the cache follows the data stage's name list, the diagnosis the folder's order."""
+    from mini_diagnose import load_real
+
+    real = load_real(diag_work)
+    wanted = {real["files"][i] for i in real["eval_items"]}
+    names = json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
+    rows = [i for i, name in enumerate(names) if Path(name).name in wanted]
+    if len(rows) != len(wanted):
+        raise SystemExit(f"evalset: {len(wanted)} evaluation files but {len(rows)} cache rows match")
+    return rows
+
+
 def items_cache(cache, rows: list[int]):
     """``cache`` restricted to ``rows`` (the text states stay whole: caption ids index them)."""
     return dataclasses.replace(cache, latents=cache.latents[rows], caption_ids=[cache.caption_ids[i] for i in rows])
@@ -65,6 +83,10 @@ def arm_setup(args):
         cache = centred_cache(cache, *stats)
     elif args.arm == "emoji":
         cache = items_cache(cache, emoji_items(args.v2_state))
+    elif args.arm == "evalset":
+        from mini_diagnose import DEFAULT_WORK as DIAG_WORK
+
+        cache = items_cache(cache, evalset_items(args.v2_state, DIAG_WORK))
     config = dataclasses.replace(recipe.unet, steps=args.steps, ema_decay=args.ema, warmup_steps=100, seed=recipe.unet.seed + 1)
     if args.arm == "decay":
         config = dataclasses.replace(config, lr_schedule="cosine", min_lr_ratio=0.1)
@@ -128,7 +150,7 @@ def cmd_export(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("train", "export"))
-    parser.add_argument("--arm", choices=("old", "centred", "emoji", "decay"), required=True)
+    parser.add_argument("--arm", choices=("old", "centred", "emoji", "decay", "evalset"), required=True)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--v2-state", type=Path, default=V2_STATE)
     parser.add_argument("--steps", type=int, default=1500)
