@@ -18,6 +18,8 @@ Two fine-tunes of the finished v2 UNet, identical except for the latents they le
               exposures per item in 1,500 steps, 30x the full set's): can this UNet store
               these names -> pictures at all? High recall = the full set is limited by
               exposures x capacity; low = the conditioning cannot tell the names apart.
+              ``--extra-items N`` adds N other training items (seeded), ``--name`` keeps such
+              runs apart: recall against items stored at equal exposures.
 
 Same seed, data order, noise, timesteps, LR (constant after warm-up), steps and EMA. Each arm
 is resumable (state saved every 5 minutes and on SIGTERM); exports go next to the states and
@@ -52,9 +54,12 @@ def emoji_items(v2_state: Path) -> list[int]:
     return [i for i, name in enumerate(names) if source_of(Path(name).name) == "emoji"]
 
 
-def evalset_items(v2_state: Path, diag_work: Path) -> list[int]:
+def evalset_items(v2_state: Path, diag_work: Path, extra: int = 0) -> list[int]:
     """Cache rows of the faithfulness evaluation's 300 items (``mini_diagnose.py real``'s list), by
-    file name: the cache follows the data stage's name list, the diagnosis the folder's order."""
+    file name (the cache follows the data stage's name list, the diagnosis the folder's order),
+    plus ``extra`` other rows drawn with a fixed seed."""
+    import random
+
     from mini_diagnose import load_real
 
     real = load_real(diag_work)
@@ -63,7 +68,8 @@ def evalset_items(v2_state: Path, diag_work: Path) -> list[int]:
     rows = [i for i, name in enumerate(names) if Path(name).name in wanted]
     if len(rows) != len(wanted):
         raise SystemExit(f"evalset: {len(wanted)} evaluation files but {len(rows)} cache rows match")
-    return rows
+    others = [i for i in range(len(names)) if i not in set(rows)]
+    return sorted(rows + random.Random(20261207).sample(others, extra))
 
 
 def items_cache(cache, rows: list[int]):
@@ -86,7 +92,7 @@ def arm_setup(args):
     elif args.arm == "evalset":
         from mini_diagnose import DEFAULT_WORK as DIAG_WORK
 
-        cache = items_cache(cache, evalset_items(args.v2_state, DIAG_WORK))
+        cache = items_cache(cache, evalset_items(args.v2_state, DIAG_WORK, args.extra_items))
     config = dataclasses.replace(recipe.unet, steps=args.steps, ema_decay=args.ema, warmup_steps=100, seed=recipe.unet.seed + 1)
     if args.arm == "decay":
         config = dataclasses.replace(config, lr_schedule="cosine", min_lr_ratio=0.1)
@@ -98,7 +104,7 @@ def cmd_train(args) -> None:
     from huabi.train.unet import train_unet
 
     recipe, cache, config, stats = arm_setup(args)
-    out = args.work / args.arm
+    out = args.work / (args.name or args.arm)
     out.mkdir(parents=True, exist_ok=True)
     log = TrainLog(out / "train.log")
     final = load_torch_file(args.v2_state / "unet" / "final.pt", what="v2 UNet weights")
@@ -125,7 +131,7 @@ def cmd_export(args) -> None:
     from huabi.train.mini_v2 import MiniV2Recipe, mini_parts
 
     recipe = MiniV2Recipe()
-    out = args.work / args.arm
+    out = args.work / (args.name or args.arm)
     if args.snapshot:
         from huabi.train.cache import load_cache
         from huabi.train.common import ema_weights
@@ -141,9 +147,9 @@ def cmd_export(args) -> None:
         stats = (final["channel_mean"], final["channel_std"]) if "channel_mean" in final else None
     base = load_model(args.v2_state / "base" / "huabi-mini-v1.safetensors", compute_hash=False)
     parts = mini_parts(base, recipe, weights, stats)
-    path = out / f"huabi-mini-{args.arm}-{step}.safetensors"
+    path = out / f"huabi-mini-{args.name or args.arm}-{step}.safetensors"
     save_single_file(parts, path, dtype=torch.float16, metadata={"huabi.trained_by": f"scripts/mini_centre_ab.py {args.arm}"})
-    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.arm}-{step}-clip.safetensors")
+    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.name or args.arm}-{step}-clip.safetensors")
     print(json.dumps({"out": str(path), "step": step, "size_mb": round(path.stat().st_size / 1e6, 2)}))
 
 
@@ -151,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("train", "export"))
     parser.add_argument("--arm", choices=("old", "centred", "emoji", "decay", "evalset"), required=True)
+    parser.add_argument("--name", help="the run's folder under --work (default: the arm)")
+    parser.add_argument("--extra-items", type=int, default=0, help="evalset: this many other items too")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--v2-state", type=Path, default=V2_STATE)
     parser.add_argument("--steps", type=int, default=1500)
