@@ -189,7 +189,7 @@ def test_wrong_shape_is_named(tiny_model_factory, tmp_path):
     tensors, _ = read_state_dict(tiny_model_factory(ModelFamily.SD1))
     tensors["model.diffusion_model.time_embed.2.bias"] = torch.zeros(7)
     save_file(tensors, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(HuabiError, match=r"UNet: tensor time_embedding\.linear_2\.bias has shape \(7,\), architecture expects \(128,\)"):
+    with pytest.raises(HuabiError, match=r"UNet: weights do not match the inferred architecture: time_embedding\.linear_2\.bias has shape \(7,\), expected \(128,\)"):
         load_model(tmp_path / "bad.safetensors", compute_hash=False)
 
 
@@ -197,7 +197,7 @@ def test_missing_unet_tensor_is_named(tiny_model_factory, tmp_path):
     tensors, _ = read_state_dict(tiny_model_factory(ModelFamily.SD1))
     del tensors["model.diffusion_model.middle_block.2.out_layers.3.weight"]
     save_file(tensors, str(tmp_path / "hole.safetensors"))
-    with pytest.raises(HuabiError, match=r"UNet: weights do not match the inferred architecture: 1 missing \(e\.g\. mid_block\.resnets\.1\.conv2\.weight\)"):
+    with pytest.raises(HuabiError, match=r"UNet: weights do not match the inferred architecture: missing 1 keys, e\.g\. mid_block\.resnets\.1\.conv2\.weight"):
         load_model(tmp_path / "hole.safetensors", compute_hash=False)
 
 

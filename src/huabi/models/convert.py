@@ -192,22 +192,40 @@ def is_diffusers_vae(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith("encoder.down_blocks.") for key in state_dict)
 
 
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, Any], *,
+                        shown_names: Mapping[str, str] | None = None, floating: bool = False) -> str | None:
+    """What keeps ``tensors`` from loading into a network whose state dict is ``expected``, as one
+    phrase for an error line ("missing 2 keys, e.g. a, b; unexpected 1 keys, e.g. c", "KEY has shape
+    (3, 4), expected (1, 4)", "KEY is torch.int64, expected floating point weights"); None when it
+    loads exactly. Loaders check the whole file this way before loading any of it, so a wrong file
+    never leaves a half-loaded network. ``shown_names``: the file's own name for a key
+    (checkpoints converted before loading); ``floating``: weights must be floating point
+    (BatchNorm's step counter excepted)."""
+    shown = shown_names or {}
+    missing = list(dict.fromkeys(shown.get(key, key) for key in expected if key not in tensors))
+    unexpected = sorted(key for key in tensors if key not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
+        return "; ".join(parts)
+    for key, target in expected.items():
+        given = tensors[key]
+        if not isinstance(given, torch.Tensor):
+            return f"{shown.get(key, key)} is a {type(given).__name__}, expected a tensor"
+        if tuple(given.shape) != tuple(target.shape):
+            return f"{shown.get(key, key)} has shape {tuple(given.shape)}, expected {tuple(target.shape)}"
+        if floating and not (given.is_floating_point() or key.endswith("num_batches_tracked")):
+            return f"{shown.get(key, key)} is {given.dtype}, expected floating point weights"
+    return None
+
+
 def check_against_module(
     state_dict: Mapping[str, torch.Tensor], module: torch.nn.Module, what: str
 ) -> None:
     """Every key the module expects is present with its shape, and nothing else (HuabiError otherwise)."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise HuabiError(f"{what}: weights do not match the inferred architecture: " + "; ".join(parts))
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise HuabiError(
-                f"{what}: tensor {key} has shape {tuple(tensor.shape)}, architecture expects {tuple(expected[key].shape)}"
-            )
+    problem = state_dict_mismatch(module.state_dict(), state_dict)
+    if problem:
+        raise HuabiError(f"{what}: weights do not match the inferred architecture: {problem}")

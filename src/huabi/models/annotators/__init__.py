@@ -97,36 +97,6 @@ def read_annotator_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def state_dict_mismatch(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, Any], *,
-                        shown_names: Mapping[str, str] | None = None, floating: bool = False) -> str | None:
-    """What keeps ``tensors`` from loading into a network whose state dict is ``expected``, as one
-    phrase for an error line ("missing 2 keys, e.g. a, b; unexpected 1 keys, e.g. c", "KEY has shape
-    (3, 4), expected (1, 4)", "KEY is torch.int64, expected floating point weights"); None when it
-    loads exactly. Every annotator checks the whole file this way before loading any of it, so a
-    wrong file never leaves a half-loaded network. ``shown_names``: the file's own name for a key
-    (checkpoints converted before loading); ``floating``: weights must be floating point
-    (BatchNorm's step counter excepted)."""
-    shown = shown_names or {}
-    missing = list(dict.fromkeys(shown.get(key, key) for key in expected if key not in tensors))
-    unexpected = sorted(key for key in tensors if key not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
-        return "; ".join(parts)
-    for key, target in expected.items():
-        given = tensors[key]
-        if not isinstance(given, torch.Tensor):
-            return f"{shown.get(key, key)} is a {type(given).__name__}, expected a tensor"
-        if tuple(given.shape) != tuple(target.shape):
-            return f"{shown.get(key, key)} has shape {tuple(given.shape)}, expected {tuple(target.shape)}"
-        if floating and not (given.is_floating_point() or key.endswith("num_batches_tracked")):
-            return f"{shown.get(key, key)} is {given.dtype}, expected floating point weights"
-    return None
-
-
 def run_annotator(module: str, image: np.ndarray, *, threshold_a: float | None, threshold_b: float | None,
                   models_dir: Path, device: torch.device | str = "cpu") -> np.ndarray:
     """Find the weights, build the network and run it once (float32 [H, W, 3] map in [0, 1])."""

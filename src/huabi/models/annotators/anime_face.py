@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
+from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.convert import state_dict_mismatch
 from huabi.models.annotators.depth import pad_to_multiple
 
 ANIME_FACE_FILE = "UNet.pth"

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
+from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.convert import state_dict_mismatch
 
 # sd-webui-controlnet's ViT-L file first; the smaller releases work too (the size comes from the shapes).
 DEPTH_ANYTHING_FILE = "depth_anything_vitl14.pth|depth_anything_vitb14.pth|depth_anything_vits14.pth"

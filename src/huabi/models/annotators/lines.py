@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 from huabi.core.line_maps import pad_edge, quantise_probability, scribble_from_edges
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
+from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.convert import state_dict_mismatch
 
 HED_FILE = "ControlNetHED.pth"
 LINEART_FILE = "sk_model.pth"

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from huabi.errors import HuabiError
-from huabi.models.annotators import Annotator, read_annotator_weights, state_dict_mismatch
+from huabi.models.annotators import Annotator, read_annotator_weights
+from huabi.models.convert import state_dict_mismatch
 
 BODY_FILE = "body_pose_model.pth"
 HAND_FILE = "hand_pose_model.pth"
