@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext
 from huabi.models.family import ModelFamily
 from huabi.service.pngio import read_infotext
@@ -19,12 +19,6 @@ from tiny_models import write_tiny_single_file
 @pytest.fixture(scope="module")
 def sd1_file(tmp_path_factory) -> Path:
     return write_tiny_single_file(tmp_path_factory.mktemp("sd1"), ModelFamily.SD1)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def generate(capsys, model: Path, out: Path, *extra: str) -> list[Path]:

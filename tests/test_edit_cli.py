@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext
 from huabi.service.pngio import read_infotext
 from test_img2img import gradient_image
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture()

@@ -7,18 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import edit_fields_from_infotext, parse_infotext
 from huabi.errors import HuabiError
 from huabi.service.pngio import read_infotext
 from test_edit_cli import mask_png
 from test_img2img import gradient_image
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def edit(capsys, *argv) -> Path:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.conditioning import encode_a1111_prompts
 from huabi.core.infotext import parse_infotext
 from huabi.errors import HuabiError
@@ -231,12 +231,6 @@ def test_too_many_vectors_for_a_chunk_is_an_error(sd1, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI: image, infotext, --from
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def pixels(path: Path) -> np.ndarray:

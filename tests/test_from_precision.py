@@ -18,7 +18,8 @@ from huabi.backends import available_backends
 from huabi.core.infotext import parse_infotext
 from huabi.service.cpu_backend import recorded_precision
 from huabi.service.pngio import read_infotext
-from test_cli import pixels, run
+from cli_runner import run
+from test_cli import pixels
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 OPENVINO = "openvino" in available_backends()

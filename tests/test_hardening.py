@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from huabi.cli.main import main
+from cli_runner import run
 from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily
 from huabi.service.pngio import next_image_path, read_infotext, save_png
@@ -29,12 +30,6 @@ INFOTEXT = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8"
 @pytest.fixture(scope="module")
 def sd1_file(tmp_path_factory) -> Path:
     return write_tiny_single_file(tmp_path_factory.mktemp("sd1"), ModelFamily.SD1)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tiny_image(size=(8, 8)) -> Image.Image:

@@ -12,7 +12,8 @@ from huabi.core.request import HIRES_UPSCALER_NAMES, GenerationRequest
 from huabi.errors import HuabiError
 from huabi.pipelines.hires import crop_latent, hires_plan, upscale_latent
 from huabi.service.pngio import read_infotext
-from test_cli import generate, pixels, run, sd1_file  # noqa: F401
+from cli_runner import run
+from test_cli import generate, pixels, sd1_file  # noqa: F401
 
 
 def generate_from(capsys, model, image, out):

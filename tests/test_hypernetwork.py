@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext, request_from_infotext
 from huabi.core.request import GenerationRequest
 from huabi.errors import HuabiError
@@ -224,12 +224,6 @@ def test_request_fields_are_checked():
 def pixels(path_or_image) -> np.ndarray:
     image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_engine_tags_strength_zero_and_unknown_name(tiny_sd1_file, tmp_path):

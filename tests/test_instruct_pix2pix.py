@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.guidance import UNetInputs
 from huabi.core.infotext import parse_infotext
 from huabi.core.request import EditOptions
@@ -140,12 +140,6 @@ def test_edit_options_validation():
         EditOptions(init_image="a.png", instruct=True, image_cfg_scale=-1)
     with pytest.raises(HuabiError, match=r"^instruct: cannot be combined with a mask or outpainting"):
         EditOptions(init_image="a.png", instruct=True, mask_image="m.png")
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_instruct_edit_and_from(capsys, ip2p_file, tmp_path):

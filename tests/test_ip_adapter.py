@@ -23,7 +23,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDif
 from PIL import Image
 from safetensors.torch import save_file
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext, request_from_infotext
 from huabi.core.request import GenerationRequest
 from huabi.errors import HuabiError
@@ -265,12 +265,6 @@ def test_bad_adapter_files_are_one_line_errors(tmp_path):
 def pixels(path_or_image) -> np.ndarray:
     image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

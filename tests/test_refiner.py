@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext, request_from_infotext
 from huabi.core.request import GenerationRequest
 from huabi.core.schedules import DiscreteSchedule
@@ -184,12 +184,6 @@ def test_hires_refiner_pass_in_infotext():
     with pytest.raises(HuabiError, match=r"^refiner_hires_pass: must be one of first pass, second pass, both passes, "
                                          r"got 'third pass'$"):
         request_from_infotext(text.replace("both passes", "third pass"))
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_generate_and_edit_with_refiner_round_trip(capsys, tiny_sdxl_file, refiner_file, tmp_path):

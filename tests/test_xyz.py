@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from huabi.cli.main import main
+from cli_runner import run
 from huabi.core.infotext import parse_infotext
 from huabi.core.request import GenerationRequest
 from huabi.core.xyz import MAX_XYZ_CELLS, parse_axis, parse_axis_spec, plan_xyz, split_values
@@ -124,12 +124,6 @@ def test_label_size_follows_the_cell_unless_given():
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def pixels(path: Path) -> np.ndarray:
