@@ -45,6 +45,9 @@ def test_bench_openvino_memory_runs_its_modes(tmp_path):
     result = json.loads(out.read_text())
     assert [r["mode"] for r in result["results"]] == ["diffusers", "torch"]
     assert all(r["process_peak_gib"] > 0 and len(r["jobs"]) == 2 for r in result["results"])
+    # anonymous memory is part of the resident set, sampled at the same moments
+    assert all(0 < job["anon_peak_gib"] <= job["peak_gib"] and 0 < job["anon_after_gib"] <= job["rss_after_gib"]
+               for r in result["results"] for job in r["jobs"])
     assert result["results"][1]["mean_abs_pixel_diff_vs_torch"] == 0
     # seconds per step from the step callbacks of both (diffusers' and huabi's), and their ratio
     assert all(job["s_per_step"] > 0 for r in result["results"] for job in r["jobs"])
