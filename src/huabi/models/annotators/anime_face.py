@@ -29,8 +29,8 @@ from torch import nn
 
 from huabi.errors import HuabiError
 from huabi.models.annotators import Annotator, read_annotator_weights
-from huabi.models.convert import state_dict_mismatch
 from huabi.models.annotators.depth import pad_to_multiple
+from huabi.models.convert import state_dict_mismatch
 
 ANIME_FACE_FILE = "UNet.pth"
 NET_SHORT_SIDE = 512

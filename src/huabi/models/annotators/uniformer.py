@@ -44,8 +44,8 @@ from torch import nn
 
 from huabi.errors import HuabiError
 from huabi.models.annotators import Annotator, read_annotator_weights
-from huabi.models.convert import state_dict_mismatch
 from huabi.models.annotators.depth import pad_to_multiple
+from huabi.models.convert import state_dict_mismatch
 
 UNIFORMER_FILE = "upernet_global_small.pth"
 HEAD_DIM = 64
