@@ -7,7 +7,7 @@
 Converts the full-size SD1.5 UNet (random weights, seeded) exactly as the engine does
 (``huabi.backends.openvino``: same graph wrapper, fp16 IR weights), compiles it with the
 engine's CPU settings plus ``PERF_COUNT``, runs a few CFG-batch steps and sums the plugin's
-per-node times by node type and by kernel. Convolutions and matmuls are also reported as
+per-node times by node type and by kernel. Convolutions, matmuls and attention are reported as
 GFLOP/s (from the graph's shapes), so their share of the CPU's peak can be read off:
 this is how docs/cpu.md knows which part of a step is near the hardware's limit and which
 is not. Run it on every kind of CPU you report speed for; the header prints its flags.
