@@ -208,5 +208,5 @@ def system_report_with_backend(device: torch.device, *, cache_dir=None) -> list[
     """`huabi system`: the processor and the dtype choice (device_choice), then the backend choice."""
     cpu = read_cpu_info()
     choice = auto_dtype(device, cpu=cpu, cache_dir=cache_dir)
-    return [*system_report(device, cache_dir=cache_dir, cpu=cpu, choice=choice),
+    return [*system_report(device, cpu, choice, cache_dir=cache_dir),
             *auto_backend_report(device, choice.dtype, cpu, recommended_threads(cpu), cache_dir=cache_dir)]

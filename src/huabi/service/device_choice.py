@@ -305,11 +305,9 @@ def configure_threads(cpu: CpuInfo | None = None, *, concurrent_jobs: int = 1) -
 # -- report ---------------------------------------------------------------------------
 
 
-def system_report(device: torch.device, *, cache_dir: Path | None = None, cpu: CpuInfo | None = None,
-                  choice: DtypeChoice | None = None) -> list[str]:
-    """Lines for `huabi system`: the processor, what it supports, and what huabi chose (``cpu`` and
-    ``choice``: already read / made by the caller)."""
-    cpu = cpu or read_cpu_info()
+def system_report(device: torch.device, cpu: CpuInfo, choice: DtypeChoice, *, cache_dir: Path | None = None) -> list[str]:
+    """Lines for `huabi system`: the processor (``cpu``), what it supports, and what huabi chose
+    (``choice``, made by the caller for the backend report too)."""
     lines = [
         f"CPU: {cpu.model_name}",
         f"cores: {cpu.physical_cores} physical, {cpu.logical_cpus} logical (available to this process)",
@@ -319,7 +317,6 @@ def system_report(device: torch.device, *, cache_dir: Path | None = None, cpu: C
     ]
     if torch.cuda.is_available():
         lines.append(f"CUDA: {torch.cuda.get_device_name(0)}")
-    choice = choice or auto_dtype(device, cpu=cpu, cache_dir=cache_dir)
     if choice.probe is not None:
         lines.append(f"probe: fp32 {choice.probe.fp32_s * 1000:.1f} ms, bf16 {choice.probe.bf16_s * 1000:.1f} ms "
                      f"({choice.probe.threads} threads; cached in {(cache_dir or default_cache_dir()) / PROBE_CACHE_FILE})")
