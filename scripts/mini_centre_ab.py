@@ -45,12 +45,16 @@ DEFAULT_WORK = Path.home() / ".cache" / "huabi" / "diag" / "centre-ab"
 V2_STATE = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini-v2"
 
 
+def cache_names(v2_state: Path) -> list[str]:
+    """The image file of each cache row (the cache's rows follow the data stage's name list)."""
+    return json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
+
+
 def emoji_items(v2_state: Path) -> list[int]:
-    """Cache rows of the emoji images (the cache's rows follow the data stage's name list), by the
-    same source rule the diagnosis scores with."""
+    """Cache rows of the emoji images, by the same source rule the diagnosis scores with."""
     from mini_diagnose import source_of  # a sibling script: scripts/ is on the path when run
 
-    names = json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
+    names = cache_names(v2_state)
     return [i for i, name in enumerate(names) if source_of(Path(name).name) == "emoji"]
 
 
@@ -64,17 +68,23 @@ def evalset_items(v2_state: Path, diag_work: Path, extra: int = 0) -> list[int]:
 
     real = load_real(diag_work)
     wanted = {real["files"][i] for i in real["eval_items"]}
-    names = json.loads((v2_state / "data" / "pixels-128.json").read_text(encoding="utf-8"))["names"]
+    names = cache_names(v2_state)
     rows = [i for i, name in enumerate(names) if Path(name).name in wanted]
     if len(rows) != len(wanted):
         raise SystemExit(f"evalset: {len(wanted)} evaluation files but {len(rows)} cache rows match")
-    others = [i for i in range(len(names)) if i not in set(rows)]
+    taken = set(rows)
+    others = [i for i in range(len(names)) if i not in taken]
     return sorted(rows + random.Random(20261207).sample(others, extra))
 
 
 def items_cache(cache, rows: list[int]):
     """``cache`` restricted to ``rows`` (the text states stay whole: caption ids index them)."""
     return dataclasses.replace(cache, latents=cache.latents[rows], caption_ids=[cache.caption_ids[i] for i in rows])
+
+
+def run_name(args) -> str:
+    """The run's folder under --work and its exports' name: --name, else the arm."""
+    return args.name or args.arm
 
 
 def arm_setup(args):
@@ -104,7 +114,7 @@ def cmd_train(args) -> None:
     from huabi.train.unet import train_unet
 
     recipe, cache, config, stats = arm_setup(args)
-    out = args.work / (args.name or args.arm)
+    out = args.work / run_name(args)
     out.mkdir(parents=True, exist_ok=True)
     log = TrainLog(out / "train.log")
     final = load_torch_file(args.v2_state / "unet" / "final.pt", what="v2 UNet weights")
@@ -131,7 +141,7 @@ def cmd_export(args) -> None:
     from huabi.train.mini_v2 import MiniV2Recipe, mini_parts
 
     recipe = MiniV2Recipe()
-    out = args.work / (args.name or args.arm)
+    out = args.work / run_name(args)
     if args.snapshot:
         from huabi.train.cache import load_cache
         from huabi.train.common import ema_weights
@@ -147,9 +157,9 @@ def cmd_export(args) -> None:
         stats = (final["channel_mean"], final["channel_std"]) if "channel_mean" in final else None
     base = load_model(args.v2_state / "base" / "huabi-mini-v1.safetensors", compute_hash=False)
     parts = mini_parts(base, recipe, weights, stats)
-    path = out / f"huabi-mini-{args.name or args.arm}-{step}.safetensors"
+    path = out / f"huabi-mini-{run_name(args)}-{step}.safetensors"
     save_single_file(parts, path, dtype=torch.float16, metadata={"huabi.trained_by": f"scripts/mini_centre_ab.py {args.arm}"})
-    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{args.name or args.arm}-{step}-clip.safetensors")
+    atomic_copy(args.v2_state / "base" / "huabi-mini-v1-clip.safetensors", out / f"huabi-mini-{run_name(args)}-{step}-clip.safetensors")
     print(json.dumps({"out": str(path), "step": step, "size_mb": round(path.stat().st_size / 1e6, 2)}))
 
 
