@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Train (or resume) huabi-mini v2 or v3, warm-started from the shipped v1 files; niced, detached-safe,
+# Train (or resume) huabi-mini v2 or v3, warm-started from huabi-mini v1's files; niced, detached-safe,
 # appending to the state dir's log. Safe to re-run at any time: finished stages are skipped, the
 # running one resumes from its last save (every 5 minutes). Usage (one command, also to resume):
 #   setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v2.out 2>&1 < /dev/null &
 #   HUABI_TRAIN_RECIPE=v3 setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v3.out 2>&1 < /dev/null &
+# v3 (the shipped model) continues v2's finished UNet on the emoji world: it needs v2's state dir
+# (--init-unet defaults to its unet/final.pt) and builds its own emoji-only dataset.
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
-# --init-unet FILE to start v3's UNet from given weights). The export goes to the state dir
+# --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir
 # (STATE/huabi-mini-RECIPE.safetensors), never over the repository's shipped model.
 # Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
 # HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE, HUABI_PYTHON.
@@ -13,7 +15,13 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RECIPE="${HUABI_TRAIN_RECIPE:-v2}"
 STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini-$RECIPE}"
-DATA="${HUABI_TRAIN_DATA:-$HOME/.cache/huabi/data/huabi-mini-128}"
+SOURCES="emoji,openclipart"
+EXTRA=()
+if [ "$RECIPE" = v3 ]; then
+    SOURCES="emoji"
+    case " $* " in *" --init-unet "*) ;; *) EXTRA=(--init-unet "$HOME/.cache/huabi/train/huabi-mini-v2/unet/final.pt") ;; esac
+fi
+DATA="${HUABI_TRAIN_DATA:-$HOME/.cache/huabi/data/huabi-mini-$([ "$RECIPE" = v3 ] && echo emoji-)128}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"
 DEVICE="${HUABI_TRAIN_DEVICE:-cpu}"
 PYTHON="${HUABI_PYTHON:-$REPO/.venv/bin/python}"
@@ -31,13 +39,13 @@ echo "$(date '+%F %T') [launcher] pid $$ start ($RECIPE): data $DATA state $STAT
 cd "$REPO"
 if [ ! -f "$DATA/metadata.jsonl" ] && [ ! -d "$STATE/data" ]; then
     echo "$(date '+%F %T') [launcher] building the dataset in $DATA" >> "$STATE/train.log"
-    "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --quiet >> "$STATE/train.log" 2>&1
+    "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --sources "$SOURCES" --quiet >> "$STATE/train.log" 2>&1
 fi
 set +e
 nice -n 19 "$PYTHON" -m huabi.train mini-v2 --recipe "$RECIPE" \
     --data "$DATA" --state "$STATE" --device "$DEVICE" --threads "$THREADS" \
     --out "$STATE/huabi-mini-$RECIPE.safetensors" \
-    --repo-log "$REPO/docs/huabi-mini-$RECIPE-training-log.txt" "$@"
+    --repo-log "$REPO/docs/huabi-mini-$RECIPE-training-log.txt" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 status=$?
 echo "$(date '+%F %T') [launcher] exit status $status" >> "$STATE/train.log"
 exit $status

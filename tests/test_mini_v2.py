@@ -200,14 +200,14 @@ def test_aspect_ratio_on_a_128px_model_gives_that_shape(capsys, tiny_mini_file, 
     assert Image.open(images[0]).size == (160, 112)
 
 
-def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, v1_files, tmp_path):
+def test_centred_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, v1_files, tmp_path):
     from huabi.models.load import load_model
     from huabi.train.cache import load_cache
     from huabi.train.mini_v2 import channel_stats
 
     v1_model, _ = v1_files
     messages: list[str] = []
-    recipe = MiniV2Recipe(**{**tiny_v2_recipe().__dict__, "centre_latents": True})
+    recipe = MiniV2Recipe(**{**tiny_v2_recipe().__dict__, "centre_latents": True, "name": "centred"})
     run = _v2_run(folder, tmp_path, messages)
     run_v2(run, recipe, base_model=v1_model)
     stats = json.loads((tmp_path / "state" / "unet" / "latent_stats.json").read_text())
@@ -227,7 +227,7 @@ def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, 
     for key, value in expected.items():
         torch.testing.assert_close(exported[key], value.half().float(), rtol=0, atol=0)
     with safe_open(str(run.out_path), "pt") as handle:
-        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe v3"
+        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe centred"
 
     # --init-unet: the UNet stage starts from given weights instead of v1
     from huabi.train.common import atomic_torch_save
@@ -244,3 +244,45 @@ def test_v3_recipe_trains_on_centred_latents_and_exports_a_matching_vae(folder, 
     got = _tensors(other.out_path)
     key = "model.diffusion_model.out.2.weight"
     assert key in got and not torch.equal(got[key], start[key])
+
+
+def test_v3_recipe_needs_an_emoji_only_folder_and_continues_the_given_unet(folder, v1_files, tmp_path):
+    """v3 = v2's UNet continued on the emoji world: a folder of other sources, or no --init-unet,
+    is refused before any training; with both it trains from exactly the given weights."""
+    from huabi.train.common import atomic_torch_save
+    from huabi.train.mini_v2 import MINI_V3
+
+    v1_model, _ = v1_files
+    tiny = tiny_v2_recipe(steps=1, lr=1e-12)
+    recipe = MiniV2Recipe(**{**tiny.__dict__, "name": "v3", "sources": MINI_V3.sources, "needs_init_unet": True})
+    assert MINI_V3.sources == ("emoji",) and MINI_V3.needs_init_unet and MINI_V3.unet.steps == 9000
+    with pytest.raises(HuabiError, match="no metadata.jsonl.*--sources emoji"):  # a hand-made folder
+        run_v2(_v2_run(folder, tmp_path / "plain"), recipe, base_model=v1_model)
+
+    def with_metadata(root, sources):
+        root.mkdir()
+        for i, source in enumerate(sources):
+            Image.new("RGB", (48, 48), (200, 40 * i, 30)).save(root / f"{source}-{i}.png")
+            (root / f"{source}-{i}.txt").write_text(f"item {i}\n", encoding="utf-8")
+        lines = [json.dumps({"file": f"{source}-{i}.png", "source": source}) for i, source in enumerate(sources)]
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return root
+
+    mixed = with_metadata(tmp_path / "mixed", ["emoji", "openclipart", "emoji"])
+    with pytest.raises(HuabiError, match="holds sources emoji, openclipart.*emoji only"):
+        run_v2(_v2_run(mixed, tmp_path / "m"), recipe, base_model=v1_model)
+    emoji = with_metadata(tmp_path / "emoji", ["emoji"] * 4)
+    with pytest.raises(HuabiError, match="continues a trained UNet: pass --init-unet"):
+        run_v2(_v2_run(emoji, tmp_path / "e"), recipe, base_model=v1_model)
+    weights = recipe.unet_model.build(seed=9).state_dict()
+    atomic_torch_save({"state_dict": weights}, tmp_path / "init.pt")
+    run = _v2_run(emoji, tmp_path / "e")
+    run_v2(run, recipe, base_model=v1_model, init_unet=tmp_path / "init.pt")
+    from huabi.models.load import load_model
+
+    exported = load_model(run.out_path, compute_hash=False).unet.state_dict()
+    for key, value in weights.items():  # lr 1e-12: the continued UNet is the given one (fp16 file)
+        torch.testing.assert_close(exported[key], value.half().float(), rtol=0, atol=1e-3)
+    with safe_open(str(run.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe v3"
+        assert "UNet continued from --init-unet" in handle.metadata()["huabi.recipe"]

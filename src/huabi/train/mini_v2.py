@@ -21,17 +21,22 @@ same curve)::
     unet    the v2 UNet from the warm start: eps, caption dropout, Min-SNR, EMA, bf16 autocast
     export  huabi-mini.safetensors (v1 VAE + text encoder, v2 UNet) and the unchanged CLIP pair
 
-v3 (``MINI_V3``, ``--recipe v3``) is the same pipeline with the latents *centred*: v1's
-latents scaled by its one factor have variance 1 overall but per-channel means of
--1.11/-0.47/-1.74/+0.81 (mostly the white background), so what differs between items has
-only 0.112 of the variance the noise schedule assumes and sits below the noise for every
-timestep past ~96 of 1000 (docs/training.md, "v2 diagnosis"). v3 trains on
-``(z - mean_c) / std_c`` per channel (statistics of the cached latents, saved with the
-UNet state) and exports v1's VAE with that shift and scale folded into its 1x1
-``quant_conv`` / ``post_quant_conv`` (:func:`centred_vae`: exact, same file layout,
-scaling factor 1), so the file loads like any huabi-mini. Its UNet starts from v1 as v2's
-does, or from ``--init-unet`` (a UNet state of the v2 layout already trained on centred
-latents); its LR decays (cosine) over a long run meant to be resumed in ~2 h sittings.
+v3 (``MINI_V3``, ``--recipe v3``, the shipped model) narrows the world instead: v2's UNet
+(``--init-unet``, its ``unet/final.pt``) continued on the 3,655 emoji alone, a folder built by
+``huabi data build --sources emoji`` (the same bytes as the emoji of the full set). Measured
+(docs/training.md, "Memorisation vs number of items"): at ~50 exposures per item this UNet's
+recall falls ~33 points per 10x items, so 9,219 items are beyond its capacity while the emoji
+world is not. Nothing else changes: v1's VAE and text encoder, the v2 layout, same loss.
+
+``centre_latents`` (``--recipe centred``) trains on per-channel centred latents: v1's latents
+scaled by its one factor have variance 1 overall but per-channel means of
+-1.11/-0.47/-1.74/+0.81 (mostly the white background), so what differs between items has only
+0.112 of the variance the noise schedule assumes (docs/training.md, "v2 diagnosis"). The UNet
+trains on ``(z - mean_c) / std_c`` (statistics of the cached latents, saved with the UNet
+state) and the export folds that shift and scale into v1's 1x1 ``quant_conv`` /
+``post_quant_conv`` (:func:`centred_vae`: exact, same file layout, scaling factor 1). Measured
+flat against plain latents in an A/B (docs/training.md, "Centred latents, measured"), so no
+shipped recipe uses it.
 """
 
 from __future__ import annotations
@@ -77,8 +82,13 @@ class MiniV2Recipe:
         ema_decay=0.999, seed=20261206,
     )
     cache_batch_size: int = 64
-    # v3: train on per-channel centred latents; the export folds the shift/scale into the VAE
+    name: str = "v2"  # what ``--recipe`` calls it; written into the export's metadata
+    # train on per-channel centred latents; the export folds the shift/scale into the VAE
     centre_latents: bool = False
+    # the data sources the folder must hold exactly (metadata.jsonl of ``huabi data build``); () = any
+    sources: tuple[str, ...] = ()
+    # the UNet stage continues given weights (``--init-unet``) instead of warm-starting from v1
+    needs_init_unet: bool = False
     model_sha256: str = V1_MODEL_SHA256  # "" skips the check (tests warm-start from tiny models)
     clip_sha256: str = V1_CLIP_SHA256
 
@@ -91,15 +101,24 @@ class MiniV2Recipe:
         return dataclasses.replace(self, **changes)
 
 
-# v3: centred latents, a long cosine run (~2 h sittings of ~8,000 steps on 2 free Zen 4 cores).
+# v3, the shipped model: v2's UNet continued on the emoji world (~78 exposures per emoji in
+# 9,000 steps of 32); the short EMA window (~200 steps) suits a fine-tune that adapts fast.
 MINI_V3 = MiniV2Recipe(
+    name="v3",
+    sources=("emoji",),
+    needs_init_unet=True,
+    unet=dataclasses.replace(MiniV2Recipe().unet, steps=9000, ema_decay=0.995, seed=20261207),
+)
+# centred latents, a long cosine run (~2 h sittings of ~8,000 steps on 2 free Zen 4 cores)
+MINI_CENTRED = MiniV2Recipe(
+    name="centred",
     centre_latents=True,
     unet=UNetTrainConfig(
         steps=30000, batch_size=32, lr=1.5e-4, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1,
         precision="bf16", ema_decay=0.999, seed=20261208,
     ),
 )
-RECIPES = {"v2": MiniV2Recipe(), "v3": MINI_V3}
+RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_CENTRED)}
 
 
 def channel_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +220,23 @@ def stage_base(run: RecipeRun, recipe: MiniV2Recipe, base_model: Path, base_clip
     _mark_done(run, "base", {"model": str(base_model), "clip": str(base_clip), "model_sha256": _sha256(model_dst)})
 
 
+def check_sources(data_dir: Path, sources: Sequence[str]) -> None:
+    """Refuse a folder whose items (``metadata.jsonl`` of ``huabi data build``) are not exactly ``sources``."""
+    wanted = " --sources " + ",".join(sources)
+    path = Path(data_dir) / "metadata.jsonl"
+    if not path.is_file():
+        raise HuabiError(f"{data_dir} has no metadata.jsonl; this recipe trains on a folder built by huabi data build{wanted}")
+    found = {json.loads(line).get("source") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    if found != set(sources):
+        raise HuabiError(
+            f"{data_dir} holds sources {', '.join(sorted(map(str, found))) or 'none'}, this recipe trains on "
+            f"{', '.join(sources)} only: build that folder with huabi data build{wanted} --out DIR"
+        )
+
+
 def stage_cache(run: RecipeRun, recipe: MiniV2Recipe) -> None:
+    if recipe.sources:
+        check_sources(run.data_dir, recipe.sources)
     images = training_images(run, recipe)
     token_ids = caption_token_ids(run, images, default_tokenizer())
     started = time.time()
@@ -254,6 +289,8 @@ def stage_unet(run: RecipeRun, recipe: MiniV2Recipe, init_unet: Path | None = No
         mean, std = latent_stats(run, cache)
         cache = centred_cache(cache, mean, std)
         run.log(f"[unet] centred latents: per-channel mean {[round(float(x), 4) for x in mean]}, std {[round(float(x), 4) for x in std]}")
+    if init_unet is None and recipe.needs_init_unet:
+        raise HuabiError(f"recipe {recipe.name} continues a trained UNet: pass --init-unet FILE (for v3, v2's unet/final.pt)")
     if init_unet is not None:
         unet = recipe.unet_model.build(seed=recipe.unet.seed)
         unet.load_state_dict(load_torch_file(Path(init_unet), what="--init-unet UNet weights")["state_dict"])
@@ -309,8 +346,8 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     weights, step = _unet_weights(run, recipe, snapshot=snapshot)
     parts = mini_parts(load_base(run), recipe, weights, latent_stats(run, None) if recipe.centre_latents else None)
     metadata = {
-        "huabi.recipe": json.dumps({"v2": config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})"}, default=str),
-        "huabi.trained_by": "huabi.train mini-v2" + (" --recipe v3" if recipe.centre_latents else ""),
+        "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if recipe.needs_init_unet else "")}, default=str),
+        "huabi.trained_by": "huabi.train mini-v2" + (f" --recipe {recipe.name}" if recipe.name != "v2" else ""),
         "huabi.unet_step": step,
         "modelspec.architecture": "huabi-mini",
         "modelspec.resolution": f"{recipe.size_px}x{recipe.size_px}",
@@ -365,7 +402,7 @@ def run_v2(
         if is_done(run.state_dir, stage) and not (stage == "export" and force_export):
             run.log(f"[{stage}] already done, skipping")
             continue
-        run.log(f"[{stage}] starting on {run.device} (v2)")
+        run.log(f"[{stage}] starting on {run.device} (recipe {recipe.name})")
         if stage == "base":
             stage_base(run, recipe, base_model, base_clip)
         elif stage == "cache":
