@@ -1,0 +1,52 @@
+"""VAE colour fidelity per hue band: exact on identical pixels, names a VAE that greys a hue."""
+
+from __future__ import annotations
+
+import colorsys
+
+import pytest
+import torch
+
+from huabi.train.vae import colour_fidelity, format_colour_fidelity, rgb_to_hsv
+
+
+def _image(rgb: tuple[int, int, int], size: int = 16) -> torch.Tensor:
+    """One [1, 3, size, size] image of a flat colour, in [-1, 1]."""
+    return (torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1).expand(1, 3, size, size).clone()
+
+
+def test_rgb_to_hsv_matches_colorsys():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
+    hue, sat, val = rgb_to_hsv(pixels)
+    for y in range(8):
+        for x in range(8):
+            r, g, b = ((pixels[0, :, y, x] + 1) / 2).tolist()
+            h, s, v = colorsys.rgb_to_hsv(r, g, b)
+            assert hue[0, y, x].item() == pytest.approx(h * 360, abs=1e-3)
+            assert sat[0, y, x].item() == pytest.approx(s, abs=1e-5)
+            assert val[0, y, x].item() == pytest.approx(v, abs=1e-6)
+
+
+def test_identical_pixels_keep_every_hue():
+    original = torch.cat([_image((220, 30, 30)), _image((40, 180, 60)), _image((30, 60, 220)), _image((250, 250, 250))])
+    report = colour_fidelity(original, original.clone())
+    assert set(report) == {"red", "green", "blue"}  # white is not a coloured pixel
+    for row in report.values():
+        assert row["hue_kept"] == 1.0 and row["saturation_kept"] == pytest.approx(1.0)
+        assert row["pixels"] == 256
+
+
+def test_a_vae_that_greys_green_is_named():
+    original = torch.cat([_image((40, 180, 60)), _image((220, 30, 30))])
+    greyed = torch.cat([_image((110, 105, 100)), _image((225, 80, 20))])  # green -> grey-brown, red -> orange-red
+    report = colour_fidelity(original, greyed)
+    assert report["green"]["hue_kept"] == 0.0 and report["green"]["saturation_kept"] < 0.15
+    assert report["red"]["hue_kept"] == 1.0  # a 19-degree drift is within 30
+    assert format_colour_fidelity(report).startswith("red 1.00/")
+
+
+def test_bands_with_too_few_pixels_are_left_out():
+    original = _image((40, 180, 60), size=4)  # 16 pixels
+    assert colour_fidelity(original, original, min_pixels=100) == {}
+    assert set(colour_fidelity(original, original, min_pixels=16)) == {"green"}
