@@ -50,3 +50,30 @@ def test_bands_with_too_few_pixels_are_left_out():
     original = _image((40, 180, 60), size=4)  # 16 pixels
     assert colour_fidelity(original, original, min_pixels=100) == {}
     assert set(colour_fidelity(original, original, min_pixels=16)) == {"green"}
+
+
+def test_the_script_reports_each_hue_of_a_folder_on_the_builtin_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vae_colour.py"
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rgb in (("red", (220, 30, 30)), ("green", (40, 180, 60)), ("blue", (30, 60, 220)), ("white", (255, 255, 255))):
+        Image.new("RGB", (128, 128), rgb).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text(f"a {name} square\n", encoding="utf-8")
+    out = tmp_path / "colour.json"
+    done = subprocess.run([sys.executable, str(script), "--data", str(data), "--count", "4", "--json", str(out), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 4 and report["size_px"] == 128 and 0 < report["psnr_db"] < 100
+    assert set(report["hues"]) == {"red", "green", "blue"}
+    assert all(row["pixels"] == 128 * 128 for row in report["hues"].values())
+    assert "| green | 16,384 |" in done.stdout
+    bad = subprocess.run([sys.executable, str(script), "--data", str(data), "--count", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --count must be >= 1, got 0"
