@@ -286,3 +286,33 @@ def test_v3_recipe_needs_an_emoji_only_folder_and_continues_the_given_unet(folde
     with safe_open(str(run.out_path), "pt") as handle:
         assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe v3"
         assert "UNet continued from --init-unet" in handle.metadata()["huabi.recipe"]
+
+
+def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files, tmp_path):
+    """--init-vae: the cache encodes with the given VAE at its own latent scale, and the exported
+    file carries that VAE and scale; a VAE whose latents the UNet cannot take is refused."""
+    from huabi.models.load import load_model
+    from huabi.train.cache import load_cache, latent_scaling_factor
+    from huabi.train.common import atomic_torch_save, config_dict
+    from huabi.train.vae import VAEModelConfig
+
+    v1_model, _ = v1_files
+    recipe = tiny_v2_recipe(steps=1)
+    v1 = load_model(v1_model, compute_hash=False)
+    config = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1)
+    other = config.build(seed=11)
+    atomic_torch_save({"model_config": config_dict(config), "state_dict": other.state_dict()}, tmp_path / "vae.pt")
+    run = _v2_run(folder, tmp_path / "run")
+    run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")
+    cache = load_cache(tmp_path / "run" / "state" / "cache")
+    assert cache.scaling_factor == pytest.approx(latent_scaling_factor(cache.latents))
+    assert cache.scaling_factor != pytest.approx(float(v1.vae.config.scaling_factor))
+    exported = load_model(run.out_path, compute_hash=False).vae
+    assert float(exported.config.scaling_factor) == pytest.approx(cache.scaling_factor, rel=1e-3)
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value.half().float(), rtol=0, atol=0)
+
+    wide = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1, latent_channels=8)
+    atomic_torch_save({"model_config": config_dict(wide), "state_dict": wide.build().state_dict()}, tmp_path / "wide.pt")
+    with pytest.raises(HuabiError, match="latents have 8 channels, the UNet layout takes 4"):
+        run_v2(_v2_run(folder, tmp_path / "wide"), recipe, base_model=v1_model, init_vae=tmp_path / "wide.pt")

@@ -60,6 +60,9 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
                          "centred: centred latents, long cosine run (docs/training.md)")
     v2.add_argument("--init-unet", type=Path, default=None, metavar="STATE",
                     help="start the UNet stage from these weights (a torch file with 'state_dict' of the v2 layout) instead of v1")
+    v2.add_argument("--init-vae", type=Path, default=None, metavar="FILE",
+                    help="encode and export with this VAE instead of v1's (a VAE stage's final.pt, e.g. from "
+                         "`huabi.train mini --stage vae`); taken by the cache stage, latent scale re-estimated")
     return parser
 
 
@@ -177,7 +180,7 @@ def _main_v2(args) -> int:
         return 0
     stages = V2_STAGES if args.stage == "all" else (args.stage,)
     try:
-        run_v2(run, recipe, stages, base_model=args.base_model, force_export=args.force_export, init_unet=args.init_unet)
+        run_v2(run, recipe, stages, base_model=args.base_model, force_export=args.force_export, init_unet=args.init_unet, init_vae=args.init_vae)
     except TrainingStopped as exc:
         run.log(f"[recipe] {exc}")
         return 143

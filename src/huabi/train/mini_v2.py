@@ -234,20 +234,55 @@ def check_sources(data_dir: Path, sources: Sequence[str]) -> None:
         )
 
 
-def stage_cache(run: RecipeRun, recipe: MiniV2Recipe) -> None:
+def _init_vae_path(run: RecipeRun) -> Path:
+    return run.state_dir / "cache" / "init-vae.pt"
+
+
+def _checked_init_vae(path: Path, recipe: MiniV2Recipe):
+    from huabi.train.vae import vae_from_record
+
+    vae = vae_from_record(load_torch_file(Path(path), what="--init-vae VAE weights"))
+    channels, expected = int(vae.config.latent_channels), int(recipe.unet_model.latent_channels)
+    if channels != expected:
+        raise HuabiError(f"--init-vae {path}: its latents have {channels} channels, the UNet layout takes {expected}")
+    return vae
+
+
+def run_vae(run: RecipeRun, base):
+    """The VAE this run encodes and exports with: the ``--init-vae`` copy its cache stage took (with
+    the cache's scaling factor), else ``base``'s (v1's)."""
+    path = _init_vae_path(run)
+    if not path.exists():
+        return base.vae
+    from huabi.train.vae import vae_from_record
+
+    vae = vae_from_record(load_torch_file(path, what="the cache stage's VAE"))
+    done = json.loads((run.state_dir / "cache" / "done.json").read_text(encoding="utf-8"))
+    vae.register_to_config(scaling_factor=float(done["scaling_factor"]))
+    return vae
+
+
+def stage_cache(run: RecipeRun, recipe: MiniV2Recipe, init_vae: Path | None = None) -> None:
     if recipe.sources:
         check_sources(run.data_dir, recipe.sources)
+    vae = _checked_init_vae(init_vae, recipe) if init_vae is not None else None
     images = training_images(run, recipe)
     token_ids = caption_token_ids(run, images, default_tokenizer())
     started = time.time()
     base = load_base(run)
-    # the warm-started UNet learned latents scaled by v1's factor: keep it, do not re-estimate
-    scaling = float(base.vae.config.scaling_factor)
+    if vae is None:
+        # the warm-started UNet learned latents scaled by v1's factor: keep it, do not re-estimate
+        vae, scaling = base.vae, float(base.vae.config.scaling_factor)
+    else:
+        # a new latent space: its own scale (1 / std of its latents), and a copy kept for the export
+        scaling = None
+        atomic_copy(Path(init_vae), _init_vae_path(run))
     cache = build_cache(
-        base.vae.to(run.device), base.text_encoders[0].to(run.device), images, token_ids, run.state_dir / "cache",
+        vae.to(run.device), base.text_encoders[0].to(run.device), images, token_ids, run.state_dir / "cache",
         batch_size=recipe.cache_batch_size, device=run.device, log=run.log, scaling_factor=scaling,
     )
-    _mark_done(run, "cache", {"scaling_factor": cache.scaling_factor, "latents": len(cache), "captions": int(cache.text.shape[0]), "wall_s": round(time.time() - started)})
+    _mark_done(run, "cache", {"scaling_factor": cache.scaling_factor, "latents": len(cache), "captions": int(cache.text.shape[0]),
+                              "vae": str(init_vae) if init_vae is not None else "v1", "wall_s": round(time.time() - started)})
 
 
 def warm_start_unet(model_config: UNetModelConfig, base_unet: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
@@ -320,9 +355,10 @@ def _unet_weights(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool) -> tu
     return weights, f"{int(state['step'])}/{int(state['config']['steps'])}"
 
 
-def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """The ``ModelParts`` of a huabi-mini file: ``base``'s (v1's) VAE and text encoder with a UNet
-    of ``recipe``'s layout holding ``unet_weights``; ``stats`` (per-channel mean, std) centre the VAE."""
+def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torch.Tensor, torch.Tensor] | None = None, *, vae=None):
+    """The ``ModelParts`` of a huabi-mini file: ``base``'s (v1's) text encoder, ``vae`` (default
+    ``base``'s) and a UNet of ``recipe``'s layout holding ``unet_weights``; ``stats`` (per-channel
+    mean, std) centre the VAE."""
     from huabi.models.family import ModelFamily
     from huabi.models.save import ModelParts
 
@@ -331,7 +367,7 @@ def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torc
     return ModelParts(
         family=ModelFamily.HUABI_MINI,
         unet=unet.eval(),
-        vae=centred_vae(base.vae, *stats) if stats is not None else base.vae,
+        vae=centred_vae(vae or base.vae, *stats) if stats is not None else (vae or base.vae),
         text_encoders=list(base.text_encoders),
         prediction=base.prediction,
         native_size_px=recipe.size_px,
@@ -344,7 +380,8 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     from huabi.models.save import save_single_file
 
     weights, step = _unet_weights(run, recipe, snapshot=snapshot)
-    parts = mini_parts(load_base(run), recipe, weights, latent_stats(run, None) if recipe.centre_latents else None)
+    base = load_base(run)
+    parts = mini_parts(base, recipe, weights, latent_stats(run, None) if recipe.centre_latents else None, vae=run_vae(run, base))
     metadata = {
         "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if recipe.needs_init_unet else "")}, default=str),
         "huabi.trained_by": "huabi.train mini-v2" + (f" --recipe {recipe.name}" if recipe.name != "v2" else ""),
@@ -386,8 +423,11 @@ def run_v2(
     base_clip: Path | None = None,
     force_export: bool = False,
     init_unet: Path | None = None,
+    init_vae: Path | None = None,
 ) -> None:
-    """Run ``stages`` in order, skipping finished ones. ``base_*`` default to the repo's shipped files."""
+    """Run ``stages`` in order, skipping finished ones. ``base_*`` default to the repo's shipped files;
+    ``init_vae`` (a VAE training record, e.g. a ``huabi.train mini --stage vae`` run's ``vae/final.pt``)
+    replaces v1's VAE from the cache stage on."""
     from huabi.train.recipe import clip_out_path_for, default_out_path
 
     for stage in stages:
@@ -406,7 +446,7 @@ def run_v2(
         if stage == "base":
             stage_base(run, recipe, base_model, base_clip)
         elif stage == "cache":
-            stage_cache(run, recipe)
+            stage_cache(run, recipe, init_vae=init_vae)
         elif stage == "unet":
             stage_unet(run, recipe, init_unet=init_unet)
         else:

@@ -33,7 +33,7 @@ from huabi.train.clip import CLIPModelConfig, CLIPTrainConfig, train_clip
 from huabi.train.common import TrainLog, atomic_torch_save, atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import TrainingImages, default_tokenizer, load_training_images, tokenize_captions
 from huabi.train.unet import UNetModelConfig, UNetTrainConfig, scaled_linear_alphas_cumprod, train_unet
-from huabi.train.vae import VAEModelConfig, VAETrainConfig, train_vae
+from huabi.train.vae import VAEModelConfig, VAETrainConfig, train_vae, vae_from_record
 
 STAGES = ("vae", "clip", "cache", "unet", "export")
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini"
@@ -196,10 +196,7 @@ def stage_clip(run: RecipeRun, recipe: MiniRecipe, tokenizer=None) -> None:
 
 
 def _load_vae(run: RecipeRun, recipe: MiniRecipe):
-    final = _load_final(run, "vae")
-    vae = VAEModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in final["model_config"].items()}).build()
-    vae.load_state_dict(final["state_dict"])
-    return vae.eval()
+    return vae_from_record(_load_final(run, "vae"))
 
 
 def _load_clip(run: RecipeRun, recipe: MiniRecipe):

@@ -123,6 +123,14 @@ HUE_BANDS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def vae_from_record(record: dict):
+    """The ``AutoencoderKL`` of a training record ``{"model_config": ..., "state_dict": ...}`` (eval mode)."""
+    config = VAEModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["model_config"].items()})
+    vae = config.build()
+    vae.load_state_dict(record["state_dict"])
+    return vae.eval()
+
+
 def rgb_to_hsv(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hue in degrees [0, 360), saturation and value in [0, 1] of pixels [N, 3, H, W] in [-1, 1]."""
     rgb = ((pixels.float() + 1) / 2).clamp(0, 1)
