@@ -311,6 +311,10 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     assert float(exported.config.scaling_factor) == pytest.approx(cache.scaling_factor, rel=1e-3)
     for key, value in other.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value.half().float(), rtol=0, atol=0)
+    run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")  # resuming with the same VAE is fine
+    run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, stages=("base", "cache"))
+    with pytest.raises(HuabiError, match="was encoded with VAE v1, not --init-vae"):
+        run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")
 
     wide = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1, latent_channels=8)
     atomic_torch_save({"model_config": config_dict(wide), "state_dict": wide.build().state_dict()}, tmp_path / "wide.pt")

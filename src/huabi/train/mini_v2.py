@@ -436,6 +436,10 @@ def run_v2(
     base_model = Path(base_model) if base_model is not None else default_out_path()
     base_clip = Path(base_clip) if base_clip is not None else clip_out_path_for(base_model)
     _reopen_extended_unet(run, recipe)
+    if init_vae is not None and is_done(run.state_dir, "cache"):
+        used = json.loads((run.state_dir / "cache" / "done.json").read_text(encoding="utf-8")).get("vae", "v1")
+        if used != str(init_vae):
+            raise HuabiError(f"the cache in {run.state_dir} was encoded with VAE {used}, not --init-vae {init_vae}; use a new --state")
     for stage in V2_STAGES:
         if stage not in stages:
             continue
