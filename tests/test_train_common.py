@@ -137,6 +137,10 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path):
     load_loop_state(path, _parts(0)[0], {"lr": 1e-2, "save_every_s": 10})
     with pytest.raises(HuabiError, match=r"was made with lr=0.01, now lr=0.02; use a fresh state dir or the same settings$"):
         load_loop_state(path, _parts(0)[0], {"lr": 2e-2, "save_every_s": 300})
+    # a setting added after the state was saved resumes when it is off, not when it is on
+    load_loop_state(path, _parts(0)[0], {"lr": 1e-2, "save_every_s": 300, "chroma_weight": 0.0})
+    with pytest.raises(HuabiError, match=r"was made with chroma_weight=None, now chroma_weight=1.0;"):
+        load_loop_state(path, _parts(0)[0], {"lr": 1e-2, "save_every_s": 300, "chroma_weight": 1.0})
 
 
 def test_corrupt_or_foreign_state_files_are_named(tmp_path):

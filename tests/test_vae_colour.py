@@ -77,3 +77,21 @@ def test_the_script_reports_each_hue_of_a_folder_on_the_builtin_model(tmp_path):
     assert "| green | 16,384 |" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--data", str(data), "--count", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --count must be >= 1, got 0"
+
+
+def test_the_chroma_term_is_zero_for_greys_and_counts_a_lost_green():
+
+    from huabi.train.vae import VAEModelConfig, VAETrainConfig, opponent_chroma, vae_loss
+
+    grey = _image((120, 120, 120))
+    assert torch.count_nonzero(opponent_chroma(grey)) == 0
+    green, greyed = _image((40, 180, 60)), _image((110, 105, 100))
+    assert float((opponent_chroma(greyed) - opponent_chroma(green)).abs().mean()) > 0.3
+    with pytest.raises(Exception, match="chroma_weight"):
+        VAETrainConfig(steps=1, batch_size=1, lr=1e-4, chroma_weight=-1.0).validate()
+    vae = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1).build(seed=0)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain, plain_metrics = vae_loss(vae, pixels, VAETrainConfig(steps=1, batch_size=1, lr=1e-4), torch.Generator().manual_seed(1))
+    weighted, metrics = vae_loss(vae, pixels, VAETrainConfig(steps=1, batch_size=1, lr=1e-4, chroma_weight=2.0), torch.Generator().manual_seed(1))
+    assert "chroma" not in plain_metrics and metrics["chroma"] > 0
+    assert float(weighted.detach()) == pytest.approx(float(plain.detach()) + 2.0 * metrics["chroma"], rel=1e-5)

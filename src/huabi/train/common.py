@@ -309,6 +309,8 @@ def load_loop_state(path: Path, parts: LoopParts, config: Mapping[str, Any]) -> 
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT_VERSION:
         raise HuabiError(f"training state {path} is not a huabi state file (format {STATE_FORMAT_VERSION})")
     saved = state["config"]
+    # a setting newer than the state file is unchanged when it is off (new options default to off)
+    saved = {**{k: v for k, v in config.items() if k not in saved and not v}, **saved}
     changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k) and k not in _RESUMABLE_CHANGES)
     if changed:
         first = changed[0]

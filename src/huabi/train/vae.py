@@ -64,13 +64,16 @@ class VAETrainConfig(LoopConfig):
     kl_weight: float = 1e-6
     mse_weight: float = 1.0
     l1_weight: float = 1.0
+    # L1 on the opponent-colour differences (red-green, yellow-blue) on top of the RGB terms: RGB
+    # losses let a short run settle for grey greens (huabi-mini v1's VAE: 8% of green hues kept)
+    chroma_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         check_positive("crop_px", self.crop_px, allow_zero=True)
         if self.crop_px % 8:
             raise HuabiError(f"crop_px must be a multiple of 8, got {self.crop_px}")
-        for name in ("kl_weight", "mse_weight", "l1_weight"):
+        for name in ("kl_weight", "mse_weight", "l1_weight", "chroma_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
 
 
@@ -102,7 +105,18 @@ def vae_loss(vae, pixels: torch.Tensor, config: VAETrainConfig, generator: torch
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     loss = config.l1_weight * l1 + config.mse_weight * mse + config.kl_weight * kl
-    return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()), "kl": float(kl.detach())}
+    metrics = {"loss": float(loss.detach()), "l1": float(l1.detach()), "kl": float(kl.detach())}
+    if config.chroma_weight:
+        chroma = (opponent_chroma(reconstruction) - opponent_chroma(pixels)).abs().mean()
+        loss = loss + config.chroma_weight * chroma
+        metrics.update(loss=float(loss.detach()), chroma=float(chroma.detach()))
+    return loss, metrics
+
+
+def opponent_chroma(pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 2, H, W]: red minus green, and yellow ((R + G) / 2) minus blue, of RGB pixels [N, 3, H, W]."""
+    r, g, b = pixels.float().unbind(1)
+    return torch.stack([r - g, (r + g) / 2 - b], dim=1)
 
 
 def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
