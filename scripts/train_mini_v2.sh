@@ -4,7 +4,7 @@
 # running one resumes from its last save (every 5 minutes). Usage (one command, also to resume):
 #   setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v2.out 2>&1 < /dev/null &
 #   HUABI_TRAIN_RECIPE=v3 setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v3.out 2>&1 < /dev/null &
-# v3 (the shipped model) continues v2's finished UNet on the emoji world: it needs v2's state dir
+# v3 continues v2's finished UNet on the emoji world: it needs v2's state dir
 # (--init-unet defaults to its unet/final.pt) and builds its own emoji-only dataset.
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
 # --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir

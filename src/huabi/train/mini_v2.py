@@ -21,7 +21,7 @@ same curve)::
     unet    the v2 UNet from the warm start: eps, caption dropout, Min-SNR, EMA, bf16 autocast
     export  huabi-mini.safetensors (v1 VAE + text encoder, v2 UNet) and the unchanged CLIP pair
 
-v3 (``MINI_V3``, ``--recipe v3``, the shipped model) narrows the world instead: v2's UNet
+v3 (``MINI_V3``, ``--recipe v3``; measured, not shipped: docs/training.md) narrows the world instead: v2's UNet
 (``--init-unet``, its ``unet/final.pt``) continued on the 3,655 emoji alone, a folder built by
 ``huabi data build --sources emoji`` (the same bytes as the emoji of the full set). Measured
 (docs/training.md, "Memorisation vs number of items"): at ~50 exposures per item this UNet's
@@ -101,7 +101,7 @@ class MiniV2Recipe:
         return dataclasses.replace(self, **changes)
 
 
-# v3, the shipped model: v2's UNet continued on the emoji world (~78 exposures per emoji in
+# v3: v2's UNet continued on the emoji world (~78 exposures per emoji in
 # 9,000 steps of 32); the short EMA window (~200 steps) suits a fine-tune that adapts fast.
 MINI_V3 = MiniV2Recipe(
     name="v3",
@@ -367,7 +367,7 @@ def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torc
     return ModelParts(
         family=ModelFamily.HUABI_MINI,
         unet=unet.eval(),
-        vae=centred_vae(vae or base.vae, *stats) if stats is not None else (vae or base.vae),
+        vae=centred_vae(vae if vae is not None else base.vae, *stats) if stats is not None else (vae if vae is not None else base.vae),
         text_encoders=list(base.text_encoders),
         prediction=base.prediction,
         native_size_px=recipe.size_px,
