@@ -125,11 +125,6 @@ def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
 
 
-def reconstruction_psnr(vae, pixels: torch.Tensor, *, precision: str = "fp32") -> float:
-    """PSNR (dB, pixels in [0, 1]) of mean-latent reconstructions at full size."""
-    return psnr(pixels, reconstruct(vae, pixels, precision=precision))
-
-
 # Hue bands in degrees (start, end; red wraps around 0) for ``colour_fidelity``.
 HUE_BANDS: tuple[tuple[str, float, float], ...] = (
     ("red", 345, 15), ("orange", 15, 45), ("yellow", 45, 70), ("green", 70, 165),
@@ -159,7 +154,7 @@ def colour_fidelity(original: torch.Tensor, reconstruction: torch.Tensor, *, min
     """Per hue band of the original's clearly coloured pixels (saturation > 0.5, value > 0.3): the
     share whose reconstructed hue is within 30 degrees (``hue_kept``) and the mean saturation
     ratio (``saturation_kept``). PSNR hides a VAE that turns every green grey (huabi-mini v1's:
-    green 8% hue kept, saturation 0.45, at 19 dB overall); this names it. Bands with fewer than
+    green 8% hue kept, half its saturation, at 19 dB overall); this names it. Bands with fewer than
     ``min_pixels`` such pixels are left out."""
     hue0, sat0, val0 = rgb_to_hsv(original)
     hue1, sat1, _ = rgb_to_hsv(reconstruction)
