@@ -1,11 +1,12 @@
 """How faithfully a model's VAE keeps colours, per hue band, on a captioned folder.
 
-    .venv/bin/python scripts/vae_colour.py [--model FILE] [--data DIR] [--count 512] [--json OUT]
+    .venv/bin/python scripts/vae_colour.py [--model FILE | --vae FILE] [--data DIR] [--count 512] [--json OUT]
 
 Every k-th image of the folder (``--count`` in all) is encoded and decoded (latent means, fp32)
 at the model's native size; printed: PSNR and, per hue band of the originals' clearly coloured
 pixels, the share whose hue survives within 30 degrees and the saturation kept
-(``huabi.train.vae.colour_fidelity``). Without ``--model``: the built-in huabi-mini.
+(``huabi.train.vae.colour_fidelity``). Without ``--model``: the built-in huabi-mini. ``--vae`` takes a
+VAE in training instead: a VAE stage's ``final.pt`` or its running ``state.pt`` (``--size``, default 128).
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def training_vae(path: Path):
+    """The VAE of a VAE stage's ``final.pt`` or of its running ``state.pt`` (its last save)."""
+    from huabi.errors import HuabiError
+    from huabi.train.common import load_torch_file
+    from huabi.train.vae import vae_from_record
+
+    record = load_torch_file(path, what="VAE file")
+    if isinstance(record, dict) and "modules" in record and "vae" in record["modules"]:
+        record = {"model_config": record["config"]["model"], "state_dict": record["modules"]["vae"]}
+    if not isinstance(record, dict) or "model_config" not in record or "state_dict" not in record:
+        raise HuabiError(f"{path} is neither a VAE stage's final.pt nor its state.pt")
+    return vae_from_record(record)
 
 
 def main() -> int:
@@ -29,6 +44,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the built-in huabi-mini")
+    parser.add_argument("--vae", type=Path, default=None, help="a VAE stage's final.pt or state.pt instead of a model")
+    parser.add_argument("--size", type=int, default=128, help="with --vae: the image size")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--count", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
@@ -39,17 +56,22 @@ def main() -> int:
     try:
         if args.count < 1:
             raise HuabiError(f"--count must be >= 1, got {args.count}")
-        model = load_model(args.model or builtin_model_path(), compute_hash=False)
+        if args.vae is not None and args.model is not None:
+            raise HuabiError("give --model or --vae, not both")
+        if args.vae is not None:
+            vae, size = training_vae(args.vae), args.size
+        else:
+            model = load_model(args.model or builtin_model_path(), compute_hash=False)
+            vae, size = model.vae.float(), int(model.native_size_px)
         folder = CaptionedFolder(args.data)
         step = max(1, len(folder.items) // args.count)
         picked = list(range(0, len(folder.items), step))[: args.count]
-        size = int(model.native_size_px)
         pixels = to_pixels([folder.load_image(i, size) for i in picked], size)
-        reconstruction = reconstruct(model.vae.float(), pixels)
+        reconstruction = reconstruct(vae, pixels)
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = {"model": str(args.model or "huabi-mini (built-in)"), "data": str(args.data), "images": len(picked),
+    report = {"model": str(args.vae or args.model or "huabi-mini (built-in)"), "data": str(args.data), "images": len(picked),
               "size_px": size, "psnr_db": round(psnr(pixels, reconstruction), 2), "hues": colour_fidelity(pixels, reconstruction)}
     print(f"{report['images']} images at {size} px, PSNR {report['psnr_db']} dB")
     print("| hue | coloured pixels | hue within 30 deg | saturation kept |\n|---|---:|---:|---:|")

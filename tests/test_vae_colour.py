@@ -95,3 +95,40 @@ def test_the_chroma_term_is_zero_for_greys_and_counts_a_lost_green():
     weighted, metrics = vae_loss(vae, pixels, VAETrainConfig(steps=1, batch_size=1, lr=1e-4, chroma_weight=2.0), torch.Generator().manual_seed(1))
     assert "chroma" not in plain_metrics and metrics["chroma"] > 0
     assert float(weighted.detach()) == pytest.approx(float(plain.detach()) + 2.0 * metrics["chroma"], rel=1e-5)
+
+
+def test_the_script_reads_a_vae_in_training(tmp_path):
+    """--vae: a VAE stage's final.pt and its running state.pt give the same report for the same weights."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from huabi.train.common import atomic_torch_save, config_dict
+    from huabi.train.vae import VAEModelConfig
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vae_colour.py"
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rgb in (("red", (220, 30, 30)), ("green", (40, 180, 60))):
+        Image.new("RGB", (32, 32), rgb).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text(f"a {name} square\n", encoding="utf-8")
+    config = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1)
+    weights = config.build(seed=3).state_dict()
+    atomic_torch_save({"model_config": config_dict(config), "state_dict": weights}, tmp_path / "final.pt")
+    atomic_torch_save({"format": 1, "config": {"model": config_dict(config)}, "modules": {"vae": weights}}, tmp_path / "state.pt")
+    reports = []
+    for name in ("final.pt", "state.pt"):
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(script), "--vae", str(tmp_path / name), "--size", "32", "--data", str(data),
+                               "--count", "2", "--json", str(out), "--threads", "1"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["size_px"] == 32 and set(reports[0]["hues"]) == {"red", "green"}
+    assert reports[0]["hues"] == reports[1]["hues"] and reports[0]["psnr_db"] == reports[1]["psnr_db"]
+    atomic_torch_save({"something": 1}, tmp_path / "other.pt")
+    bad = subprocess.run([sys.executable, str(script), "--vae", str(tmp_path / "other.pt"), "--data", str(data)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is neither a VAE stage's final.pt nor its state.pt" in bad.stderr
