@@ -6,8 +6,8 @@
 Runs ``huabi.train.recipe``'s VAE stage (v1's model and loss, from scratch) with ``--steps`` and the
 chroma term of ``VAETrainConfig``; resumable (state every 5 minutes and on SIGTERM; re-run the same
 command), and its log gives PSNR and per-hue fidelity at every save. The finished ``DIR/vae/final.pt``
-is what ``python -m huabi.train mini-v2 --init-vae`` takes. ``scripts/vae_colour.py`` measures it on
-more images once exported.
+is what ``python -m huabi.train mini-v2 --init-vae`` takes. ``scripts/vae_colour.py --vae`` measures
+it (or the running ``DIR/vae/state.pt``) on more images.
 """
 
 from __future__ import annotations

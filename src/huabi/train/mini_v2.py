@@ -56,7 +56,7 @@ from huabi.models.files import atomic_copy
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.common import atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import default_tokenizer
-from huabi.train.recipe import RecipeRun, caption_token_ids, is_done, refresh_repo_log, training_images
+from huabi.train.recipe import RecipeRun, caption_token_ids, done_summary, is_done, refresh_repo_log, training_images
 from huabi.train.unet import UNetModelConfig, UNetTrainConfig, train_unet
 
 V2_STAGES = ("base", "cache", "unet", "export")
@@ -257,8 +257,7 @@ def run_vae(run: RecipeRun, base):
     from huabi.train.vae import vae_from_record
 
     vae = vae_from_record(load_torch_file(path, what="the cache stage's VAE"))
-    done = json.loads((run.state_dir / "cache" / "done.json").read_text(encoding="utf-8"))
-    vae.register_to_config(scaling_factor=float(done["scaling_factor"]))
+    vae.register_to_config(scaling_factor=float(done_summary(run.state_dir, "cache")["scaling_factor"]))
     return vae
 
 
@@ -364,10 +363,11 @@ def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torc
 
     unet = recipe.unet_model.build()
     unet.load_state_dict(unet_weights)
+    vae = vae if vae is not None else base.vae
     return ModelParts(
         family=ModelFamily.HUABI_MINI,
         unet=unet.eval(),
-        vae=centred_vae(vae if vae is not None else base.vae, *stats) if stats is not None else (vae if vae is not None else base.vae),
+        vae=centred_vae(vae, *stats) if stats is not None else vae,
         text_encoders=list(base.text_encoders),
         prediction=base.prediction,
         native_size_px=recipe.size_px,
@@ -404,7 +404,7 @@ def _reopen_extended_unet(run: RecipeRun, recipe: MiniV2Recipe) -> None:
     done_path = run.state_dir / "unet" / "done.json"
     if not done_path.exists():
         return
-    finished_at = int(json.loads(done_path.read_text(encoding="utf-8")).get("steps", recipe.unet.steps))
+    finished_at = int(done_summary(run.state_dir, "unet").get("steps", recipe.unet.steps))
     if finished_at >= recipe.unet.steps:
         return
     if not (run.state_dir / "unet" / "state.pt").exists():
@@ -437,7 +437,7 @@ def run_v2(
     base_clip = Path(base_clip) if base_clip is not None else clip_out_path_for(base_model)
     _reopen_extended_unet(run, recipe)
     if init_vae is not None and is_done(run.state_dir, "cache"):
-        used = json.loads((run.state_dir / "cache" / "done.json").read_text(encoding="utf-8")).get("vae", "v1")
+        used = done_summary(run.state_dir, "cache").get("vae", "v1")
         if used != str(init_vae):
             raise HuabiError(f"the cache in {run.state_dir} was encoded with VAE {used}, not --init-vae {init_vae}; use a new --state")
     for stage in V2_STAGES:

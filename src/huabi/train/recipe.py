@@ -126,6 +126,11 @@ def is_done(state_dir: Path, stage: str) -> bool:
     return (Path(state_dir) / stage / "done.json").exists()
 
 
+def done_summary(state_dir: Path, stage: str) -> dict:
+    """What a finished stage recorded in its ``done.json``."""
+    return json.loads((Path(state_dir) / stage / "done.json").read_text(encoding="utf-8"))
+
+
 def _mark_done(run: RecipeRun, stage: str, summary: dict) -> None:
     atomic_write_text(run.state_dir / stage / "done.json", json.dumps(summary, indent=1))
     run.log(f"[{stage}] done: {json.dumps(summary)}")
@@ -331,7 +336,7 @@ def _reopen_extended_stages(run: RecipeRun, recipe: MiniRecipe) -> None:
         done_path = run.state_dir / stage / "done.json"
         if not done_path.exists():
             continue
-        finished_at = int(json.loads(done_path.read_text(encoding="utf-8")).get("steps", steps))
+        finished_at = int(done_summary(run.state_dir, stage).get("steps", steps))
         if finished_at >= steps:
             continue
         if stage != "unet" and is_done(run.state_dir, "cache"):
