@@ -312,6 +312,7 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     for key, value in other.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value.half().float(), rtol=0, atol=0)
     run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")  # resuming with the same VAE is fine
+    run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "run" / ".." / "vae.pt")  # the same file, spelled otherwise
     run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, stages=("base", "cache"))
     with pytest.raises(HuabiError, match="was encoded with VAE v1, not --init-vae"):
         run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")

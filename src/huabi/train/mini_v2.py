@@ -281,7 +281,7 @@ def stage_cache(run: RecipeRun, recipe: MiniV2Recipe, init_vae: Path | None = No
         batch_size=recipe.cache_batch_size, device=run.device, log=run.log, scaling_factor=scaling,
     )
     _mark_done(run, "cache", {"scaling_factor": cache.scaling_factor, "latents": len(cache), "captions": int(cache.text.shape[0]),
-                              "vae": str(init_vae) if init_vae is not None else "v1", "wall_s": round(time.time() - started)})
+                              "vae": str(Path(init_vae).resolve()) if init_vae is not None else "v1", "wall_s": round(time.time() - started)})
 
 
 def warm_start_unet(model_config: UNetModelConfig, base_unet: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
@@ -438,7 +438,7 @@ def run_v2(
     _reopen_extended_unet(run, recipe)
     if init_vae is not None and is_done(run.state_dir, "cache"):
         used = done_summary(run.state_dir, "cache").get("vae", "v1")
-        if used != str(init_vae):
+        if used != str(Path(init_vae).resolve()):
             raise HuabiError(f"the cache in {run.state_dir} was encoded with VAE {used}, not --init-vae {init_vae}; use a new --state")
     for stage in V2_STAGES:
         if stage not in stages:
