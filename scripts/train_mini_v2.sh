@@ -16,12 +16,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RECIPE="${HUABI_TRAIN_RECIPE:-v2}"
 STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini-$RECIPE}"
 SOURCES="emoji,openclipart"
+DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-128"
 EXTRA=()
 if [ "$RECIPE" = v3 ]; then
     SOURCES="emoji"
+    DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
     case " $* " in *" --init-unet "*) ;; *) EXTRA=(--init-unet "$HOME/.cache/huabi/train/huabi-mini-v2/unet/final.pt") ;; esac
 fi
-DATA="${HUABI_TRAIN_DATA:-$HOME/.cache/huabi/data/huabi-mini-$([ "$RECIPE" = v3 ] && echo emoji-)128}"
+DATA="${HUABI_TRAIN_DATA:-$DEFAULT_DATA}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"
 DEVICE="${HUABI_TRAIN_DEVICE:-cpu}"
 PYTHON="${HUABI_PYTHON:-$REPO/.venv/bin/python}"

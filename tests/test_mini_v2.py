@@ -321,3 +321,35 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     atomic_torch_save({"model_config": config_dict(wide), "state_dict": wide.build().state_dict()}, tmp_path / "wide.pt")
     with pytest.raises(HuabiError, match="latents have 8 channels, the UNet layout takes 4"):
         run_v2(_v2_run(folder, tmp_path / "wide"), recipe, base_model=v1_model, init_vae=tmp_path / "wide.pt")
+
+
+@pytest.mark.parametrize("recipe, data, sources, init_unet", [
+    ("v2", "huabi-mini-128", "emoji,openclipart", None),
+    ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt"),
+])
+def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet):
+    """scripts/train_mini_v2.sh with a stand-in python that records its calls: the dataset each
+    recipe needs is built, and v3 starts from v2's UNet unless told otherwise."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_mini_v2.sh"
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n', encoding="utf-8")
+    fake.chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "HUABI_PYTHON": str(fake), "HUABI_TRAIN_RECIPE": recipe}
+    env.pop("HUABI_TRAIN_DATA", None)
+    env.pop("HUABI_TRAIN_STATE", None)
+    done = subprocess.run(["bash", str(script), "--steps", "unet=5"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    build, train = calls.read_text(encoding="utf-8").splitlines()
+    data_dir = tmp_path / ".cache" / "huabi" / "data" / data
+    assert build.startswith(f"-m huabi.data.build --out {data_dir} --size 128 --sources {sources} ")
+    assert train.startswith(f"-m huabi.train mini-v2 --recipe {recipe} --data {data_dir} ")
+    assert train.endswith("--steps unet=5")
+    if init_unet:
+        assert f"--init-unet {tmp_path / '.cache' / 'huabi' / 'train' / init_unet} --steps unet=5" in train
+    else:
+        assert "--init-unet" not in train
