@@ -132,3 +132,6 @@ def test_the_script_reads_a_vae_in_training(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--vae", str(tmp_path / "other.pt"), "--data", str(data)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is neither a VAE stage's final.pt nor its state.pt" in bad.stderr
+    both = subprocess.run([sys.executable, str(script), "--vae", str(tmp_path / "final.pt"), "--model", "x.safetensors", "--data", str(data)],
+                          capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and both.stderr.strip() == "error: give --model or --vae, not both"
