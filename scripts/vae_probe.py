@@ -1,7 +1,7 @@
 """Train huabi-mini's VAE alone, with changes to its recipe, to see what brings colours back.
 
     PYTHONPATH=src .venv/bin/python scripts/vae_probe.py --state DIR [--steps 3000] [--chroma-weight W]
-        [--data DIR] [--threads 1]
+        [--norm-groups G] [--data DIR] [--threads 1]
 
 Runs ``huabi.train.recipe``'s VAE stage (v1's model and loss, from scratch) with ``--steps`` and the
 chroma term of ``VAETrainConfig``; resumable (state every 5 minutes and on SIGTERM; re-run the same
@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--chroma-weight", type=float, default=0.0)
+    parser.add_argument("--norm-groups", type=int, default=None,
+                        help="GroupNorm groups of the autoencoder (v1: 32, i.e. one channel per group at its 32-wide level)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -37,7 +39,10 @@ def main() -> int:
     run = RecipeRun(data_dir=args.data, state_dir=args.state, out_path=args.state / "unused.safetensors",
                     clip_out_path=args.state / "unused-clip.safetensors", should_stop=lambda: stop["requested"])
     try:
-        recipe = MiniRecipe().with_overrides(vae={"steps": args.steps, "chroma_weight": args.chroma_weight})
+        overrides = {"vae": {"steps": args.steps, "chroma_weight": args.chroma_weight}}
+        if args.norm_groups is not None:
+            overrides["vae_model"] = {"norm_num_groups": args.norm_groups}
+        recipe = MiniRecipe().with_overrides(**overrides)
         recipe.vae.validate()
         if is_done(args.state, "vae"):
             print(f"{args.state / 'vae' / 'final.pt'} is finished")

@@ -272,6 +272,37 @@ def test_save_parts_with_dtype_and_extras(tmp_path):
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.ckpt").exists()
 
 
+def test_vae_group_count_travels_with_a_huabi_mini_file(tmp_path):
+    """Group counts are not visible in shapes: a huabi-mini VAE with 8 groups is marked, and loads as 8."""
+    from diffusers import AutoencoderKL
+
+    from tiny_models import randomize_, tiny_vae_config
+
+    parts = build_tiny_parts(ModelFamily.HUABI_MINI)
+    vae = randomize_(AutoencoderKL(**{**tiny_vae_config(ModelFamily.HUABI_MINI), "norm_num_groups": 8}), torch.Generator().manual_seed(3)).eval()
+    model = ModelParts(ModelFamily.HUABI_MINI, parts.unet, vae, parts.text_encoders, native_size_px=128)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    out = save_single_file(model, tmp_path / "mini.safetensors")
+    written, _ = read_state_dict(out)
+    assert written["huabi.vae_norm_num_groups"].dtype == torch.int64 and written["huabi.vae_norm_num_groups"].item() == 8
+    for again in (load_model(out, compute_hash=False), load_model(save_diffusers_folder(model, tmp_path / "folder"), compute_hash=False)):
+        assert again.vae.config.norm_num_groups == 8
+        with torch.no_grad():
+            got = again.vae.decode(again.vae.encode(pixels).latent_dist.mean).sample
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    # without the marker the same weights build SD's 32 groups and decode otherwise (the marker is needed)
+    unmarked = tmp_path / "unmarked.safetensors"
+    save_file({k: v for k, v in written.items() if k != "huabi.vae_norm_num_groups"}, str(unmarked))
+    plain = load_model(unmarked, compute_hash=False)
+    assert plain.vae.config.norm_num_groups == 32
+    with torch.no_grad():
+        assert (plain.vae.decode(plain.vae.encode(pixels).latent_dist.mean).sample - expected).abs().max() > 1e-2
+    # SD's 32 groups add no marker: files of earlier models stay byte-for-byte as they were
+    assert "huabi.vae_norm_num_groups" not in read_state_dict(save_single_file(load_model(unmarked, compute_hash=False), tmp_path / "again.safetensors"))[0]
+
+
 def test_save_diffusers_folder_round_trip(tiny_model_factory, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -22,6 +22,7 @@ from huabi.errors import HuabiError
 from huabi.models.detect import (
     MARKER_HEAD_DIM,
     MARKER_NATIVE_SIZE,
+    MARKER_VAE_NORM_GROUPS,
     MARKER_VAE_SCALING,
     REFINER_BIGG_PREFIX,
     SDXL_BIGG_PREFIX,
@@ -113,6 +114,15 @@ def native_size_px(family: ModelFamily, prediction: Prediction, state_dict: Mapp
         return 1024
     marked = marker_value(state_dict or {}, MARKER_NATIVE_SIZE)
     return int(marked) if marked is not None else HUABI_MINI_DEFAULT_NATIVE_SIZE_PX
+
+
+def vae_norm_num_groups(family: ModelFamily, state_dict: Mapping[str, torch.Tensor] | None = None) -> int:
+    """GroupNorm groups of the checkpoint's VAE: SD's 32, or what a huabi-mini file marks."""
+    if family is ModelFamily.HUABI_MINI:
+        marked = marker_value(state_dict or {}, MARKER_VAE_NORM_GROUPS)
+        if marked is not None:
+            return int(marked)
+    return NORM_NUM_GROUPS
 
 
 def vae_scaling_factor(family: ModelFamily, state_dict: Mapping[str, torch.Tensor] | None = None) -> float:
@@ -286,6 +296,7 @@ def vae_config_from_vae(
     *,
     scaling_factor: float = SD_VAE_SCALING_FACTOR,
     sample_size: int = 512,
+    norm_num_groups: int = NORM_NUM_GROUPS,
 ) -> dict[str, Any]:
     """An ``AutoencoderKL`` config for an original-layout VAE (keys ``encoder.*``/``decoder.*``, no prefix)."""
     keys = list(vae_sd)
@@ -303,7 +314,7 @@ def vae_config_from_vae(
         "block_out_channels": channels,
         "layers_per_block": per_level,
         "latent_channels": int(quant.shape[0]) // 2,
-        "norm_num_groups": NORM_NUM_GROUPS,
+        "norm_num_groups": norm_num_groups,
         "sample_size": sample_size,
         "scaling_factor": scaling_factor,
     }

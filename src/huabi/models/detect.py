@@ -16,6 +16,7 @@ tensors named ``huabi.*`` for what its shapes cannot say:
                                           UNet (heads per level = channels // this);
                                           default: 8 heads per level as SD1
 ``huabi.native_size_px``       int64 []   optional; training resolution (default 256)
+``huabi.vae_norm_num_groups``  int64 []   optional; GroupNorm groups of the VAE (default 32 as SD)
 =============================  =========  ==========================================
 
 In a diffusers folder the same values live in ``huabi.json`` (name -> number).
@@ -39,6 +40,7 @@ MARKER_VERSION = "huabi.version"
 MARKER_VAE_SCALING = "huabi.vae_scaling_factor"
 MARKER_HEAD_DIM = "huabi.attention_head_dim"
 MARKER_NATIVE_SIZE = "huabi.native_size_px"
+MARKER_VAE_NORM_GROUPS = "huabi.vae_norm_num_groups"
 
 # Text-encoder prefixes of the original layouts (structure, not size).
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."

@@ -23,6 +23,7 @@ from huabi.models.configs import (
     pooled_text_dim,
     unet_config_from_unet,
     vae_config_from_vae,
+    vae_norm_num_groups,
     vae_scaling_factor,
 )
 from huabi.models.convert import check_against_module, is_diffusers_vae, unet_to_diffusers, vae_to_diffusers
@@ -220,6 +221,7 @@ def load_model(
         vae_sd,
         scaling_factor=vae_scaling_factor(family, state_dict),
         sample_size=native_size_px(family, provisional_prediction, state_dict),
+        norm_num_groups=vae_norm_num_groups(family, state_dict),
     )
     vae_weights = vae_to_diffusers(vae_sd)
     del vae_sd  # the converted dict holds the file's tensors now; the build frees each as it casts it

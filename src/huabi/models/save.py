@@ -16,8 +16,17 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
+from huabi.models.configs import NORM_NUM_GROUPS
 from huabi.models.convert import unet_to_original, vae_to_original
-from huabi.models.detect import MARKER_HEAD_DIM, MARKER_NATIVE_SIZE, MARKER_VAE_SCALING, MARKER_VERSION, UNET_PREFIX, VAE_PREFIX
+from huabi.models.detect import (
+    MARKER_HEAD_DIM,
+    MARKER_NATIVE_SIZE,
+    MARKER_VAE_NORM_GROUPS,
+    MARKER_VAE_SCALING,
+    MARKER_VERSION,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 from huabi.models.files import atomic_folder
 from huabi.core.family import ModelFamily, Prediction, UNetVariant
 from huabi.models.formats import HUABI_FOLDER_MARKERS_FILE, write_safetensors_atomic
@@ -64,6 +73,9 @@ def huabi_marker_tensors(
         markers[MARKER_HEAD_DIM] = torch.tensor(widths.pop(), dtype=torch.int64)
     if native_size_px is not None:
         markers[MARKER_NATIVE_SIZE] = torch.tensor(int(native_size_px), dtype=torch.int64)
+    groups = int(vae_config.get("norm_num_groups", NORM_NUM_GROUPS))
+    if groups != NORM_NUM_GROUPS:  # shapes cannot say it; files with SD's 32 stay as they were
+        markers[MARKER_VAE_NORM_GROUPS] = torch.tensor(groups, dtype=torch.int64)
     return markers
 
 
