@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Train (or resume) huabi-mini v2 or v3, warm-started from huabi-mini v1's files; niced, detached-safe,
+# Train (or resume) huabi-mini v2, v3 or v4, warm-started from huabi-mini v1's files; niced, detached-safe,
 # appending to the state dir's log. Safe to re-run at any time: finished stages are skipped, the
 # running one resumes from its last save (every 5 minutes). Usage (one command, also to resume):
 #   setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v2.out 2>&1 < /dev/null &
 #   HUABI_TRAIN_RECIPE=v3 setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v3.out 2>&1 < /dev/null &
 # v3 continues v2's finished UNet on the emoji world: it needs v2's state dir
 # (--init-unet defaults to its unet/final.pt) and builds its own emoji-only dataset.
+# v4 continues v3's UNet (--init-unet default: v3's unet/final.pt) on the latents of a new VAE
+# (--init-vae default: the 8-group VAE of `scripts/vae_probe.py --norm-groups 8 --state
+# ~/.cache/huabi/train/vae-probe-g8`, its vae/final.pt), on the same emoji-only dataset.
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
 # --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir
 # (STATE/huabi-mini-RECIPE.safetensors), never over the repository's shipped model.
-# Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
+# Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3 | v4), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
 # HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE, HUABI_PYTHON.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +21,16 @@ STATE="${HUABI_TRAIN_STATE:-$HOME/.cache/huabi/train/huabi-mini-$RECIPE}"
 SOURCES="emoji,openclipart"
 DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-128"
 EXTRA=()
-if [ "$RECIPE" = v3 ]; then
+TRAIN="$HOME/.cache/huabi/train"
+if [ "$RECIPE" = v3 ] || [ "$RECIPE" = v4 ]; then
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
-    case " $* " in *" --init-unet "*) ;; *) EXTRA=(--init-unet "$HOME/.cache/huabi/train/huabi-mini-v2/unet/final.pt") ;; esac
+    FROM="huabi-mini-v2"
+    if [ "$RECIPE" = v4 ]; then FROM="huabi-mini-v3"; fi
+    case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/$FROM/unet/final.pt") ;; esac
+fi
+if [ "$RECIPE" = v4 ]; then
+    case " $* " in *" --init-vae "*) ;; *) EXTRA+=(--init-vae "$TRAIN/vae-probe-g8/vae/final.pt") ;; esac
 fi
 DATA="${HUABI_TRAIN_DATA:-$DEFAULT_DATA}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"

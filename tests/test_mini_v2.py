@@ -323,13 +323,28 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
         run_v2(_v2_run(folder, tmp_path / "wide"), recipe, base_model=v1_model, init_vae=tmp_path / "wide.pt")
 
 
-@pytest.mark.parametrize("recipe, data, sources, init_unet", [
-    ("v2", "huabi-mini-128", "emoji,openclipart", None),
-    ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt"),
+def test_v4_recipe_needs_a_new_vae(folder, v1_files, tmp_path):
+    """v4 = v3 on a new VAE's latents: without --init-vae it stops before encoding anything."""
+    from huabi.train.mini_v2 import MINI_V3, MINI_V4, RECIPES
+
+    assert RECIPES["v4"] is MINI_V4 and MINI_V4.needs_init_vae and not MINI_V3.needs_init_vae
+    assert (MINI_V4.sources, MINI_V4.needs_init_unet, MINI_V4.unet.steps) == (MINI_V3.sources, True, MINI_V3.unet.steps)
+    v1_model, _ = v1_files
+    recipe = MiniV2Recipe(**{**tiny_v2_recipe(steps=1).__dict__, "name": "v4", "needs_init_vae": True})
+    run = _v2_run(folder, tmp_path / "run")
+    with pytest.raises(HuabiError, match=r"^recipe v4 encodes with a new VAE: pass --init-vae FILE \(a VAE stage's final.pt\)$"):
+        run_v2(run, recipe, base_model=v1_model)
+    assert not (run.state_dir / "cache" / "done.json").exists()
+
+
+@pytest.mark.parametrize("recipe, data, sources, init_unet, init_vae", [
+    ("v2", "huabi-mini-128", "emoji,openclipart", None, None),
+    ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt", None),
+    ("v4", "huabi-mini-emoji-128", "emoji", "huabi-mini-v3/unet/final.pt", "vae-probe-g8/vae/final.pt"),
 ])
-def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet):
+def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet, init_vae):
     """scripts/train_mini_v2.sh with a stand-in python that records its calls: the dataset each
-    recipe needs is built, and v3 starts from v2's UNet unless told otherwise."""
+    recipe needs is built, v3 starts from v2's UNet and v4 from v3's with the 8-group VAE unless told otherwise."""
     import os
     import subprocess
     from pathlib import Path
@@ -349,7 +364,8 @@ def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, 
     assert build.startswith(f"-m huabi.data.build --out {data_dir} --size 128 --sources {sources} ")
     assert train.startswith(f"-m huabi.train mini-v2 --recipe {recipe} --data {data_dir} ")
     assert train.endswith("--steps unet=5")
-    if init_unet:
-        assert f"--init-unet {tmp_path / '.cache' / 'huabi' / 'train' / init_unet} --steps unet=5" in train
-    else:
-        assert "--init-unet" not in train
+    train_dir = tmp_path / ".cache" / "huabi" / "train"
+    given = f"--init-unet {train_dir / init_unet} " if init_unet else ""
+    given += f"--init-vae {train_dir / init_vae} " if init_vae else ""
+    assert train.endswith(f"{given}--steps unet=5")
+    assert ("--init-unet" in train) == bool(init_unet) and ("--init-vae" in train) == bool(init_vae)

@@ -55,8 +55,8 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
     v2.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
     v2.add_argument("--snapshot", action="store_true", help="only export the model with the UNet stage's last saved state (EMA) to --out")
     v2.add_argument("--steps", action="append", default=[], metavar="unet=N", help="the UNet stage's step count (extends a finished stage)")
-    v2.add_argument("--recipe", choices=("v2", "v3", "centred"), default="v2",
-                    help="v3: v2's UNet (--init-unet) continued on the emoji world; "
+    v2.add_argument("--recipe", choices=("v2", "v3", "v4", "centred"), default="v2",
+                    help="v3: v2's UNet (--init-unet) continued on the emoji world; v4: v3 on a new VAE's latents (--init-vae); "
                          "centred: centred latents, long cosine run (docs/training.md)")
     v2.add_argument("--init-unet", type=Path, default=None, metavar="STATE",
                     help="start the UNet stage from these weights (a torch file with 'state_dict' of the v2 layout) instead of v1")

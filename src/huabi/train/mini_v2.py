@@ -28,6 +28,12 @@ v3 (``MINI_V3``, ``--recipe v3``; measured, not shipped: docs/training.md) narro
 recall falls ~33 points per 10x items, so 9,219 items are beyond its capacity while the emoji
 world is not. Nothing else changes: v1's VAE and text encoder, the v2 layout, same loss.
 
+v4 (``MINI_V4``, ``--recipe v4``) is v3's world and UNet (``--init-unet``: v3's ``unet/final.pt``) on the
+latents of a new VAE (``--init-vae``, required): v1's VAE has one channel per GroupNorm group at its
+32-wide level, an instance norm that drops what a flat region's colour is, and it keeps 8% of green
+hues and 1% of purple; the same VAE with 8 groups (``scripts/vae_probe.py --norm-groups 8``) is the one
+v4 encodes with (docs/training.md, "Why green never renders green").
+
 ``centre_latents`` (``--recipe centred``) trains on per-channel centred latents: v1's latents
 scaled by its one factor have variance 1 overall but per-channel means of
 -1.11/-0.47/-1.74/+0.81 (mostly the white background), so what differs between items has only
@@ -89,6 +95,8 @@ class MiniV2Recipe:
     sources: tuple[str, ...] = ()
     # the UNet stage continues given weights (``--init-unet``) instead of warm-starting from v1
     needs_init_unet: bool = False
+    # the cache stage encodes with a given VAE (``--init-vae``) instead of v1's
+    needs_init_vae: bool = False
     model_sha256: str = V1_MODEL_SHA256  # "" skips the check (tests warm-start from tiny models)
     clip_sha256: str = V1_CLIP_SHA256
 
@@ -118,7 +126,13 @@ MINI_CENTRED = MiniV2Recipe(
         precision="bf16", ema_decay=0.999, seed=20261208,
     ),
 )
-RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_CENTRED)}
+# v4: v3's world and UNet (--init-unet: v3's unet/final.pt) on the latents of a new VAE
+# (--init-vae) whose GroupNorms see 4 channels per group at its 32-wide level: v1's VAE (one
+# channel per group there, an instance norm) loses green and purple (docs/training.md).
+MINI_V4 = dataclasses.replace(
+    MINI_V3, name="v4", needs_init_vae=True, unet=dataclasses.replace(MINI_V3.unet, seed=20261209),
+)
+RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_V4, MINI_CENTRED)}
 
 
 def channel_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +278,8 @@ def run_vae(run: RecipeRun, base):
 def stage_cache(run: RecipeRun, recipe: MiniV2Recipe, init_vae: Path | None = None) -> None:
     if recipe.sources:
         check_sources(run.data_dir, recipe.sources)
+    if init_vae is None and recipe.needs_init_vae:
+        raise HuabiError(f"recipe {recipe.name} encodes with a new VAE: pass --init-vae FILE (a VAE stage's final.pt)")
     vae = _checked_init_vae(init_vae, recipe) if init_vae is not None else None
     images = training_images(run, recipe)
     token_ids = caption_token_ids(run, images, default_tokenizer())
@@ -383,7 +399,7 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     base = load_base(run)
     parts = mini_parts(base, recipe, weights, latent_stats(run, None) if recipe.centre_latents else None, vae=run_vae(run, base))
     metadata = {
-        "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if recipe.needs_init_unet else "")}, default=str),
+        "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if recipe.needs_init_unet else "") + ("; VAE from --init-vae" if _init_vae_path(run).exists() else "")}, default=str),
         "huabi.trained_by": "huabi.train mini-v2" + (f" --recipe {recipe.name}" if recipe.name != "v2" else ""),
         "huabi.unet_step": step,
         "modelspec.architecture": "huabi-mini",
