@@ -1,7 +1,7 @@
 """Train huabi-mini's VAE alone, with changes to its recipe, to see what brings colours back.
 
     PYTHONPATH=src .venv/bin/python scripts/vae_probe.py --state DIR [--steps 3000] [--chroma-weight W]
-        [--norm-groups G] [--data DIR] [--threads 1]
+        [--norm-groups G] [--latent-channels C] [--data DIR] [--threads 1]
 
 Runs ``huabi.train.recipe``'s VAE stage (v1's model and loss, from scratch) with ``--steps`` and the
 chroma term of ``VAETrainConfig``; resumable (state every 5 minutes and on SIGTERM; re-run the same
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--chroma-weight", type=float, default=0.0)
+    parser.add_argument("--latent-channels", type=int, default=None, help="latent channels (v1: 4)")
     parser.add_argument("--norm-groups", type=int, default=None,
                         help="GroupNorm groups of the autoencoder (v1: 32, i.e. one channel per group at its 32-wide level)")
     parser.add_argument("--threads", type=int, default=1)
@@ -40,8 +41,9 @@ def main() -> int:
                     clip_out_path=args.state / "unused-clip.safetensors", should_stop=lambda: stop["requested"])
     try:
         overrides = {"vae": {"steps": args.steps, "chroma_weight": args.chroma_weight}}
-        if args.norm_groups is not None:
-            overrides["vae_model"] = {"norm_num_groups": args.norm_groups}
+        model = {"norm_num_groups": args.norm_groups, "latent_channels": args.latent_channels}
+        if any(value is not None for value in model.values()):
+            overrides["vae_model"] = {name: value for name, value in model.items() if value is not None}
         recipe = MiniRecipe().with_overrides(**overrides)
         recipe.vae.validate()
         if is_done(args.state, "vae"):

@@ -204,7 +204,7 @@ def train_vae(
     log: Callable[[str], None] = lambda message: None,
     on_step: HookFn | None = None,
     should_stop: Callable[[], bool] | None = None,
-    validation_count: int = 16,
+    validation_count: int = 64,
 ):
     """Train an ``AutoencoderKL`` (a new one from ``model_config``, or ``vae`` to fine-tune).
 
@@ -219,7 +219,8 @@ def train_vae(
     parts = LoopParts(modules={"vae": vae}, optimizer=optimizer, scheduler=scheduler)
     order = DataOrder(len(images), config.batch_size, config.seed)
     record = {**config_dict(config), "model": config_dict(model_config), "data_count": len(images)}
-    validation = images.batch_pixels(torch.arange(min(validation_count, len(images))))
+    # spread over the whole set: the first few images (one source, few greens) misjudged colours
+    validation = images.batch_pixels(torch.linspace(0, len(images) - 1, min(validation_count, len(images))).long())
 
     def step_fn(step: int) -> dict[str, float]:
         pixels = vae_batch(images, order, config, step).to(device)
