@@ -1,12 +1,14 @@
 """How faithfully a model's VAE keeps colours, per hue band, on a captioned folder.
 
     .venv/bin/python scripts/vae_colour.py [--model FILE | --vae FILE] [--data DIR] [--count 512] [--json OUT]
+        [--picture OUT.jpg --items "red apple;green heart;..."]
 
 Every k-th image of the folder (``--count`` in all) is encoded and decoded (latent means, fp32)
 at the model's native size; printed: PSNR and, per hue band of the originals' clearly coloured
 pixels, the share whose hue survives within 30 degrees and the saturation kept
 (``huabi.train.vae.colour_fidelity``). Without ``--model``: the built-in huabi-mini. ``--vae`` takes a
 VAE in training instead: a VAE stage's ``final.pt`` or its running ``state.pt`` (``--size``, default 128).
+``--picture`` also writes the named items (first caption line, exact) above their reconstructions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,32 @@ def training_vae(path: Path):
     return vae_from_record(record)
 
 
+def write_picture(path: Path, folder, names: list[str], vae, size: int) -> None:
+    """The items called ``names`` (in order) in a row above their reconstructions by ``vae``."""
+    from PIL import Image
+
+    from huabi.errors import HuabiError
+    from huabi.eval.faithfulness import to_pixels
+    from huabi.models.files import atomic_path
+    from huabi.train.vae import reconstruct
+
+    by_name = {}
+    for index, item in enumerate(folder.items):
+        by_name.setdefault(item.captions[0] if item.captions else "", index)
+    missing = [name for name in names if name not in by_name]
+    if missing or not names:
+        raise HuabiError(f"--items: no item called {', '.join(map(repr, missing)) or 'anything'} in {folder.root}")
+    pixels = to_pixels([folder.load_image(by_name[name], size) for name in names], size)
+    rows = (pixels, reconstruct(vae, pixels))
+    sheet = Image.new("RGB", (size * len(names), size * 2), "white")
+    for row, batch in enumerate(rows):
+        for column, image in enumerate(batch):
+            array = ((image.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            sheet.paste(Image.fromarray(array), (column * size, row * size))
+    with atomic_path(path) as temporary:
+        sheet.save(temporary, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=92)
+
+
 def main() -> int:
     from huabi.data.folder import CaptionedFolder
     from huabi.errors import HuabiError
@@ -50,6 +78,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--picture", type=Path, default=None, help="write originals above reconstructions of --items here")
+    parser.add_argument("--items", default="red apple;green heart;purple heart;evergreen tree;cat;pizza",
+                        help="';'-separated item names (first caption line) for --picture")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +99,8 @@ def main() -> int:
         picked = list(range(0, len(folder.items), step))[: args.count]
         pixels = to_pixels([folder.load_image(i, size) for i in picked], size)
         reconstruction = reconstruct(vae, pixels)
+        if args.picture is not None:
+            write_picture(args.picture, folder, [name.strip() for name in args.items.split(";") if name.strip()], vae, size)
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

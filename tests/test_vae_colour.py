@@ -77,6 +77,19 @@ def test_the_script_reports_each_hue_of_a_folder_on_the_builtin_model(tmp_path):
     assert "| green | 16,384 |" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--data", str(data), "--count", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --count must be >= 1, got 0"
+    # --picture: the named items above their reconstructions
+    picture = tmp_path / "colours.png"
+    shown = subprocess.run([sys.executable, str(script), "--data", str(data), "--count", "1", "--threads", "1",
+                            "--picture", str(picture), "--items", "a blue square;a red square"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    sheet = Image.open(picture).convert("RGB")
+    assert sheet.size == (256, 256)
+    assert sheet.getpixel((64, 64)) == (30, 60, 220) and sheet.getpixel((192, 64)) == (220, 30, 30)  # originals, in order
+    assert sheet.getpixel((192, 192))[0] > 150  # the red square's reconstruction is still red
+    missing = subprocess.run([sys.executable, str(script), "--data", str(data), "--picture", str(tmp_path / "x.png"), "--items", "a cat"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: --items: no item called 'a cat' in {data}"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_the_chroma_term_is_zero_for_greys_and_counts_a_lost_green():
