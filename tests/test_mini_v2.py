@@ -299,7 +299,7 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     v1_model, _ = v1_files
     recipe = tiny_v2_recipe(steps=1)
     v1 = load_model(v1_model, compute_hash=False)
-    config = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1)
+    config = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)  # as v4's VAE
     other = config.build(seed=11)
     atomic_torch_save({"model_config": config_dict(config), "state_dict": other.state_dict()}, tmp_path / "vae.pt")
     run = _v2_run(folder, tmp_path / "run")
@@ -309,6 +309,7 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     assert cache.scaling_factor != pytest.approx(float(v1.vae.config.scaling_factor))
     exported = load_model(run.out_path, compute_hash=False).vae
     assert float(exported.config.scaling_factor) == pytest.approx(cache.scaling_factor, rel=1e-3)
+    assert exported.config.norm_num_groups == 8  # the file marks the group count; the loader builds it
     for key, value in other.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value.half().float(), rtol=0, atol=0)
     run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")  # resuming with the same VAE is fine
