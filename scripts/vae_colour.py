@@ -42,6 +42,7 @@ def write_picture(path: Path, folder, names: list[str], vae, size: int) -> None:
     from huabi.errors import HuabiError
     from huabi.eval.faithfulness import to_pixels
     from huabi.models.files import atomic_path
+    from huabi.pipelines.common import to_pil
     from huabi.train.vae import reconstruct
 
     by_name = {}
@@ -55,8 +56,7 @@ def write_picture(path: Path, folder, names: list[str], vae, size: int) -> None:
     sheet = Image.new("RGB", (size * len(names), size * 2), "white")
     for row, batch in enumerate(rows):
         for column, image in enumerate(batch):
-            array = ((image.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            sheet.paste(Image.fromarray(array), (column * size, row * size))
+            sheet.paste(to_pil(image), (column * size, row * size))
     with atomic_path(path) as temporary:
         sheet.save(temporary, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=92)
 
