@@ -314,6 +314,14 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
         torch.testing.assert_close(exported.state_dict()[key], value.half().float(), rtol=0, atol=0)
     run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")  # resuming with the same VAE is fine
     run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "run" / ".." / "vae.pt")  # the same file, spelled otherwise
+    import shutil
+
+    (tmp_path / "clone").mkdir()
+    shutil.copy(tmp_path / "vae.pt", tmp_path / "clone" / "vae.pt")
+    run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "clone" / "vae.pt")  # the same bytes elsewhere (a fresh clone's copy)
+    atomic_torch_save({"model_config": config_dict(config), "state_dict": config.build(seed=12).state_dict()}, tmp_path / "clone" / "vae.pt")
+    with pytest.raises(HuabiError, match="was encoded with VAE .*vae.pt, not --init-vae .*clone/vae.pt; use a new --state"):
+        run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "clone" / "vae.pt")
     run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, stages=("base", "cache"))
     with pytest.raises(HuabiError, match="was encoded with VAE v1, not --init-vae"):
         run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")
@@ -325,17 +333,27 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
 
 
 def test_v4_recipe_needs_a_new_vae(folder, v1_files, tmp_path):
-    """v4 = v3 on a new VAE's latents: without --init-vae it stops before encoding anything."""
+    """v4 = v3's world on a new VAE's latents, its UNet warm-started from v1: without --init-vae it
+    stops before encoding anything; with it, the export says the UNet was not continued from --init-unet."""
     from huabi.train.mini_v2 import MINI_V3, MINI_V4, RECIPES
 
     assert RECIPES["v4"] is MINI_V4 and MINI_V4.needs_init_vae and not MINI_V3.needs_init_vae
-    assert (MINI_V4.sources, MINI_V4.needs_init_unet, MINI_V4.unet.steps) == (MINI_V3.sources, True, MINI_V3.unet.steps)
+    assert (MINI_V4.sources, MINI_V4.needs_init_unet, MINI_V4.unet.steps) == (MINI_V3.sources, False, MINI_V3.unet.steps)
     v1_model, _ = v1_files
     recipe = MiniV2Recipe(**{**tiny_v2_recipe(steps=1).__dict__, "name": "v4", "needs_init_vae": True})
     run = _v2_run(folder, tmp_path / "run")
     with pytest.raises(HuabiError, match=r"^recipe v4 encodes with a new VAE: pass --init-vae FILE \(a VAE stage's final.pt\)$"):
         run_v2(run, recipe, base_model=v1_model)
     assert not (run.state_dir / "cache" / "done.json").exists()
+    from huabi.train.common import atomic_torch_save, config_dict
+    from huabi.train.vae import VAEModelConfig
+
+    config = VAEModelConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+    atomic_torch_save({"model_config": config_dict(config), "state_dict": config.build(seed=11).state_dict()}, tmp_path / "vae.pt")
+    run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")
+    with safe_open(str(run.out_path), "pt") as handle:
+        warm_start = json.loads(handle.metadata()["huabi.recipe"])["warm_start"]
+    assert warm_start == "huabi-mini v1 (8a20066); VAE from --init-vae"
 
 
 @pytest.mark.parametrize("recipe, data, sources, init_unet, init_vae", [

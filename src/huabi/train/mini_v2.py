@@ -28,11 +28,13 @@ v3 (``MINI_V3``, ``--recipe v3``; measured, not shipped: docs/training.md) narro
 recall falls ~33 points per 10x items, so 9,219 items are beyond its capacity while the emoji
 world is not. Nothing else changes: v1's VAE and text encoder, the v2 layout, same loss.
 
-v4 (``MINI_V4``, ``--recipe v4``) is v3's world and UNet (``--init-unet``: v3's ``unet/final.pt``) on the
-latents of a new VAE (``--init-vae``, required): v1's VAE has one channel per GroupNorm group at its
-32-wide level, an instance norm that drops what a flat region's colour is, and it keeps 8% of green
-hues and 1% of purple; the same VAE with 8 groups (``scripts/vae_probe.py --norm-groups 8``) is the one
-v4 encodes with (docs/training.md, "Why green never renders green").
+v4 (``MINI_V4``, ``--recipe v4``) is v3's world on the latents of a new VAE (``--init-vae``, required):
+v1's VAE has one channel per GroupNorm group at its 32-wide level, an instance norm that drops what a
+flat region's colour is, and it keeps 8% of green hues and 1% of purple; the same VAE with 8 groups
+(``scripts/vae_probe.py --norm-groups 8``, kept in the repository as ``training/huabi-mini-v4-vae.pt``)
+is the one v4 encodes with (docs/training.md, "Why green never renders green"). Its UNet warm-starts
+from v1 as v2's did (a new latent space has to be re-learned whatever the start), or continues
+``--init-unet`` weights when given (e.g. v3's ``unet/final.pt``).
 
 ``centre_latents`` (``--recipe centred``) trains on per-channel centred latents: v1's latents
 scaled by its one factor have variance 1 overall but per-channel means of
@@ -126,11 +128,11 @@ MINI_CENTRED = MiniV2Recipe(
         precision="bf16", ema_decay=0.999, seed=20261208,
     ),
 )
-# v4: v3's world and UNet (--init-unet: v3's unet/final.pt) on the latents of a new VAE
-# (--init-vae) whose GroupNorms see 4 channels per group at its 32-wide level: v1's VAE (one
-# channel per group there, an instance norm) loses green and purple (docs/training.md).
+# v4: v3's world on the latents of a new VAE (--init-vae) whose GroupNorms see 4 channels per
+# group at its 32-wide level: v1's VAE (one channel per group there, an instance norm) loses green
+# and purple (docs/training.md). The UNet warm-starts from v1 unless --init-unet is given.
 MINI_V4 = dataclasses.replace(
-    MINI_V3, name="v4", needs_init_vae=True, unet=dataclasses.replace(MINI_V3.unet, seed=20261209),
+    MINI_V3, name="v4", needs_init_unet=False, needs_init_vae=True, unet=dataclasses.replace(MINI_V3.unet, seed=20261209),
 )
 RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_V4, MINI_CENTRED)}
 
@@ -292,12 +294,13 @@ def stage_cache(run: RecipeRun, recipe: MiniV2Recipe, init_vae: Path | None = No
         # a new latent space: its own scale (1 / std of its latents), and a copy kept for the export
         scaling = None
         atomic_copy(Path(init_vae), _init_vae_path(run))
+    vae_id = {"vae": str(Path(init_vae).resolve()), "vae_sha256": _sha256(Path(init_vae))} if init_vae is not None else {"vae": "v1"}
     cache = build_cache(
         vae.to(run.device), base.text_encoders[0].to(run.device), images, token_ids, run.state_dir / "cache",
         batch_size=recipe.cache_batch_size, device=run.device, log=run.log, scaling_factor=scaling,
     )
     _mark_done(run, "cache", {"scaling_factor": cache.scaling_factor, "latents": len(cache), "captions": int(cache.text.shape[0]),
-                              "vae": str(Path(init_vae).resolve()) if init_vae is not None else "v1", "wall_s": round(time.time() - started)})
+                              **vae_id, "wall_s": round(time.time() - started)})
 
 
 def warm_start_unet(model_config: UNetModelConfig, base_unet: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
@@ -348,6 +351,8 @@ def stage_unet(run: RecipeRun, recipe: MiniV2Recipe, init_unet: Path | None = No
     else:
         unet = warm_start_unet(recipe.unet_model, load_base(run).unet, seed=recipe.unet.seed)
         source = "warm start from v1"
+    if not _unet_init_path(run).exists():  # what the first session started from; a resume continues its state
+        atomic_write_text(_unet_init_path(run), json.dumps({"init": str(init_unet) if init_unet is not None else "v1"}))
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     run.log(f"[unet] {len(cache)} latents {list(cache.latents.shape[1:])}, scaling factor {cache.scaling_factor:.5f}; UNet {params:.2f}M params ({source}); {recipe.unet}")
     unet, ema = train_unet(recipe.unet, cache, model_config=recipe.unet_model, unet=unet, state_path=run.state_dir / "unet" / "state.pt", device=run.device, log=run.log, should_stop=run.should_stop)
@@ -391,6 +396,16 @@ def mini_parts(base, recipe: MiniV2Recipe, unet_weights: dict, stats: tuple[torc
     )
 
 
+def _unet_init_path(run: RecipeRun) -> Path:
+    return run.state_dir / "unet" / "init.json"
+
+
+def _unet_continued(run: RecipeRun) -> bool:
+    """Whether the UNet stage started from ``--init-unet`` weights rather than v1's (also mid-run, for snapshots)."""
+    path = _unet_init_path(run)
+    return path.exists() and json.loads(path.read_text(encoding="utf-8"))["init"] != "v1"
+
+
 def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = False) -> dict:
     """v1's VAE and text encoder with the v2 UNet, fp16 single file; the CLIP pair copied unchanged."""
     from huabi.models.save import save_single_file
@@ -399,7 +414,7 @@ def write_v2_export(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool = Fa
     base = load_base(run)
     parts = mini_parts(base, recipe, weights, latent_stats(run, None) if recipe.centre_latents else None, vae=run_vae(run, base))
     metadata = {
-        "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if recipe.needs_init_unet else "") + ("; VAE from --init-vae" if _init_vae_path(run).exists() else "")}, default=str),
+        "huabi.recipe": json.dumps({recipe.name: config_dict(recipe), "warm_start": f"huabi-mini v1 ({V1_COMMIT})" + ("; UNet continued from --init-unet" if _unet_continued(run) else "") + ("; VAE from --init-vae" if _init_vae_path(run).exists() else "")}, default=str),
         "huabi.trained_by": "huabi.train mini-v2" + (f" --recipe {recipe.name}" if recipe.name != "v2" else ""),
         "huabi.unet_step": step,
         "modelspec.architecture": "huabi-mini",
@@ -453,8 +468,11 @@ def run_v2(
     base_clip = Path(base_clip) if base_clip is not None else clip_out_path_for(base_model)
     _reopen_extended_unet(run, recipe)
     if init_vae is not None and is_done(run.state_dir, "cache"):
-        used = done_summary(run.state_dir, "cache").get("vae", "v1")
-        if used != str(Path(init_vae).resolve()):
+        cached = done_summary(run.state_dir, "cache")
+        used = cached.get("vae", "v1")
+        # the same bytes at another path (e.g. the repository's copy in a fresh clone) are the same VAE
+        same = _sha256(Path(init_vae)) == cached["vae_sha256"] if "vae_sha256" in cached else used == str(Path(init_vae).resolve())
+        if not same:
             raise HuabiError(f"the cache in {run.state_dir} was encoded with VAE {used}, not --init-vae {init_vae}; use a new --state")
     for stage in V2_STAGES:
         if stage not in stages:
