@@ -322,6 +322,8 @@ def test_init_vae_replaces_v1s_vae_in_the_cache_and_the_export(folder, v1_files,
     atomic_torch_save({"model_config": config_dict(config), "state_dict": config.build(seed=12).state_dict()}, tmp_path / "clone" / "vae.pt")
     with pytest.raises(HuabiError, match="was encoded with VAE .*vae.pt, not --init-vae .*clone/vae.pt; use a new --state"):
         run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "clone" / "vae.pt")
+    with pytest.raises(HuabiError, match=r"^--init-vae VAE weights .*nowhere.pt does not exist$"):
+        run_v2(run, recipe, base_model=v1_model, init_vae=tmp_path / "nowhere.pt")
     run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, stages=("base", "cache"))
     with pytest.raises(HuabiError, match="was encoded with VAE v1, not --init-vae"):
         run_v2(_v2_run(folder, tmp_path / "run-v1"), recipe, base_model=v1_model, init_vae=tmp_path / "vae.pt")
@@ -359,11 +361,11 @@ def test_v4_recipe_needs_a_new_vae(folder, v1_files, tmp_path):
 @pytest.mark.parametrize("recipe, data, sources, init_unet, init_vae", [
     ("v2", "huabi-mini-128", "emoji,openclipart", None, None),
     ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt", None),
-    ("v4", "huabi-mini-emoji-128", "emoji", "huabi-mini-v3/unet/final.pt", "vae-probe-g8/vae/final.pt"),
+    ("v4", "huabi-mini-emoji-128", "emoji", None, "training/huabi-mini-v4-vae.pt"),
 ])
 def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet, init_vae):
     """scripts/train_mini_v2.sh with a stand-in python that records its calls: the dataset each
-    recipe needs is built, v3 starts from v2's UNet and v4 from v3's with the 8-group VAE unless told otherwise."""
+    recipe needs is built, v3 starts from v2's UNet, v4 encodes with the repository's 8-group VAE unless told otherwise."""
     import os
     import subprocess
     from pathlib import Path
@@ -385,6 +387,6 @@ def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, 
     assert train.endswith("--steps unet=5")
     train_dir = tmp_path / ".cache" / "huabi" / "train"
     given = f"--init-unet {train_dir / init_unet} " if init_unet else ""
-    given += f"--init-vae {train_dir / init_vae} " if init_vae else ""
+    given += f"--init-vae {script.parents[1] / init_vae} " if init_vae else ""
     assert train.endswith(f"{given}--steps unet=5")
     assert ("--init-unet" in train) == bool(init_unet) and ("--init-vae" in train) == bool(init_vae)

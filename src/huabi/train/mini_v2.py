@@ -467,6 +467,8 @@ def run_v2(
     base_model = Path(base_model) if base_model is not None else default_out_path()
     base_clip = Path(base_clip) if base_clip is not None else clip_out_path_for(base_model)
     _reopen_extended_unet(run, recipe)
+    if init_vae is not None and not Path(init_vae).is_file():
+        raise HuabiError(f"--init-vae VAE weights {init_vae} does not exist")
     if init_vae is not None and is_done(run.state_dir, "cache"):
         cached = done_summary(run.state_dir, "cache")
         used = cached.get("vae", "v1")
