@@ -6,9 +6,9 @@
 #   HUABI_TRAIN_RECIPE=v3 setsid nohup bash scripts/train_mini_v2.sh > ~/.cache/huabi/train/launcher-v3.out 2>&1 < /dev/null &
 # v3 continues v2's finished UNet on the emoji world: it needs v2's state dir
 # (--init-unet defaults to its unet/final.pt) and builds its own emoji-only dataset.
-# v4 continues v3's UNet (--init-unet default: v3's unet/final.pt) on the latents of a new VAE
-# (--init-vae default: the 8-group VAE of `scripts/vae_probe.py --norm-groups 8 --state
-# ~/.cache/huabi/train/vae-probe-g8`, its vae/final.pt), on the same emoji-only dataset.
+# v4 trains on the latents of a new VAE (--init-vae default: the repository's training/huabi-mini-v4-vae.pt,
+# the 8-group VAE of `scripts/vae_probe.py --norm-groups 8`), on the same emoji-only dataset; its UNet
+# warm-starts from v1 (pass --init-unet FILE to continue other weights, e.g. v3's unet/final.pt).
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
 # --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir
 # (STATE/huabi-mini-RECIPE.safetensors), never over the repository's shipped model.
@@ -25,12 +25,12 @@ TRAIN="$HOME/.cache/huabi/train"
 if [ "$RECIPE" = v3 ] || [ "$RECIPE" = v4 ]; then
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
-    FROM="huabi-mini-v2"
-    if [ "$RECIPE" = v4 ]; then FROM="huabi-mini-v3"; fi
-    case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/$FROM/unet/final.pt") ;; esac
+fi
+if [ "$RECIPE" = v3 ]; then
+    case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/huabi-mini-v2/unet/final.pt") ;; esac
 fi
 if [ "$RECIPE" = v4 ]; then
-    case " $* " in *" --init-vae "*) ;; *) EXTRA+=(--init-vae "$TRAIN/vae-probe-g8/vae/final.pt") ;; esac
+    case " $* " in *" --init-vae "*) ;; *) EXTRA+=(--init-vae "$REPO/training/huabi-mini-v4-vae.pt") ;; esac
 fi
 DATA="${HUABI_TRAIN_DATA:-$DEFAULT_DATA}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"
