@@ -19,6 +19,7 @@ from huabi.train.common import (
     load_loop_state,
     load_torch_file,
     make_optimizer,
+    resolve_precision,
     save_loop_state,
     step_generator,
 )
@@ -87,7 +88,7 @@ def test_ema_tracks_the_average_with_warmup():
         ("lr", -1.0, "lr must be > 0, got -1.0"),
         ("lr", math.nan, "lr must be a number, got nan"),
         ("lr_schedule", "linear", "lr_schedule must be one of constant, cosine, got 'linear'"),
-        ("precision", "int8", "precision must be one of fp32, bf16, fp16, got 'int8'"),
+        ("precision", "int8", "precision must be one of fp32, bf16, fp16, auto, got 'int8'"),
         ("min_lr_ratio", 1.5, r"min_lr_ratio must be in \[0, 1\), got 1.5"),
         ("warmup_steps", -1, "warmup_steps must be >= 0, got -1"),
     ],
@@ -99,8 +100,25 @@ def test_loop_config_validation_names_the_field(field, value, message):
 
 
 def test_autocast_rejects_unknown_precision():
-    with pytest.raises(HuabiError, match="precision must be one of fp32, bf16, fp16, got 'half'"):
+    with pytest.raises(HuabiError, match="precision must be one of fp32, bf16, fp16, auto, got 'half'"):
         autocast("cpu", "half")
+    with pytest.raises(HuabiError, match=r"^precision 'auto' must be resolved \(resolve_precision\) before autocast$"):
+        autocast("cpu", "auto")
+
+
+def test_auto_precision_is_the_inference_choice_of_this_machine(monkeypatch):
+    """'auto' asks huabi.service.device_choice (HUABI_AUTO_DTYPE pins its CPU answer, as tests do);
+    a named precision stays what it is on any machine."""
+    from huabi.service.device_choice import CpuInfo, choose_cpu_dtype
+
+    assert resolve_precision("bf16", "cpu") == ("bf16", "as configured")
+    monkeypatch.setenv("HUABI_AUTO_DTYPE", "fp32")
+    assert resolve_precision("auto", "cpu")[0] == "fp32"
+    monkeypatch.setenv("HUABI_AUTO_DTYPE", "bf16")
+    assert resolve_precision("auto", "cpu") == ("bf16", "bf16: pinned by HUABI_AUTO_DTYPE")
+    # what it decides from, unpinned: no native bf16 (this AVX2-only Zen 3) -> fp32, AMX -> bf16
+    assert choose_cpu_dtype(CpuInfo("zen3", frozenset({"avx2", "fma"}), 2, 2)).dtype == torch.float32
+    assert choose_cpu_dtype(CpuInfo("spr", frozenset({"avx512f", "amx_bf16"}), 2, 2)).dtype == torch.bfloat16
 
 
 def _parts(seed: int) -> tuple[LoopParts, LoopConfig]:

@@ -214,6 +214,23 @@ def test_unet_resume_after_crash_is_exact(cache, tmp_path):
         assert torch.equal(value["exp_avg"], state_b["optimizer"]["state"][key]["exp_avg"])
 
 
+def test_auto_precision_is_logged_and_a_state_resumes_on_another_kind_of_machine(cache, tmp_path, monkeypatch):
+    """precision 'auto' is resolved per run (logged) and recorded as 'auto' in the state, so a run
+    started where bf16 wins resumes where it does not (here: the answer pinned, then changed)."""
+    model_config = tiny_recipe().unet_model
+    config = _unet_config(precision="auto", save_every_steps=2, save_every_s=0)
+    messages = []
+    monkeypatch.setenv("HUABI_AUTO_DTYPE", "bf16")
+    with pytest.raises(Crash):
+        train_unet(config, cache, model_config=model_config, state_path=tmp_path / "s.pt", log=messages.append, on_step=_crash_after(3))
+    assert "[unet] precision auto -> bf16 (bf16: pinned by HUABI_AUTO_DTYPE)" in messages
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["config"]["precision"] == "auto"
+    monkeypatch.setenv("HUABI_AUTO_DTYPE", "fp32")
+    train_unet(config, cache, model_config=model_config, state_path=tmp_path / "s.pt", log=messages.append)
+    assert "[unet] precision auto -> fp32 (fp32: pinned by HUABI_AUTO_DTYPE)" in messages
+    assert any("resumed from" in message for message in messages)
+
+
 def test_unet_loss_falls_on_a_learnable_set(cache):
     losses = []
     config = _unet_config(steps=40, lr=2e-3, caption_dropout=0.0, ema_decay=0.0, warmup_steps=5)

@@ -27,6 +27,7 @@ from huabi.train.common import (
     check_positive,
     config_dict,
     make_optimizer,
+    resolve_precision,
     run_loop,
     step_generator,
 )
@@ -185,6 +186,9 @@ def train_clip(
     parts = LoopParts(modules={"clip": model}, optimizer=optimizer, scheduler=scheduler)
     order = DataOrder(len(captioned), config.batch_size, config.seed)
     record = {**config_dict(config), "model": config_dict(model_config), "data_count": len(images)}
+    precision, why = resolve_precision(config.precision, device)
+    if config.precision == "auto":
+        log(f"[clip] precision auto -> {precision} ({why})")
 
     def step_fn(step: int) -> dict[str, float]:
         generator = step_generator(config.seed, CLIP_SALT, step)
@@ -194,7 +198,7 @@ def train_clip(
         pixels = images_for_vision(images.batch_pixels(items), model_config.image_px)
         flips = torch.rand(len(items), generator=generator) < 0.5
         pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
-        with autocast(device, config.precision):
+        with autocast(device, precision):
             input_ids = trim_padding(token_ids[caption_index])
             loss, metrics = contrastive_loss(model, input_ids.to(device), pixels.to(device), same.to(device))
         loss.backward()

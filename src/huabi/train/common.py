@@ -32,7 +32,7 @@ from huabi.errors import HuabiError
 from huabi.models.files import atomic_torch_save, atomic_write_text  # noqa: F401 -- the stages' writers
 
 STATE_FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: resolved per machine by resolve_precision
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -135,9 +135,32 @@ class DataOrder:
 # ---------------------------------------------------------------- precision
 
 
+def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
+    """``(precision, why)``: ``auto`` becomes what runs fastest on ``device``, the others stay.
+
+    CUDA: bf16 where supported, else fp16. CPU: the choice ``--dtype auto`` makes for inference
+    (:func:`huabi.service.device_choice.auto_dtype`): bf16 with AMX, or with AVX512-BF16 where a
+    measured probe shows it faster; fp32 without native bf16, where bf16 is emulated and slower
+    (measured on an AVX2-only Zen 3: a VAE training step 3.8 s fp32, 93 s bf16). A recipe says
+    ``auto`` rather than the answer of the machine it was tuned on; its state keeps ``auto``, so a
+    run can resume on another kind of machine."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision, "as configured"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
+    from huabi.service.device_choice import auto_dtype
+
+    choice = auto_dtype(device)
+    return ("bf16" if choice.dtype == torch.bfloat16 else "fp32"), choice.reason
+
+
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for forward passes: weights stay fp32, matmuls/convs run in ``precision``."""
     check_choice("precision", precision, PRECISIONS)
+    if precision == "auto":
+        raise HuabiError("precision 'auto' must be resolved (resolve_precision) before autocast")
     device_type = torch.device(device).type
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -35,7 +35,7 @@ from huabi.errors import HuabiError
 from huabi.models.family import ModelFamily, Prediction
 from huabi.train.augment import Augmentation, color_augment, crop_offsets, draw_flip
 from huabi.train.buckets import BucketPlan, cover_and_crop, plan_buckets
-from huabi.train.common import EMA, atomic_torch_save, autocast, load_torch_file, step_generator
+from huabi.train.common import EMA, atomic_torch_save, autocast, load_torch_file, resolve_precision, step_generator
 from huabi.train.dataset import Dataset, DatasetEntry, file_digest, process_caption, scan_dataset
 from huabi.train.networks import Network, NetworkConfig, find_targets
 from huabi.train.user_config import UserTrainConfig
@@ -99,16 +99,11 @@ def min_snr_weight(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: Pre
 
 
 def resolve_mixed_precision(name: str, device: torch.device) -> str:
-    """'auto': bf16 where the device runs it natively (CUDA with bf16, CPUs with AMX), else fp32."""
+    """kohya's names ('no', 'fp16', 'bf16', 'auto') as a loop precision; 'auto' as
+    :func:`huabi.train.common.resolve_precision` decides it for this device."""
     if name != "auto":
         return {"no": "fp32"}.get(name, name)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            return "bf16" if "amx_bf16" in handle.read() else "fp32"
-    except OSError:
-        return "fp32"
+    return resolve_precision("auto", device)[0]
 
 
 def module_digest(module: torch.nn.Module) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from huabi.errors import HuabiError
 from huabi.train.common import (
+    DataOrder,
     HookFn,
     LoopConfig,
     LoopParts,
@@ -24,9 +25,9 @@ from huabi.train.common import (
     check_positive,
     config_dict,
     make_optimizer,
+    resolve_precision,
     run_loop,
     step_generator,
-    DataOrder,
 )
 from huabi.train.data import TrainingImages
 
@@ -222,16 +223,20 @@ def train_vae(
     # spread over the whole set: the first few images (one source, few greens) misjudged colours
     validation = images.batch_pixels(torch.linspace(0, len(images) - 1, min(validation_count, len(images))).long())
 
+    precision, why = resolve_precision(config.precision, device)
+    if config.precision == "auto":
+        log(f"[vae] precision auto -> {precision} ({why})")
+
     def step_fn(step: int) -> dict[str, float]:
         pixels = vae_batch(images, order, config, step).to(device)
         generator = step_generator(config.seed, VAE_SALT + 100, step)
-        with autocast(device, config.precision):
+        with autocast(device, precision):
             loss, metrics = vae_loss(vae, pixels, config, generator)
         loss.backward()
         return metrics
 
     def on_save(step: int) -> None:
-        reconstruction = reconstruct(vae, validation, precision=config.precision)
+        reconstruction = reconstruct(vae, validation, precision=precision)
         colours = format_colour_fidelity(colour_fidelity(validation, reconstruction))
         log(f"[vae] step {step} validation PSNR {psnr(validation, reconstruction):.2f} dB at {images.size_px} px"
             + (f"; hue kept/saturation kept: {colours}" if colours else ""))
