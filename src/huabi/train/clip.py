@@ -26,8 +26,8 @@ from huabi.train.common import (
     autocast,
     check_positive,
     config_dict,
+    loop_precision,
     make_optimizer,
-    resolve_precision,
     run_loop,
     step_generator,
 )
@@ -186,9 +186,7 @@ def train_clip(
     parts = LoopParts(modules={"clip": model}, optimizer=optimizer, scheduler=scheduler)
     order = DataOrder(len(captioned), config.batch_size, config.seed)
     record = {**config_dict(config), "model": config_dict(model_config), "data_count": len(images)}
-    precision, why = resolve_precision(config.precision, device)
-    if config.precision == "auto":
-        log(f"[clip] precision auto -> {precision} ({why})")
+    precision = loop_precision("clip", config.precision, device, log)
 
     def step_fn(step: int) -> dict[str, float]:
         generator = step_generator(config.seed, CLIP_SALT, step)

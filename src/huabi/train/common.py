@@ -156,6 +156,14 @@ def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, 
     return ("bf16" if choice.dtype == torch.bfloat16 else "fp32"), choice.reason
 
 
+def loop_precision(name: str, precision: str, device: torch.device | str, log: Callable[[str], None]) -> str:
+    """A training loop's precision, resolved once; an ``auto`` answer is logged with its reason."""
+    resolved, why = resolve_precision(precision, device)
+    if precision == "auto":
+        log(f"[{name}] precision auto -> {resolved} ({why})")
+    return resolved
+
+
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for forward passes: weights stay fp32, matmuls/convs run in ``precision``."""
     check_choice("precision", precision, PRECISIONS)

@@ -50,7 +50,6 @@ shipped recipe uses it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ import torch
 
 from huabi.errors import HuabiError
 from huabi.models.files import atomic_copy
+from huabi.models.hashes import sha256_file
 from huabi.train.cache import build_cache, load_cache
 from huabi.train.common import atomic_write_text, config_dict, ema_weights, load_torch_file
 from huabi.train.data import default_tokenizer
@@ -189,14 +189,6 @@ def latent_stats(run: RecipeRun, cache) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean.tolist()), torch.tensor(std.tolist())  # as the JSON round trip gives them
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_paths(run: RecipeRun) -> tuple[Path, Path]:
     return run.state_dir / "base" / "huabi-mini-v1.safetensors", run.state_dir / "base" / "huabi-mini-v1-clip.safetensors"
 
@@ -227,14 +219,14 @@ def stage_base(run: RecipeRun, recipe: MiniV2Recipe, base_model: Path, base_clip
     for source, expected, dst in ((Path(base_model), recipe.model_sha256, model_dst), (Path(base_clip), recipe.clip_sha256, clip_dst)):
         if not source.is_file():
             raise HuabiError(f"warm-start file {source} is missing (huabi-mini v1, commit {V1_COMMIT})")
-        digest = _sha256(source)
+        digest = sha256_file(source)
         if expected and digest != expected:
             raise HuabiError(
                 f"{source.name} is not huabi-mini v1 (sha256 {digest[:12]}, expected {expected[:12]}); "
                 f"get v1 with: git show {V1_COMMIT}:src/huabi/assets/models/{source.name} > FILE, then --base-model FILE"
             )
         atomic_copy(source, dst)
-    _mark_done(run, "base", {"model": str(base_model), "clip": str(base_clip), "model_sha256": _sha256(model_dst)})
+    _mark_done(run, "base", {"model": str(base_model), "clip": str(base_clip), "model_sha256": sha256_file(model_dst)})
 
 
 def check_sources(data_dir: Path, sources: Sequence[str]) -> None:
@@ -295,7 +287,7 @@ def stage_cache(run: RecipeRun, recipe: MiniV2Recipe, init_vae: Path | None = No
         # a new latent space: its own scale (1 / std of its latents), and a copy kept for the export
         scaling = None
         atomic_copy(Path(init_vae), _init_vae_path(run))
-    vae_id = {"vae": str(Path(init_vae).resolve()), "vae_sha256": _sha256(Path(init_vae))} if init_vae is not None else {"vae": "v1"}
+    vae_id = {"vae": str(Path(init_vae).resolve()), "vae_sha256": sha256_file(Path(init_vae))} if init_vae is not None else {"vae": "v1"}
     cache = build_cache(
         vae.to(run.device), base.text_encoders[0].to(run.device), images, token_ids, run.state_dir / "cache",
         batch_size=recipe.cache_batch_size, device=run.device, log=run.log, scaling_factor=scaling,
@@ -474,7 +466,7 @@ def run_v2(
         cached = done_summary(run.state_dir, "cache")
         used = cached.get("vae", "v1")
         # the same bytes at another path (e.g. the repository's copy in a fresh clone) are the same VAE
-        same = _sha256(Path(init_vae)) == cached["vae_sha256"] if "vae_sha256" in cached else used == str(Path(init_vae).resolve())
+        same = sha256_file(Path(init_vae)) == cached["vae_sha256"] if "vae_sha256" in cached else used == str(Path(init_vae).resolve())
         if not same:
             raise HuabiError(f"the cache in {run.state_dir} was encoded with VAE {used}, not --init-vae {init_vae}; use a new --state")
     for stage in V2_STAGES:

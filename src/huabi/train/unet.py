@@ -29,8 +29,8 @@ from huabi.train.common import (
     check_fraction,
     check_positive,
     config_dict,
+    loop_precision,
     make_optimizer,
-    resolve_precision,
     run_loop,
     step_generator,
 )
@@ -181,9 +181,7 @@ def train_unet(
     order = DataOrder(len(cache), config.batch_size, config.seed)
     alphas_cumprod = scaled_linear_alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end)
     record = {**config_dict(config), "model": config_dict(model_config), "data_count": len(cache), "scaling_factor": cache.scaling_factor}
-    precision, why = resolve_precision(config.precision, device)
-    if config.precision == "auto":
-        log(f"[unet] precision auto -> {precision} ({why})")
+    precision = loop_precision("unet", config.precision, device, log)
 
     def step_fn(step: int) -> dict[str, float]:
         batch = unet_batch(cache, order, config, step)

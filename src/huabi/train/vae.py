@@ -24,8 +24,8 @@ from huabi.train.common import (
     autocast,
     check_positive,
     config_dict,
+    loop_precision,
     make_optimizer,
-    resolve_precision,
     run_loop,
     step_generator,
 )
@@ -223,9 +223,7 @@ def train_vae(
     # spread over the whole set: the first few images (one source, few greens) misjudged colours
     validation = images.batch_pixels(torch.linspace(0, len(images) - 1, min(validation_count, len(images))).long())
 
-    precision, why = resolve_precision(config.precision, device)
-    if config.precision == "auto":
-        log(f"[vae] precision auto -> {precision} ({why})")
+    precision = loop_precision("vae", config.precision, device, log)
 
     def step_fn(step: int) -> dict[str, float]:
         pixels = vae_batch(images, order, config, step).to(device)
