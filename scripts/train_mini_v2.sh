@@ -7,7 +7,8 @@
 # v3 continues v2's finished UNet on the emoji world: it needs v2's state dir
 # (--init-unet defaults to its unet/final.pt) and builds its own emoji-only dataset.
 # v4 trains on the latents of a new VAE (--init-vae default: the repository's training/huabi-mini-v4-vae.pt,
-# the 8-group VAE of `scripts/vae_probe.py --norm-groups 8`), on the same emoji-only dataset; its UNet
+# the 8-group VAE of `scripts/vae_probe.py --norm-groups 8`), on the emoji without their skin-tone
+# variants (its own dataset folder, built with --no-skin-tones); its UNet
 # warm-starts from v1 (pass --init-unet FILE to continue other weights, e.g. v3's unet/final.pt).
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
 # --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir
@@ -22,9 +23,15 @@ SOURCES="emoji,openclipart"
 DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-128"
 EXTRA=()
 TRAIN="$HOME/.cache/huabi/train"
-if [ "$RECIPE" = v3 ] || [ "$RECIPE" = v4 ]; then
+BUILD_EXTRA=()
+if [ "$RECIPE" = v3 ]; then
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
+fi
+if [ "$RECIPE" = v4 ]; then  # the emoji without their skin-tone variants
+    SOURCES="emoji"
+    DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-base-128"
+    BUILD_EXTRA=(--no-skin-tones)
 fi
 if [ "$RECIPE" = v3 ]; then
     case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/huabi-mini-v2/unet/final.pt") ;; esac
@@ -50,7 +57,7 @@ echo "$(date '+%F %T') [launcher] pid $$ start ($RECIPE): data $DATA state $STAT
 cd "$REPO"
 if [ ! -f "$DATA/metadata.jsonl" ] && [ ! -d "$STATE/data" ]; then
     echo "$(date '+%F %T') [launcher] building the dataset in $DATA" >> "$STATE/train.log"
-    "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --sources "$SOURCES" --quiet >> "$STATE/train.log" 2>&1
+    "$PYTHON" -m huabi.data.build --out "$DATA" --size 128 --sources "$SOURCES" ${BUILD_EXTRA[@]+"${BUILD_EXTRA[@]}"} --quiet >> "$STATE/train.log" 2>&1
 fi
 set +e
 nice -n 19 "$PYTHON" -m huabi.train mini-v2 --recipe "$RECIPE" \

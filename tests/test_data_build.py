@@ -78,6 +78,32 @@ def test_interrupted_item_is_redone(tmp_path):
     assert victim.is_file()
 
 
+def test_without_skin_tones_leaves_out_the_variants_and_keeps_the_rest_byte_identical(tmp_path):
+    """--no-skin-tones: no item with a Fitzpatrick modifier, the others the same bytes as a full build;
+    a folder that already holds variants is refused (a build never deletes)."""
+    from huabi.data import emoji_source
+
+    entries = emoji_source.load_emoji_entries()
+    variants = [e for e in entries if e.is_skin_tone_variant]
+    assert len(variants) > 1000 and all(":" in e.name and "skin tone" in e.name for e in variants)
+    waving = [e for e in entries if e.name.startswith("waving hand")]
+    assert [e.is_skin_tone_variant for e in waving] == [False] + [True] * (len(waving) - 1)
+    full, base = tmp_path / "full", tmp_path / "base"
+    build_dataset(full, size_px=32, sources=["emoji"], limit=400, workers=1, progress=False)
+    report = build_dataset(base, size_px=32, sources=["emoji"], limit=400, workers=1, progress=False, skin_tones=False)
+    records = [json.loads(line) for line in (base / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    full_records = [json.loads(line) for line in (full / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert not any(map(emoji_source.record_is_skin_tone_variant, records))
+    assert any(map(emoji_source.record_is_skin_tone_variant, full_records))
+    assert "skin-tone variant" in report.summary() and len(report.skipped) == len(variants)
+    common = [r["file"] for r in records if (full / r["file"]).is_file()]  # limit spreads over other lists
+    assert len(common) > 20
+    for name in common:
+        assert (base / name).read_bytes() == (full / name).read_bytes()
+    with pytest.raises(HuabiError, match=r"already holds \d+ skin-tone variants; build without them into a new folder"):
+        build_dataset(full, size_px=32, sources=["emoji"], limit=400, workers=1, progress=False, skin_tones=False)
+
+
 def test_coloured_backgrounds_are_seeded_and_named_in_captions(tmp_path):
     names = ["white", "light blue", "light yellow"]
     out = tmp_path / "colours"

@@ -3,6 +3,7 @@ and `--ar` on a 128 px model gives the asked-for shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -250,7 +251,7 @@ def test_v3_recipe_needs_an_emoji_only_folder_and_continues_the_given_unet(folde
     """v3 = v2's UNet continued on the emoji world: a folder of other sources, or no --init-unet,
     is refused before any training; with both it trains from exactly the given weights."""
     from huabi.train.common import atomic_torch_save
-    from huabi.train.mini_v2 import MINI_V3
+    from huabi.train.mini_v2 import MINI_V3, MINI_V4
 
     v1_model, _ = v1_files
     tiny = tiny_v2_recipe(steps=1, lr=1e-12)
@@ -272,6 +273,15 @@ def test_v3_recipe_needs_an_emoji_only_folder_and_continues_the_given_unet(folde
     with pytest.raises(HuabiError, match="holds sources emoji, openclipart.*emoji only"):
         run_v2(_v2_run(mixed, tmp_path / "m"), recipe, base_model=v1_model)
     emoji = with_metadata(tmp_path / "emoji", ["emoji"] * 4)
+    # v4's world has no skin-tone variants: a folder with one is refused, naming the build option
+    assert not MINI_V4.skin_tone_variants and MINI_V3.skin_tone_variants
+    toned = with_metadata(tmp_path / "toned", ["emoji"] * 3)
+    lines = (toned / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    lines[1] = json.dumps({"file": "emoji-1.png", "source": "emoji", "codepoints": "U+1F44B U+1F3FD"})
+    (toned / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    no_tones = dataclasses.replace(recipe, skin_tone_variants=False)
+    with pytest.raises(HuabiError, match="holds 1 skin-tone variants of emoji.*--sources emoji --no-skin-tones"):
+        run_v2(_v2_run(toned, tmp_path / "t"), no_tones, base_model=v1_model)
     with pytest.raises(HuabiError, match="continues a trained UNet: pass --init-unet"):
         run_v2(_v2_run(emoji, tmp_path / "e"), recipe, base_model=v1_model)
     weights = recipe.unet_model.build(seed=9).state_dict()
@@ -361,7 +371,7 @@ def test_v4_recipe_needs_a_new_vae(folder, v1_files, tmp_path):
 @pytest.mark.parametrize("recipe, data, sources, init_unet, init_vae", [
     ("v2", "huabi-mini-128", "emoji,openclipart", None, None),
     ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt", None),
-    ("v4", "huabi-mini-emoji-128", "emoji", None, "training/huabi-mini-v4-vae.pt"),
+    ("v4", "huabi-mini-emoji-base-128", "emoji --no-skin-tones", None, "training/huabi-mini-v4-vae.pt"),
 ])
 def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet, init_vae):
     """scripts/train_mini_v2.sh with a stand-in python that records its calls: the dataset each

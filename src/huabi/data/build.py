@@ -10,7 +10,10 @@ from a hash of seed and file name, never from run order). Resumable: an image
 whose ``.png`` and ``.txt`` both exist is not rendered again. Every file is
 written to a temp name and moved into place with ``os.replace``.
 
-Run ``python -m huabi.data.build --out DIR [--size 128] [--sources emoji,openclipart] [--limit N]``.
+``skin_tones=False`` (``--no-skin-tones``) leaves out the 1,785 skin-tone variants of other emoji
+("waving hand: medium skin tone"): near-duplicates that each take a share of a small model.
+
+Run ``python -m huabi.data.build --out DIR [--size 128] [--sources emoji,openclipart] [--limit N] [--no-skin-tones]``.
 """
 
 from __future__ import annotations
@@ -246,13 +249,16 @@ def _evenly(items: list, limit: int | None) -> list:
 
 
 def _plan(
-    source: str, limit: int | None, seed: int, backgrounds: Sequence[str]
+    source: str, limit: int | None, seed: int, backgrounds: Sequence[str], skin_tones: bool = True
 ) -> tuple[list[_Task], list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     entries: list[EmojiEntry] | list[ClipartEntry]
     if source == "emoji":
         EmojiRenderer()  # fail early, in the parent, if the font or raqm is missing
         entries = emoji_source.load_emoji_entries()
+        if not skin_tones:
+            skipped += [(e.stem, "skin-tone variant") for e in entries if e.is_skin_tone_variant]
+            entries = [e for e in entries if not e.is_skin_tone_variant]
     else:
         all_clipart = openclipart_source.list_clipart()
         entries = openclipart_source.cap_per_folder(all_clipart)
@@ -306,6 +312,14 @@ def _write_metadata(out_dir: Path, records: list[dict]) -> None:
     _write_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
+def _skin_tone_variants_held(out_dir: Path) -> int:
+    path = out_dir / "metadata.jsonl"
+    if not path.is_file():
+        return 0
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sum(emoji_source.record_is_skin_tone_variant(r) for r in records)
+
+
 def build_dataset(
     out_dir: Path,
     *,
@@ -316,12 +330,15 @@ def build_dataset(
     workers: int = 2,
     progress: bool = True,
     backgrounds: Sequence[str] = ("white",),
+    skin_tones: bool = True,
 ) -> BuildReport:
     """Render the captioned dataset into ``out_dir`` (created if needed); see the module docstring.
 
     ``limit`` caps images per source (spread evenly over the source);
     ``backgrounds`` names colours from ``BACKGROUNDS``: with more than one, each
     image gets one chosen from ``seed`` and the sentence caption names it.
+    ``skin_tones=False`` leaves out the emoji's skin-tone variants (refused for a folder that
+    already holds some: a build adds to a folder, it never deletes).
     """
     started = time.monotonic()
     if isinstance(size_px, bool) or not isinstance(size_px, int) or not 8 <= size_px <= 4096:
@@ -341,12 +358,18 @@ def build_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise HuabiError(f"output path {out_dir} exists and is not a folder")
+    if not skin_tones:
+        held = _skin_tone_variants_held(out_dir)
+        if held:
+            raise HuabiError(
+                f"{out_dir} already holds {held} skin-tone variants; build without them into a new folder"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     report = BuildReport(out_dir=out_dir)
     records: list[dict] = []
     for source in dict.fromkeys(sources):  # keep order, drop repeats
-        tasks, skipped = _plan(source, limit, seed, list(backgrounds))
+        tasks, skipped = _plan(source, limit, seed, list(backgrounds), skin_tones)
         report.skipped += skipped
         chunk_len = max(1, min(_CHUNK, -(-len(tasks) // (4 * workers))))  # small builds still spread over workers
         chunks = [(out_dir, size_px, tasks[i : i + chunk_len]) for i in range(0, len(tasks), chunk_len)]
@@ -404,6 +427,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.data
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backgrounds", default="white", help=f"comma list of: {', '.join(BACKGROUNDS)}")
+    parser.add_argument("--no-skin-tones", action="store_true",
+                        help="leave out the skin-tone variants of emoji (1,785 near-duplicates)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     try:
@@ -416,6 +441,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m huabi.data
             workers=args.workers,
             progress=not args.quiet,
             backgrounds=[b.strip() for b in args.backgrounds.split(",") if b.strip()],
+            skin_tones=not args.no_skin_tones,
         )
     except HuabiError as exc:
         print(f"error: {exc}", file=sys.stderr)
