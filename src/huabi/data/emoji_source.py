@@ -58,7 +58,7 @@ class EmojiEntry:
 
     @property
     def is_skin_tone_variant(self) -> bool:
-        """A skin-tone variant of another emoji (1,785 of the 3,655 in Unicode 15.1's list)."""
+        """A skin-tone variant of another emoji (1,785 of the 3,655 in Debian's emoji-test.txt)."""
         return any(cp in SKIN_TONE_MODIFIERS for cp in self.codepoints)
 
     @property
