@@ -43,16 +43,17 @@ SDXL_LATENT_RGB = LatentRGB((
     (0.1074, 0.0886, -0.0163),
     (-0.3730, -0.2499, -0.2088),
 ))
-# Fitted on the shipped huabi-mini VAE by scripts/fit_preview_factors.py (300 images of its
-# training set; held-out error 11.3/255 per pixel vs 179/255 with the SD1 factors).
+# Fitted on the shipped huabi-mini (v4) VAE by scripts/fit_preview_factors.py (400 images of its
+# training set, the emoji without skin-tone variants; held-out error 8.8/255 per pixel vs 165/255
+# with the SD1 factors). v1's VAE had other factors: a new VAE needs a new fit.
 HUABI_MINI_LATENT_RGB = LatentRGB(
     (
-        (-0.1019, -0.2183, -0.3521),
-        (0.1448, 0.7985, 1.4531),
-        (0.6992, 0.162, -0.3056),
-        (1.6278, 0.4648, -0.7005),
+        (0.1549, 0.3445, -0.2308),
+        (-0.6048, 0.007, 0.0309),
+        (-0.0161, 0.0909, 0.0068),
+        (-0.2753, -0.3442, -0.6681),
     ),
-    (0.5021, 0.6471, 0.874),
+    (-0.459, 1.1693, -0.2902),
 )
 
 FAMILY_LATENT_RGB = {
