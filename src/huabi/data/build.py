@@ -296,12 +296,7 @@ def _plan(
 def _write_metadata(out_dir: Path, records: list[dict]) -> None:
     """Merge with an existing metadata.jsonl (by file), keep only files present, sort by file name."""
     path = out_dir / "metadata.jsonl"
-    merged: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                merged[record["file"]] = record
+    merged = {record["file"]: record for record in read_metadata(out_dir)}
     for record in records:
         merged[record["file"]] = record
     lines = [
@@ -312,12 +307,16 @@ def _write_metadata(out_dir: Path, records: list[dict]) -> None:
     _write_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def _skin_tone_variants_held(out_dir: Path) -> int:
-    path = out_dir / "metadata.jsonl"
+def read_metadata(folder: Path) -> list[dict]:
+    """The records of a built folder's ``metadata.jsonl`` ([] when it has none)."""
+    path = Path(folder) / "metadata.jsonl"
     if not path.is_file():
-        return 0
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return sum(emoji_source.record_is_skin_tone_variant(r) for r in records)
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _skin_tone_variants_held(out_dir: Path) -> int:
+    return sum(map(emoji_source.record_is_skin_tone_variant, read_metadata(out_dir)))
 
 
 def build_dataset(

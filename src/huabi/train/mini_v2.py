@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from huabi.data.build import read_metadata
 from huabi.data.emoji_source import record_is_skin_tone_variant
 from huabi.errors import HuabiError
 from huabi.models.files import atomic_copy
@@ -240,10 +241,9 @@ def check_sources(data_dir: Path, sources: Sequence[str], skin_tone_variants: bo
     """Refuse a folder whose items (``metadata.jsonl`` of ``huabi data build``) are not exactly ``sources``
     (and, with ``skin_tone_variants=False``, one that holds skin-tone variants of emoji)."""
     wanted = " --sources " + ",".join(sources) + ("" if skin_tone_variants else " --no-skin-tones")
-    path = Path(data_dir) / "metadata.jsonl"
-    if not path.is_file():
+    if not (Path(data_dir) / "metadata.jsonl").is_file():
         raise HuabiError(f"{data_dir} has no metadata.jsonl; this recipe trains on a folder built by huabi data build{wanted}")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_metadata(data_dir)
     found = {record.get("source") for record in records}
     if found != set(sources):
         raise HuabiError(
