@@ -10,10 +10,15 @@
 # the 8-group VAE of `scripts/vae_probe.py --norm-groups 8`), on the emoji without their skin-tone
 # variants (its own dataset folder, built with --no-skin-tones); its UNet
 # warm-starts from v1 (pass --init-unet FILE to continue other weights, e.g. v3's unet/final.pt).
+# v4-long continues a trained v4 UNet on v4's world and VAE with a new data order: --init-unet is required
+# (a state's unet/final.pt, or a v4 checkpoint such as the shipped huabi-mini.safetensors, copied out of git
+# first since shipping replaces it), e.g.
+#   HUABI_TRAIN_RECIPE=v4-long setsid nohup bash scripts/train_mini_v2.sh --base-model ~/huabi-mini-v1.safetensors \
+#       --init-unet ~/huabi-mini-v4.safetensors > ~/.cache/huabi/train/launcher-v4-long.out 2>&1 < /dev/null &
 # Extra arguments go to `python -m huabi.train mini-v2` (e.g. --steps unet=12000 to train further,
 # --base-model FILE with v1's file once the repository ships a later model). The export goes to the state dir
 # (STATE/huabi-mini-RECIPE.safetensors), never over the repository's shipped model.
-# Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3 | v4), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
+# Environment overrides: HUABI_TRAIN_RECIPE (v2 | v3 | v4 | v4-long), HUABI_TRAIN_STATE, HUABI_TRAIN_DATA,
 # HUABI_TRAIN_THREADS, HUABI_TRAIN_DEVICE, HUABI_PYTHON.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +33,7 @@ if [ "$RECIPE" = v3 ]; then
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
 fi
-if [ "$RECIPE" = v4 ]; then  # the emoji without their skin-tone variants
+if [ "$RECIPE" = v4 ] || [ "$RECIPE" = v4-long ]; then  # the emoji without their skin-tone variants
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-base-128"
     BUILD_EXTRA=(--no-skin-tones)
@@ -36,7 +41,7 @@ fi
 if [ "$RECIPE" = v3 ]; then
     case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/huabi-mini-v2/unet/final.pt") ;; esac
 fi
-if [ "$RECIPE" = v4 ]; then
+if [ "$RECIPE" = v4 ] || [ "$RECIPE" = v4-long ]; then
     case " $* " in *" --init-vae "*) ;; *) EXTRA+=(--init-vae "$REPO/training/huabi-mini-v4-vae.pt") ;; esac
 fi
 DATA="${HUABI_TRAIN_DATA:-$DEFAULT_DATA}"

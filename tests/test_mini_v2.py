@@ -368,10 +368,42 @@ def test_v4_recipe_needs_a_new_vae(folder, v1_files, tmp_path):
     assert warm_start == "huabi-mini v1 (8a20066); VAE from --init-vae"
 
 
+def test_v4_long_continues_the_unet_of_a_checkpoint(folder, v1_files, tmp_path):
+    """v4-long adds steps to a trained v4 when its state is gone: --init-unet takes a huabi-mini
+    checkpoint (its UNet, exactly), a file of another layout or no file is refused in one line."""
+    from huabi.models.load import load_model
+    from huabi.train.mini_v2 import MINI_V4, MINI_V4_LONG, RECIPES, load_init_unet
+
+    assert RECIPES["v4-long"] is MINI_V4_LONG and MINI_V4_LONG.needs_init_unet and MINI_V4_LONG.needs_init_vae
+    assert (MINI_V4_LONG.sources, MINI_V4_LONG.skin_tone_variants, MINI_V4_LONG.unet_model) == (MINI_V4.sources, False, MINI_V4.unet_model)
+    assert MINI_V4_LONG.unet.seed != MINI_V4.unet.seed  # a fresh data order, not a replay
+    v1_model, _ = v1_files
+    first = _v2_run(folder, tmp_path / "first")
+    run_v2(first, tiny_v2_recipe(steps=2), base_model=v1_model)
+    recipe = dataclasses.replace(tiny_v2_recipe(steps=1, lr=1e-12), name="v4-long", needs_init_unet=True)
+    unet = recipe.unet_model.build(seed=3)
+    load_init_unet(unet, first.out_path)
+    given = load_model(first.out_path, compute_hash=False).unet.state_dict()
+    for key, value in unet.state_dict().items():
+        torch.testing.assert_close(value, given[key].float(), rtol=0, atol=0)
+    with pytest.raises(HuabiError, match=r"^--init-unet .*mini.safetensors does not hold this recipe's UNet layout \(\d+ missing, 0 unexpected"):
+        load_init_unet(recipe.unet_model.build(), v1_model)  # v1: no attention on the first level
+    with pytest.raises(HuabiError, match=r"^--init-unet checkpoint .*absent.safetensors does not exist$"):
+        load_init_unet(recipe.unet_model.build(), tmp_path / "absent.safetensors")
+    second = _v2_run(folder, tmp_path / "second")
+    run_v2(second, recipe, base_model=v1_model, init_unet=first.out_path)
+    continued = load_model(second.out_path, compute_hash=False).unet.state_dict()
+    for key, value in given.items():  # lr 1e-12: the continued UNet is the checkpoint's
+        torch.testing.assert_close(continued[key], value, rtol=0, atol=1e-3)
+    with safe_open(str(second.out_path), "pt") as handle:
+        assert handle.metadata()["huabi.trained_by"] == "huabi.train mini-v2 --recipe v4-long"
+
+
 @pytest.mark.parametrize("recipe, data, sources, init_unet, init_vae", [
     ("v2", "huabi-mini-128", "emoji,openclipart", None, None),
     ("v3", "huabi-mini-emoji-128", "emoji", "huabi-mini-v2/unet/final.pt", None),
     ("v4", "huabi-mini-emoji-base-128", "emoji --no-skin-tones", None, "training/huabi-mini-v4-vae.pt"),
+    ("v4-long", "huabi-mini-emoji-base-128", "emoji --no-skin-tones", None, "training/huabi-mini-v4-vae.pt"),
 ])
 def test_the_launcher_builds_its_recipes_data_and_passes_its_defaults(tmp_path, recipe, data, sources, init_unet, init_vae):
     """scripts/train_mini_v2.sh with a stand-in python that records its calls: the dataset each

@@ -55,11 +55,13 @@ def build_parser(prog: str = "python -m huabi.train") -> argparse.ArgumentParser
     v2.add_argument("--force-export", action="store_true", help="re-run export even if it is marked done")
     v2.add_argument("--snapshot", action="store_true", help="only export the model with the UNet stage's last saved state (EMA) to --out")
     v2.add_argument("--steps", action="append", default=[], metavar="unet=N", help="the UNet stage's step count (extends a finished stage)")
-    v2.add_argument("--recipe", choices=("v2", "v3", "v4", "centred"), default="v2",
+    v2.add_argument("--recipe", choices=("v2", "v3", "v4", "v4-long", "centred"), default="v2",
                     help="v3: v2's UNet (--init-unet) continued on the emoji world; v4: v3 on a new VAE's latents (--init-vae); "
+                         "v4-long: a trained v4 UNet (--init-unet, e.g. the shipped huabi-mini.safetensors) continued; "
                          "centred: centred latents, long cosine run (docs/training.md)")
     v2.add_argument("--init-unet", type=Path, default=None, metavar="STATE",
-                    help="start the UNet stage from these weights (a torch file with 'state_dict' of the v2 layout) instead of v1")
+                    help="start the UNet stage from these weights (a torch file with 'state_dict' of the v2 layout, "
+                         "or a huabi-mini .safetensors checkpoint: its UNet) instead of v1")
     v2.add_argument("--init-vae", type=Path, default=None, metavar="FILE",
                     help="encode and export with this VAE instead of v1's (a VAE stage's final.pt, e.g. from "
                          "`huabi.train mini --stage vae`); taken by the cache stage, latent scale re-estimated")

@@ -36,6 +36,11 @@ is the one v4 encodes with (docs/training.md, "Why green never renders green"). 
 from v1 as v2's did (a new latent space has to be re-learned whatever the start), or continues
 ``--init-unet`` weights when given (e.g. v3's ``unet/final.pt``).
 
+v4-long (``MINI_V4_LONG``, ``--recipe v4-long``) continues a trained v4 UNet (``--init-unet``, required: a
+state's ``unet/final.pt`` or a v4 checkpoint such as a shipped ``huabi-mini.safetensors``) on v4's world with
+a fresh data order: how a later machine adds steps to the shipped v4 when its training state is gone. The
+optimizer restarts (moments from zero, the recipe's short warm-up); the EMA starts from the given weights.
+
 ``centre_latents`` (``--recipe centred``) trains on per-channel centred latents: v1's latents
 scaled by its one factor have variance 1 overall but per-channel means of
 -1.11/-0.47/-1.74/+0.81 (mostly the white background), so what differs between items has only
@@ -143,7 +148,11 @@ MINI_V4 = dataclasses.replace(
     MINI_V3, name="v4", needs_init_unet=False, needs_init_vae=True, skin_tone_variants=False,
     unet=dataclasses.replace(MINI_V3.unet, seed=20261209),
 )
-RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_V4, MINI_CENTRED)}
+# v4-long: a trained v4 UNet (--init-unet) continued on the same world, with a new data order and noise draws
+MINI_V4_LONG = dataclasses.replace(
+    MINI_V4, name="v4-long", needs_init_unet=True, unet=dataclasses.replace(MINI_V4.unet, seed=20261210),
+)
+RECIPES = {recipe.name: recipe for recipe in (MiniV2Recipe(), MINI_V3, MINI_V4, MINI_V4_LONG, MINI_CENTRED)}
 
 
 def channel_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +363,7 @@ def stage_unet(run: RecipeRun, recipe: MiniV2Recipe, init_unet: Path | None = No
         raise HuabiError(f"recipe {recipe.name} continues a trained UNet: pass --init-unet FILE (for v3, v2's unet/final.pt)")
     if init_unet is not None:
         unet = recipe.unet_model.build(seed=recipe.unet.seed)
-        unet.load_state_dict(load_torch_file(Path(init_unet), what="--init-unet UNet weights")["state_dict"])
+        load_init_unet(unet, Path(init_unet))
         source = f"initial weights from {init_unet}"
     else:
         unet = warm_start_unet(recipe.unet_model, load_base(run).unet, seed=recipe.unet.seed)
@@ -370,6 +379,30 @@ def stage_unet(run: RecipeRun, recipe: MiniV2Recipe, init_unet: Path | None = No
 
     atomic_torch_save({"model_config": config_dict(recipe.unet_model), "state_dict": unet.state_dict()}, run.state_dir / "unet" / "final.pt")
     _mark_done(run, "unet", {"steps": recipe.unet.steps, "ema": ema is not None, "wall_s_this_session": round(time.time() - started)})
+
+
+def load_init_unet(unet, path: Path) -> None:
+    """Load ``--init-unet`` weights into ``unet``: a torch file with ``state_dict`` (a state's
+    ``unet/final.pt``) or a huabi-mini checkpoint (``.safetensors``, e.g. the shipped model; its UNet).
+    A layout that differs from ``unet``'s is refused in one line."""
+    if path.suffix == ".safetensors":
+        from huabi.models.load import load_model
+
+        if not path.is_file():
+            raise HuabiError(f"--init-unet checkpoint {path} does not exist")
+        weights = {k: v.float() for k, v in load_model(path, compute_hash=False).unet.state_dict().items()}
+    else:
+        weights = load_torch_file(path, what="--init-unet UNet weights")["state_dict"]
+    expected = unet.state_dict()
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    shapes = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise HuabiError(
+            f"--init-unet {path} does not hold this recipe's UNet layout ({len(missing)} missing, {len(extra)} "
+            f"unexpected, {len(shapes)} mis-shaped tensors; first: {first})"
+        )
+    unet.load_state_dict(weights)
 
 
 def _unet_weights(run: RecipeRun, recipe: MiniV2Recipe, *, snapshot: bool) -> tuple[dict, str]:
