@@ -6,6 +6,8 @@
 # MODEL / CLIP: an export of `python -m huabi.train mini-v2` (STATE/huabi-mini-RECIPE.safetensors and
 # its -clip pair). STEPs (default: all, in this order):
 #   assets     copy both files into src/huabi/assets/models/ (atomically) and print their hashes
+#   previews   check huabi-mini's "Approx cheap" preview factors against the new VAE (tests/test_previews.py);
+#              if they no longer fit (a new VAE), print refitted ones to paste into src/huabi/core/previews.py and stop
 #   grid       the README's prompts x seeds grid (docs/images/huabi-mini-grid.png)
 #   faith      python -m huabi.eval.faithfulness on the full set (README table, composed grid)
 #   faith-emoji  the same on v4's world, the emoji without skin-tone variants
@@ -17,7 +19,7 @@
 #   golden     re-record tests/golden (hashes and pictures; after `lora`: some cases use the demo LoRA)
 #   bench      bench/bench_mini.py (speed target, ratio against diffusers)
 # Steps are independent otherwise, so two lanes can run at once on two cores, e.g.
-#   bash scripts/ship_mini.sh M C assets && { bash scripts/ship_mini.sh M C faith grid edit webui compare &
+#   bash scripts/ship_mini.sh M C assets previews && { bash scripts/ship_mini.sh M C faith grid edit webui compare &
 #   bash scripts/ship_mini.sh M C lora golden faith-emoji demo; wait; } && bash scripts/ship_mini.sh M C bench
 # Pictures are drawn in fp32 with one thread, so they do not depend on the CPU's bf16 support.
 # What stays by hand: the README's prose and numbers (faithfulness table, hashes in infotexts, the
@@ -34,7 +36,7 @@ for f in "$MODEL" "$CLIP"; do
     [ -f "$f" ] || { echo "ship_mini: $f does not exist" >&2; exit 2; }
 done
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(assets grid faith faith-emoji edit webui lora demo compare golden bench)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(assets previews grid faith faith-emoji edit webui lora demo compare golden bench)
 PY="${HUABI_PYTHON:-$REPO/.venv/bin/python}"
 HUABI="$(dirname "$PY")/huabi"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
@@ -58,6 +60,15 @@ for step in "${STEPS[@]}"; do
         cp "$CLIP" "$ASSETS/.huabi-mini-clip.safetensors.tmp" && mv "$ASSETS/.huabi-mini-clip.safetensors.tmp" "$ASSETS/huabi-mini-clip.safetensors"
         sha256sum "$ASSETS"/huabi-mini*.safetensors
         du -sb src/huabi/assets  # the shipped files: at most 80 MB
+        ;;
+    previews)
+        if ! "$PY" -m pytest -q -p no:cacheprovider tests/test_previews.py -k huabi_mini_factors > "$WORK/previews.txt" 2>&1; then
+            tail -n 3 "$WORK/previews.txt"
+            need_data "$EMOJI_DATA" --sources emoji --no-skin-tones
+            "$PY" scripts/fit_preview_factors.py --images "$EMOJI_DATA"
+            echo "ship_mini: the preview factors do not fit the new VAE: paste the factors above into HUABI_MINI_LATENT_RGB (src/huabi/core/previews.py), then re-run from 'grid'" >&2
+            exit 1
+        fi
         ;;
     grid)
         out="$("$HUABI" xyz "a red apple" --x "Prompt S/R: $GRID_PROMPTS" --y "Seed: 1-4" --dtype fp32 --quiet --out "$WORK/grid" | grep '\.png$' | tail -1)"
