@@ -301,6 +301,17 @@ def test_vae_group_count_travels_with_a_huabi_mini_file(tmp_path):
         assert (plain.vae.decode(plain.vae.encode(pixels).latent_dist.mean).sample - expected).abs().max() > 1e-2
     # SD's 32 groups add no marker: files of earlier models stay byte-for-byte as they were
     assert "huabi.vae_norm_num_groups" not in read_state_dict(save_single_file(load_model(unmarked, compute_hash=False), tmp_path / "again.safetensors"))[0]
+    # a swapped-in VAE (vae=) keeps its own layout, not the checkpoint's: the 8-group VAE from a marked
+    # file or a diffusers vae folder into an unmarked (32-group) checkpoint, and a 32-group VAE file into the 8-group one
+    for source in (out, tmp_path / "folder" / "vae", tmp_path / "folder"):
+        swapped = load_model(unmarked, vae=source, compute_hash=False)
+        assert swapped.vae.config.norm_num_groups == 8, source
+        with torch.no_grad():
+            got = swapped.vae.decode(swapped.vae.encode(pixels).latent_dist.mean).sample
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    sd_vae = tmp_path / "sd-vae.safetensors"
+    save_file({k[len("first_stage_model."):]: v for k, v in written.items() if k.startswith("first_stage_model.")}, str(sd_vae))
+    assert load_model(out, vae=sd_vae, compute_hash=False).vae.config.norm_num_groups == 32
 
 
 def test_save_diffusers_folder_round_trip(tiny_model_factory, tmp_path):

@@ -10,6 +10,7 @@ besides the modules' own (none when the file is already in ``dtype``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from huabi.errors import HuabiError
 from huabi.models.bundle import ModelBundle
 from huabi.models.configs import (
+    NORM_NUM_GROUPS,
     native_size_px,
     pooled_text_dim,
     unet_config_from_unet,
@@ -27,7 +29,7 @@ from huabi.models.configs import (
     vae_scaling_factor,
 )
 from huabi.models.convert import check_against_module, is_diffusers_vae, unet_to_diffusers, vae_to_diffusers
-from huabi.models.detect import UNET_PREFIX, VAE_PREFIX, Detected, detect
+from huabi.models.detect import MARKER_VAE_NORM_GROUPS, UNET_PREFIX, VAE_PREFIX, Detected, detect, marker_value
 from huabi.core.family import Prediction
 from huabi.models.formats import read_state_dict
 from huabi.models.hashes import HashCache
@@ -130,17 +132,29 @@ def is_v_prediction_sd2(unet: torch.nn.Module) -> bool:
     return (output - x_test).mean().item() < -1.0
 
 
-def read_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A standalone VAE as original-layout keys (``encoder.*``...), from a file or diffusers vae folder."""
+def read_vae_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int]:
+    """A standalone VAE as original-layout keys (``encoder.*``...), from a file or diffusers vae folder,
+    and its GroupNorm group count: a folder's ``config.json`` says it, a huabi-mini checkpoint marks it
+    (``huabi.vae_norm_num_groups``); any other file is SD's layout (32), which shapes cannot tell apart."""
     path = Path(path)
+    groups = NORM_NUM_GROUPS
     if path.is_dir():
         from huabi.models.formats import read_component_weights
 
         if (path / "vae").is_dir():  # a whole pipeline folder: take its VAE
             path = path / "vae"
         tensors = read_component_weights(path, "VAE")
+        config_path = path / "config.json"
+        if config_path.is_file():
+            try:
+                groups = int(json.loads(config_path.read_text(encoding="utf-8")).get("norm_num_groups", NORM_NUM_GROUPS))
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise HuabiError(f"{config_path}: not a usable VAE config ({type(exc).__name__}: {exc})") from None
     else:
         tensors, _ = read_state_dict(path)
+        marked = marker_value(tensors, MARKER_VAE_NORM_GROUPS)
+        if marked is not None:
+            groups = int(marked)
     if any(k.startswith(VAE_PREFIX) for k in tensors):
         tensors = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
     if is_diffusers_vae(tensors):
@@ -151,7 +165,7 @@ def read_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in tensors.items() if not k.startswith(("model_ema.", "loss."))}
     if not any(k.startswith("encoder.") for k in tensors) or not any(k.startswith("decoder.") for k in tensors):
         raise HuabiError(f"{path.name}: not a VAE file: no encoder.*/decoder.* tensors (first keys: {', '.join(list(tensors)[:3])})")
-    return tensors
+    return tensors, groups
 
 
 def check_float_weights(tensors: dict, source: str, skip=()) -> None:
@@ -212,16 +226,17 @@ def load_model(
         if not detected.has_vae:
             raise HuabiError(f"{path.name}: checkpoint has no VAE weights (nothing under {VAE_PREFIX}); pass a VAE file with vae=")
         vae_sd = _pop_prefixed(state_dict, VAE_PREFIX)
+        vae_groups = vae_norm_num_groups(family, state_dict)
     else:
         _pop_prefixed(state_dict, VAE_PREFIX)  # the checkpoint's own VAE is not used
-        vae_sd = read_vae_file(vae_source)
+        vae_sd, vae_groups = read_vae_file(vae_source)  # its layout, not the checkpoint's VAE's
         check_float_weights(vae_sd, vae_source.name)
     provisional_prediction = prediction or detected.prediction
     vae_config = vae_config_from_vae(
         vae_sd,
         scaling_factor=vae_scaling_factor(family, state_dict),
         sample_size=native_size_px(family, provisional_prediction, state_dict),
-        norm_num_groups=vae_norm_num_groups(family, state_dict),
+        norm_num_groups=vae_groups,
     )
     vae_weights = vae_to_diffusers(vae_sd)
     del vae_sd  # the converted dict holds the file's tensors now; the build frees each as it casts it
