@@ -29,21 +29,19 @@ DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-128"
 EXTRA=()
 TRAIN="$HOME/.cache/huabi/train"
 BUILD_EXTRA=()
-if [ "$RECIPE" = v3 ]; then
+case "$RECIPE" in
+v3)  # v2's UNet on all the emoji
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-128"
-fi
-if [ "$RECIPE" = v4 ] || [ "$RECIPE" = v4-long ]; then  # the emoji without their skin-tone variants
+    case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/huabi-mini-v2/unet/final.pt") ;; esac
+    ;;
+v4 | v4-long)  # the emoji without their skin-tone variants, on the repository's 8-group VAE
     SOURCES="emoji"
     DEFAULT_DATA="$HOME/.cache/huabi/data/huabi-mini-emoji-base-128"
     BUILD_EXTRA=(--no-skin-tones)
-fi
-if [ "$RECIPE" = v3 ]; then
-    case " $* " in *" --init-unet "*) ;; *) EXTRA+=(--init-unet "$TRAIN/huabi-mini-v2/unet/final.pt") ;; esac
-fi
-if [ "$RECIPE" = v4 ] || [ "$RECIPE" = v4-long ]; then
     case " $* " in *" --init-vae "*) ;; *) EXTRA+=(--init-vae "$REPO/training/huabi-mini-v4-vae.pt") ;; esac
-fi
+    ;;
+esac
 DATA="${HUABI_TRAIN_DATA:-$DEFAULT_DATA}"
 THREADS="${HUABI_TRAIN_THREADS:-2}"
 DEVICE="${HUABI_TRAIN_DEVICE:-cpu}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -312,6 +313,10 @@ def test_vae_group_count_travels_with_a_huabi_mini_file(tmp_path):
     sd_vae = tmp_path / "sd-vae.safetensors"
     save_file({k[len("first_stage_model."):]: v for k, v in written.items() if k.startswith("first_stage_model.")}, str(sd_vae))
     assert load_model(out, vae=sd_vae, compute_hash=False).vae.config.norm_num_groups == 32
+    config_path = tmp_path / "folder" / "vae" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text(encoding="utf-8")), "norm_num_groups": "eight"}), encoding="utf-8")
+    with pytest.raises(HuabiError, match=r"^.*config\.json: norm_num_groups must be a positive integer, got 'eight'$"):
+        load_model(unmarked, vae=tmp_path / "folder" / "vae", compute_hash=False)
 
 
 def test_save_diffusers_folder_round_trip(tiny_model_factory, tmp_path):

@@ -295,7 +295,7 @@ def read_component_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
     raise HuabiError(f"{folder}: no weights file for {what} (expected diffusion_pytorch_model.safetensors, model.safetensors or a .bin)")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -334,7 +334,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     index_path = folder / "model_index.json"
     if not index_path.exists():
         raise HuabiError(f"{folder}: directory is not a diffusers model folder (no model_index.json)")
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
 
     def present(component: str) -> bool:
         entry = index.get(component)
@@ -345,7 +345,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
             raise HuabiError(f"{folder}: diffusers folder has no {component}/ component")
 
     tensors: dict[str, torch.Tensor] = {}
-    unet_config = _read_json(folder / "unet" / "config.json")
+    unet_config = read_json_object(folder / "unet" / "config.json")
     for key, value in unet_to_original(read_component_weights(folder / "unet", "unet"), unet_config).items():
         tensors["model.diffusion_model." + key] = value
     for key, value in vae_to_original(read_component_weights(folder / "vae", "vae")).items():
@@ -354,7 +354,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
     metadata: dict[str, str] = {"huabi.source_format": "diffusers"}
     markers_path = folder / HUABI_FOLDER_MARKERS_FILE
     if markers_path.exists():
-        for name, value in _read_json(markers_path).items():
+        for name, value in read_json_object(markers_path).items():
             if not name.startswith("huabi.") or not isinstance(value, (int, float)):
                 raise HuabiError(f"{markers_path}: marker {name!r} must be a huabi.* name with a number value")
             dtype = torch.float32 if isinstance(value, float) else torch.int64
@@ -362,7 +362,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
 
     scheduler_config_path = folder / "scheduler" / "scheduler_config.json"
     if scheduler_config_path.exists():
-        scheduler_config = _read_json(scheduler_config_path)
+        scheduler_config = read_json_object(scheduler_config_path)
         prediction_type = scheduler_config.get("prediction_type")
         if prediction_type in ("v_prediction", "epsilon"):
             metadata["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
@@ -395,7 +395,7 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], 
 def _load_text_encoder(folder: Path, component: str) -> torch.nn.Module:
     import transformers
 
-    config = _read_json(folder / component / "config.json")
+    config = read_json_object(folder / component / "config.json")
     class_name = (config.get("architectures") or ["CLIPTextModel"])[0]
     if class_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         raise HuabiError(f"{folder / component}: unsupported text encoder class {class_name!r}")

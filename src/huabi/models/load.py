@@ -10,7 +10,6 @@ besides the modules' own (none when the file is already in ``dtype``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from huabi.models.configs import (
 from huabi.models.convert import check_against_module, is_diffusers_vae, unet_to_diffusers, vae_to_diffusers
 from huabi.models.detect import MARKER_VAE_NORM_GROUPS, UNET_PREFIX, VAE_PREFIX, Detected, detect, marker_value
 from huabi.core.family import Prediction
-from huabi.models.formats import read_state_dict
+from huabi.models.formats import read_json_object, read_state_dict
 from huabi.models.hashes import HashCache
 
 # SD's training schedule: betas linear in sqrt space from 0.00085 to 0.012 over 1000 steps.
@@ -146,10 +145,10 @@ def read_vae_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int]:
         tensors = read_component_weights(path, "VAE")
         config_path = path / "config.json"
         if config_path.is_file():
-            try:
-                groups = int(json.loads(config_path.read_text(encoding="utf-8")).get("norm_num_groups", NORM_NUM_GROUPS))
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise HuabiError(f"{config_path}: not a usable VAE config ({type(exc).__name__}: {exc})") from None
+            value = read_json_object(config_path).get("norm_num_groups", NORM_NUM_GROUPS)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HuabiError(f"{config_path}: norm_num_groups must be a positive integer, got {value!r}")
+            groups = value
     else:
         tensors, _ = read_state_dict(path)
         marked = marker_value(tensors, MARKER_VAE_NORM_GROUPS)

@@ -66,6 +66,7 @@ import torch
 from huabi.data.build import read_metadata
 from huabi.data.emoji_source import record_is_skin_tone_variant
 from huabi.errors import HuabiError
+from huabi.models.convert import state_dict_mismatch
 from huabi.models.files import atomic_copy
 from huabi.models.hashes import sha256_file
 from huabi.train.cache import build_cache, load_cache
@@ -393,15 +394,9 @@ def load_init_unet(unet, path: Path) -> None:
         weights = {k: v.float() for k, v in load_model(path, compute_hash=False).unet.state_dict().items()}
     else:
         weights = load_torch_file(path, what="--init-unet UNet weights")["state_dict"]
-    expected = unet.state_dict()
-    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    shapes = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
-    if missing or extra or shapes:
-        first = (missing or extra or shapes)[0]
-        raise HuabiError(
-            f"--init-unet {path} does not hold this recipe's UNet layout ({len(missing)} missing, {len(extra)} "
-            f"unexpected, {len(shapes)} mis-shaped tensors; first: {first})"
-        )
+    problem = state_dict_mismatch(unet.state_dict(), weights)
+    if problem:
+        raise HuabiError(f"--init-unet {path} does not hold this recipe's UNet layout: {problem}")
     unet.load_state_dict(weights)
 
 
