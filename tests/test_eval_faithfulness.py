@@ -16,6 +16,7 @@ from huabi.eval.faithfulness import (
     nearest,
     pick_items,
     retrieval_accuracy,
+    retrieval_ranks,
     text_to_image_accuracy,
 )
 
@@ -28,6 +29,7 @@ def test_retrieval_counts_a_hit_when_a_same_label_key_is_within_k():
     assert neighbours.tolist() == [[0, 1], [3, 2], [0, 2]]
     # query 0 (label 0): nearest is key 0 -> top1; query 1 (label 2): key 2 second -> top2 only; query 2 (label 1): miss
     assert retrieval_accuracy(neighbours, [0, 2, 1], key_labels, (1, 2)) == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3)}
+    assert retrieval_ranks(neighbours, [0, 2, 1], key_labels) == [1, 2, None]
 
 
 def test_text_to_image_ranks_each_prompt_against_all_images():
@@ -95,6 +97,10 @@ def test_a_whole_evaluation_runs_on_a_tiny_trained_model(trained):
         assert 0.0 <= row["retrieval_clip_image"]["top1"] <= row["retrieval_clip_image"]["top3"] <= 1.0
         assert 0.0 <= row["clip_score"] <= 100.0
     assert report["chance"]["top1"] == pytest.approx(1 / 8)  # one image per name among 8
+    items = report["items"]  # one record per prompt, consistent with the prompted row's accuracy
+    assert [item["seed"] for item in items] == [config.seed + i for i in range(4)]
+    assert sum(item["thumbnail_rank"] == 1 for item in items) / 4 == pytest.approx(report["prompted"]["retrieval_thumbnail"]["top1"])
+    assert all(item["thumbnail_nearest"] in {f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")} for item in items)
     composed = report["composed"]
     assert composed["_images"].shape == (8 * 4, 3, 32, 32)
     distances = composed["nearest_real_thumbnail_distance"]

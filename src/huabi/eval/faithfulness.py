@@ -111,10 +111,17 @@ def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, *, metric: str) -> 
     return scores.topk(k, dim=1).indices
 
 
+def retrieval_ranks(neighbours: torch.Tensor, query_labels: Sequence[int], key_labels: torch.Tensor) -> list[int | None]:
+    """Per query, the 1-based rank of the first neighbour of its own label (None: not among the neighbours)."""
+    hits = key_labels[neighbours] == torch.as_tensor(query_labels).unsqueeze(1)  # [Q, kmax]
+    first = hits.float().argmax(dim=1)
+    return [int(rank) + 1 if found else None for rank, found in zip(first.tolist(), hits.any(dim=1).tolist())]
+
+
 def retrieval_accuracy(neighbours: torch.Tensor, query_labels: Sequence[int], key_labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     """Fraction of queries with a key of their own label among the first k neighbours."""
-    hits = key_labels[neighbours] == torch.as_tensor(query_labels).unsqueeze(1)  # [Q, kmax]
-    return {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+    ranks = retrieval_ranks(neighbours, query_labels, key_labels)
+    return {f"top{k}": sum(rank is not None and rank <= k for rank in ranks) / len(ranks) for k in ks}
 
 
 def text_to_image_accuracy(text: torch.Tensor, image: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
@@ -198,13 +205,23 @@ def evaluate(engine, bundle, clip, tokenizer, data_dir: Path, config: Faithfulne
         pixels = to_pixels(generate_images(engine, bundle, set_prompts, seeds, config, log=log), size_px)
         sets[label] = pixels
         image_clip = clip_image_features(clip, pixels)
+        by_thumbnail = nearest(thumbnail_features(pixels), real_thumbs, kmax, metric="l2")
+        by_clip_image = nearest(image_clip, real_clip, kmax, metric="cosine")
         report[label] = {
-            "retrieval_thumbnail": retrieval_accuracy(nearest(thumbnail_features(pixels), real_thumbs, kmax, metric="l2"), query_labels, key_labels, config.ks),
-            "retrieval_clip_image": retrieval_accuracy(nearest(image_clip, real_clip, kmax, metric="cosine"), query_labels, key_labels, config.ks),
+            "retrieval_thumbnail": retrieval_accuracy(by_thumbnail, query_labels, key_labels, config.ks),
+            "retrieval_clip_image": retrieval_accuracy(by_clip_image, query_labels, key_labels, config.ks),
             "clip_score": clip_score(text, image_clip),
             "text_to_image": text_to_image_accuracy(text, image_clip, config.ks),
         }
         log(f"  {label}: {json.dumps(report[label])}")
+        if label == "prompted":  # per item, to see which names are never drawn (rank None: beyond top-kmax)
+            thumb_ranks = retrieval_ranks(by_thumbnail, query_labels, key_labels)
+            clip_ranks = retrieval_ranks(by_clip_image, query_labels, key_labels)
+            report["items"] = [
+                {"prompt": prompt, "seed": seed, "thumbnail_rank": thumb_rank, "thumbnail_nearest": names[int(row[0])],
+                 "clip_image_rank": clip_rank}
+                for prompt, seed, thumb_rank, clip_rank, row in zip(prompts, seeds, thumb_ranks, clip_ranks, by_thumbnail.tolist())
+            ]
     # chance: a random real image of the same name among k draws, averaged over the prompts
     counts = torch.bincount(key_labels, minlength=len(label_of)).float()
     share = counts[torch.tensor(query_labels)] / len(items)
