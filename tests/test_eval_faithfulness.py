@@ -117,3 +117,26 @@ def test_clip_pair_file_without_config_is_refused(tmp_path):
     save_file({"logit_scale": torch.zeros(())}, str(tmp_path / "x.safetensors"))
     with pytest.raises(HuabiError, match=r"^x\.safetensors: not a huabi CLIP pair \(no 'huabi\.clip_config' in its metadata\)$"):
         load_clip_pair(tmp_path / "x.safetensors")
+
+
+def test_the_by_group_script_counts_ranks_per_emoji_group(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "faithfulness_by_group.py"
+    spec = importlib.util.spec_from_file_location("faithfulness_by_group", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    records = [("red apple", "Food & Drink"), ("pear", "Food & Drink"), ("dog face", "Animals & Nature")]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"captions": [name, "x"], "group": group}) + "\n" for name, group in records), encoding="utf-8")
+    items = [{"prompt": "red apple", "thumbnail_rank": 1, "thumbnail_nearest": "red apple"},
+             {"prompt": "pear", "thumbnail_rank": None, "thumbnail_nearest": "red apple"},
+             {"prompt": "dog face", "thumbnail_rank": 4, "thumbnail_nearest": "cat face"}]
+    (tmp_path / "report.json").write_text(json.dumps({"items": items}), encoding="utf-8")
+    assert script.main([str(tmp_path / "report.json"), "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| Food & Drink | 2 | 50.0% | 50.0% |" in out and "| Animals & Nature | 1 | 0.0% | 100.0% |" in out
+    assert "1 of 3 prompts have no image of their name among the 10 nearest" in out and "'pear' (Food & Drink) -> nearest 'red apple'" in out
+    assert script.main([str(tmp_path / "missing.json"), "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: FileNotFoundError")
