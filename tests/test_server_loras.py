@@ -18,7 +18,7 @@ from huabi.service.model_files import builtin_lora_dir
 from server_process import ServerProcess
 
 DEMO = builtin_lora_dir() / "demo.safetensors"
-DEMO_HASH = "4cca34e6cb12"  # AutoV3 of the shipped file (README)
+DEMO_HASH = "603735b1c4ae"  # AutoV3 of the shipped file (README)
 
 
 @pytest.fixture(scope="module")
