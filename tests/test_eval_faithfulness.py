@@ -140,3 +140,28 @@ def test_the_by_group_script_counts_ranks_per_emoji_group(tmp_path, capsys):
     assert "1 of 3 prompts have no image of their name among the 10 nearest" in out and "'pear' (Food & Drink) -> nearest 'red apple'" in out
     assert script.main([str(tmp_path / "missing.json"), "--data", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: FileNotFoundError")
+
+
+def test_the_text_crowding_script_finds_each_names_nearest_other_name(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "text_name_crowding.py"
+    spec = importlib.util.spec_from_file_location("text_name_crowding", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    cosine, index = script.nearest_other(features)
+    assert index.tolist() == [1, 0, 1] and cosine[0] == pytest.approx(float(features[0] @ features[1]))
+    names = ["red apple", "green apple", "dog", "cat"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"captions": [n, "x"]}) + "\n" for n in names), encoding="utf-8")
+    items = [{"prompt": "red apple", "thumbnail_rank": 1}, {"prompt": "dog", "thumbnail_rank": None}]
+    (tmp_path / "report.json").write_text(json.dumps({"items": items}), encoding="utf-8")
+    assert script.main(["--data", str(tmp_path), "--report", str(tmp_path / "report.json"), "--prompt", "a cat"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("projected text: nearest other name's cosine, median") and "hits" in out[0] and "(1), misses" in out[0]
+    assert out[1].startswith("state sequence:")
+    assert out[2].startswith("'a cat' -> ") and out[2].count(",") == 3  # four names, all listed
+    assert script.main(["--data", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: FileNotFoundError")
