@@ -17,7 +17,9 @@ empty prompt are the baseline. Measured:
   their images are from the nearest real image compared with pure noise images.
 
 Chance level for retrieval is reported next to the numbers (the baseline measures it
-with the same generator, which is the honest reference).
+with the same generator, which is the honest reference). The JSON also has one record
+per prompt (``items``: the rank of the first image of its name by each feature, the
+nearest name), read by ``scripts/faithfulness_by_group.py``.
 """
 
 from __future__ import annotations
