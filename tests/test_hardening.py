@@ -493,6 +493,22 @@ def test_mistyped_flag_suggests_the_nearest_one(capsys):
                                        "(see huabi generate --help)\n")
 
 
+@pytest.mark.parametrize("command", [["generate", "x"], ["edit", "in.png", "x"], ["xyz", "x", "--x", "Seed: 1-2"], ["upscale", "in.png"]])
+def test_an_image_file_name_as_out_folder_is_refused(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--out", "apple.png"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"huabi {command[0]}: error: argument --out: 'apple.png' is a file name; --out takes a folder, and the images are "
+                   f"saved in it as NNNNN-SEED.png (see huabi {command[0]} --help)\n")
+    assert not (tmp_path / "apple.png").exists()
+    (tmp_path / "old.png").mkdir()  # an existing folder of that name is still a folder
+    from huabi.cli.common import output_folder
+
+    assert output_folder("old.png") == Path("old.png") and output_folder("out/run1") == Path("out/run1")
+
+
 @pytest.mark.parametrize("argv", [["generate", "x", "--step", "2"], ["merge", "a", "b", "--alph", "0.3", "--out", "m"],
                                   ["preprocess", "x.png", "--out", "y.png", "--modul", "canny"]])
 def test_abbreviated_flags_are_not_taken(capsys, argv):

@@ -52,8 +52,20 @@ def add_attention_adapter_options(parser: argparse.ArgumentParser) -> None:
                         help="CLIP image encoder (default: the first in clip_vision/ that fits the adapter)")
 
 
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def output_folder(text: str) -> Path:
+    """``--out`` of the image commands: a folder. An image file name is refused, since the images go
+    inside it as NNNNN-SEED.png (``--out apple.png`` used to make a folder called apple.png)."""
+    path = Path(text)
+    if path.suffix.lower() in IMAGE_FILE_SUFFIXES and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file name; --out takes a folder, and the images are saved in it as NNNNN-SEED.png")
+    return path
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    parser.add_argument("--out", type=output_folder, default=Path("outputs"), help="output folder (default: ./outputs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

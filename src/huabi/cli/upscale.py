@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from huabi.cli.common import output_folder
+
 DEFAULT_TILE_PX = 256  # keep in step with huabi.service.upscale.DEFAULT_TILE_PX (not imported: torch)
 
 
@@ -26,7 +28,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                          help="ESRGAN / Real-ESRGAN / compact upscaler .pth or .safetensors (default: Lanczos)")
     upscale.add_argument("--tile", dest="tile_px", type=int, default=DEFAULT_TILE_PX, metavar="PX",
                          help=f"model tile size in input pixels; smaller uses less memory (default: {DEFAULT_TILE_PX})")
-    upscale.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: ./outputs)")
+    upscale.add_argument("--out", type=output_folder, default=Path("outputs"), help="output folder (default: ./outputs)")
     upscale.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     upscale.add_argument("--quiet", action="store_true", help="no progress bar")
     return upscale
