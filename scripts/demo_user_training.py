@@ -129,7 +129,7 @@ def grid(rows, labels, path: Path) -> None:
 
 def prepare_concept(work: Path):
     """The training folder, the held-out images, huabi-mini's CLIP pair and the held-out features."""
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.models.load import load_model
     from huabi.train.user_train import builtin_model
 
@@ -137,7 +137,7 @@ def prepare_concept(work: Path):
     write_dataset(work / "data", range(1, 13), "4_zqx quilt")
     held_out = [draw_concept(seed) for seed in range(101, 113)]
     bundle = load_model(model, compute_hash=False)
-    clip = load_clip_pair(model.with_name(model.stem + "-clip.safetensors"), text_encoder=bundle.text_encoders[0])
+    clip = load_clip_pair(clip_pair_path(model), text_encoder=bundle.text_encoders[0])
     return model, held_out, clip, features(clip, held_out)
 
 

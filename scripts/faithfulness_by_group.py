@@ -20,12 +20,14 @@ from pathlib import Path
 
 def group_of_prompt(data_dir: Path) -> dict[str, str]:
     """First caption (the evaluation's prompt) -> the item's group, from the dataset's metadata."""
-    groups = {}
-    with open(data_dir / "metadata.jsonl", encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line)
-            if record.get("captions"):
-                groups.setdefault(record["captions"][0], record.get("group") or "(none)")
+    from huabi.data.build import read_metadata
+
+    if not (data_dir / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"{data_dir / 'metadata.jsonl'}: no such file")
+    groups: dict[str, str] = {}
+    for record in read_metadata(data_dir):
+        if record.get("captions"):
+            groups.setdefault(record["captions"][0], record.get("group") or "(none)")
     return groups
 
 

@@ -35,10 +35,6 @@ V2_MODEL = Path.home() / ".cache" / "huabi" / "train" / "huabi-mini-v2" / "huabi
 V2_STATE = V2_MODEL.parent
 
 
-def _clip_path(model: Path) -> Path:
-    return model.with_name(model.stem + "-clip.safetensors")
-
-
 # ---------------------------------------------------------------- the real images
 
 
@@ -48,7 +44,7 @@ def cmd_real(args) -> None:
 
     from huabi.data.folder import CaptionedFolder
     from huabi.eval.faithfulness import FaithfulnessConfig, clip_image_features, pick_items, thumbnail_features, to_pixels
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.models.load import load_model
 
     started = time.time()
@@ -56,7 +52,7 @@ def cmd_real(args) -> None:
     items = [item for item in folder.items if item.captions]
     names = [item.captions[0].strip().lower() for item in items]
     bundle = load_model(args.model, compute_hash=False)
-    clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
+    clip = load_clip_pair(clip_pair_path(args.model), text_encoder=bundle.text_encoders[0])
     thumbs, clip_feats = [], []
     for start in range(0, len(items), 512):  # decode in slices: 9,219 x 128 px fp32 would be 1.8 GB
         pixels = to_pixels([Image.open(item.path) for item in items[start : start + 512]], 128)
@@ -165,7 +161,7 @@ def score_images(pixels: torch.Tensor, prompts: list[str], items: list[int], rea
 def cmd_sample(args) -> None:
     from huabi.core.request import GenerationRequest
     from huabi.eval.faithfulness import to_pixels
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.pipelines.patches import GuidancePatch
     from huabi.pipelines.txt2img import txt2img
     from huabi.service.engine import Engine
@@ -191,7 +187,7 @@ def cmd_sample(args) -> None:
     started = time.time()
     engine = Engine(device="cpu", dtype="fp32")
     bundle = engine.load(str(args.model))
-    clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
+    clip = load_clip_pair(clip_pair_path(args.model), text_encoder=bundle.text_encoders[0])
     patches = (GuidancePatch(rescaled_cfg(args.rescale, args.rescale_space)),) if args.rescale is not None else ()
     images = []
     with torch.inference_mode():
@@ -288,7 +284,7 @@ def cmd_ceiling(args) -> None:
     from PIL import Image
 
     from huabi.eval.faithfulness import to_pixels
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.models.load import load_model
     from huabi.train.data import default_tokenizer
 
@@ -296,7 +292,7 @@ def cmd_ceiling(args) -> None:
     real = load_real(args.work)
     items = real["subset"]
     bundle = load_model(args.model, compute_hash=False)
-    clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
+    clip = load_clip_pair(clip_pair_path(args.model), text_encoder=bundle.text_encoders[0])
     pixels = to_pixels([Image.open(args.data / real["files"][i]) for i in items], 128)
     with torch.inference_mode():
         decoded = torch.cat([bundle.vae.decode(bundle.vae.encode(pixels[s : s + 20]).latent_dist.mean).sample.clamp(-1, 1)
@@ -398,13 +394,13 @@ def cmd_text(args) -> None:
     import random
 
     from huabi.eval.faithfulness import clip_text_features
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.models.load import load_model
     from huabi.train.data import default_tokenizer
 
     real = load_real(args.work)
     bundle = load_model(args.model, compute_hash=False)
-    clip = load_clip_pair(_clip_path(args.model), text_encoder=bundle.text_encoders[0])
+    clip = load_clip_pair(clip_pair_path(args.model), text_encoder=bundle.text_encoders[0])
     tokenizer = default_tokenizer()
     eval_items = real["eval_items"]
     taken = set(eval_items)

@@ -39,23 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from huabi.data.build import read_metadata
     from huabi.errors import HuabiError
     from huabi.eval.faithfulness import clip_text_features
-    from huabi.models.clip_pair import load_clip_pair
+    from huabi.models.clip_pair import clip_pair_path, load_clip_pair
     from huabi.service.engine import Engine, builtin_model_path
     from huabi.train.data import default_tokenizer, tokenize_captions
 
     try:
-        names = []
-        with open(args.data / "metadata.jsonl", encoding="utf-8") as lines:
-            for line in lines:
-                captions = json.loads(line).get("captions")
-                if captions and captions[0] not in names:
-                    names.append(captions[0])
+        if not (args.data / "metadata.jsonl").is_file():
+            raise FileNotFoundError(f"{args.data / 'metadata.jsonl'}: no such file")
+        first_captions = (record["captions"][0] for record in read_metadata(args.data) if record.get("captions"))
+        names = list(dict.fromkeys(first_captions))  # each name once, in file order
         items = json.loads(args.report.read_text(encoding="utf-8"))["items"] if args.report else []
         bundle = Engine(device="cpu", dtype="fp32").load(args.model)
         encoder = bundle.text_encoders[0]
-        clip_path = args.clip or builtin_model_path().with_name(builtin_model_path().stem + "-clip.safetensors")
+        clip_path = args.clip or clip_pair_path(builtin_model_path())
         clip = load_clip_pair(clip_path, text_encoder=encoder)
     except (OSError, KeyError, json.JSONDecodeError, HuabiError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

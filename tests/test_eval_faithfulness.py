@@ -119,15 +119,21 @@ def test_clip_pair_file_without_config_is_refused(tmp_path):
         load_clip_pair(tmp_path / "x.safetensors")
 
 
-def test_the_by_group_script_counts_ranks_per_emoji_group(tmp_path, capsys):
+def _script(name: str):
+    """A module of the repository's scripts/ folder, imported from its file."""
     import importlib.util
-    import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "faithfulness_by_group.py"
-    spec = importlib.util.spec_from_file_location("faithfulness_by_group", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_by_group_script_counts_ranks_per_emoji_group(tmp_path, capsys):
+    import json
+
+    script = _script("faithfulness_by_group")
     records = [("red apple", "Food & Drink"), ("pear", "Food & Drink"), ("dog face", "Animals & Nature")]
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"captions": [name, "x"], "group": group}) + "\n" for name, group in records), encoding="utf-8")
     items = [{"prompt": "red apple", "thumbnail_rank": 1, "thumbnail_nearest": "red apple"},
@@ -143,14 +149,9 @@ def test_the_by_group_script_counts_ranks_per_emoji_group(tmp_path, capsys):
 
 
 def test_the_text_crowding_script_finds_each_names_nearest_other_name(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "text_name_crowding.py"
-    spec = importlib.util.spec_from_file_location("text_name_crowding", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("text_name_crowding")
     features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
     cosine, index = script.nearest_other(features)
     assert index.tolist() == [1, 0, 1] and cosine[0] == pytest.approx(float(features[0] @ features[1]))

@@ -169,7 +169,9 @@ def huabi_mini_extractor(device: torch.device, *, clip_path: Path | None = None,
     from huabi.service.engine import builtin_model_path
 
     checkpoint = checkpoint or builtin_model_path()
-    clip_path = clip_path or checkpoint.with_name(checkpoint.stem + "-clip.safetensors")
+    from huabi.models.clip_pair import clip_pair_path
+
+    clip_path = clip_path or clip_pair_path(checkpoint)
     if not clip_path.is_file():
         raise HuabiError(f"{clip_path}: huabi-mini's CLIP pair is missing (reinstall huabi, or pass --features FILE)")
     from huabi.models.clip_features import load_clip_pair_vision

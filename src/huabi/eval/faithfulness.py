@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        from huabi.models.clip_pair import load_clip_pair
+        from huabi.models.clip_pair import clip_pair_path, load_clip_pair
         from huabi.service.engine import Engine, builtin_model_path
         from huabi.train.data import default_tokenizer
 
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         engine = Engine(device="cpu", dtype="fp32")
         bundle = engine.load(args.model)
-        clip_path = args.clip or builtin_model_path().with_name(builtin_model_path().stem + "-clip.safetensors")
+        clip_path = args.clip or clip_pair_path(builtin_model_path())
         clip = load_clip_pair(clip_path, text_encoder=bundle.text_encoders[0])
         config = FaithfulnessConfig(count=args.count, steps=args.steps)
         report = evaluate(engine, bundle, clip, default_tokenizer(), args.data, config)

@@ -17,6 +17,12 @@ from huabi.models.formats import read_safetensors
 CLIP_CONFIG_KEY = "huabi.clip_config"
 
 
+def clip_pair_path(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's CLIP pair sits: beside it, as NAME-clip.safetensors (how the recipe exports it)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + "-clip.safetensors")
+
+
 def load_clip_pair(path: str | Path, *, text_encoder: torch.nn.Module | None = None, device: torch.device | str = "cpu"):
     """A ``transformers.CLIPModel`` in eval mode, fp32, from a huabi CLIP-pair file.
 
